@@ -1,0 +1,55 @@
+# warmserve — the two set-up commands are `make serve` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONSTRAINTS := requirements/constraints.txt
+PB_DIR := serve/frontend/pb
+PROTOS := $(wildcard protos/*.proto)
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test venv protos lint typecheck unit integration bench clean
+
+# Create the virtual environment from the project's own files when it is missing or stale.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[cpu,torch,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) protos
+
+# Generated stubs: made by the grpcio-tools installed next to the protobuf runtime they run on.
+$(PB_DIR)/.generated: $(PROTOS) $(STAMP)
+	rm -rf $(PB_DIR) && mkdir -p $(PB_DIR)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PB_DIR) --pyi_out=$(PB_DIR) \
+		--grpc_python_out=$(PB_DIR) $(PROTOS)
+	$(PY) scripts/fix_pb_imports.py $(PB_DIR)
+	touch $(PB_DIR)/__init__.py $(PB_DIR)/.generated
+
+protos: $(PB_DIR)/.generated
+
+serve: venv
+	$(VENV)/bin/warmserve serve
+
+lint: venv
+	$(VENV)/bin/ruff check serve tests benchmarks
+	$(VENV)/bin/ruff format --check serve tests benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy serve
+
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+integration: venv
+	$(PY) -m pytest -q tests/integration
+
+test: venv lint typecheck
+	$(PY) -m pytest -q -ra
+
+bench: venv
+	$(PY) -m benchmarks.perf_analyzer_run
+
+clean:
+	rm -rf $(VENV) $(PB_DIR) .pytest_cache .mypy_cache .ruff_cache
