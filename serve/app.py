@@ -1,0 +1,49 @@
+"""Composition root: builds the runtime and the front end, owns start/stop order and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from serve.config import Config
+from serve.frontend.server import GrpcFrontend
+from serve.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT, then drain: refuse new calls, finish in-flight ones, stop workers.
+
+    The gRPC port opens before the models warm up, so liveness answers at once while readiness
+    stays false until every model has a warm worker.
+    """
+    runtime = Runtime(config.models, log_level=config.server.log_level)
+    frontend = GrpcFrontend(config.server, runtime)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, sig, stop)
+    await frontend.start()
+    warm_up = asyncio.create_task(runtime.start(), name="runtime-start")
+    try:
+        await stop.wait()
+    finally:
+        log.info(
+            "shutting down: refusing new calls, in-flight calls get %.1f s", config.server.grace_period_s
+        )
+        if not warm_up.done():
+            warm_up.cancel()
+        await asyncio.gather(warm_up, return_exceptions=True)
+        await frontend.stop(config.server.grace_period_s)
+        await runtime.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+    return 0
+
+
+def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    log.info("received %s", sig.name)
+    stop.set()

@@ -1,0 +1,83 @@
+"""The small interface every backend implements, and the factory the worker calls."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from serve.config import ModelConfig
+from serve.protocol.datatypes import Datatype, numpy_dtype
+
+Arrays = dict[str, npt.NDArray[Any]]
+
+
+class Backend(abc.ABC):
+    """Loads one model on one device and runs batches of numpy arrays through it."""
+
+    name: str = ""
+    #: True when inputs must be padded to a warmed batch bucket (fixed shapes: CUDA graphs,
+    #: TorchScript's shape specialisation).
+    fixed_shapes: bool = False
+
+    def __init__(self, model: ModelConfig, device: str, threads: int) -> None:
+        self.model = model
+        self.device = device
+        self.threads = threads
+
+    @abc.abstractmethod
+    def run(self, inputs: Arrays) -> Arrays:
+        """Compute one batch. Inputs and outputs are keyed by the model config's tensor names."""
+
+    def warm(self, inputs: Arrays, repeats: int = 3) -> None:
+        """Run a batch shape until it is fast (allocations, autotuning, graph capture)."""
+        for _ in range(repeats):
+            self.run(inputs)
+
+    def is_fatal(self, exc: BaseException) -> bool:
+        """Whether ``exc`` leaves this process unable to serve (e.g. a sticky CUDA error)."""
+        return False
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}"
+
+
+def sample_inputs(model: ModelConfig, rows: int | None, seed: int = 0) -> Arrays:
+    """Deterministic inputs of the model's signature (variable dims become 1)."""
+    rng = np.random.default_rng(seed)
+    arrays: Arrays = {}
+    for spec in model.inputs:
+        shape = tuple(d if d > 0 else 1 for d in spec.shape)
+        if rows is not None:
+            shape = (rows, *shape)
+        datatype = Datatype(spec.datatype)
+        if datatype is Datatype.BYTES:
+            arrays[spec.name] = np.full(shape, b"warmserve", dtype=np.object_)
+        elif datatype is Datatype.BOOL:
+            arrays[spec.name] = rng.random(shape) < 0.5
+        elif datatype in (Datatype.FP16, Datatype.FP32, Datatype.FP64):
+            arrays[spec.name] = rng.standard_normal(shape).astype(numpy_dtype(datatype))
+        else:
+            arrays[spec.name] = rng.integers(0, 100, size=shape).astype(numpy_dtype(datatype))
+    return arrays
+
+
+def resolve_device(requested: str, cuda_available: bool) -> str:
+    if requested == "auto":
+        return "cuda:0" if cuda_available else "cpu"
+    return requested
+
+
+def load_backend(model: ModelConfig, device: str, threads: int) -> Backend:
+    """Construct and load the backend the model config names (imports its framework now)."""
+    if model.backend == "onnx":
+        from serve.backends.onnx import OnnxBackend
+
+        return OnnxBackend(model, device, threads)
+    if model.backend == "torch":
+        from serve.backends.torch import TorchBackend
+
+        return TorchBackend(model, device, threads)
+    raise ValueError(f"unknown backend {model.backend!r}")

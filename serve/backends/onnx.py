@@ -1,0 +1,91 @@
+"""ONNX Runtime backend: CUDA execution provider where present, CPU otherwise."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from serve.backends.base import Arrays, Backend, resolve_device
+from serve.config import ModelConfig
+from serve.protocol.datatypes import Datatype
+
+log = logging.getLogger(__name__)
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def choose_providers(device: str, available: list[str]) -> tuple[str, list[Any]]:
+    """The device actually used and the provider list for it; CPU when CUDA's is not installed."""
+    device = resolve_device(device, CUDA_PROVIDER in available)
+    if device.startswith("cuda"):
+        if CUDA_PROVIDER in available:
+            index = int(device.partition(":")[2] or 0)
+            return device, [(CUDA_PROVIDER, {"device_id": index}), "CPUExecutionProvider"]
+        log.warning(
+            "device %s requested but this onnxruntime has no %s (providers: %s); running on CPU",
+            device,
+            CUDA_PROVIDER,
+            ", ".join(available),
+        )
+    return "cpu", ["CPUExecutionProvider"]
+
+
+class OnnxBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, model: ModelConfig, device: str, threads: int) -> None:
+        device, providers = choose_providers(device, ort.get_available_providers())
+        super().__init__(model, device, threads)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning threads burn cores that other workers and the front end need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(str(model.model_path), options, providers=providers)
+        graph_inputs = {i.name for i in self._session.get_inputs()}
+        graph_outputs = {o.name for o in self._session.get_outputs()}
+        missing = [s.name for s in model.inputs if s.name not in graph_inputs]
+        missing += [s.name for s in model.outputs if s.name not in graph_outputs]
+        if missing:
+            raise ValueError(
+                f"{model.model_file} has no tensors named {missing}; "
+                f"graph inputs {sorted(graph_inputs)}, outputs {sorted(graph_outputs)}"
+            )
+        self._output_names = [s.name for s in model.outputs]
+        self._bytes_inputs = [s.name for s in model.inputs if s.datatype == Datatype.BYTES]
+        self._bytes_outputs = {s.name for s in model.outputs if s.datatype == Datatype.BYTES}
+
+    def run(self, inputs: Arrays) -> Arrays:
+        if self._bytes_inputs:  # onnxruntime takes string tensors as str, not bytes
+            inputs = dict(inputs)
+            for name in self._bytes_inputs:
+                inputs[name] = np.vectorize(_to_str, otypes=[np.object_])(inputs[name])
+        results = self._session.run(self._output_names, inputs)
+        out: Arrays = {}
+        for name, value in zip(self._output_names, results, strict=True):
+            array = np.asarray(value)
+            if name in self._bytes_outputs:  # onnxruntime hands strings back as str
+                array = np.vectorize(_to_bytes, otypes=[np.object_])(array)
+            out[name] = array
+        return out
+
+    def describe(self) -> str:
+        return f"onnxruntime {ort.__version__} on {self.device} ({self._session.get_providers()[0]})"
+
+
+def _to_str(item: object) -> str:
+    if isinstance(item, bytes):
+        try:
+            return item.decode()
+        except UnicodeDecodeError:
+            raise ValueError("ONNX string inputs must be UTF-8 text") from None
+    return str(item)
+
+
+def _to_bytes(item: object) -> bytes:
+    return item.encode() if isinstance(item, str) else bytes(item)  # type: ignore[call-overload]

@@ -1,0 +1,127 @@
+"""PyTorch backend: TorchScript archives (.pt/.ts) or torch.export archives (.pt2).
+
+Neither format is an arbitrary pickle. On CUDA, warm-up captures one CUDA graph per batch bucket
+and later batches replay it (MEASURED.md: 3–5× at small batches); a model that cannot be captured
+runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from serve.backends.base import Arrays, Backend, resolve_device
+from serve.config import ModelConfig
+from serve.protocol.datatypes import Datatype
+
+log = logging.getLogger(__name__)
+
+
+class _Graph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], outputs: Any):
+        self.graph = graph
+        self.inputs = inputs
+        self.outputs = outputs
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    fixed_shapes = True
+
+    def __init__(self, model: ModelConfig, device: str, threads: int) -> None:
+        device = resolve_device(device, torch.cuda.is_available())
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device} requested but torch sees no CUDA device")
+        super().__init__(model, device, threads)
+        torch.set_num_threads(threads)
+        if any(s.datatype == Datatype.BYTES for s in (*model.inputs, *model.outputs)):
+            raise ValueError("the torch backend takes no BYTES tensors; pre-process them first")
+        self._torch_device = torch.device(device)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(self._torch_device)
+        self._module = self._load(model)
+        self._input_names = [s.name for s in model.inputs]
+        self._output_names = [s.name for s in model.outputs]
+        self._graphs: dict[tuple[tuple[int, ...], ...], _Graph] = {}
+
+    def _load(self, model: ModelConfig) -> Any:
+        path = model.model_path
+        if path.suffix == ".pt2":
+            program = torch.export.load(str(path))
+            return program.module().to(self._torch_device)
+        module = torch.jit.load(str(path), map_location=self._torch_device)
+        module.eval()
+        return module
+
+    def _to_device(self, array: np.ndarray[Any, Any]) -> torch.Tensor:
+        if not array.flags.writeable:
+            array = array.copy()
+        return torch.from_numpy(array).to(self._torch_device, non_blocking=True)
+
+    def _outputs(self, result: Any) -> list[torch.Tensor]:
+        if isinstance(result, torch.Tensor):
+            result = (result,)
+        elif isinstance(result, dict):
+            result = tuple(result[name] for name in self._output_names)
+        tensors = list(result)
+        if len(tensors) != len(self._output_names):
+            raise ValueError(
+                f"model returned {len(tensors)} outputs, config names {len(self._output_names)}"
+            )
+        return tensors
+
+    def run(self, inputs: Arrays) -> Arrays:
+        arrays = [inputs[name] for name in self._input_names]
+        key = tuple(tuple(a.shape) for a in arrays)
+        with torch.inference_mode():
+            graph = self._graphs.get(key)
+            if graph is not None:
+                for static, array in zip(graph.inputs, arrays, strict=True):
+                    static.copy_(torch.from_numpy(np.ascontiguousarray(array)), non_blocking=True)
+                graph.graph.replay()
+                outputs = self._outputs(graph.outputs)
+            else:
+                outputs = self._outputs(self._module(*[self._to_device(a) for a in arrays]))
+            return {
+                name: out.detach().to("cpu").numpy()
+                for name, out in zip(self._output_names, outputs, strict=True)
+            }
+
+    def warm(self, inputs: Arrays, repeats: int = 3) -> None:
+        super().warm(inputs, repeats)
+        if self._torch_device.type == "cuda":
+            self._capture(inputs)
+
+    def _capture(self, inputs: Arrays) -> None:
+        arrays = [inputs[name] for name in self._input_names]
+        key = tuple(tuple(a.shape) for a in arrays)
+        try:
+            with torch.inference_mode():
+                static = [self._to_device(a) for a in arrays]
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self._module(*static)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    outputs = self._module(*static)
+            torch.cuda.synchronize()
+        except Exception as exc:  # capture is an optimisation: eager still serves this shape
+            log.warning("CUDA graph capture failed for shapes %s (%s); this shape runs eagerly", key, exc)
+            return
+        self._graphs[key] = _Graph(graph, static, outputs)
+
+    def is_fatal(self, exc: BaseException) -> bool:
+        if self._torch_device.type != "cuda":
+            return False
+        text = str(exc)
+        return "CUDA error" in text or "device-side assert" in text or "illegal memory access" in text
+
+    def describe(self) -> str:
+        graphs = f", {len(self._graphs)} CUDA graphs" if self._graphs else ""
+        return f"torch {torch.__version__} on {self.device}{graphs}"

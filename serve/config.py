@@ -1,0 +1,187 @@
+"""One frozen configuration tree. The only module that reads environment variables.
+
+A model repository is a directory with one folder per model; each folder holds ``model.toml``
+(the model's configuration) and the model file it names. Tensor shapes in ``model.toml`` leave
+out the batch dimension when ``max_batch_size > 0`` (Triton's convention); -1 marks a variable
+dimension.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from serve.errors import ConfigError, InvalidBundleError
+from serve.protocol.datatypes import parse_datatype
+
+MODEL_CONFIG_FILE = "model.toml"
+Backend = Literal["onnx", "torch"]
+
+
+class TensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+class BatchingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_queue_delay_us: int = 0  # how long the oldest request may wait for a fuller batch
+    max_queue_size: int = 1024  # requests waiting; beyond it callers get RESOURCE_EXHAUSTED
+    buckets: tuple[int, ...] = ()  # batch sizes warmed and padded to; () = powers of two
+    pad_to_bucket: bool | None = None  # None: the backend decides (fixed shapes for torch)
+
+
+class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    workers: int = 1
+    max_inflight_per_worker: int = 2  # batches queued on one worker (hides the IPC round trip)
+    startup_timeout_s: float = 300.0  # spawn → warm; a worker slower than this is killed
+    threads: int = 0  # intra-op threads per worker; 0 = cores / workers
+    shm_slot_bytes: int = 0  # shared memory per in-flight batch and direction; 0 = derived
+
+
+class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    backend: Backend
+    model_file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = 0
+    device: str = "auto"  # "auto", "cpu" or "cuda:N"
+    version: str = "1"
+    batching: BatchingConfig = BatchingConfig()
+    pool: PoolConfig = PoolConfig()
+    directory: str = ""  # filled in by the loader: the model's folder
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.directory) / self.model_file
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        """Batch sizes a worker warms up on (empty for a model without a batch dimension)."""
+        if self.max_batch_size <= 0:
+            return ()
+        if self.batching.buckets:
+            return tuple(sorted(set(self.batching.buckets)))
+        sizes = {1 << i for i in range(self.max_batch_size.bit_length()) if 1 << i <= self.max_batch_size}
+        sizes.add(self.max_batch_size)
+        return tuple(sorted(sizes))
+
+
+class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_period_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
+    log_level: str = "INFO"
+
+
+class Config(msgspec.Struct, frozen=True):
+    server: ServerConfig
+    models: tuple[ModelConfig, ...]
+    repository: str = ""
+
+
+def validate_model(model: ModelConfig) -> None:
+    """Raise InvalidBundleError naming the model and field for anything that cannot be served."""
+
+    def fail(message: str) -> None:
+        raise InvalidBundleError(f"model {model.name!r} ({model.directory or 'in code'}): {message}")
+
+    if not model.name or "/" in model.name:
+        fail("name must be non-empty and contain no '/'")
+    if not model.inputs or not model.outputs:
+        fail("at least one input and one output are required")
+    for kind, specs in (("input", model.inputs), ("output", model.outputs)):
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            fail(f"{kind} names must be unique, got {names}")
+        for spec in specs:
+            try:
+                parse_datatype(spec.datatype)
+            except ValueError as exc:
+                fail(f"{kind} {spec.name!r}: {exc}")
+            if any(d == 0 or d < -1 for d in spec.shape):
+                fail(f"{kind} {spec.name!r}: dims must be positive or -1, got {list(spec.shape)}")
+    if model.max_batch_size < 0:
+        fail("max_batch_size must be >= 0")
+    if any(b < 1 or b > model.max_batch_size for b in model.batching.buckets):
+        fail(f"batching.buckets must lie in 1..max_batch_size ({model.max_batch_size})")
+    if model.pool.workers < 1 or model.pool.max_inflight_per_worker < 1:
+        fail("pool.workers and pool.max_inflight_per_worker must be >= 1")
+    if model.batching.max_queue_size < 1 or model.batching.max_queue_delay_us < 0:
+        fail("batching.max_queue_size must be >= 1 and max_queue_delay_us >= 0")
+    if model.device != "auto" and model.device != "cpu" and not _is_cuda_device(model.device):
+        fail(f"device must be 'auto', 'cpu' or 'cuda:N', got {model.device!r}")
+    if model.directory and not model.model_path.is_file():
+        fail(f"model_file {model.model_file!r} does not exist in {model.directory}")
+
+
+def _is_cuda_device(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def load_model_dir(directory: Path) -> ModelConfig:
+    """Read and validate ``directory/model.toml``."""
+    path = directory / MODEL_CONFIG_FILE
+    try:
+        model = msgspec.toml.decode(path.read_bytes(), type=ModelConfig)
+    except FileNotFoundError:
+        raise InvalidBundleError(f"{path}: missing {MODEL_CONFIG_FILE}") from None
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidBundleError(f"{path}: {exc}") from None
+    model = msgspec.structs.replace(model, directory=str(directory.resolve()))
+    validate_model(model)
+    return model
+
+
+def load_repository(root: Path) -> tuple[ModelConfig, ...]:
+    """Every model folder under ``root`` (folders without model.toml are ignored)."""
+    if not root.is_dir():
+        raise InvalidBundleError(f"model repository {root} is not a directory")
+    models = tuple(
+        load_model_dir(child)
+        for child in sorted(root.iterdir())
+        if child.is_dir() and (child / MODEL_CONFIG_FILE).is_file()
+    )
+    names = [m.name for m in models]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidBundleError(f"model repository {root}: duplicate model names {duplicates}")
+    return models
+
+
+def server_config_from_env(**overrides: object) -> ServerConfig:
+    """ServerConfig from WARMSERVE_* environment variables, then explicit (non-None) overrides."""
+    values: dict[str, object] = {}
+    env = {
+        "host": "WARMSERVE_HOST",
+        "grpc_port": "WARMSERVE_GRPC_PORT",
+        "max_message_bytes": "WARMSERVE_MAX_MESSAGE_BYTES",
+        "grace_period_s": "WARMSERVE_GRACE_PERIOD_S",
+        "log_level": "WARMSERVE_LOG_LEVEL",
+    }
+    for field, var in env.items():
+        if var in os.environ:
+            values[field] = os.environ[var]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(values, ServerConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"server configuration: {exc}") from None
+
+
+def default_repository_from_env() -> str:
+    return os.environ.get("WARMSERVE_REPOSITORY", "")
+
+
+def cache_dir_from_env() -> Path:
+    """Where generated artefacts (the demo repository) live: WARMSERVE_CACHE_DIR or ~/.cache."""
+    base = os.environ.get("WARMSERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "warmserve"
+    )
+    return Path(base)

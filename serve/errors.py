@@ -1,0 +1,47 @@
+"""The domain's exception tree. Imports nothing from grpc: the front end maps these to status codes."""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base of every error warmserve reports to a caller."""
+
+
+class InvalidInputError(ServeError):
+    """The request is malformed: wrong name, datatype, shape, element count or byte size."""
+
+
+class ModelNotFoundError(ServeError):
+    """No model (or model version) of that name is configured."""
+
+
+class ModelNotReadyError(ServeError):
+    """The model exists but has no warm worker able to take the request."""
+
+
+class WorkerLostError(ModelNotReadyError):
+    """The worker running a request died before answering."""
+
+
+class QueueFullError(ServeError):
+    """The model's queue is at capacity; the caller should back off and retry."""
+
+
+class DeadlineExceededError(ServeError):
+    """The request's deadline passed before a result was ready; it was not (or no longer) computed."""
+
+
+class ConfigError(ServeError):
+    """The server's own configuration is invalid (flags, environment)."""
+
+
+class InvalidBundleError(ServeError):
+    """A model's files or configuration are invalid; it cannot be loaded."""
+
+
+class ModelExecutionError(ServeError):
+    """The model raised while computing a batch (reported to that batch's callers only)."""
+
+
+class UnsupportedError(ServeError):
+    """The request asks for something this server does not implement."""

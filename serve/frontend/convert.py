@@ -1,0 +1,152 @@
+"""Protobuf ⇄ internal types for inference. Wire-format checks live here: element counts, raw
+byte sizes, typed-content fields."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from serve.errors import InvalidInputError, UnsupportedError
+from serve.frontend.pb import grpc_service_pb2 as pb
+from serve.protocol import InferRequest, InferResponse, Tensor
+from serve.protocol.datatypes import (
+    Datatype,
+    bytes_tensor_from_raw,
+    bytes_tensor_to_raw,
+    element_size,
+    numpy_dtype,
+    parse_datatype,
+)
+
+# The InferTensorContents field that carries each datatype when sent typed (FP16 has none).
+CONTENTS_FIELD: dict[Datatype, str] = {
+    Datatype.BOOL: "bool_contents",
+    Datatype.INT8: "int_contents",
+    Datatype.INT16: "int_contents",
+    Datatype.INT32: "int_contents",
+    Datatype.INT64: "int64_contents",
+    Datatype.UINT8: "uint_contents",
+    Datatype.UINT16: "uint_contents",
+    Datatype.UINT32: "uint_contents",
+    Datatype.UINT64: "uint64_contents",
+    Datatype.FP32: "fp32_contents",
+    Datatype.FP64: "fp64_contents",
+    Datatype.BYTES: "bytes_contents",
+}
+
+
+def _parameters(params: Any) -> dict[str, bool | int | str | float]:
+    out: dict[str, bool | int | str | float] = {}
+    for key, value in params.items():
+        kind = value.WhichOneof("parameter_choice")
+        if kind is not None:
+            out[key] = getattr(value, kind)
+    return out
+
+
+def _decode_input(tensor: Any, raw: bytes | None) -> Tensor:
+    name = tensor.name
+    try:
+        datatype = parse_datatype(tensor.datatype)
+    except ValueError as exc:
+        raise InvalidInputError(f"input {name!r}: {exc}") from None
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    count = int(np.prod(shape, dtype=np.int64))
+    if raw is not None:
+        if tensor.HasField("contents"):
+            raise InvalidInputError(f"input {name!r}: has both typed contents and raw contents")
+        return Tensor(name, datatype, _from_raw(name, datatype, shape, count, raw))
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInputError(
+            f"input {name!r}: {datatype} has no typed contents field; send it in raw_input_contents"
+        )
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidInputError(
+            f"input {name!r}: shape {list(shape)} needs {count} elements, "
+            f"{field} has {len(values)}"
+        )
+    try:
+        if datatype is Datatype.BYTES:
+            array: npt.NDArray[Any] = np.empty(count, dtype=np.object_)
+            array[:] = list(values)
+        else:
+            array = np.asarray(values, dtype=numpy_dtype(datatype))
+    except (OverflowError, ValueError) as exc:
+        raise InvalidInputError(f"input {name!r}: value out of range for {datatype}: {exc}") from None
+    return Tensor(name, datatype, array.reshape(shape))
+
+
+def _from_raw(name: str, datatype: Datatype, shape: tuple[int, ...], count: int, raw: bytes) -> Any:
+    if datatype is Datatype.BYTES:
+        try:
+            return bytes_tensor_from_raw(raw, count).reshape(shape)
+        except ValueError as exc:
+            raise InvalidInputError(f"input {name!r}: malformed BYTES data: {exc}") from None
+    expected = count * element_size(datatype)
+    if len(raw) != expected:
+        raise InvalidInputError(
+            f"input {name!r}: raw data has {len(raw)} bytes, expected {expected} "
+            f"for shape {list(shape)} of {datatype}"
+        )
+    return np.frombuffer(raw, dtype=numpy_dtype(datatype)).reshape(shape)
+
+
+def infer_request_from_pb(request: Any, time_remaining: float | None) -> InferRequest:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "send every input raw or none"
+        )
+    inputs = [
+        _decode_input(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)
+    ]
+    outputs = None
+    if request.outputs:
+        outputs = []
+        for out in request.outputs:
+            if "classification" in out.parameters:
+                raise UnsupportedError(f"output {out.name!r}: the classification extension is not supported")
+            outputs.append(out.name)
+    return InferRequest(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        id=request.id,
+        inputs=inputs,
+        outputs=outputs,
+        parameters=_parameters(request.parameters),
+        deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+    )
+
+
+def infer_response_to_pb(response: InferResponse) -> Any:
+    message = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    for tensor in response.outputs:
+        out = message.outputs.add()
+        out.name = tensor.name
+        out.datatype = tensor.datatype.value
+        out.shape.extend(tensor.shape)
+        if tensor.datatype is Datatype.BYTES:
+            message.raw_output_contents.append(bytes_tensor_to_raw(tensor.data))
+        else:
+            message.raw_output_contents.append(np.ascontiguousarray(tensor.data).tobytes())
+    for key, value in response.parameters.items():
+        param = message.parameters[key]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            param.int64_param = value
+        elif isinstance(value, float):
+            param.double_param = value
+        else:
+            param.string_param = value
+    return message

@@ -1,0 +1,53 @@
+"""The grpc.aio server: build, bind, start, and stop gracefully."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from serve.config import ServerConfig
+from serve.errors import ConfigError
+from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
+from serve.frontend.servicer import InferenceServicer
+from serve.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class GrpcFrontend:
+    def __init__(self, config: ServerConfig, runtime: Runtime) -> None:
+        self._config = config
+        self._servicer = InferenceServicer(runtime)
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        limit = self._config.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),  # two servers must never silently share a port
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
+        address = f"{self._config.host}:{self._config.grpc_port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc}") from None
+        await server.start()
+        self._server = server
+        log.info("gRPC listening on %s:%d (max message %d bytes)", self._config.host, self.port, limit)
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls at once; give in-flight calls ``grace_s`` to finish, then cancel them."""
+        self._servicer.accepting = False
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

@@ -1,0 +1,95 @@
+"""Shared-memory arenas: one anonymous memory file per direction per worker, cut into slots.
+
+Each in-flight batch owns one slot in each direction. A tensor is written at an aligned offset of
+its slot; one that does not fit travels inline in the message instead. The memory file has no name
+in the file system: it is handed to the worker as an inherited descriptor and vanishes when both
+processes close it, so a crash leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from serve.pool.messages import TensorRef
+from serve.protocol.datatypes import (
+    Datatype,
+    bytes_tensor_from_raw,
+    bytes_tensor_to_raw,
+    numpy_dtype,
+)
+
+ALIGN = 64
+
+
+def create_memfd(name: str, size: int) -> int:
+    fd = os.memfd_create(name, 0)  # inheritable by a child given it in pass_fds
+    os.ftruncate(fd, size)
+    return fd
+
+
+class Arena:
+    """A mapped memory file of ``slots * slot_bytes`` bytes."""
+
+    def __init__(self, fd: int, slots: int, slot_bytes: int) -> None:
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        self._map = mmap.mmap(fd, slots * slot_bytes)
+        self._buffer = memoryview(self._map)
+
+    def close(self) -> None:
+        """Unmap now if no array still views the arena; otherwise the last view's release does."""
+        try:
+            self._buffer.release()
+            self._map.close()
+        except BufferError:
+            pass
+
+    def write(self, slot: int, tensors: list[tuple[str, Datatype, npt.NDArray[Any]]]) -> list[TensorRef]:
+        """Place tensors in ``slot``; any that does not fit goes inline."""
+        base = slot * self.slot_bytes
+        offset = 0
+        refs: list[TensorRef] = []
+        for name, datatype, array in tensors:
+            shape = tuple(int(d) for d in array.shape)
+            if datatype is Datatype.BYTES:
+                raw = bytes_tensor_to_raw(array)
+                nbytes = len(raw)
+            else:
+                raw = None
+                nbytes = array.nbytes
+            if offset + nbytes > self.slot_bytes:
+                data = raw if raw is not None else np.ascontiguousarray(array).tobytes()
+                refs.append(TensorRef(name, datatype.value, shape, -1, nbytes, data))
+                continue
+            start = base + offset
+            if raw is not None:
+                self._buffer[start : start + nbytes] = raw
+            else:
+                target = np.ndarray(shape, dtype=array.dtype, buffer=self._buffer, offset=start)
+                np.copyto(target, array, casting="no")
+            refs.append(TensorRef(name, datatype.value, shape, offset, nbytes))
+            offset = (offset + nbytes + ALIGN - 1) // ALIGN * ALIGN
+        return refs
+
+    def read(self, slot: int, ref: TensorRef, *, copy: bool) -> npt.NDArray[Any]:
+        """The tensor ``ref`` names; a view into shared memory unless ``copy`` (or inline)."""
+        datatype = Datatype(ref.datatype)
+        count = int(np.prod(ref.shape, dtype=np.int64))
+        if ref.inline is not None:
+            source: Any = ref.inline
+            start = 0
+        else:
+            source = self._buffer
+            start = slot * self.slot_bytes + ref.offset
+        if datatype is Datatype.BYTES:
+            flat = bytes_tensor_from_raw(memoryview(source)[start : start + ref.nbytes], count)
+            return flat.reshape(ref.shape)
+        array: npt.NDArray[Any] = np.ndarray(
+            ref.shape, dtype=numpy_dtype(datatype), buffer=source, offset=start
+        )
+        return array.copy() if copy and ref.inline is None else array

@@ -1,0 +1,100 @@
+"""Typed, versioned messages between the parent and a worker process.
+
+Frames on the socket are a 4-byte little-endian length then a msgpack-encoded message. Tensors
+do not travel in messages: a TensorRef points into the shared-memory arena, and only a tensor that
+does not fit its slot travels inline as raw bytes (never as a pickle). Exceptions never cross the
+boundary: a worker reports a kind and a message.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+from serve.config import ModelConfig
+
+IPC_VERSION = 1
+FRAME_HEADER = struct.Struct("<I")
+MAX_FRAME_BYTES = 1 << 31
+
+
+class TensorRef(msgspec.Struct, frozen=True, array_like=True):
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    offset: int  # into this batch's slot; -1 when the data is inline
+    nbytes: int
+    inline: bytes | None = None
+
+
+# parent → worker
+
+
+class Init(msgspec.Struct, frozen=True, tag=True):
+    version: int
+    model: ModelConfig
+    worker_id: str
+    device: str
+    threads: int
+    in_fd: int
+    out_fd: int
+    slots: int
+    slot_bytes: int
+    fixed_shapes: bool | None
+
+
+class RunBatch(msgspec.Struct, frozen=True, tag=True):
+    batch_id: int
+    slot: int
+    rows: int
+    inputs: list[TensorRef]
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag=True):
+    reason: str = ""
+
+
+# worker → parent
+
+
+class Ready(msgspec.Struct, frozen=True, tag=True):
+    version: int
+    pid: int
+    device: str
+    backend: str
+    buckets: tuple[int, ...]
+    fixed_shapes: bool
+    warmup_s: float
+    load_s: float
+
+
+class BatchDone(msgspec.Struct, frozen=True, tag=True):
+    batch_id: int
+    outputs: list[TensorRef]
+    input_ns: int  # reading inputs from shared memory (and to the device)
+    compute_ns: int  # the model itself
+    output_ns: int  # writing outputs back
+
+
+class BatchFailed(msgspec.Struct, frozen=True, tag=True):
+    batch_id: int
+    kind: str  # "invalid_input" | "execution"
+    message: str
+
+
+class Fatal(msgspec.Struct, frozen=True, tag=True):
+    message: str
+
+
+ToWorker = Init | RunBatch | Shutdown
+FromWorker = Ready | BatchDone | BatchFailed | Fatal
+
+_encoder = msgspec.msgpack.Encoder()
+to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
+from_worker_decoder = msgspec.msgpack.Decoder(FromWorker)
+
+
+def frame(message: ToWorker | FromWorker) -> bytes:
+    payload = _encoder.encode(message)
+    return FRAME_HEADER.pack(len(payload)) + payload

@@ -1,0 +1,276 @@
+"""The parent's handle on one worker process: spawn, hand-shake, run batches, notice death."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from serve.batching import BatchResult
+from serve.batching.merge import Array
+from serve.config import ModelConfig
+from serve.errors import InvalidInputError, ModelExecutionError, ModelNotReadyError, WorkerLostError
+from serve.pool.arena import Arena, create_memfd
+from serve.pool.link import WorkerLink
+from serve.pool.messages import (
+    IPC_VERSION,
+    BatchDone,
+    BatchFailed,
+    Fatal,
+    FromWorker,
+    Init,
+    Ready,
+    RunBatch,
+    Shutdown,
+)
+from serve.protocol.datatypes import Datatype
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    WARM = "warm"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    device: str
+    threads: int
+    slots: int
+    slot_bytes: int
+    startup_timeout_s: float
+    stop_timeout_s: float = 10.0
+    log_level: str = "INFO"
+
+
+class WorkerHandle:
+    def __init__(
+        self,
+        model: ModelConfig,
+        worker_id: str,
+        settings: WorkerSettings,
+        on_change: Callable[[WorkerHandle], None],
+    ) -> None:
+        self.model = model
+        self.worker_id = worker_id
+        self.settings = settings
+        self.state = WorkerState.STARTING
+        self.ready: Ready | None = None
+        self.exit_reason = ""
+        self._on_change = on_change
+        self._link: WorkerLink | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._inputs: Arena | None = None
+        self._outputs: Arena | None = None
+        self._free_slots = list(range(settings.slots))
+        self._pending: dict[int, asyncio.Future[FromWorker]] = {}
+        self._ready_future: asyncio.Future[Ready] | None = None
+        self._ids = itertools.count()
+        self._reaper: asyncio.Task[None] | None = None
+        self._types = [Datatype(s.datatype) for s in model.inputs]
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots) if self.state is WorkerState.WARM else 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def start(self) -> None:
+        """Spawn the process and wait until it reports warm (or fail, killing it)."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        size = self.settings.slots * self.settings.slot_bytes
+        in_fd = create_memfd(f"warmserve-in-{self.worker_id}", size)
+        out_fd = create_memfd(f"warmserve-out-{self.worker_id}", size)
+        try:
+            self._inputs = Arena(in_fd, self.settings.slots, self.settings.slot_bytes)
+            self._outputs = Arena(out_fd, self.settings.slots, self.settings.slot_bytes)
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "serve.worker",
+                "--fd",
+                str(theirs.fileno()),
+                "--log-level",
+                self.settings.log_level,
+                pass_fds=(theirs.fileno(), in_fd, out_fd),
+            )
+        finally:
+            theirs.close()
+            os.close(in_fd)
+            os.close(out_fd)
+        log.info("worker %s spawned (pid %d)", self.worker_id, self._process.pid)
+        self._ready_future = loop.create_future()
+        _, link = await loop.connect_accepted_socket(
+            lambda: WorkerLink(self._on_message, self._on_lost), sock=ours
+        )
+        self._link = link
+        self._reaper = asyncio.create_task(self._reap(), name=f"reap:{self.worker_id}")
+        link.send(
+            Init(
+                IPC_VERSION,
+                self.model,
+                self.worker_id,
+                self.settings.device,
+                self.settings.threads,
+                in_fd,
+                out_fd,
+                self.settings.slots,
+                self.settings.slot_bytes,
+                self.model.batching.pad_to_bucket,
+            )
+        )
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.startup_timeout_s):
+                ready = await self._ready_future
+        except TimeoutError:
+            self._die(f"not warm after {self.settings.startup_timeout_s:.0f} s")
+            await self.kill()
+            raise ModelNotReadyError(
+                f"worker {self.worker_id} did not warm up within {self.settings.startup_timeout_s} s"
+            ) from None
+        except ModelNotReadyError:
+            await self.kill()
+            raise
+        self.ready = ready
+        self.state = WorkerState.WARM
+        log.info(
+            "worker %s warm in %.2f s (%s; load %.2f s, warm-up %.2f s, buckets %s)",
+            self.worker_id,
+            time.monotonic() - started,
+            ready.backend,
+            ready.load_s,
+            ready.warmup_s,
+            list(ready.buckets),
+        )
+        self._on_change(self)
+
+    def reserve(self) -> int:
+        """Claim a slot for one batch; the caller must run() with it or release() it."""
+        return self._free_slots.pop()
+
+    def release(self, slot: int) -> None:
+        self._free_slots.append(slot)
+        self._on_change(self)
+
+    async def run(self, slot: int, inputs: list[Array], rows: int) -> BatchResult:
+        if self.state is not WorkerState.WARM or self._link is None:
+            raise WorkerLostError(f"worker {self.worker_id} is {self.state.value}")
+        assert self._inputs is not None and self._outputs is not None
+        start = time.perf_counter_ns()
+        refs = self._inputs.write(
+            slot,
+            [(s.name, t, a) for s, t, a in zip(self.model.inputs, self._types, inputs, strict=True)],
+        )
+        batch_id = next(self._ids)
+        future: asyncio.Future[FromWorker] = asyncio.get_running_loop().create_future()
+        self._pending[batch_id] = future
+        self._link.send(RunBatch(batch_id, slot, rows, refs))
+        sent = time.perf_counter_ns()
+        try:
+            reply = await future
+        finally:
+            self._pending.pop(batch_id, None)
+        if isinstance(reply, BatchFailed):
+            error = InvalidInputError if reply.kind == "invalid_input" else ModelExecutionError
+            raise error(f"model {self.model.name!r}: {reply.message}")
+        assert isinstance(reply, BatchDone)
+        received = time.perf_counter_ns()
+        outputs = [self._outputs.read(slot, ref, copy=True) for ref in reply.outputs]
+        done = time.perf_counter_ns()
+        return BatchResult(
+            outputs,
+            {
+                "ipc_write": sent - start,
+                "worker_input": reply.input_ns,
+                "compute": reply.compute_ns,
+                "worker_output": reply.output_ns,
+                "round_trip": received - sent,
+                "ipc_read": done - received,
+            },
+        )
+
+    def _on_message(self, message: FromWorker) -> None:
+        if isinstance(message, BatchDone | BatchFailed):
+            future = self._pending.get(message.batch_id)
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif isinstance(message, Ready):
+            if self._ready_future is not None and not self._ready_future.done():
+                self._ready_future.set_result(message)
+        elif isinstance(message, Fatal):
+            log.error("worker %s reported a fatal error: %s", self.worker_id, message.message)
+            self._die(message.message)
+
+    def _on_lost(self, reason: str) -> None:
+        self._die(reason)
+
+    def _die(self, reason: str) -> None:
+        if self.state is WorkerState.DEAD:
+            return
+        expected = self.state is WorkerState.STOPPING
+        self.state = WorkerState.DEAD
+        self.exit_reason = reason
+        if not expected:
+            log.error("worker %s (pid %s) lost: %s", self.worker_id, self.pid, reason)
+        lost = WorkerLostError(f"worker {self.worker_id} of model {self.model.name!r} died: {reason}")
+        if self._ready_future is not None and not self._ready_future.done():
+            self._ready_future.set_exception(
+                ModelNotReadyError(f"worker {self.worker_id} failed to start: {reason}")
+            )
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(lost)
+        if self._link is not None:
+            self._link.close()
+        self._on_change(self)
+
+    async def _reap(self) -> None:
+        assert self._process is not None
+        code = await self._process.wait()
+        self._die(f"process exited with code {code}")
+        for arena in (self._inputs, self._outputs):
+            if arena is not None:
+                arena.close()
+
+    async def stop(self) -> None:
+        """Ask the worker to finish and exit; kill it if it does not within the stop timeout."""
+        if self._process is None or self._process.returncode is not None:
+            return
+        if self.state is not WorkerState.DEAD:
+            self.state = WorkerState.STOPPING
+        if self._link is not None:
+            try:
+                self._link.send(Shutdown("pool stopping"))
+            except ConnectionError:
+                pass
+        try:
+            async with asyncio.timeout(self.settings.stop_timeout_s):
+                await self._process.wait()
+        except TimeoutError:
+            log.warning("worker %s did not exit within %.0f s; killing it", self.worker_id, self.settings.stop_timeout_s)
+            await self.kill()
+        if self._reaper is not None:
+            await asyncio.gather(self._reaper, return_exceptions=True)
+
+    async def kill(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()

@@ -1,0 +1,61 @@
+"""Transport-neutral request, response and tensor types used from the front end to the pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from serve.protocol.datatypes import Datatype
+
+Parameters = dict[str, bool | int | str | float]
+
+
+@dataclass(slots=True)
+class Tensor:
+    """A named tensor. ``data`` has exactly ``shape``; BYTES tensors are object arrays of bytes."""
+
+    name: str
+    datatype: Datatype
+    data: npt.NDArray[Any]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.data.shape)
+
+
+@dataclass(slots=True)
+class InferRequest:
+    model_name: str
+    inputs: list[Tensor]
+    model_version: str = ""
+    id: str = ""
+    outputs: list[str] | None = None  # names the caller asked for; None means all
+    parameters: Parameters = field(default_factory=dict)
+    deadline: float | None = None  # time.monotonic() seconds; None means no deadline
+
+
+@dataclass(slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    outputs: list[Tensor]
+    id: str = ""
+    parameters: Parameters = field(default_factory=dict)
+
+
+def rows(tensor: Tensor) -> int:
+    """Size of the leading (batch) dimension."""
+    return int(tensor.data.shape[0]) if tensor.data.ndim else 1
+
+
+def empty_like_datatype(datatype: Datatype, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+    from serve.protocol.datatypes import numpy_dtype
+
+    if datatype is Datatype.BYTES:
+        out = np.empty(shape, dtype=np.object_)
+        out.fill(b"")
+        return out
+    return np.zeros(shape, dtype=numpy_dtype(datatype))

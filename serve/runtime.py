@@ -1,0 +1,226 @@
+"""The serving core as one object: models → batchers → warm worker pools.
+
+``Runtime`` is what the gRPC front end adapts, and what an application can use in-process to get
+the same warm pool and batching without a network hop::
+
+    runtime = Runtime(load_repository(Path("models")))
+    await runtime.start()
+    response = await runtime.infer(InferRequest("mlp_onnx", [Tensor("INPUT0", Datatype.FP32, x)]))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from serve.batching import DynamicBatcher
+from serve.batching.merge import Array
+from serve.config import ModelConfig, TensorSpec
+from serve.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    ServeError,
+)
+from serve.pool.pool import WorkerPool
+from serve.protocol import Datatype, InferRequest, InferResponse, Tensor
+from serve.telemetry.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    name: str
+    version: str
+    state: ModelState
+    reason: str
+
+
+def _describe(spec: TensorSpec, batched: bool) -> str:
+    dims = ([-1] if batched else []) + list(spec.shape)
+    return f"{spec.datatype} {dims}"
+
+
+class ModelService:
+    """One model version: validation, its batcher and its worker pool."""
+
+    def __init__(self, config: ModelConfig, *, log_level: str = "INFO") -> None:
+        self.config = config
+        self.stats = ModelStats()
+        self.state = ModelState.LOADING
+        self.reason = "loading"
+        self.pool = WorkerPool(config, log_level=log_level)
+        self.batcher = DynamicBatcher(
+            config.name,
+            self.pool,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_us=config.batching.max_queue_delay_us,
+            max_queue_size=config.batching.max_queue_size,
+            observer=self.stats,
+        )
+        self._batched = config.max_batch_size > 0
+        self._input_types = {s.name: Datatype(s.datatype) for s in config.inputs}
+        self._output_names = [s.name for s in config.outputs]
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY and self.pool.warm_count > 0
+
+    async def start(self) -> None:
+        try:
+            await self.pool.start()
+        except Exception as exc:
+            self.state = ModelState.UNAVAILABLE
+            self.reason = str(exc)
+            log.error("model %s failed to load: %s", self.config.name, exc)
+            await self.pool.stop()
+            return
+        self.batcher.start()
+        self.state = ModelState.READY
+        self.reason = ""
+        log.info("model %s version %s ready", self.config.name, self.config.version)
+
+    async def stop(self) -> None:
+        self.state = ModelState.UNAVAILABLE
+        self.reason = "stopped"
+        await self.batcher.stop()
+        await self.pool.stop()
+
+    def prepare(self, request: InferRequest) -> tuple[list[Array], int]:
+        """Check the request against the signature; the inputs in model order and the row count."""
+        model = self.config
+        given = {t.name: t for t in request.inputs}
+        if len(given) != len(request.inputs):
+            raise InvalidInputError(f"model {model.name!r}: an input name appears twice")
+        unknown = sorted(set(given) - set(self._input_types))
+        if unknown:
+            expected = ", ".join(s.name for s in model.inputs)
+            raise InvalidInputError(
+                f"model {model.name!r} has no input {unknown[0]!r}; its inputs are: {expected}"
+            )
+        arrays: list[Array] = []
+        rows = 0
+        for spec in model.inputs:
+            tensor = given.get(spec.name)
+            if tensor is None:
+                raise InvalidInputError(
+                    f"model {model.name!r} expects input {spec.name!r} "
+                    f"({_describe(spec, self._batched)}); the request does not have it"
+                )
+            arrays.append(self._check_tensor(spec, tensor))
+            if self._batched:
+                if arrays[0].shape[0] != tensor.data.shape[0]:
+                    raise InvalidInputError(
+                        f"model {model.name!r}: input {spec.name!r} has batch size "
+                        f"{tensor.data.shape[0]} but input {model.inputs[0].name!r} has "
+                        f"{arrays[0].shape[0]}"
+                    )
+                rows = int(tensor.data.shape[0])
+        if request.outputs is not None:
+            for name in request.outputs:
+                if name not in self._output_names:
+                    raise InvalidInputError(
+                        f"model {model.name!r} has no output {name!r}; its outputs are: "
+                        + ", ".join(self._output_names)
+                    )
+        return arrays, rows if self._batched else 1
+
+    def _check_tensor(self, spec: TensorSpec, tensor: Tensor) -> Array:
+        model = self.config
+        expected = self._input_types[spec.name]
+        if tensor.datatype is not expected:
+            raise InvalidInputError(
+                f"model {model.name!r} input {spec.name!r}: expected datatype {expected}, "
+                f"got {tensor.datatype}"
+            )
+        shape = tensor.data.shape
+        dims = ((-1,) if self._batched else ()) + spec.shape
+        if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape, strict=True)):
+            raise InvalidInputError(
+                f"model {model.name!r} input {spec.name!r}: expected shape {list(dims)}, "
+                f"got {list(shape)}"
+            )
+        if self._batched and not 1 <= shape[0] <= model.max_batch_size:
+            raise InvalidInputError(
+                f"model {model.name!r} input {spec.name!r}: batch size {shape[0]} is outside "
+                f"1..{model.max_batch_size} (max_batch_size)"
+            )
+        if any(s == 0 for s in shape):
+            raise InvalidInputError(
+                f"model {model.name!r} input {spec.name!r}: shape {list(shape)} has no elements"
+            )
+        return tensor.data
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        started = time.monotonic_ns()
+        inputs, rows = self.prepare(request)
+        if not self.ready:
+            raise ModelNotReadyError(
+                f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
+            )
+        try:
+            outputs = await self.batcher.submit(inputs, rows, request.deadline)
+        except ServeError:
+            self.stats.request_done(False, rows, time.monotonic_ns() - started)
+            raise
+        self.stats.request_done(True, rows, time.monotonic_ns() - started)
+        wanted = request.outputs
+        tensors = [
+            Tensor(spec.name, Datatype(spec.datatype), out)
+            for spec, out in zip(self.config.outputs, outputs, strict=True)
+            if wanted is None or spec.name in wanted
+        ]
+        return InferResponse(request.model_name, self.config.version, tensors, id=request.id)
+
+
+class Runtime:
+    def __init__(self, models: Sequence[ModelConfig], *, log_level: str = "INFO") -> None:
+        self._services = {m.name: ModelService(m, log_level=log_level) for m in models}
+
+    async def start(self) -> None:
+        """Start every model's pool; a model that fails is logged and stays UNAVAILABLE."""
+        await asyncio.gather(*(s.start() for s in self._services.values()))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.stop() for s in self._services.values()), return_exceptions=True)
+
+    @property
+    def live(self) -> bool:
+        return True
+
+    @property
+    def ready(self) -> bool:
+        """Every configured model is ready, and there is at least one."""
+        return bool(self._services) and all(s.ready for s in self._services.values())
+
+    def service(self, name: str, version: str = "") -> ModelService:
+        service = self._services.get(name)
+        if service is None:
+            raise ModelNotFoundError(f"unknown model {name!r}; serving: {', '.join(self._services) or 'none'}")
+        if version and version != service.config.version:
+            raise ModelNotFoundError(
+                f"model {name!r} has no version {version!r}; serving version {service.config.version!r}"
+            )
+        return service
+
+    def services(self) -> list[ModelService]:
+        return list(self._services.values())
+
+    def statuses(self) -> list[ModelStatus]:
+        return [
+            ModelStatus(s.config.name, s.config.version, s.state, s.reason) for s in self._services.values()
+        ]
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        return await self.service(request.model_name, request.model_version).infer(request)

@@ -1,0 +1,1 @@
+"""Tiny deterministic models and repository builders for tests and the built-in demo."""

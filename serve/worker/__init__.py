@@ -1,0 +1,1 @@
+"""The worker process: the only place (with backends/) that imports torch, onnxruntime or CUDA."""

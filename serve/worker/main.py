@@ -1,0 +1,214 @@
+"""Worker process entry: ``python -m serve.worker --fd N``.
+
+Receives Init on the inherited socket, maps the shared-memory arenas, loads the model, warms every
+batch bucket, reports Ready, then loops: read a batch from shared memory → run → write outputs →
+report. A per-batch error goes back to that batch; an error that leaves the process unusable
+(a sticky CUDA error) is reported as Fatal and the process exits so the pool replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import numpy as np
+
+from serve.config import ModelConfig
+from serve.pool.arena import Arena
+from serve.pool.messages import (
+    FRAME_HEADER,
+    IPC_VERSION,
+    BatchDone,
+    BatchFailed,
+    Fatal,
+    FromWorker,
+    Init,
+    Ready,
+    RunBatch,
+    Shutdown,
+    frame,
+    to_worker_decoder,
+)
+from serve.protocol.datatypes import Datatype, datatype_of
+
+log = logging.getLogger("serve.worker")
+
+
+class Channel:
+    """Blocking framed messages over the socket shared with the parent."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+
+    def recv(self) -> Init | RunBatch | Shutdown:
+        header = self._reader.read(FRAME_HEADER.size)
+        if len(header) < FRAME_HEADER.size:
+            raise EOFError("parent closed the channel")
+        (length,) = FRAME_HEADER.unpack(header)
+        payload = self._reader.read(length)
+        if len(payload) < length:
+            raise EOFError("parent closed the channel mid-message")
+        return to_worker_decoder.decode(payload)
+
+    def send(self, message: FromWorker) -> None:
+        self._sock.sendall(frame(message))
+
+
+def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
+    for size in buckets:
+        if size >= rows:
+            return size
+    return rows
+
+
+def pad_rows(array: np.ndarray[Any, Any], rows: int) -> np.ndarray[Any, Any]:
+    """Repeat the last row so the batch has ``rows`` rows (padding rows are dropped later)."""
+    extra = rows - array.shape[0]
+    if extra <= 0:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], extra, axis=0)], axis=0)
+
+
+class Worker:
+    def __init__(self, channel: Channel, init: Init) -> None:
+        from serve.backends import load_backend
+
+        self.channel = channel
+        self.init = init
+        self.model: ModelConfig = init.model
+        self.inputs = Arena(init.in_fd, init.slots, init.slot_bytes)
+        self.outputs = Arena(init.out_fd, init.slots, init.slot_bytes)
+        start = time.monotonic()
+        self.backend = load_backend(self.model, init.device, init.threads)
+        self.load_s = time.monotonic() - start
+        fixed = init.fixed_shapes if init.fixed_shapes is not None else self.backend.fixed_shapes
+        self.buckets = self.model.batch_buckets
+        self.pad = fixed and bool(self.buckets)
+        self.output_types = {s.name: Datatype(s.datatype) for s in self.model.outputs}
+
+    def warm_up(self) -> float:
+        """Run every bucket the worker will serve; check outputs match the config."""
+        from serve.backends.base import sample_inputs
+
+        start = time.monotonic()
+        for rows in self.buckets or (None,):
+            inputs = sample_inputs(self.model, rows)
+            self.backend.warm(inputs)
+            self._check_outputs(self.backend.run(inputs), rows)
+            log.debug("warmed batch shape %s", rows)
+        return time.monotonic() - start
+
+    def _check_outputs(self, outputs: dict[str, np.ndarray[Any, Any]], rows: int | None) -> None:
+        for name, datatype in self.output_types.items():
+            if name not in outputs:
+                raise ValueError(f"model produced no output {name!r}")
+            got = datatype_of(outputs[name])
+            if got is not datatype:
+                raise ValueError(f"output {name!r} is {got}, the model config says {datatype}")
+            if rows is not None and (outputs[name].ndim == 0 or outputs[name].shape[0] != rows):
+                raise ValueError(f"output {name!r} has shape {outputs[name].shape} for {rows} rows")
+
+    def serve_forever(self) -> None:
+        while True:
+            message = self.channel.recv()
+            if isinstance(message, RunBatch):
+                self.channel.send(self.run_batch(message))
+            elif isinstance(message, Shutdown):
+                log.info("shutting down (%s)", message.reason or "asked by the pool")
+                return
+            else:
+                raise RuntimeError(f"unexpected {type(message).__name__} after Init")
+
+    def run_batch(self, message: RunBatch) -> BatchDone | BatchFailed:
+        t0 = time.perf_counter_ns()
+        try:
+            arrays = {ref.name: self.inputs.read(message.slot, ref, copy=False) for ref in message.inputs}
+            if self.pad:
+                target = bucket_for(message.rows, self.buckets)
+                arrays = {name: pad_rows(a, target) for name, a in arrays.items()}
+        except Exception as exc:
+            return BatchFailed(message.batch_id, "invalid_input", f"cannot read inputs: {exc}")
+        t1 = time.perf_counter_ns()
+        try:
+            outputs = self.backend.run(arrays)
+            self._check_outputs(outputs, None)
+        except Exception as exc:
+            if self.backend.is_fatal(exc):
+                raise
+            log.warning("batch %d failed: %s: %s", message.batch_id, type(exc).__name__, exc)
+            return BatchFailed(message.batch_id, "execution", f"{type(exc).__name__}: {exc}")
+        t2 = time.perf_counter_ns()
+        tensors = [
+            (name, self.output_types[name], outputs[name][: message.rows] if self.pad else outputs[name])
+            for name in self.output_types
+        ]
+        refs = self.outputs.write(message.slot, tensors)
+        t3 = time.perf_counter_ns()
+        return BatchDone(message.batch_id, refs, t1 - t0, t2 - t1, t3 - t2)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve.worker")
+    parser.add_argument("--fd", type=int, required=True, help="inherited socket to the parent")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    # The pool owns this process: a terminal's Ctrl-C or a group-wide SIGTERM must not kill a
+    # batch while the parent drains; the worker exits on Shutdown or when the parent goes away.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock = socket.socket(fileno=args.fd)
+    channel = Channel(sock)
+    init = channel.recv()
+    if not isinstance(init, Init):
+        return 2
+    logging.basicConfig(
+        level=args.log_level,
+        format=f"%(asctime)s %(levelname)s worker[{init.worker_id} pid={os.getpid()}] %(message)s",
+    )
+    if init.version != IPC_VERSION:
+        channel.send(Fatal(f"IPC version {init.version} from the parent, worker speaks {IPC_VERSION}"))
+        return 2
+    try:
+        worker = Worker(channel, init)
+        warm_s = worker.warm_up()
+    except Exception as exc:
+        log.exception("start-up failed")
+        channel.send(Fatal(f"start-up failed: {type(exc).__name__}: {exc}"))
+        return 1
+    log.info(
+        "warm: %s, buckets %s, load %.2f s, warm-up %.2f s",
+        worker.backend.describe(),
+        list(worker.buckets),
+        worker.load_s,
+        warm_s,
+    )
+    channel.send(
+        Ready(
+            IPC_VERSION,
+            os.getpid(),
+            worker.backend.device,
+            worker.backend.describe(),
+            worker.buckets,
+            worker.pad,
+            warm_s,
+            worker.load_s,
+        )
+    )
+    try:
+        worker.serve_forever()
+    except EOFError:
+        log.info("parent closed the channel; exiting")
+    except Exception as exc:
+        log.exception("fatal error; exiting so the pool replaces this worker")
+        try:
+            channel.send(Fatal(f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+        return 1
+    return 0
