@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 async def serve(config: Config) -> int:
-    """Serve until SIGTERM/SIGINT, then drain: refuse new calls, finish in-flight ones, stop workers.
+    """Serve until SIGTERM/SIGINT, then drain: refuse new calls, finish in-flight ones, stop.
 
     The gRPC port opens before the models warm up, so liveness answers at once while readiness
     stays false until every model has a warm worker.
@@ -31,7 +31,8 @@ async def serve(config: Config) -> int:
         await stop.wait()
     finally:
         log.info(
-            "shutting down: refusing new calls, in-flight calls get %.1f s", config.server.grace_period_s
+            "shutting down: refusing new calls, in-flight calls get %.1f s",
+            config.server.grace_period_s,
         )
         if not warm_up.done():
             warm_up.cancel()

@@ -27,11 +27,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warmserve", description="warm model serving over gRPC")
     parser.add_argument("--version", action="version", version=f"warmserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve a model repository (the demo models by default)")
-    serve.add_argument("--repository", help="folder with one sub-folder (model.toml + model) per model")
+    serve = commands.add_parser(
+        "serve", help="serve a model repository (the demo models by default)"
+    )
+    serve.add_argument(
+        "--repository", help="folder with one sub-folder (model.toml + model) per model"
+    )
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
-    serve.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
+    serve.add_argument(
+        "--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)"
+    )
     serve.add_argument("--grace-period", type=float, help="seconds in-flight calls get on SIGTERM")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     demo = commands.add_parser("demo", help="write the built-in demo models to a folder")
@@ -71,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         repository = Path(args.repository or default_repository_from_env() or demo_repository())
-        config = Config(server=server, models=load_repository(repository), repository=str(repository))
+        config = Config(
+            server=server, models=load_repository(repository), repository=str(repository)
+        )
         if not config.models:
             log.warning("no models in %s: the server will never be ready", repository)
         import uvloop

@@ -66,7 +66,9 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             return ()
         if self.batching.buckets:
             return tuple(sorted(set(self.batching.buckets)))
-        sizes = {1 << i for i in range(self.max_batch_size.bit_length()) if 1 << i <= self.max_batch_size}
+        sizes = {
+            1 << i for i in range(self.max_batch_size.bit_length()) if 1 << i <= self.max_batch_size
+        }
         sizes.add(self.max_batch_size)
         return tuple(sorted(sizes))
 
@@ -89,7 +91,9 @@ def validate_model(model: ModelConfig) -> None:
     """Raise InvalidBundleError naming the model and field for anything that cannot be served."""
 
     def fail(message: str) -> None:
-        raise InvalidBundleError(f"model {model.name!r} ({model.directory or 'in code'}): {message}")
+        raise InvalidBundleError(
+            f"model {model.name!r} ({model.directory or 'in code'}): {message}"
+        )
 
     if not model.name or "/" in model.name:
         fail("name must be non-empty and contain no '/'")

@@ -1,4 +1,4 @@
-"""The domain's exception tree. Imports nothing from grpc: the front end maps these to status codes."""
+"""The domain's exception tree. Imports no grpc: the front end maps these to status codes."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class QueueFullError(ServeError):
 
 
 class DeadlineExceededError(ServeError):
-    """The request's deadline passed before a result was ready; it was not (or no longer) computed."""
+    """The request's deadline passed before its result was ready; it was not computed."""
 
 
 class ConfigError(ServeError):

@@ -146,7 +146,9 @@ class ModelService:
             )
         shape = tensor.data.shape
         dims = ((-1,) if self._batched else ()) + spec.shape
-        if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape, strict=True)):
+        if len(shape) != len(dims) or any(
+            d != -1 and d != s for d, s in zip(dims, shape, strict=True)
+        ):
             raise InvalidInputError(
                 f"model {model.name!r} input {spec.name!r}: expected shape {list(dims)}, "
                 f"got {list(shape)}"
@@ -207,10 +209,13 @@ class Runtime:
     def service(self, name: str, version: str = "") -> ModelService:
         service = self._services.get(name)
         if service is None:
-            raise ModelNotFoundError(f"unknown model {name!r}; serving: {', '.join(self._services) or 'none'}")
+            raise ModelNotFoundError(
+                f"unknown model {name!r}; serving: {', '.join(self._services) or 'none'}"
+            )
         if version and version != service.config.version:
             raise ModelNotFoundError(
-                f"model {name!r} has no version {version!r}; serving version {service.config.version!r}"
+                f"model {name!r} has no version {version!r}; "
+                f"serving version {service.config.version!r}"
             )
         return service
 
@@ -219,7 +224,8 @@ class Runtime:
 
     def statuses(self) -> list[ModelStatus]:
         return [
-            ModelStatus(s.config.name, s.config.version, s.state, s.reason) for s in self._services.values()
+            ModelStatus(s.config.name, s.config.version, s.state, s.reason)
+            for s in self._services.values()
         ]
 
     async def infer(self, request: InferRequest) -> InferResponse:

@@ -75,7 +75,9 @@ class OnnxBackend(Backend):
         return out
 
     def describe(self) -> str:
-        return f"onnxruntime {ort.__version__} on {self.device} ({self._session.get_providers()[0]})"
+        return (
+            f"onnxruntime {ort.__version__} on {self.device} ({self._session.get_providers()[0]})"
+        )
 
 
 def _to_str(item: object) -> str:

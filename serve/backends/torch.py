@@ -112,7 +112,9 @@ class TorchBackend(Backend):
                     outputs = self._module(*static)
             torch.cuda.synchronize()
         except Exception as exc:  # capture is an optimisation: eager still serves this shape
-            log.warning("CUDA graph capture failed for shapes %s (%s); this shape runs eagerly", key, exc)
+            log.warning(
+                "CUDA graph capture failed for shapes %s (%s); this shape runs eagerly", key, exc
+            )
             return
         self._graphs[key] = _Graph(graph, static, outputs)
 
@@ -120,7 +122,9 @@ class TorchBackend(Backend):
         if self._torch_device.type != "cuda":
             return False
         text = str(exc)
-        return "CUDA error" in text or "device-side assert" in text or "illegal memory access" in text
+        return (
+            "CUDA error" in text or "device-side assert" in text or "illegal memory access" in text
+        )
 
     def describe(self) -> str:
         graphs = f", {len(self._graphs)} CUDA graphs" if self._graphs else ""

@@ -145,6 +145,11 @@ class DynamicBatcher:
             if not batch:
                 lease.release()
                 continue
+            if log.isEnabledFor(logging.DEBUG):
+                rows = sum(i.rows for i in batch)
+                log.debug(
+                    "model %s: dispatching %d rows from %d requests", self._name, rows, len(batch)
+                )
             task = asyncio.create_task(self._execute(lease, batch))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
@@ -152,7 +157,9 @@ class DynamicBatcher:
     def _drop_dead(self) -> None:
         """Remove callers that gave up and requests whose deadline has passed."""
         now = time.monotonic()
-        if not any(i.future.done() or (i.deadline is not None and i.deadline <= now) for i in self._queue):
+        if not any(
+            i.future.done() or (i.deadline is not None and i.deadline <= now) for i in self._queue
+        ):
             return
         alive: deque[_Pending] = deque()
         for item in self._queue:
@@ -212,7 +219,9 @@ class DynamicBatcher:
             result = await lease.run(inputs, sum(row_counts))
             parts = split(result.outputs, row_counts)
         except ValueError as exc:
-            self._fail(batch, ModelExecutionError(f"model {self._name!r} returned bad outputs: {exc}"))
+            self._fail(
+                batch, ModelExecutionError(f"model {self._name!r} returned bad outputs: {exc}")
+            )
         except Exception as exc:
             self._fail(batch, exc)
         else:

@@ -69,8 +69,7 @@ def _decode_input(tensor: Any, raw: bytes | None) -> Tensor:
     values = getattr(tensor.contents, field)
     if len(values) != count:
         raise InvalidInputError(
-            f"input {name!r}: shape {list(shape)} needs {count} elements, "
-            f"{field} has {len(values)}"
+            f"input {name!r}: shape {list(shape)} needs {count} elements, {field} has {len(values)}"
         )
     try:
         if datatype is Datatype.BYTES:
@@ -79,7 +78,9 @@ def _decode_input(tensor: Any, raw: bytes | None) -> Tensor:
         else:
             array = np.asarray(values, dtype=numpy_dtype(datatype))
     except (OverflowError, ValueError) as exc:
-        raise InvalidInputError(f"input {name!r}: value out of range for {datatype}: {exc}") from None
+        raise InvalidInputError(
+            f"input {name!r}: value out of range for {datatype}: {exc}"
+        ) from None
     return Tensor(name, datatype, array.reshape(shape))
 
 
@@ -113,7 +114,9 @@ def infer_request_from_pb(request: Any, time_remaining: float | None) -> InferRe
         outputs = []
         for out in request.outputs:
             if "classification" in out.parameters:
-                raise UnsupportedError(f"output {out.name!r}: the classification extension is not supported")
+                raise UnsupportedError(
+                    f"output {out.name!r}: the classification extension is not supported"
+                )
             outputs.append(out.name)
     return InferRequest(
         model_name=request.model_name,

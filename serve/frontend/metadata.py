@@ -31,13 +31,18 @@ def model_metadata(model: ModelConfig) -> Any:
         name=model.name,
         versions=[model.version],
         platform=PLATFORMS[model.backend],
-        inputs=[tensor(name=s.name, datatype=s.datatype, shape=_dims(s, model)) for s in model.inputs],
-        outputs=[tensor(name=s.name, datatype=s.datatype, shape=_dims(s, model)) for s in model.outputs],
+        inputs=[
+            tensor(name=s.name, datatype=s.datatype, shape=_dims(s, model)) for s in model.inputs
+        ],
+        outputs=[
+            tensor(name=s.name, datatype=s.datatype, shape=_dims(s, model)) for s in model.outputs
+        ],
     )
 
 
-def _data_type(datatype: str) -> int:
-    return int(mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"))
+def _data_type(datatype: str) -> str:
+    """Triton's DataType enum name for a protocol datatype (BYTES is TYPE_STRING)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
 
 
 def model_config(model: ModelConfig) -> Any:
@@ -54,9 +59,13 @@ def model_config(model: ModelConfig) -> Any:
         platform=PLATFORMS[model.backend],
         backend=BACKENDS[model.backend],
         max_batch_size=model.max_batch_size,
-        input=[mc.ModelInput(name=s.name, data_type=_data_type(s.datatype), dims=s.shape) for s in model.inputs],
+        input=[
+            mc.ModelInput(name=s.name, data_type=_data_type(s.datatype), dims=s.shape)
+            for s in model.inputs
+        ],
         output=[
-            mc.ModelOutput(name=s.name, data_type=_data_type(s.datatype), dims=s.shape) for s in model.outputs
+            mc.ModelOutput(name=s.name, data_type=_data_type(s.datatype), dims=s.shape)
+            for s in model.outputs
         ],
         instance_group=[group],
         default_model_filename=model.model_file,

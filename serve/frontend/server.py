@@ -39,10 +39,12 @@ class GrpcFrontend:
             raise ConfigError(f"cannot listen on {address}: {exc}") from None
         await server.start()
         self._server = server
-        log.info("gRPC listening on %s:%d (max message %d bytes)", self._config.host, self.port, limit)
+        log.info(
+            "gRPC listening on %s:%d (max message %d bytes)", self._config.host, self.port, limit
+        )
 
     async def stop(self, grace_s: float) -> None:
-        """Refuse new calls at once; give in-flight calls ``grace_s`` to finish, then cancel them."""
+        """Refuse new calls now; in-flight calls get ``grace_s`` to finish, then are cancelled."""
         self._servicer.accepting = False
         if self._server is not None:
             await self._server.stop(grace_s)

@@ -5,7 +5,7 @@ RPCs not implemented here fall through to the generated base class, which answer
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -16,10 +16,10 @@ from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
 from serve.frontend.status import translate_errors
 from serve.runtime import Runtime
 
-Context = grpc.aio.ServicerContext
+Context: TypeAlias = grpc.aio.ServicerContext
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self.accepting = True  # False once shutdown begins: readiness says so at once

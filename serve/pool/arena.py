@@ -49,7 +49,9 @@ class Arena:
         except BufferError:
             pass
 
-    def write(self, slot: int, tensors: list[tuple[str, Datatype, npt.NDArray[Any]]]) -> list[TensorRef]:
+    def write(
+        self, slot: int, tensors: list[tuple[str, Datatype, npt.NDArray[Any]]]
+    ) -> list[TensorRef]:
         """Place tensors in ``slot``; any that does not fit goes inline."""
         base = slot * self.slot_bytes
         offset = 0

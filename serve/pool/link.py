@@ -6,7 +6,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from serve.pool.messages import FRAME_HEADER, MAX_FRAME_BYTES, FromWorker, ToWorker, frame, from_worker_decoder
+from serve.pool.messages import (
+    FRAME_HEADER,
+    MAX_FRAME_BYTES,
+    FromWorker,
+    ToWorker,
+    frame,
+    from_worker_decoder,
+)
 
 log = logging.getLogger(__name__)
 

@@ -96,7 +96,9 @@ class WorkerPool:
 
     def _new_handle(self) -> WorkerHandle:
         self._serial += 1
-        handle = WorkerHandle(self.model, f"{self.model.name}#{self._serial}", self._settings, self._on_change)
+        handle = WorkerHandle(
+            self.model, f"{self.model.name}#{self._serial}", self._settings, self._on_change
+        )
         self._workers.append(handle)
         return handle
 
@@ -109,7 +111,9 @@ class WorkerPool:
             if not isinstance(failure, Exception):
                 raise failure
         if self.warm_count == 0:
-            raise ModelNotReadyError(f"model {self.model.name!r}: no worker warmed up: {failures[0]}")
+            raise ModelNotReadyError(
+                f"model {self.model.name!r}: no worker warmed up: {failures[0]}"
+            )
 
     async def acquire(self) -> Lease:
         """Wait for a warm worker with a free slot; ModelNotReadyError if none can appear."""
@@ -117,7 +121,7 @@ class WorkerPool:
             best = max(self._workers, key=lambda w: w.free_slots, default=None)
             if best is not None and best.free_slots > 0:
                 return Lease(best, best.reserve())
-            if self._stopping or self.alive_count == 0 and not self._tasks:
+            if self._stopping or (self.alive_count == 0 and not self._tasks):
                 raise ModelNotReadyError(f"model {self.model.name!r} has no warm worker")
             self._changed.clear()
             await self._changed.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -144,7 +145,7 @@ class WorkerHandle:
             self._die(f"not warm after {self.settings.startup_timeout_s:.0f} s")
             await self.kill()
             raise ModelNotReadyError(
-                f"worker {self.worker_id} did not warm up within {self.settings.startup_timeout_s} s"
+                f"worker {self.worker_id} not warm within {self.settings.startup_timeout_s} s"
             ) from None
         except ModelNotReadyError:
             await self.kill()
@@ -177,7 +178,10 @@ class WorkerHandle:
         start = time.perf_counter_ns()
         refs = self._inputs.write(
             slot,
-            [(s.name, t, a) for s, t, a in zip(self.model.inputs, self._types, inputs, strict=True)],
+            [
+                (s.name, t, a)
+                for s, t, a in zip(self.model.inputs, self._types, inputs, strict=True)
+            ],
         )
         batch_id = next(self._ids)
         future: asyncio.Future[FromWorker] = asyncio.get_running_loop().create_future()
@@ -230,7 +234,9 @@ class WorkerHandle:
         self.exit_reason = reason
         if not expected:
             log.error("worker %s (pid %s) lost: %s", self.worker_id, self.pid, reason)
-        lost = WorkerLostError(f"worker {self.worker_id} of model {self.model.name!r} died: {reason}")
+        lost = WorkerLostError(
+            f"worker {self.worker_id} of model {self.model.name!r} died: {reason}"
+        )
         if self._ready_future is not None and not self._ready_future.done():
             self._ready_future.set_exception(
                 ModelNotReadyError(f"worker {self.worker_id} failed to start: {reason}")
@@ -257,15 +263,17 @@ class WorkerHandle:
         if self.state is not WorkerState.DEAD:
             self.state = WorkerState.STOPPING
         if self._link is not None:
-            try:
+            with contextlib.suppress(ConnectionError):  # already gone: the wait below is short
                 self._link.send(Shutdown("pool stopping"))
-            except ConnectionError:
-                pass
         try:
             async with asyncio.timeout(self.settings.stop_timeout_s):
                 await self._process.wait()
         except TimeoutError:
-            log.warning("worker %s did not exit within %.0f s; killing it", self.worker_id, self.settings.stop_timeout_s)
+            log.warning(
+                "worker %s did not exit within %.0f s; killing it",
+                self.worker_id,
+                self.settings.stop_timeout_s,
+            )
             await self.kill()
         if self._reaper is not None:
             await asyncio.gather(self._reaper, return_exceptions=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -85,14 +86,14 @@ def bytes_tensor_to_raw(array: npt.NDArray[np.generic]) -> bytes:
     """Serialise a BYTES tensor (object array of bytes/str) to the length-prefixed wire format."""
     parts: list[bytes] = []
     for item in array.reshape(-1):
-        data = item.encode() if isinstance(item, str) else bytes(item)
+        data = item.encode() if isinstance(item, str) else bytes(cast(bytes, item))
         parts.append(_LEN.pack(len(data)))
         parts.append(data)
     return b"".join(parts)
 
 
 def bytes_tensor_from_raw(raw: bytes | memoryview, count: int) -> npt.NDArray[np.object_]:
-    """Parse ``count`` length-prefixed elements; ValueError if the buffer does not hold exactly them."""
+    """Parse ``count`` length-prefixed elements; ValueError unless the buffer holds exactly them."""
     view = memoryview(raw)
     out = np.empty(count, dtype=np.object_)
     pos = 0

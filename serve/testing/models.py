@@ -6,6 +6,8 @@ subprocess, never from the serving parent process.
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ def mlp_weights(seed: int = 1234) -> list[tuple[np.ndarray[Any, Any], np.ndarray
     """(W, b) per layer of the demo MLP, W shaped (in, out)."""
     rng = np.random.default_rng(seed)
     layers = []
-    for fan_in, fan_out in zip(MLP_SIZES[:-1], MLP_SIZES[1:], strict=True):
+    for fan_in, fan_out in itertools.pairwise(MLP_SIZES):
         w = (rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
         b = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
         layers.append((w, b))
@@ -38,6 +40,15 @@ def mlp_reference(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         if i < len(layers) - 1:
             h = np.maximum(h, 0)
     return h
+
+
+def _script(module: Any) -> Any:
+    """TorchScript-compile ``module`` (torch 2.10+ warns that TorchScript is deprecated)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(module)
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> Path:
@@ -61,7 +72,9 @@ def build_mlp_onnx(folder: Path, name: str = "mlp_onnx", **overrides: Any) -> Pa
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
         last = i == len(layers) - 1
         out = "OUTPUT0" if last else f"h{i}"
-        nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [f"g{i}" if not last else out]))
+        nodes.append(
+            helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [f"g{i}" if not last else out])
+        )
         if not last:
             nodes.append(helper.make_node("Relu", [f"g{i}"], [out]))
         current = out
@@ -108,10 +121,36 @@ def build_mlp_torch(folder: Path, name: str = "mlp_torch", **overrides: Any) -> 
         modules.append(linear)
         if i < len(layers) - 1:
             modules.append(torch.nn.ReLU())
-    scripted = torch.jit.script(torch.nn.Sequential(*modules).eval())
+    scripted = _script(torch.nn.Sequential(*modules).eval())
     folder.mkdir(parents=True, exist_ok=True)
     scripted.save(str(folder / "model.pt"))
     return write_config(folder, _mlp_config(name, "torch", "model.pt", overrides))
+
+
+def build_mlp_export(folder: Path, name: str = "mlp_export", **overrides: Any) -> Path:
+    """The demo MLP as a torch.export archive (.pt2) with a dynamic batch dimension."""
+    import torch
+
+    layers = mlp_weights()
+
+    class MLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for i, (w, b) in enumerate(layers):
+                self.register_buffer(f"w{i}", torch.from_numpy(w.copy()))
+                self.register_buffer(f"b{i}", torch.from_numpy(b.copy()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(x @ self.w0 + self.b0)
+            h = torch.relu(h @ self.w1 + self.b1)
+            return h @ self.w2 + self.b2
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    example = (torch.zeros(2, MLP_SIZES[0]),)
+    program = torch.export.export(MLP().eval(), example, dynamic_shapes=({0: batch},))
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(folder / "model.pt2"))
+    return write_config(folder, _mlp_config(name, "torch", "model.pt2", overrides))
 
 
 def build_image_cnn(folder: Path, name: str = "image_cnn", **overrides: Any) -> Path:
@@ -139,7 +178,7 @@ def build_image_cnn(folder: Path, name: str = "image_cnn", **overrides: Any) -> 
             return self.head(self.features(x).flatten(1))
 
     torch.manual_seed(7)
-    scripted = torch.jit.script(ImageCNN().eval())
+    scripted = _script(ImageCNN().eval())
     folder.mkdir(parents=True, exist_ok=True)
     scripted.save(str(folder / "model.pt"))
     config: dict[str, Any] = {
@@ -167,13 +206,19 @@ IDENTITY_TYPES = {
 }
 
 
-def build_identity_onnx(folder: Path, name: str = "identity", **overrides: Any) -> Path:
+def build_identity_onnx(
+    folder: Path,
+    name: str = "identity",
+    types: tuple[str, ...] = tuple(IDENTITY_TYPES),
+    **overrides: Any,
+) -> Path:
     """One variable-length input per datatype, each echoed to OUT_<TYPE> (tests the codec)."""
     import onnx
     from onnx import helper
 
     inputs, outputs, nodes = [], [], []
-    for datatype, onnx_type in IDENTITY_TYPES.items():
+    for datatype in types:
+        onnx_type = IDENTITY_TYPES[datatype]
         inputs.append(helper.make_tensor_value_info(f"IN_{datatype}", onnx_type, ["batch", "n"]))
         outputs.append(helper.make_tensor_value_info(f"OUT_{datatype}", onnx_type, ["batch", "n"]))
         nodes.append(helper.make_node("Identity", [f"IN_{datatype}"], [f"OUT_{datatype}"]))
@@ -190,8 +235,8 @@ def build_identity_onnx(folder: Path, name: str = "identity", **overrides: Any) 
         "backend": "onnx",
         "model_file": "model.onnx",
         "max_batch_size": 8,
-        "inputs": [_tensor(f"IN_{t}", t, [-1]) for t in IDENTITY_TYPES],
-        "outputs": [_tensor(f"OUT_{t}", t, [-1]) for t in IDENTITY_TYPES],
+        "inputs": [_tensor(f"IN_{t}", t, [-1]) for t in types],
+        "outputs": [_tensor(f"OUT_{t}", t, [-1]) for t in types],
         "pool": {"workers": 1, "threads": 1},
     }
     config.update(overrides)
@@ -219,7 +264,7 @@ def build_spin_torch(folder: Path, name: str = "spin", **overrides: Any) -> Path
                 y = torch.tanh(y @ self.w)
             return y.sum(dim=1, keepdim=True) * 0.0 + x[:, :1]
 
-    scripted = torch.jit.script(Spin().eval())
+    scripted = _script(Spin().eval())
     folder.mkdir(parents=True, exist_ok=True)
     scripted.save(str(folder / "model.pt"))
     config: dict[str, Any] = {

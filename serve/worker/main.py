@@ -9,6 +9,7 @@ report. A per-batch error goes back to that batch; an error that leaves the proc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -54,7 +55,8 @@ class Channel:
         payload = self._reader.read(length)
         if len(payload) < length:
             raise EOFError("parent closed the channel mid-message")
-        return to_worker_decoder.decode(payload)
+        message: Init | RunBatch | Shutdown = to_worker_decoder.decode(payload)
+        return message
 
     def send(self, message: FromWorker) -> None:
         self._sock.sendall(frame(message))
@@ -128,7 +130,9 @@ class Worker:
     def run_batch(self, message: RunBatch) -> BatchDone | BatchFailed:
         t0 = time.perf_counter_ns()
         try:
-            arrays = {ref.name: self.inputs.read(message.slot, ref, copy=False) for ref in message.inputs}
+            arrays = {
+                ref.name: self.inputs.read(message.slot, ref, copy=False) for ref in message.inputs
+            }
             if self.pad:
                 target = bucket_for(message.rows, self.buckets)
                 arrays = {name: pad_rows(a, target) for name, a in arrays.items()}
@@ -145,7 +149,11 @@ class Worker:
             return BatchFailed(message.batch_id, "execution", f"{type(exc).__name__}: {exc}")
         t2 = time.perf_counter_ns()
         tensors = [
-            (name, self.output_types[name], outputs[name][: message.rows] if self.pad else outputs[name])
+            (
+                name,
+                self.output_types[name],
+                outputs[name][: message.rows] if self.pad else outputs[name],
+            )
             for name in self.output_types
         ]
         refs = self.outputs.write(message.slot, tensors)
@@ -172,7 +180,9 @@ def main(argv: list[str]) -> int:
         format=f"%(asctime)s %(levelname)s worker[{init.worker_id} pid={os.getpid()}] %(message)s",
     )
     if init.version != IPC_VERSION:
-        channel.send(Fatal(f"IPC version {init.version} from the parent, worker speaks {IPC_VERSION}"))
+        channel.send(
+            Fatal(f"IPC version {init.version} from the parent, worker speaks {IPC_VERSION}")
+        )
         return 2
     try:
         worker = Worker(channel, init)
@@ -206,9 +216,7 @@ def main(argv: list[str]) -> int:
         log.info("parent closed the channel; exiting")
     except Exception as exc:
         log.exception("fatal error; exiting so the pool replaces this worker")
-        try:
+        with contextlib.suppress(OSError):  # the parent may be gone; the exit tells it anyway
             channel.send(Fatal(f"{type(exc).__name__}: {exc}"))
-        except OSError:
-            pass
         return 1
     return 0

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from serve.testing.models import (
+    IDENTITY_TYPES,
+    build_demo_repository,
+    build_identity_onnx,
+    build_mlp_export,
+    build_spin_torch,
+)
+from tests.integration.harness import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repository")
+    build_demo_repository(root)
+    build_identity_onnx(root / "identity")
+    typed = tuple(t for t in IDENTITY_TYPES if t != "FP16")  # FP16 has no typed contents field
+    build_identity_onnx(root / "identity_typed", name="identity_typed", types=typed)
+    build_spin_torch(root / "spin")
+    build_mlp_export(root / "mlp_export")
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(repository, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    process = ServerProcess(log, repository, args=("--log-level", "DEBUG"))
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture()
+def client(server) -> triton.InferenceServerClient:
+    return server.client
+
+
+def spin_inputs(iters: int, value: float = 0.0) -> list[triton.InferInput]:
+    x = triton.InferInput("X", [1, 512], "FP32")
+    x.set_data_from_numpy(np.full((1, 512), value, dtype=np.float32))
+    n = triton.InferInput("ITERS", [1, 1], "INT64")
+    n.set_data_from_numpy(np.array([[iters]], dtype=np.int64))
+    return [x, n]
+
+
+@pytest.fixture(scope="session")
+def spin_iters(server):
+    """ITERS that keep the spin model busy for about the given number of seconds."""
+    client = server.client
+    client.infer("spin", spin_inputs(10))
+    start = time.monotonic()
+    client.infer("spin", spin_inputs(200))
+    per_iter = max((time.monotonic() - start) / 200, 1e-5)
+    return lambda seconds: max(1, int(seconds / per_iter))

@@ -1,0 +1,113 @@
+"""Start a real warmserve server (with real worker processes) on 127.0.0.1 for a test."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tritonclient.grpc as triton
+
+POLL_S = 0.05
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    """Poll ``predicate`` until true; fail the test naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+class ServerProcess:
+    def __init__(
+        self,
+        log_path: Path,
+        repository: Path | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "serve", "serve", "--host", "127.0.0.1"]
+        command += ["--grpc-port", str(self.port), *args]
+        if repository is not None:
+            command += ["--repository", str(repository)]
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        self.client = triton.InferenceServerClient(self.url)
+
+    def _answers(self, check) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            return bool(check())
+        except triton.InferenceServerException:
+            return False
+
+    def wait_live(self, timeout: float = 60) -> None:
+        wait_until(lambda: self._answers(self.client.is_server_live), timeout, "server live")
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        wait_until(lambda: self._answers(self.client.is_server_ready), timeout, "server ready")
+
+    def wait_for_log(self, pattern: str, timeout: float = 30) -> None:
+        regex = re.compile(pattern)
+        wait_until(lambda: regex.search(self.log()) is not None, timeout, f"log line {pattern!r}")
+
+    def count_log(self, pattern: str) -> int:
+        return len(re.findall(pattern, self.log()))
+
+    def wait_for_log_count(self, pattern: str, count: int, timeout: float = 30) -> None:
+        wait_until(lambda: self.count_log(pattern) >= count, timeout, f"{count}× {pattern!r}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        """Live child processes of the server (its workers), from /proc."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == self.process.pid and fields[0] != "Z":
+                pids.append(int(entry.name))
+        return sorted(pids)
+
+    def mapped_files(self) -> str:
+        return Path(f"/proc/{self.process.pid}/maps").read_text()
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.client.close()
+        self._log.close()
+        return int(self.process.returncode)

@@ -1,0 +1,138 @@
+"""Bad input gets the right status and a message naming the problem; nothing else is harmed."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from serve.testing.models import build_mlp_onnx, mlp_reference
+from tests.integration.conftest import spin_inputs
+from tests.integration.harness import ServerProcess
+
+
+def _input(name: str, array: np.ndarray, datatype: str) -> triton.InferInput:
+    tensor = triton.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _status(call) -> tuple[str, str]:
+    with pytest.raises(triton.InferenceServerException) as caught:
+        call()
+    return str(caught.value.status()), caught.value.message()
+
+
+def test_unknown_model_is_not_found(client):
+    x = _input("INPUT0", np.zeros((1, 64), np.float32), "FP32")
+    status, message = _status(lambda: client.infer("nope", [x]))
+    assert status == "StatusCode.NOT_FOUND" and "'nope'" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "array", "datatype", "expected"),
+    [
+        ("INPUT0", np.zeros((1, 64), np.int32), "INT32", "expected datatype FP32, got INT32"),
+        ("INPUT0", np.zeros((1, 63), np.float32), "FP32", "expected shape [-1, 64], got [1, 63]"),
+        ("INPUT0", np.zeros((64,), np.float32), "FP32", "expected shape [-1, 64], got [64]"),
+        ("INPUT0", np.zeros((65, 64), np.float32), "FP32", "batch size 65 is outside 1..64"),
+        ("WRONG", np.zeros((1, 64), np.float32), "FP32", "has no input 'WRONG'"),
+    ],
+)
+def test_wrong_input_is_invalid_argument_naming_it(client, name, array, datatype, expected):
+    status, message = _status(lambda: client.infer("mlp_onnx", [_input(name, array, datatype)]))
+    assert status == "StatusCode.INVALID_ARGUMENT"
+    assert expected in message
+    assert name in message
+
+
+def _raw_call(server, request) -> grpc.RpcError:
+    with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as caught:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    return caught.value
+
+
+def test_raw_byte_size_that_does_not_match_the_shape_is_refused(server):
+    request = service_pb2.ModelInferRequest(model_name="mlp_onnx")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(b"\x00" * 255)
+    error = _raw_call(server, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'INPUT0': raw data has 255 bytes, expected 256" in error.details()
+
+
+def test_typed_element_count_that_does_not_match_the_shape_is_refused(server):
+    request = service_pb2.ModelInferRequest(model_name="mlp_onnx")
+    tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 64])
+    tensor.contents.fp32_contents.extend([0.0] * 10)
+    error = _raw_call(server, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "input 'INPUT0': shape [1, 64] needs 64 elements, fp32_contents has 10" in error.details()
+    )
+
+
+def test_malformed_bytes_and_unknown_datatype_are_refused(server):
+    request = service_pb2.ModelInferRequest(model_name="identity")
+    request.inputs.add(name="IN_BYTES", datatype="BYTES", shape=[1, 1])
+    request.raw_input_contents.append(b"\x09\x00\x00\x00abc")
+    error = _raw_call(server, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "IN_BYTES" in error.details()
+    request = service_pb2.ModelInferRequest(model_name="mlp_onnx")
+    request.inputs.add(name="INPUT0", datatype="FLOAT32", shape=[1, 64])
+    request.raw_input_contents.append(b"\x00" * 256)
+    error = _raw_call(server, request)
+    assert (
+        error.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown datatype" in error.details()
+    )
+
+
+def test_a_missing_input_is_named(client):
+    status, message = _status(
+        lambda: client.infer("spin", [_input("X", np.zeros((1, 512), np.float32), "FP32")])
+    )
+    assert status == "StatusCode.INVALID_ARGUMENT" and "expects input 'ITERS'" in message
+
+
+def test_a_model_error_fails_that_call_only_and_the_worker_lives_on(server, client):
+    pids = server.worker_pids()
+    status, message = _status(lambda: client.infer("spin", spin_inputs(-1)))
+    assert status == "StatusCode.INTERNAL" and "ITERS must be non-negative" in message
+    assert client.infer("spin", spin_inputs(1, value=3.0)).as_numpy("Y").tolist() == [[3.0]]
+    assert server.worker_pids() == pids
+
+
+def test_bad_requests_never_disturb_good_ones(client, server):
+    pids = server.worker_pids()
+    x = np.random.default_rng(9).standard_normal((2, 64)).astype(np.float32)
+    for _ in range(3):
+        _status(lambda: client.infer("mlp_onnx", [_input("INPUT0", x[:, :10].copy(), "FP32")]))
+        got = client.infer("mlp_onnx", [_input("INPUT0", x, "FP32")]).as_numpy("OUTPUT0")
+        np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
+    assert server.worker_pids() == pids
+
+
+def test_a_model_that_cannot_load_is_unavailable_while_others_serve(tmp_path):
+    build_mlp_onnx(tmp_path / "repo" / "good", name="good")
+    broken = build_mlp_onnx(tmp_path / "repo" / "broken", name="broken")
+    (broken / "model.onnx").write_bytes(b"this is not an onnx file")
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    try:
+        server.wait_live()
+        server.wait_for_log("model broken failed to load")
+        client = server.client
+        server.wait_for_log("model good version 1 ready")
+        assert client.is_model_ready("good")
+        assert not client.is_model_ready("broken")
+        assert not client.is_server_ready()
+        x = _input("INPUT0", np.zeros((1, 64), np.float32), "FP32")
+        status, message = _status(lambda: client.infer("broken", [x]))
+        assert status == "StatusCode.UNAVAILABLE" and "not ready" in message
+        client.infer("good", [x])
+        index = {m.name: (m.state, m.reason) for m in client.get_model_repository_index().models}
+        assert index["good"] == ("READY", "")
+        assert index["broken"][0] == "UNAVAILABLE" and "start-up failed" in index["broken"][1]
+    finally:
+        assert server.stop() == 0

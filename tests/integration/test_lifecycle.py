@@ -1,0 +1,98 @@
+"""Whole-server behaviour: graceful SIGTERM, a killed worker, the built-in demo repository."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from serve.testing.models import build_mlp_onnx, build_spin_torch, mlp_reference
+from tests.integration.conftest import spin_inputs
+from tests.integration.harness import ServerProcess, wait_until
+
+
+def _mlp_input(x: np.ndarray) -> list[triton.InferInput]:
+    tensor = triton.InferInput("INPUT0", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return [tensor]
+
+
+@pytest.fixture()
+def small_repository(tmp_path):
+    build_mlp_onnx(tmp_path / "repo" / "mlp_onnx")
+    build_spin_torch(tmp_path / "repo" / "spin")
+    return tmp_path / "repo"
+
+
+def test_sigterm_finishes_calls_in_flight_then_refuses_new_ones(tmp_path, small_repository):
+    server = ServerProcess(
+        tmp_path / "server.log",
+        small_repository,
+        args=("--log-level", "DEBUG", "--grace-period", "30"),
+    )
+    try:
+        server.wait_ready()
+        client = server.client
+        client.infer("spin", spin_inputs(10))
+        results: queue.Queue = queue.Queue()
+        for value in (1.0, 2.0, 3.0):  # one computing, two queued behind it
+            client.async_infer(
+                "spin", spin_inputs(3000, value), lambda result, error: results.put((result, error))
+            )
+        server.wait_for_log_count("model spin: dispatching", 2)
+        server.terminate()
+        server.wait_for_log("shutting down")
+        outcomes = [results.get(timeout=60) for _ in range(3)]
+        assert all(error is None for _, error in outcomes), [e for _, e in outcomes]
+        assert sorted(r.as_numpy("Y")[0, 0] for r, _ in outcomes) == [1.0, 2.0, 3.0]
+        with pytest.raises(triton.InferenceServerException) as caught:
+            client.infer("mlp_onnx", _mlp_input(np.zeros((1, 64), np.float32)), client_timeout=5)
+        assert "UNAVAILABLE" in str(caught.value.status())
+        server.process.wait(60)
+        assert server.process.returncode == 0
+        assert "stopped" in server.log()
+    finally:
+        server.stop()
+
+
+def test_a_killed_worker_is_replaced_and_the_model_serves_again(tmp_path, small_repository):
+    server = ServerProcess(tmp_path / "server.log", small_repository)
+    try:
+        server.wait_ready()
+        before = set(server.worker_pids())
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for_log("lost: ")
+        wait_until(
+            lambda: (
+                len(set(server.worker_pids()) - before) == 1 and server.client.is_server_ready()
+            ),
+            60,
+            "a replacement worker",
+        )
+        x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
+        got = server.client.infer("mlp_onnx", _mlp_input(x)).as_numpy("OUTPUT0")
+        np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
+        assert victim not in server.worker_pids()
+    finally:
+        assert server.stop() == 0
+
+
+def test_serve_without_a_repository_builds_and_serves_the_demo_models(tmp_path):
+    server = ServerProcess(
+        tmp_path / "server.log", env={"WARMSERVE_CACHE_DIR": str(tmp_path / "cache")}
+    )
+    try:
+        server.wait_ready(timeout=300)
+        names = sorted(m.name for m in server.client.get_model_repository_index().models)
+        assert names == ["image_cnn", "mlp_onnx", "mlp_torch"]
+        assert any((tmp_path / "cache").glob("demo-*/mlp_onnx/model.toml"))
+        x = np.ones((1, 64), np.float32)
+        got = server.client.infer("mlp_torch", _mlp_input(x)).as_numpy("OUTPUT0")
+        np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
+    finally:
+        assert server.stop() == 0

@@ -1,0 +1,80 @@
+"""Health, metadata, model configuration and repository index over the real protocol."""
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+DEMO = ("mlp_torch", "mlp_onnx", "image_cnn")
+MODELS = (*DEMO, "identity", "identity_typed", "spin", "mlp_export")
+
+
+def test_live_ready_and_every_model_ready(client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    for name in MODELS:
+        assert client.is_model_ready(name), name
+    with pytest.raises(triton.InferenceServerException, match="NOT_FOUND"):
+        client.is_model_ready("no_such_model")
+
+
+def test_server_metadata_names_the_extensions_served(client):
+    meta = client.get_server_metadata()
+    assert meta.name == "warmserve"
+    assert {"model_configuration", "statistics"} <= set(meta.extensions)
+
+
+def test_model_metadata_has_the_batch_dimension(client):
+    meta = client.get_model_metadata("image_cnn")
+    assert meta.platform == "pytorch_libtorch"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("IMAGE", "UINT8", [-1, 32, 32, 3])
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("LOGITS", "FP32", [-1, 10])
+    ]
+
+
+def test_model_config_is_what_perf_analyzer_reads(client):
+    config = client.get_model_config("mlp_onnx").config
+    assert config.max_batch_size == 64
+    assert [(i.name, list(i.dims)) for i in config.input] == [("INPUT0", [64])]
+    assert config.input[0].data_type == model_config_pb2.TYPE_FP32
+    assert list(config.dynamic_batching.preferred_batch_size) == [1, 2, 4, 8, 16, 32, 64]
+    identity = client.get_model_config("identity").config
+    types = {i.name: i.data_type for i in identity.input}
+    assert types["IN_BYTES"] == model_config_pb2.TYPE_STRING
+    assert types["IN_BOOL"] == model_config_pb2.TYPE_BOOL
+
+
+def test_repository_index_lists_every_model_and_its_state(client):
+    index = client.get_model_repository_index()
+    states = {m.name: m.state for m in index.models}
+    assert states == dict.fromkeys(MODELS, "READY")
+
+
+def test_statistics_count_inferences(client):
+    before = client.get_inference_statistics("mlp_onnx").model_stats[0].inference_count
+    x = triton.InferInput("INPUT0", [3, 64], "FP32")
+    x.set_data_from_numpy(np.zeros((3, 64), np.float32))
+    client.infer("mlp_onnx", [x])
+    stats = client.get_inference_statistics("mlp_onnx").model_stats[0]
+    assert stats.inference_count == before + 3
+    assert stats.inference_stats.success.count >= 1
+
+
+def test_an_rpc_not_served_answers_unimplemented(server):
+    with grpc.insecure_channel(server.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.CudaSharedMemoryStatus(service_pb2.CudaSharedMemoryStatusRequest())
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert server.client.is_server_live()
+
+
+def test_the_serving_process_imports_no_framework(server):
+    maps = server.mapped_files()
+    assert "libtorch" not in maps
+    assert "onnxruntime" not in maps
+    assert len(server.worker_pids()) == len(MODELS)

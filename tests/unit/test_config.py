@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from serve.config import load_repository, server_config_from_env
+from serve.errors import ConfigError, InvalidBundleError
+from serve.testing.models import write_config
+
+BASE = {
+    "name": "m",
+    "backend": "onnx",
+    "model_file": "model.onnx",
+    "max_batch_size": 12,
+    "inputs": [{"name": "X", "datatype": "FP32", "shape": [4]}],
+    "outputs": [{"name": "Y", "datatype": "FP32", "shape": [1]}],
+}
+
+
+def _repo(tmp_path: Path, **changes) -> Path:
+    folder = write_config(tmp_path / "m", {**BASE, **changes})
+    (folder / "model.onnx").write_bytes(b"")
+    return tmp_path
+
+
+def test_a_valid_folder_loads_with_power_of_two_buckets_up_to_the_max(tmp_path):
+    (model,) = load_repository(_repo(tmp_path))
+    assert model.name == "m" and model.directory == str((tmp_path / "m").resolve())
+    assert model.batch_buckets == (1, 2, 4, 8, 12)
+    assert model.pool.workers == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"max_batch_size": "8"}, r"Expected `int`, got `str` - at `\$.max_batch_size`"),
+        ({"backend": "tensorflow"}, "backend"),
+        (
+            {"inputs": [{"name": "X", "datatype": "FLOAT", "shape": [4]}]},
+            "input 'X': unknown datatype",
+        ),
+        (
+            {"inputs": [{"name": "X", "datatype": "FP32", "shape": [0]}]},
+            "dims must be positive or -1",
+        ),
+        ({"model_file": "missing.onnx"}, "model_file 'missing.onnx' does not exist"),
+        ({"surprise": 1}, "unknown field `surprise`"),
+        ({"device": "gpu"}, "device must be"),
+    ],
+)
+def test_invalid_configs_are_refused_naming_the_problem(tmp_path, changes, message):
+    with pytest.raises(InvalidBundleError, match=message):
+        load_repository(_repo(tmp_path, **changes))
+
+
+def test_two_folders_with_one_model_name_are_refused(tmp_path):
+    _repo(tmp_path)
+    other = write_config(tmp_path / "other", BASE)
+    (other / "model.onnx").write_bytes(b"")
+    with pytest.raises(InvalidBundleError, match="duplicate model names"):
+        load_repository(tmp_path)
+
+
+def test_server_config_takes_env_then_flags(monkeypatch):
+    monkeypatch.setenv("WARMSERVE_GRPC_PORT", "9000")
+    monkeypatch.setenv("WARMSERVE_HOST", "127.0.0.1")
+    config = server_config_from_env(grpc_port=9100, host=None)
+    assert (config.host, config.grpc_port) == ("127.0.0.1", 9100)
+    assert config.max_message_bytes >= 64 * 1024 * 1024
+    monkeypatch.setenv("WARMSERVE_GRPC_PORT", "eighty")
+    with pytest.raises(ConfigError, match="grpc_port"):
+        server_config_from_env()
