@@ -1,5 +1,5 @@
 # warmserve — the two set-up commands are `make serve` and `make test`.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -8,7 +8,7 @@ PB_DIR := serve/frontend/pb
 PROTOS := $(wildcard protos/*.proto)
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test venv protos lint typecheck unit integration bench clean
+.PHONY: serve test venv protos lint typecheck unit integration bench perf-analyzer clean
 
 # Create the virtual environment from the project's own files when it is missing or stale.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -33,8 +33,8 @@ serve: venv
 	$(VENV)/bin/warmserve serve
 
 lint: venv
-	$(VENV)/bin/ruff check serve tests benchmarks
-	$(VENV)/bin/ruff format --check serve tests benchmarks
+	$(VENV)/bin/ruff check serve tests benchmarks scripts
+	$(VENV)/bin/ruff format --check serve tests benchmarks scripts
 
 typecheck: venv
 	$(VENV)/bin/mypy serve
@@ -48,8 +48,12 @@ integration: venv
 test: venv lint typecheck
 	$(PY) -m pytest -q -ra
 
-bench: venv
-	$(PY) -m benchmarks.perf_analyzer_run
+perf-analyzer:
+	bash benchmarks/install_perf_analyzer.sh
+
+bench: venv perf-analyzer
+	$(PY) -m benchmarks.perf_analyzer_run --model mlp_onnx --concurrency 1 4 16
+	$(PY) -m benchmarks.perf_analyzer_run --model mlp_torch --concurrency 1 4 16
 
 clean:
 	rm -rf $(VENV) $(PB_DIR) .pytest_cache .mypy_cache .ruff_cache
