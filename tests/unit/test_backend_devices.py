@@ -11,7 +11,9 @@ from serve.config import ModelConfig, TensorSpec
 
 def test_onnx_falls_back_to_cpu_when_the_cuda_provider_is_missing(caplog):
     with caplog.at_level(logging.WARNING):
-        device, providers = choose_providers("cuda:1", ["AzureExecutionProvider", "CPUExecutionProvider"])
+        device, providers = choose_providers(
+            "cuda:1", ["AzureExecutionProvider", "CPUExecutionProvider"]
+        )
     assert (device, providers) == ("cpu", ["CPUExecutionProvider"])
     assert "no CUDAExecutionProvider" in caplog.text
 
@@ -24,7 +26,12 @@ def test_onnx_uses_the_cuda_provider_on_the_requested_device_when_present():
 
 @pytest.mark.parametrize(
     ("requested", "cuda", "expected"),
-    [("auto", True, "cuda:0"), ("auto", False, "cpu"), ("cpu", True, "cpu"), ("cuda:2", False, "cuda:2")],
+    [
+        ("auto", True, "cuda:0"),
+        ("auto", False, "cpu"),
+        ("cpu", True, "cpu"),
+        ("cuda:2", False, "cuda:2"),
+    ],
 )
 def test_auto_means_the_first_gpu_when_there_is_one(requested, cuda, expected):
     assert resolve_device(requested, cuda) == expected
