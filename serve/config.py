@@ -18,6 +18,9 @@ from serve.errors import ConfigError, InvalidBundleError
 from serve.protocol.datatypes import parse_datatype
 
 MODEL_CONFIG_FILE = "model.toml"
+LIVENESS_SERVICE = "liveness"  # gRPC health service names the server itself answers
+READINESS_SERVICE = "readiness"
+RESERVED_NAMES = (LIVENESS_SERVICE, READINESS_SERVICE)
 Backend = Literal["onnx", "torch"]
 
 
@@ -40,6 +43,32 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     startup_timeout_s: float = 300.0  # spawn → warm; a worker slower than this is killed
     threads: int = 0  # intra-op threads per worker; 0 = cores / workers
     shm_slot_bytes: int = 0  # shared memory per in-flight batch and direction; 0 = derived
+    min_warm: int = 0  # warm workers that must pass probes for the model to be ready; 0 = workers
+    max_workers: int = 0  # the controller may scale up to this; 0 = max(workers, min_warm)
+    watchdog_s: float = 30.0  # a batch running longer than this means the worker hangs: kill it
+    p95_target_ms: float = 0.0  # scale up while the model's P95 stays above it; 0 = no target
+    scale_up_after_s: float = 10.0  # how long P95 / queue depth must stay over target
+    scale_down_after_s: float = 60.0  # quiet time before an extra worker is retired
+
+    @property
+    def warm_floor(self) -> int:
+        return self.min_warm or self.workers
+
+    @property
+    def worker_ceiling(self) -> int:
+        return max(self.max_workers, self.workers, self.warm_floor)
+
+
+class ProbeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The real inference each warm worker runs periodically to prove it can serve."""
+
+    interval_s: float = 5.0
+    timeout_s: float = 5.0
+    failures_to_replace: int = 2  # consecutive failed probes before the worker is replaced
+    inputs_file: str = ""  # .npz, one array per input (batch dim included); "" = generated
+    expected_file: str = ""  # .npz of expected outputs; "" = check names, shapes, types, finite
+    rtol: float = 1e-3
+    atol: float = 1e-5
 
 
 class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -51,8 +80,10 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch_size: int = 0
     device: str = "auto"  # "auto", "cpu" or "cuda:N"
     version: str = "1"
+    latency_budget_ms: float = 0.0  # a probe slower than this fails; 0 = only probe.timeout_s
     batching: BatchingConfig = BatchingConfig()
     pool: PoolConfig = PoolConfig()
+    probe: ProbeConfig = ProbeConfig()
     directory: str = ""  # filled in by the loader: the model's folder
 
     @property
@@ -97,6 +128,8 @@ def validate_model(model: ModelConfig) -> None:
 
     if not model.name or "/" in model.name:
         fail("name must be non-empty and contain no '/'")
+    if model.name in RESERVED_NAMES:
+        fail(f"{model.name!r} is a health service name; pick another model name")
     if not model.inputs or not model.outputs:
         fail("at least one input and one output are required")
     for kind, specs in (("input", model.inputs), ("output", model.outputs)):
@@ -116,6 +149,14 @@ def validate_model(model: ModelConfig) -> None:
         fail(f"batching.buckets must lie in 1..max_batch_size ({model.max_batch_size})")
     if model.pool.workers < 1 or model.pool.max_inflight_per_worker < 1:
         fail("pool.workers and pool.max_inflight_per_worker must be >= 1")
+    if model.pool.min_warm < 0 or model.pool.watchdog_s <= 0 or model.probe.interval_s <= 0:
+        fail("pool.min_warm must be >= 0, pool.watchdog_s and probe.interval_s > 0")
+    for label, file in (
+        ("inputs_file", model.probe.inputs_file),
+        ("expected_file", model.probe.expected_file),
+    ):
+        if file and model.directory and not (Path(model.directory) / file).is_file():
+            fail(f"probe.{label} {file!r} does not exist in {model.directory}")
     if model.batching.max_queue_size < 1 or model.batching.max_queue_delay_us < 0:
         fail("batching.max_queue_size must be >= 1 and max_queue_delay_us >= 0")
     if model.device != "auto" and model.device != "cpu" and not _is_cuda_device(model.device):

@@ -14,10 +14,10 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from serve.batching import DynamicBatcher
+from serve.batching import BatchResult, DynamicBatcher
 from serve.batching.merge import Array
 from serve.config import ModelConfig, TensorSpec
 from serve.errors import (
@@ -28,6 +28,8 @@ from serve.errors import (
 )
 from serve.pool.pool import WorkerPool
 from serve.protocol import Datatype, InferRequest, InferResponse, Tensor
+from serve.readiness.controller import WarmPoolController
+from serve.readiness.latency import ModelLatency
 from serve.telemetry.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -53,21 +55,32 @@ def _describe(spec: TensorSpec, batched: bool) -> str:
 
 
 class ModelService:
-    """One model version: validation, its batcher and its worker pool."""
+    """One model version: validation, its batcher, its worker pool and its controller."""
 
-    def __init__(self, config: ModelConfig, *, log_level: str = "INFO") -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        log_level: str = "INFO",
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.stats = ModelStats()
+        self.latency = ModelLatency()
         self.state = ModelState.LOADING
         self.reason = "loading"
-        self.pool = WorkerPool(config, log_level=log_level)
+        self._notify = on_change or (lambda: None)
+        self.pool = WorkerPool(config, log_level=log_level, on_change=self._notify)
         self.batcher = DynamicBatcher(
             config.name,
             self.pool,
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=config.batching.max_queue_delay_us,
             max_queue_size=config.batching.max_queue_size,
-            observer=self.stats,
+            observer=self,
+        )
+        self.controller = WarmPoolController(
+            config, self.pool, self.latency, lambda: self.batcher.queue_depth, self._notify
         )
         self._batched = config.max_batch_size > 0
         self._input_types = {s.name: Datatype(s.datatype) for s in config.inputs}
@@ -75,27 +88,71 @@ class ModelService:
 
     @property
     def ready(self) -> bool:
+        """Loaded, and at least ``min_warm`` warm workers passed their latest probe."""
+        return (
+            self.state is ModelState.READY
+            and len(self.controller.healthy_workers()) >= self.config.pool.warm_floor
+        )
+
+    @property
+    def can_serve(self) -> bool:
+        """At least one warm worker (traffic is still served below the warm floor)."""
         return self.state is ModelState.READY and self.pool.warm_count > 0
 
+    def readiness_reason(self) -> str:
+        if self.state is not ModelState.READY:
+            return self.reason
+        healthy = len(self.controller.healthy_workers())
+        floor = self.config.pool.warm_floor
+        return "" if healthy >= floor else f"{healthy} of {floor} warm workers pass their probes"
+
     async def start(self) -> None:
+        """Start the workers, probe each by real inference, then take traffic."""
         try:
             await self.pool.start()
+            self.batcher.start()
+            await self.controller.probe_all()
         except Exception as exc:
             self.state = ModelState.UNAVAILABLE
             self.reason = str(exc)
             log.error("model %s failed to load: %s", self.config.name, exc)
+            await self.batcher.stop()
             await self.pool.stop()
+            self._notify()
             return
-        self.batcher.start()
         self.state = ModelState.READY
         self.reason = ""
-        log.info("model %s version %s ready", self.config.name, self.config.version)
+        self.controller.start()
+        log.info(
+            "model %s version %s ready: %d of %d warm workers pass their probes",
+            self.config.name,
+            self.config.version,
+            len(self.controller.healthy_workers()),
+            self.config.pool.warm_floor,
+        )
+        self._notify()
 
     async def stop(self) -> None:
         self.state = ModelState.UNAVAILABLE
         self.reason = "stopped"
+        await self.controller.stop()
         await self.batcher.stop()
         await self.pool.stop()
+        self._notify()
+
+    def batch_done(
+        self, rows: int, requests: int, queue_ns: Sequence[int], result: BatchResult | None
+    ) -> None:
+        """Batcher observer: cumulative statistics and the rolling latency windows."""
+        self.stats.batch_done(rows, requests, queue_ns, result)
+        now = time.monotonic()
+        for ns in queue_ns:
+            self.latency.queue.add(ns / 1e9, now)
+        if result is not None:
+            self.latency.batches.add(rows, now)
+            self.latency.compute.add(result.timings_ns.get("compute", 0) / 1e9, now)
+            round_trip = result.timings_ns.get("round_trip", 0) / 1e9
+            self.latency.worker(result.worker).add(round_trip, now)
 
     def prepare(self, request: InferRequest) -> tuple[list[Array], int]:
         """Check the request against the signature; the inputs in model order and the row count."""
@@ -167,7 +224,7 @@ class ModelService:
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic_ns()
         inputs, rows = self.prepare(request)
-        if not self.ready:
+        if not self.can_serve:
             raise ModelNotReadyError(
                 f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
             )
@@ -176,7 +233,9 @@ class ModelService:
         except ServeError:
             self.stats.request_done(False, rows, time.monotonic_ns() - started)
             raise
-        self.stats.request_done(True, rows, time.monotonic_ns() - started)
+        elapsed = time.monotonic_ns() - started
+        self.stats.request_done(True, rows, elapsed)
+        self.latency.end_to_end.add(elapsed / 1e9)
         wanted = request.outputs
         tensors = [
             Tensor(spec.name, Datatype(spec.datatype), out)
@@ -188,7 +247,18 @@ class ModelService:
 
 class Runtime:
     def __init__(self, models: Sequence[ModelConfig], *, log_level: str = "INFO") -> None:
-        self._services = {m.name: ModelService(m, log_level=log_level) for m in models}
+        self._listeners: list[Callable[[], None]] = []
+        self._services = {
+            m.name: ModelService(m, log_level=log_level, on_change=self._changed) for m in models
+        }
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a model's readiness may have changed."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     async def start(self) -> None:
         """Start every model's pool; a model that fails is logged and stays UNAVAILABLE."""
@@ -224,7 +294,7 @@ class Runtime:
 
     def statuses(self) -> list[ModelStatus]:
         return [
-            ModelStatus(s.config.name, s.config.version, s.state, s.reason)
+            ModelStatus(s.config.name, s.config.version, s.state, s.readiness_reason())
             for s in self._services.values()
         ]
 

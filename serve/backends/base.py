@@ -5,11 +5,10 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from serve.config import ModelConfig
-from serve.protocol.datatypes import Datatype, numpy_dtype
+from serve.protocol.samples import sample_arrays
 
 Arrays = dict[str, npt.NDArray[Any]]
 
@@ -46,22 +45,7 @@ class Backend(abc.ABC):
 
 def sample_inputs(model: ModelConfig, rows: int | None, seed: int = 0) -> Arrays:
     """Deterministic inputs of the model's signature (variable dims become 1)."""
-    rng = np.random.default_rng(seed)
-    arrays: Arrays = {}
-    for spec in model.inputs:
-        shape = tuple(d if d > 0 else 1 for d in spec.shape)
-        if rows is not None:
-            shape = (rows, *shape)
-        datatype = Datatype(spec.datatype)
-        if datatype is Datatype.BYTES:
-            arrays[spec.name] = np.full(shape, b"warmserve", dtype=np.object_)
-        elif datatype is Datatype.BOOL:
-            arrays[spec.name] = rng.random(shape) < 0.5
-        elif datatype in (Datatype.FP16, Datatype.FP32, Datatype.FP64):
-            arrays[spec.name] = rng.standard_normal(shape).astype(numpy_dtype(datatype))
-        else:
-            arrays[spec.name] = rng.integers(0, 100, size=shape).astype(numpy_dtype(datatype))
-    return arrays
+    return sample_arrays([(s.name, s.datatype, s.shape) for s in model.inputs], rows, seed)
 
 
 def resolve_device(requested: str, cuda_available: bool) -> str:

@@ -18,15 +18,23 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from serve.batching.merge import Array, Signature, merge, signature, split
-from serve.errors import DeadlineExceededError, ModelExecutionError, QueueFullError
+from serve.errors import (
+    DeadlineExceededError,
+    ModelExecutionError,
+    QueueFullError,
+    WorkerLostError,
+)
 
 log = logging.getLogger(__name__)
+
+RETRY_WAIT_S = 30.0  # longest a retried batch without a deadline waits for another worker
 
 
 @dataclass(slots=True)
 class BatchResult:
     outputs: list[Array]
-    timings_ns: dict[str, int] = field(default_factory=dict)  # worker-side phases of the batch
+    timings_ns: dict[str, int] = field(default_factory=dict)  # phases of the batch, in ns
+    worker: str = ""  # which worker ran it
 
 
 class WorkerLease(Protocol):
@@ -122,6 +130,8 @@ class DynamicBatcher:
         )
         self._queue.append(item)
         self._arrival.set()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("model %s: request queued (%d waiting)", self._name, len(self._queue))
         try:
             async with asyncio.timeout(None if deadline is None else deadline - now):
                 return await item.future
@@ -216,7 +226,10 @@ class DynamicBatcher:
         result: BatchResult | None = None
         try:
             inputs = merge([i.inputs for i in batch])
-            result = await lease.run(inputs, sum(row_counts))
+            try:
+                result = await lease.run(inputs, sum(row_counts))
+            except WorkerLostError as exc:
+                result = await self._retry(batch, inputs, sum(row_counts), exc)
             parts = split(result.outputs, row_counts)
         except ValueError as exc:
             self._fail(
@@ -231,6 +244,26 @@ class DynamicBatcher:
         finally:
             if self._observer is not None:
                 self._observer.batch_done(sum(row_counts), len(batch), queue_ns, result)
+
+    async def _retry(
+        self, batch: list[_Pending], inputs: list[Array], rows: int, lost: WorkerLostError
+    ) -> BatchResult:
+        """Run a batch whose worker died once more on another worker, if its callers can wait.
+
+        Inference is idempotent, so a second run is safe; a second loss is final.
+        """
+        live = [i for i in batch if not i.future.done()]
+        deadlines = [i.deadline for i in live if i.deadline is not None]
+        budget = min(deadlines) - time.monotonic() if deadlines else RETRY_WAIT_S
+        if not live or budget <= 0:
+            raise lost
+        log.warning("model %s: %s; retrying its batch of %d rows once", self._name, lost, rows)
+        try:
+            async with asyncio.timeout(min(budget, RETRY_WAIT_S)):
+                lease = await self._executor.acquire()
+        except TimeoutError:
+            raise lost from None
+        return await lease.run(inputs, rows)
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: Exception) -> None:

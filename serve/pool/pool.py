@@ -1,7 +1,9 @@
-"""The worker pool of one model version: starts warm workers, routes batches, replaces the dead.
+"""The worker pool of one model version: keeps ``target`` warm workers, routes batches to them.
 
 A worker takes traffic only once it has reported warm (every batch bucket run). ``acquire()``
-picks the warm worker with the most free batch slots; it never returns a cold one.
+picks the warm worker with the most free batch slots; it never returns a cold or draining one.
+Dead workers are replaced at once (with back-off after failed starts). ``replace()`` starts a
+new worker first and retires the old one only when the new one is warm.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from serve.batching import BatchResult
 from serve.batching.merge import Array
@@ -21,7 +25,8 @@ log = logging.getLogger(__name__)
 
 MIN_SLOT_BYTES = 1 << 20
 VARIABLE_SLOT_BYTES = 64 << 20  # memory files are sparse: unused bytes cost no memory
-RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+DRAIN_TIMEOUT_S = 30.0
 
 
 def slot_bytes_for(model: ModelConfig) -> int:
@@ -45,54 +50,75 @@ class Lease:
     """One reserved batch slot on one warm worker."""
 
     def __init__(self, worker: WorkerHandle, slot: int) -> None:
-        self._worker = worker
+        self.worker = worker
         self._slot: int | None = slot
 
     async def run(self, inputs: list[Array], rows: int) -> BatchResult:
-        slot = self._slot
+        slot, self._slot = self._slot, None
         assert slot is not None, "lease already used"
-        try:
-            return await self._worker.run(slot, inputs, rows)
-        finally:
-            self.release()
+        return await self.worker.run(slot, inputs, rows)
 
     def release(self) -> None:
         if self._slot is not None:
             slot, self._slot = self._slot, None
-            self._worker.release(slot)
+            self.worker.release(slot)
 
 
 class WorkerPool:
-    def __init__(self, model: ModelConfig, *, log_level: str = "INFO") -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        *,
+        log_level: str = "INFO",
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self.model = model
-        workers = model.pool.workers
-        threads = model.pool.threads or max(1, (os.cpu_count() or 1) // workers)
+        self.target = model.pool.workers
+        threads = model.pool.threads or max(1, (os.cpu_count() or 1) // model.pool.workers)
         self._settings = WorkerSettings(
             device=model.device,
             threads=threads,
             slots=model.pool.max_inflight_per_worker,
             slot_bytes=slot_bytes_for(model),
             startup_timeout_s=model.pool.startup_timeout_s,
+            watchdog_s=model.pool.watchdog_s,
             log_level=log_level,
         )
+        self._notify = on_change or (lambda: None)
         self._workers: list[WorkerHandle] = []
         self._changed = asyncio.Event()
         self._stopping = False
         self._serial = 0
         self._failures = 0
+        self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._seen_warm: set[str] = set()
+        self._states: dict[str, tuple[WorkerState, bool]] = {}
+        self._retire_scheduled: set[WorkerHandle] = set()
 
     @property
     def workers(self) -> list[WorkerHandle]:
         return list(self._workers)
 
-    @property
-    def warm_count(self) -> int:
-        return sum(1 for w in self._workers if w.state is WorkerState.WARM)
+    def warm_workers(self) -> list[WorkerHandle]:
+        return [w for w in self._workers if w.state is WorkerState.WARM and not w.draining]
 
     @property
-    def alive_count(self) -> int:
-        return sum(1 for w in self._workers if w.state in (WorkerState.WARM, WorkerState.STARTING))
+    def warm_count(self) -> int:
+        return len(self.warm_workers())
+
+    @property
+    def starting(self) -> bool:
+        return self._starting > 0
+
+    def _counted(self) -> int:
+        """Workers that count toward the target: starting or warm, not being retired."""
+        return sum(
+            1
+            for w in self._workers
+            if w.state in (WorkerState.STARTING, WorkerState.WARM)
+            and not (w.draining or w.retiring)
+        )
 
     def _new_handle(self) -> WorkerHandle:
         self._serial += 1
@@ -103,58 +129,158 @@ class WorkerPool:
         return handle
 
     async def start(self) -> None:
-        """Start every worker; succeed when at least one is warm, else raise the first failure."""
-        handles = [self._new_handle() for _ in range(self.model.pool.workers)]
-        results = await asyncio.gather(*(h.start() for h in handles), return_exceptions=True)
+        """Start ``workers`` workers; succeed when at least one is warm, else raise the reason."""
+        handles = [self._new_handle() for _ in range(self.target)]
+        self._starting += len(handles)
+        try:
+            results = await asyncio.gather(*(h.start() for h in handles), return_exceptions=True)
+        finally:
+            self._starting -= len(handles)
         failures = [r for r in results if isinstance(r, BaseException)]
         for failure in failures:
             if not isinstance(failure, Exception):
                 raise failure
+        self._seen_warm.update(w.worker_id for w in self.warm_workers())
         if self.warm_count == 0:
             raise ModelNotReadyError(
                 f"model {self.model.name!r}: no worker warmed up: {failures[0]}"
             )
+        self._reconcile()
+
+    def acquire_now(self, worker: WorkerHandle | None = None) -> Lease | None:
+        """A lease on ``worker`` (or the least busy warm worker) if one has a free slot now."""
+        candidates = [worker] if worker is not None else self._workers
+        best = max(candidates, key=lambda w: w.free_slots, default=None)
+        if best is None or best.free_slots <= 0:
+            return None
+        return Lease(best, best.reserve())
 
     async def acquire(self) -> Lease:
         """Wait for a warm worker with a free slot; ModelNotReadyError if none can appear."""
         while True:
-            best = max(self._workers, key=lambda w: w.free_slots, default=None)
-            if best is not None and best.free_slots > 0:
-                return Lease(best, best.reserve())
-            if self._stopping or (self.alive_count == 0 and not self._tasks):
+            lease = self.acquire_now()
+            if lease is not None:
+                return lease
+            if self._stopping or (self._counted() == 0 and not self._tasks):
                 raise ModelNotReadyError(f"model {self.model.name!r} has no warm worker")
             self._changed.clear()
             await self._changed.wait()
 
     def _on_change(self, worker: WorkerHandle) -> None:
         self._changed.set()
-        if worker.state is WorkerState.DEAD and not self._stopping and worker in self._workers:
+        state = (worker.state, worker.draining)
+        if self._states.get(worker.worker_id) == state:
+            return  # a slot came free: nothing readiness depends on changed
+        self._states[worker.worker_id] = state
+        if worker.state is WorkerState.DEAD and worker in self._workers:
             self._workers.remove(worker)
-            self._schedule_replacement()
+            self._retire_scheduled.discard(worker)
+            self._reconcile()
+        elif worker.state is WorkerState.WARM and worker.worker_id not in self._seen_warm:
+            self._seen_warm.add(worker.worker_id)  # newly warm: a replacement may now retire
+            self._retire_one_replaced()
+        self._notify()
 
-    def _schedule_replacement(self) -> None:
-        task = asyncio.create_task(self._replace(), name=f"replace:{self.model.name}")
+    def scale_to(self, target: int, reason: str) -> None:
+        """Change the number of workers kept (clamped to the configured floor and ceiling)."""
+        pool = self.model.pool
+        target = max(pool.warm_floor, min(pool.worker_ceiling, target))
+        if target == self.target:
+            return
+        log.info("model %s: %d → %d workers (%s)", self.model.name, self.target, target, reason)
+        self.target = target
+        surplus = self._counted() - target
+        idle_first = sorted(self.warm_workers(), key=lambda w: (w.busy, -self._workers.index(w)))
+        for worker in idle_first[: max(0, surplus)]:
+            self._spawn(self.retire(worker, reason))
+        self._reconcile()
+
+    def replace(self, worker: WorkerHandle, reason: str, *, stop_routing: bool) -> None:
+        """Start a replacement for ``worker``; retire it once the replacement is warm.
+
+        With ``stop_routing`` the worker takes no new batches from now on (it failed probes);
+        otherwise it keeps serving until its replacement is warm (it is merely slow).
+        """
+        if worker.retiring or worker.state is WorkerState.DEAD:
+            return
+        log.warning("model %s: replacing worker %s: %s", self.model.name, worker.worker_id, reason)
+        worker.retiring = True
+        worker.draining = stop_routing
+        self._reconcile()
+
+    def _retire_one_replaced(self) -> None:
+        for worker in self._workers:
+            if worker.retiring and worker not in self._retire_scheduled:
+                self._spawn(self.retire(worker, "replaced"))
+                return
+
+    async def retire(self, worker: WorkerHandle, reason: str) -> None:
+        """Drain ``worker`` (no new batches, in-flight ones finish), then stop it."""
+        self._retire_scheduled.add(worker)
+        worker.draining = True
+        self._notify()
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                while worker.busy and worker.state is WorkerState.WARM:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            log.warning(
+                "worker %s still busy after %.0f s; stopping it", worker.worker_id, DRAIN_TIMEOUT_S
+            )
+        log.info("model %s: retiring worker %s (%s)", self.model.name, worker.worker_id, reason)
+        if worker.probe_failures or worker.state is not WorkerState.WARM:
+            await worker.kill()  # it may hang: don't wait for a polite exit
+        else:
+            await worker.stop()
+
+    def _reconcile(self) -> None:
+        """Start workers until the target is met (after a back-off if starts keep failing)."""
+        if self._stopping:
+            return
+        missing = self.target - self._counted() - len(self._tasks_starting)
+        for _ in range(max(0, missing)):
+            self._spawn(self._start_one(), starting=True)
+
+    @property
+    def _tasks_starting(self) -> list[asyncio.Task[None]]:
+        return [t for t in self._tasks if t.get_name().startswith("start:")]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], *, starting: bool = False) -> None:
+        name = f"{'start' if starting else 'retire'}:{self.model.name}"
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
 
-    async def _replace(self) -> None:
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("model %s: pool task failed", self.model.name, exc_info=task.exception())
+        self._changed.set()
+        if task.get_name().startswith("start:"):
+            self._reconcile()  # a failed start is retried (after its back-off)
+
+    async def _start_one(self) -> None:
         delay = RESTART_BACKOFF_S[min(self._failures, len(RESTART_BACKOFF_S) - 1)]
-        log.info("model %s: starting a replacement worker in %.1f s", self.model.name, delay)
-        await asyncio.sleep(delay)
+        if delay:
+            log.info("model %s: next worker start in %.1f s (back-off)", self.model.name, delay)
+            await asyncio.sleep(delay)
         if self._stopping:
             return
         handle = self._new_handle()
+        self._starting += 1
         try:
             await handle.start()
         except Exception as exc:
             self._failures += 1
-            log.error("model %s: replacement worker failed: %s", self.model.name, exc)
+            log.error("model %s: worker start failed: %s", self.model.name, exc)
             if handle in self._workers:
                 self._workers.remove(handle)
-            if not self._stopping:
-                self._schedule_replacement()
-            return
-        self._failures = 0
+        else:
+            self._failures = 0
+        finally:
+            self._starting -= 1
+        self._notify()
 
     async def stop(self) -> None:
         self._stopping = True

@@ -50,6 +50,7 @@ class WorkerSettings:
     slots: int
     slot_bytes: int
     startup_timeout_s: float
+    watchdog_s: float = 30.0
     stop_timeout_s: float = 10.0
     log_level: str = "INFO"
 
@@ -75,6 +76,12 @@ class WorkerHandle:
         self._outputs: Arena | None = None
         self._free_slots = list(range(settings.slots))
         self._pending: dict[int, asyncio.Future[FromWorker]] = {}
+        self._abandoned: dict[int, int] = {}  # batch id → slot, for callers that gave up
+        self.draining = False  # takes no new batches (being retired)
+        self.retiring = False  # to be retired once a replacement is warm
+        self.probed_ok = False  # passed its latest probe
+        self.probe_failures = 0  # consecutive failed probes
+        self.last_success = 0.0  # monotonic time of the last successful batch
         self._ready_future: asyncio.Future[Ready] | None = None
         self._ids = itertools.count()
         self._reaper: asyncio.Task[None] | None = None
@@ -86,7 +93,18 @@ class WorkerHandle:
 
     @property
     def free_slots(self) -> int:
-        return len(self._free_slots) if self.state is WorkerState.WARM else 0
+        """Slots open to new batches: none unless warm and not draining."""
+        if self.state is not WorkerState.WARM or self.draining:
+            return 0
+        return len(self._free_slots)
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not WorkerState.DEAD
+
+    @property
+    def busy(self) -> bool:
+        return len(self._free_slots) < self.settings.slots
 
     @property
     def in_flight(self) -> int:
@@ -164,7 +182,7 @@ class WorkerHandle:
         self._on_change(self)
 
     def reserve(self) -> int:
-        """Claim a slot for one batch; the caller must run() with it or release() it."""
+        """Claim a slot for one batch; pass it to run() (which frees it) or to release()."""
         return self._free_slots.pop()
 
     def release(self, slot: int) -> None:
@@ -172,33 +190,59 @@ class WorkerHandle:
         self._on_change(self)
 
     async def run(self, slot: int, inputs: list[Array], rows: int) -> BatchResult:
+        """Run one batch in ``slot``. The slot is freed only once the worker has answered, so a
+        caller that gives up (deadline, cancellation) never lets a later batch overwrite memory
+        the worker is still using. A batch running past the watchdog means the worker hangs:
+        the worker is killed and the batch fails with WorkerLostError (the batcher retries it)."""
         if self.state is not WorkerState.WARM or self._link is None:
+            self.release(slot)
             raise WorkerLostError(f"worker {self.worker_id} is {self.state.value}")
         assert self._inputs is not None and self._outputs is not None
         start = time.perf_counter_ns()
-        refs = self._inputs.write(
-            slot,
-            [
-                (s.name, t, a)
-                for s, t, a in zip(self.model.inputs, self._types, inputs, strict=True)
-            ],
-        )
+        try:
+            refs = self._inputs.write(
+                slot,
+                [
+                    (s.name, t, a)
+                    for s, t, a in zip(self.model.inputs, self._types, inputs, strict=True)
+                ],
+            )
+        except BaseException:
+            self.release(slot)
+            raise
         batch_id = next(self._ids)
         future: asyncio.Future[FromWorker] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = future
         self._link.send(RunBatch(batch_id, slot, rows, refs))
         sent = time.perf_counter_ns()
         try:
-            reply = await future
+            async with asyncio.timeout(self.settings.watchdog_s):
+                reply = await future
+        except TimeoutError:
+            self._hung(batch_id)
+            raise WorkerLostError(
+                f"worker {self.worker_id} of model {self.model.name!r} hung (a batch ran past "
+                f"the {self.settings.watchdog_s:g} s watchdog) and was killed"
+            ) from None
+        except asyncio.CancelledError:
+            if self.alive:
+                self._abandoned[batch_id] = slot  # freed when the worker answers
+            raise
+        except BaseException:
+            raise  # the worker died: its slots died with it
         finally:
             self._pending.pop(batch_id, None)
-        if isinstance(reply, BatchFailed):
-            error = InvalidInputError if reply.kind == "invalid_input" else ModelExecutionError
-            raise error(f"model {self.model.name!r}: {reply.message}")
-        assert isinstance(reply, BatchDone)
         received = time.perf_counter_ns()
-        outputs = [self._outputs.read(slot, ref, copy=True) for ref in reply.outputs]
+        try:
+            if isinstance(reply, BatchFailed):
+                error = InvalidInputError if reply.kind == "invalid_input" else ModelExecutionError
+                raise error(f"model {self.model.name!r}: {reply.message}")
+            assert isinstance(reply, BatchDone)
+            outputs = [self._outputs.read(slot, ref, copy=True) for ref in reply.outputs]
+        finally:
+            self.release(slot)
         done = time.perf_counter_ns()
+        self.last_success = time.monotonic()
         return BatchResult(
             outputs,
             {
@@ -209,13 +253,28 @@ class WorkerHandle:
                 "round_trip": received - sent,
                 "ipc_read": done - received,
             },
+            worker=self.worker_id,
         )
+
+    def _hung(self, batch_id: int) -> None:
+        log.error(
+            "worker %s (pid %s) hung: batch %d got no answer within the %g s watchdog; killing it",
+            self.worker_id,
+            self.pid,
+            batch_id,
+            self.settings.watchdog_s,
+        )
+        self._die(f"hung (watchdog {self.settings.watchdog_s:g} s)")
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()  # SIGKILL works on a stopped process too; the reaper collects it
 
     def _on_message(self, message: FromWorker) -> None:
         if isinstance(message, BatchDone | BatchFailed):
             future = self._pending.get(message.batch_id)
             if future is not None and not future.done():
                 future.set_result(message)
+            elif message.batch_id in self._abandoned:
+                self.release(self._abandoned.pop(message.batch_id))
         elif isinstance(message, Ready):
             if self._ready_future is not None and not self._ready_future.done():
                 self._ready_future.set_result(message)

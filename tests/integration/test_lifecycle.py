@@ -44,10 +44,11 @@ def test_sigterm_finishes_calls_in_flight_then_refuses_new_ones(tmp_path, small_
                 "spin", spin_inputs(3000, value), lambda result, error: results.put((result, error))
             )
         server.wait_for_log_count("model spin: dispatching", 2)
+        server.wait_for_log_count("model spin: request queued", 4)  # the warm-up call + 3
         server.terminate()
         server.wait_for_log("shutting down")
         outcomes = [results.get(timeout=60) for _ in range(3)]
-        assert all(error is None for _, error in outcomes), [e for _, e in outcomes]
+        assert all(error is None for _, error in outcomes), [str(e) for _, e in outcomes]
         assert sorted(r.as_numpy("Y")[0, 0] for r, _ in outcomes) == [1.0, 2.0, 3.0]
         with pytest.raises(triton.InferenceServerException) as caught:
             client.infer("mlp_onnx", _mlp_input(np.zeros((1, 64), np.float32)), client_timeout=5)

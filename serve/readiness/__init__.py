@@ -1,0 +1,1 @@
+"""Readiness by real inference: probes, the latency tracker and the warm-pool controller."""

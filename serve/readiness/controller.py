@@ -1,0 +1,152 @@
+"""The warm-pool controller: probes workers, replaces failing, hung or slow ones, and scales the
+pool between ``min_warm`` and ``max_workers`` on P95 latency and queue depth."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from serve.config import ModelConfig
+from serve.pool.pool import WorkerPool
+from serve.pool.worker_handle import WorkerHandle
+from serve.readiness.latency import ModelLatency
+from serve.readiness.probe import Prober, ProbeResult
+
+log = logging.getLogger(__name__)
+
+LATENCY_LOG_S = 60.0
+SLOW_TICKS = 5  # consecutive ticks a worker's P95 must exceed the budget to be replaced
+MIN_SAMPLES = 10  # samples a window needs before latency decisions are taken on it
+
+
+class WarmPoolController:
+    def __init__(
+        self,
+        model: ModelConfig,
+        pool: WorkerPool,
+        latency: ModelLatency,
+        queue_depth: Callable[[], int],
+        on_change: Callable[[], None],
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.latency = latency
+        self.prober = Prober(model, pool)
+        self._queue_depth = queue_depth
+        self._on_change = on_change
+        self._tick_s = min(1.0, model.probe.interval_s)
+        self._task: asyncio.Task[None] | None = None
+        self._last_probe = 0.0
+        self._last_log = time.monotonic()
+        self._over_since: float | None = None
+        self._under_since: float | None = None
+        self._slow_ticks: dict[str, int] = {}
+
+    def healthy_workers(self) -> list[WorkerHandle]:
+        """Warm workers that passed their latest probe."""
+        return [w for w in self.pool.warm_workers() if w.probed_ok]
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"controller:{self.model.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_s)  # the controller's period, not a synchronisation
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("model %s: controller tick failed", self.model.name)
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        due = now - self._last_probe >= self.model.probe.interval_s
+        unprobed = [w for w in self.pool.warm_workers() if not w.probed_ok and not w.retiring]
+        if due or unprobed:
+            await self.probe_all(only=None if due else unprobed)
+        self._check_slow_workers()
+        self._scale(now)
+        if now - self._last_log >= LATENCY_LOG_S:
+            self._last_log = now
+            log.info("model %s: %s", self.model.name, self.latency.summary())
+
+    async def probe_all(self, only: list[WorkerHandle] | None = None) -> None:
+        """Probe every warm worker (or ``only`` these) concurrently and act on the results."""
+        self._last_probe = time.monotonic()
+        workers = only if only is not None else self.pool.warm_workers()
+        results = await asyncio.gather(*(self.prober.probe(w) for w in workers))
+        for worker, result in zip(workers, results, strict=True):
+            self._record(worker, result)
+        self._on_change()
+
+    def _record(self, worker: WorkerHandle, result: ProbeResult | None) -> None:
+        if result is None:  # busy with live traffic: recent live successes stand in for a probe
+            if time.monotonic() - worker.last_success <= self.model.probe.interval_s:
+                worker.probed_ok = True
+                worker.probe_failures = 0
+            return
+        if result.ok:
+            if not worker.probed_ok:
+                log.info(
+                    "worker %s passed its probe (%.1f ms)", worker.worker_id, result.latency_s * 1e3
+                )
+            worker.probed_ok = True
+            worker.probe_failures = 0
+            return
+        worker.probed_ok = False
+        worker.probe_failures += 1
+        log.warning(
+            "worker %s failed its probe (%d in a row): %s",
+            worker.worker_id,
+            worker.probe_failures,
+            result.reason,
+        )
+        if worker.probe_failures >= self.model.probe.failures_to_replace:
+            self.pool.replace(
+                worker, f"failed {worker.probe_failures} probes: {result.reason}", stop_routing=True
+            )
+
+    def _check_slow_workers(self) -> None:
+        budget = self.model.latency_budget_ms
+        if not budget:
+            return
+        for worker in self.pool.warm_workers():
+            stats = self.latency.worker(worker.worker_id).percentiles()
+            slow = stats.count >= MIN_SAMPLES and stats.p95_ms > budget
+            ticks = self._slow_ticks.get(worker.worker_id, 0) + 1 if slow else 0
+            self._slow_ticks[worker.worker_id] = ticks
+            if ticks >= SLOW_TICKS and not worker.retiring:
+                self.pool.replace(
+                    worker,
+                    f"P95 {stats.p95_ms:.1f} ms over the {budget:g} ms budget for {ticks} s",
+                    stop_routing=False,
+                )
+
+    def _scale(self, now: float) -> None:
+        target_ms = self.model.pool.p95_target_ms
+        if not target_ms:
+            return
+        e2e = self.latency.end_to_end.percentiles(now)
+        depth = self._queue_depth()
+        over = (e2e.count >= MIN_SAMPLES and e2e.p95_ms > target_ms) or depth > max(
+            1, self.model.max_batch_size
+        )
+        under = depth == 0 and (e2e.count < MIN_SAMPLES or e2e.p95_ms < target_ms / 2)
+        self._over_since = (self._over_since or now) if over else None
+        self._under_since = (self._under_since or now) if under else None
+        pool = self.model.pool
+        if self._over_since is not None and now - self._over_since >= pool.scale_up_after_s:
+            self._over_since = None
+            self.pool.scale_to(
+                self.pool.target + 1, f"P95 {e2e.p95_ms:.1f} ms / queue {depth} over target"
+            )
+        elif self._under_since is not None and now - self._under_since >= pool.scale_down_after_s:
+            self._under_since = None
+            self.pool.scale_to(self.pool.target - 1, "quiet: back toward min_warm")
