@@ -77,5 +77,6 @@ class ModelLatency:
         batches = self.batches.percentiles()
         return (
             f"{e2e.count} requests, {batches.count} batches in {self.window_s:.0f} s; "
-            f"end-to-end {e2e}; queue {self.queue.percentiles()}; compute {self.compute.percentiles()}"
+            f"end-to-end {e2e}; queue {self.queue.percentiles()}; "
+            f"compute {self.compute.percentiles()}"
         )
