@@ -66,6 +66,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None, log: Path | None)
 def local_server(log: Path) -> Iterator[str]:
     port = free_port()
     cmd = [sys.executable, "-m", "serve", "serve", "--host", "127.0.0.1", "--grpc-port", str(port)]
+    cmd += ["--http-port", str(free_port())]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:

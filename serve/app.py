@@ -7,6 +7,7 @@ import logging
 import signal
 
 from serve.config import Config
+from serve.frontend.http_health import HttpHealth
 from serve.frontend.server import GrpcFrontend
 from serve.runtime import Runtime
 
@@ -21,11 +22,18 @@ async def serve(config: Config) -> int:
     """
     runtime = Runtime(config.models, log_level=config.server.log_level)
     frontend = GrpcFrontend(config.server, runtime)
+    http = (
+        HttpHealth(runtime, config.server.host, config.server.http_port)
+        if config.server.http_port >= 0
+        else None
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, stop)
     await frontend.start()
+    if http is not None:
+        await http.start()
     warm_up = asyncio.create_task(runtime.start(), name="runtime-start")
     try:
         await stop.wait()
@@ -34,10 +42,14 @@ async def serve(config: Config) -> int:
             "shutting down: refusing new calls, in-flight calls get %.1f s",
             config.server.grace_period_s,
         )
+        if http is not None:
+            http.accepting = False
         if not warm_up.done():
             warm_up.cancel()
         await asyncio.gather(warm_up, return_exceptions=True)
         await frontend.stop(config.server.grace_period_s)
+        if http is not None:
+            await http.stop()
         await runtime.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
+    serve.add_argument("--http-port", type=int, help="HTTP health port (default 8000; -1: off)")
     serve.add_argument(
         "--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)"
     )
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         server = server_config_from_env(
             host=args.host,
             grpc_port=args.grpc_port,
+            http_port=args.http_port,
             max_message_bytes=args.max_message_bytes,
             grace_period_s=args.grace_period,
             log_level=args.log_level,

@@ -107,6 +107,7 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "0.0.0.0"
     grpc_port: int = 8001
+    http_port: int = 8000  # plain-HTTP health endpoints for httpGet probes; -1 disables them
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
     log_level: str = "INFO"
@@ -206,6 +207,7 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
     env = {
         "host": "WARMSERVE_HOST",
         "grpc_port": "WARMSERVE_GRPC_PORT",
+        "http_port": "WARMSERVE_HTTP_PORT",
         "max_message_bytes": "WARMSERVE_MAX_MESSAGE_BYTES",
         "grace_period_s": "WARMSERVE_GRACE_PERIOD_S",
         "log_level": "WARMSERVE_LOG_LEVEL",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from serve.config import ServerConfig
 from serve.errors import ConfigError
+from serve.frontend.health import HealthService
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
 from serve.frontend.servicer import InferenceServicer
 from serve.runtime import Runtime
@@ -19,6 +21,7 @@ class GrpcFrontend:
     def __init__(self, config: ServerConfig, runtime: Runtime) -> None:
         self._config = config
         self._servicer = InferenceServicer(runtime)
+        self.health = HealthService(runtime)
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -32,6 +35,7 @@ class GrpcFrontend:
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{self._config.host}:{self._config.grpc_port}"
         try:
             self.port = server.add_insecure_port(address)
@@ -46,6 +50,7 @@ class GrpcFrontend:
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls now; in-flight calls get ``grace_s`` to finish, then are cancelled."""
         self._servicer.accepting = False
+        self.health.shutting_down()
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None

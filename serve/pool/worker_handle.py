@@ -213,7 +213,11 @@ class WorkerHandle:
         batch_id = next(self._ids)
         future: asyncio.Future[FromWorker] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = future
-        self._link.send(RunBatch(batch_id, slot, rows, refs))
+        try:
+            self._link.send(RunBatch(batch_id, slot, rows, refs))
+        except ConnectionError:
+            self._pending.pop(batch_id, None)
+            raise WorkerLostError(f"worker {self.worker_id} closed its channel") from None
         sent = time.perf_counter_ns()
         try:
             async with asyncio.timeout(self.settings.watchdog_s):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import signal
@@ -11,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 POLL_S = 0.05
 
@@ -40,10 +43,11 @@ class ServerProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         self.port = free_port()
+        self.http_port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "serve", "serve", "--host", "127.0.0.1"]
-        command += ["--grpc-port", str(self.port), *args]
+        command += ["--grpc-port", str(self.port), "--http-port", str(self.http_port), *args]
         if repository is not None:
             command += ["--repository", str(repository)]
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -93,6 +97,25 @@ class ServerProcess:
             if int(fields[1]) == self.process.pid and fields[0] != "Z":
                 pids.append(int(entry.name))
         return sorted(pids)
+
+    def http_get(self, path: str) -> int:
+        """The status code of GET ``path`` on the HTTP health port."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        try:
+            connection.request("GET", path)
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    def health(self, service: str = "") -> str:
+        """The gRPC health status name of ``service`` (``NOT_FOUND`` for an unknown one)."""
+        with grpc.insecure_channel(self.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            except grpc.RpcError as exc:
+                return str(exc.code().name)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def mapped_files(self) -> str:
         return Path(f"/proc/{self.process.pid}/maps").read_text()

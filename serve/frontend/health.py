@@ -1,0 +1,90 @@
+"""grpc.health.v1.Health for Kubernetes' native gRPC probes, fed by the runtime's readiness.
+
+Service names: ``""`` and ``"readiness"`` are the whole server (every model has its warm
+minimum passing probes); ``"liveness"`` is answered by the event loop alone and never touches a
+worker or the GPU; each model's name is that model's readiness. ``Watch`` streams every change
+to every watcher (the reference servicer in grpcio-health-checking drops other watchers of a
+service when one disconnects, so this one keeps a queue per watcher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serve.config import LIVENESS_SERVICE, READINESS_SERVICE
+from serve.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class HealthService(health_pb2_grpc.HealthServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._status: dict[str, int] = {}
+        self._watchers: dict[str, set[asyncio.Queue[int]]] = {}
+        self.accepting = True
+        runtime.add_listener(self.refresh)
+        self.refresh()
+
+    def statuses(self) -> dict[str, int]:
+        """What every service should answer now."""
+        ready = self.accepting and self._runtime.ready
+        statuses = {
+            "": SERVING if ready else NOT_SERVING,
+            READINESS_SERVICE: SERVING if ready else NOT_SERVING,
+            LIVENESS_SERVICE: SERVING,
+        }
+        for service in self._runtime.services():
+            model_ready = self.accepting and service.ready
+            statuses[service.config.name] = SERVING if model_ready else NOT_SERVING
+        return statuses
+
+    def refresh(self) -> None:
+        for service, status in self.statuses().items():
+            if self._status.get(service) != status:
+                if service in self._status or status != SERVING:
+                    log.info(
+                        "health %r: %s",
+                        service,
+                        health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+                    )
+                self._status[service] = status
+                for queue in self._watchers.get(service, ()):
+                    queue.put_nowait(status)
+
+    def shutting_down(self) -> None:
+        """Everything but liveness answers NOT_SERVING from now on."""
+        self.accepting = False
+        self.refresh()
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        watchers = self._watchers.setdefault(request.service, set())
+        watchers.add(queue)
+        try:
+            last = self._status.get(request.service, SERVICE_UNKNOWN)
+            await context.write(health_pb2.HealthCheckResponse(status=last))
+            while True:
+                status = await queue.get()
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+        finally:
+            watchers.discard(queue)
+            if not watchers:
+                self._watchers.pop(request.service, None)

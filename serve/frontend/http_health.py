@@ -1,0 +1,95 @@
+"""Plain-HTTP health endpoints for httpGet probes, agreeing with the gRPC ones:
+``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]/ready``.
+
+200 means yes, 503 no, 404 an unknown model. The server reads one request head (bounded in
+size and time), answers, and closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from serve.errors import ModelNotFoundError
+from serve.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+HEAD_LIMIT = 8192
+READ_TIMEOUT_S = 5.0
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+class HttpHealth:
+    def __init__(self, runtime: Runtime, host: str, port: int) -> None:
+        self._runtime = runtime
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self.accepting = True
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, self._host, self._port, limit=HEAD_LIMIT
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("HTTP health listening on %s:%d", self._host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def answer(self, method: str, path: str) -> tuple[int, dict[str, object]]:
+        if method not in ("GET", "HEAD"):
+            return 405, {"error": f"method {method} not allowed; use GET"}
+        parts = [p for p in path.split("?", 1)[0].split("/") if p]
+        if parts == ["v2", "health", "live"]:
+            return 200, {"live": True}
+        if parts == ["v2", "health", "ready"]:
+            ready = self.accepting and self._runtime.ready
+            return (200 if ready else 503), {"ready": ready}
+        if len(parts) in (4, 6) and parts[:2] == ["v2", "models"] and parts[-1] == "ready":
+            version = parts[4] if len(parts) == 6 and parts[3] == "versions" else ""
+            if len(parts) == 6 and parts[3] != "versions":
+                return 404, {"error": f"no route {path}"}
+            try:
+                service = self._runtime.service(parts[2], version)
+            except ModelNotFoundError as exc:
+                return 404, {"error": str(exc)}
+            ready = self.accepting and service.ready
+            return (200 if ready else 503), {"name": parts[2], "ready": ready}
+        return 404, {"error": f"no route {path}"}
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            code, body = self.answer(method, path)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            code, body, method = 400, {"error": "malformed or incomplete HTTP request"}, "GET"
+        except ConnectionError:
+            writer.close()
+            return
+        payload = json.dumps(body).encode()
+        response = (
+            f"HTTP/1.1 {code} {REASONS[code]}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+        ).encode() + (payload if method != "HEAD" else b"")
+        try:
+            writer.write(response)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()

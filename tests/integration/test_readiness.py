@@ -1,0 +1,220 @@
+"""Readiness tells the truth: probes by real inference, gRPC health (Check and Watch) and the
+HTTP endpoints agree, and the pool heals from killed, stopped and failing workers."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serve.testing.models import build_mlp_onnx, build_mlp_torch, mlp_reference
+from tests.integration.harness import ServerProcess, wait_until
+
+FAST_PROBES = {"interval_s": 0.3, "timeout_s": 1.0, "failures_to_replace": 1}
+
+
+def _mlp_input(x: np.ndarray) -> list[triton.InferInput]:
+    tensor = triton.InferInput("INPUT0", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return [tensor]
+
+
+class Load:
+    """Threads calling ``model`` with distinct inputs, checking every answer, until stopped."""
+
+    def __init__(self, url: str, model: str, threads: int = 6, max_calls: int = 20000) -> None:
+        self.model = model
+        self.errors: list[str] = []
+        self.done = 0
+        self._url = url
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._max = max_calls
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def _run(self, seed: int) -> None:
+        client = triton.InferenceServerClient(self._url)
+        rng = np.random.default_rng(seed)
+        while not self._stop.is_set() and self.done < self._max:
+            x = rng.standard_normal((1 + int(rng.integers(0, 3)), 64)).astype(np.float32)
+            try:
+                got = client.infer(self.model, _mlp_input(x), client_timeout=30).as_numpy("OUTPUT0")
+                np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
+            except Exception as exc:
+                with self._lock:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+            with self._lock:
+                self.done += 1
+
+    def wait_for(self, calls: int) -> None:
+        target = self.done + calls
+        wait_until(lambda: self.done >= target or self._stop.is_set(), 120, f"{calls} more calls")
+
+
+def _serve(tmp_path, **overrides) -> ServerProcess:
+    build_mlp_onnx(tmp_path / "repo" / "mlp", name="mlp", **overrides)
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    server.wait_ready()
+    return server
+
+
+def _back_at_min_warm(server: ServerProcess, old: set[int], count: int) -> bool:
+    pids = set(server.worker_pids())
+    return len(pids) == count and not (old & pids) and server.health("mlp") == "SERVING"
+
+
+def test_kill_9_under_load_loses_no_request_and_the_pool_returns_to_min_warm(tmp_path):
+    server = _serve(tmp_path, pool={"workers": 2, "min_warm": 2, "threads": 1}, probe=FAST_PROBES)
+    try:
+        victim = server.worker_pids()[0]
+        with Load(server.url, "mlp") as load:
+            load.wait_for(300)
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: _back_at_min_warm(server, {victim}, 2), 60, "two warm workers")
+            load.wait_for(300)
+        assert load.errors == []
+        assert server.http_get("/v2/models/mlp/ready") == 200
+        assert "lost: " in server.log()
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_stopped_worker_is_killed_and_replaced_and_no_request_hangs(tmp_path):
+    pool = {"workers": 2, "min_warm": 2, "threads": 1, "watchdog_s": 2.0}
+    server = _serve(tmp_path, pool=pool, probe=FAST_PROBES)
+    try:
+        victim = server.worker_pids()[0]
+        with Load(server.url, "mlp", threads=4) as load:
+            load.wait_for(200)
+            os.kill(victim, signal.SIGSTOP)
+            wait_until(
+                lambda: _back_at_min_warm(server, {victim}, 2), 60, "the stopped worker replaced"
+            )
+            load.wait_for(200)
+        assert load.errors == []
+        log = server.log()
+        assert "hung" in log or "failed its probe" in log
+    finally:
+        if victim in server.worker_pids():
+            os.kill(victim, signal.SIGCONT)
+        assert server.stop() == 0
+
+
+def test_a_model_whose_probe_fails_is_not_serving_while_others_are(tmp_path):
+    repo = tmp_path / "repo"
+    build_mlp_onnx(repo / "good", name="good", probe=FAST_PROBES)
+    bad = build_mlp_onnx(
+        repo / "bad",
+        name="bad",
+        probe={**FAST_PROBES, "inputs_file": "probe_in.npz", "expected_file": "probe_out.npz"},
+    )
+    np.savez(bad / "probe_in.npz", INPUT0=np.ones((1, 64), np.float32))
+    np.savez(bad / "probe_out.npz", OUTPUT0=np.zeros((1, 10), np.float32))  # deliberately wrong
+    server = ServerProcess(tmp_path / "server.log", repo)
+    try:
+        server.wait_live()
+        wait_until(lambda: server.health("good") == "SERVING", 120, "the good model serving")
+        server.wait_for_log("failed its probe")
+        assert server.health("bad") == "NOT_SERVING"
+        assert server.health("") == "NOT_SERVING" and server.health("readiness") == "NOT_SERVING"
+        assert server.health("liveness") == "SERVING"
+        assert server.health("nope") == "NOT_FOUND"
+        assert server.client.is_model_ready("good") and not server.client.is_model_ready("bad")
+        assert not server.client.is_server_ready() and server.client.is_server_live()
+        assert server.http_get("/v2/models/good/ready") == 200
+        assert server.http_get("/v2/models/good/versions/1/ready") == 200
+        assert server.http_get("/v2/models/bad/ready") == 503
+        assert server.http_get("/v2/health/ready") == 503
+        assert server.http_get("/v2/health/live") == 200
+        assert server.http_get("/v2/models/nope/ready") == 404
+        assert "differs from the expected probe output" in server.log()
+    finally:
+        assert server.stop() == 0
+
+
+def _watch(url: str, service: str, seen: queue.Queue, stop: threading.Event) -> None:
+    with grpc.insecure_channel(url) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=service), timeout=120
+        )
+        try:
+            for reply in stream:
+                seen.put(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+                if stop.is_set():
+                    break
+        except grpc.RpcError as exc:
+            seen.put(f"error {exc.code().name}")
+
+
+def test_watch_streams_not_serving_then_serving_when_the_only_worker_dies(tmp_path):
+    server = _serve(tmp_path, probe=FAST_PROBES)
+    seen: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(server.url, "mlp", seen, stop), daemon=True)
+    second: queue.Queue = queue.Queue()
+    other = threading.Thread(target=_watch, args=(server.url, "", second, stop), daemon=True)
+    try:
+        watcher.start()
+        other.start()
+        assert seen.get(timeout=30) == "SERVING"
+        assert second.get(timeout=30) == "SERVING"
+        os.kill(server.worker_pids()[0], signal.SIGKILL)
+        assert seen.get(timeout=60) == "NOT_SERVING"
+        assert seen.get(timeout=60) == "SERVING"
+        assert [second.get(timeout=60), second.get(timeout=60)] == ["NOT_SERVING", "SERVING"]
+        assert server.http_get("/v2/models/mlp/ready") == 200
+        x = np.ones((1, 64), np.float32)
+        got = server.client.infer("mlp", _mlp_input(x)).as_numpy("OUTPUT0")
+        np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
+    finally:
+        stop.set()
+        assert server.stop() == 0
+
+
+def test_start_up_is_not_serving_until_warm_and_the_first_request_is_served_warm(tmp_path):
+    build_mlp_torch(tmp_path / "repo" / "mlp", name="mlp")
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    seen: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    try:
+        server.wait_live()
+        assert server.health("") == "NOT_SERVING"
+        assert server.http_get("/v2/health/ready") == 503
+        assert server.http_get("/v2/health/live") == 200
+        threading.Thread(target=_watch, args=(server.url, "", seen, stop), daemon=True).start()
+        first = seen.get(timeout=30)
+        if first == "NOT_SERVING":
+            assert seen.get(timeout=120) == "SERVING"
+        else:
+            pytest.fail(f"expected NOT_SERVING before warm-up ended, got {first}")
+        assert server.http_get("/v2/health/ready") == 200
+        x = np.ones((1, 64), np.float32)
+        got = server.client.infer("mlp", _mlp_input(x)).as_numpy("OUTPUT0")
+        np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
+        log = server.log()
+        warm, probed, ready = (
+            log.index("warm: torch"),
+            log.index("passed its probe"),
+            log.index("model mlp version 1 ready"),
+        )
+        assert warm < probed < ready
+    finally:
+        stop.set()
+        assert server.stop() == 0
