@@ -1,5 +1,6 @@
 """Plain-HTTP health endpoints for httpGet probes, agreeing with the gRPC ones:
-``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]/ready``.
+``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]/ready``; and
+``/warmserve/models/{name}/latency``: the rolling P50/P95/P99 windows as JSON.
 
 200 means yes, 503 no, 404 an unknown model. The server reads one request head (bounded in
 size and time), answers, and closes the connection.
@@ -58,6 +59,20 @@ class HttpHealth:
         if parts == ["v2", "health", "ready"]:
             ready = self.accepting and self._runtime.ready
             return (200 if ready else 503), {"ready": ready}
+        if len(parts) == 4 and parts[:2] == ["warmserve", "models"] and parts[3] == "latency":
+            try:
+                service = self._runtime.service(parts[2])
+            except ModelNotFoundError as exc:
+                return 404, {"error": str(exc)}
+            report = service.latency.report()
+            report.update(
+                name=parts[2],
+                queue_depth=service.batcher.queue_depth,
+                workers_target=service.pool.target,
+                workers_warm=service.pool.warm_count,
+                workers_passing_probes=len(service.controller.healthy_workers()),
+            )
+            return 200, report
         if len(parts) in (4, 6) and parts[:2] == ["v2", "models"] and parts[-1] == "ready":
             version = parts[4] if len(parts) == 6 and parts[3] == "versions" else ""
             if len(parts) == 6 and parts[3] != "versions":

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 LATENCY_LOG_S = 60.0
 SLOW_TICKS = 5  # consecutive ticks a worker's P95 must exceed the budget to be replaced
 MIN_SAMPLES = 10  # samples a window needs before latency decisions are taken on it
+DECISION_WINDOW_S = 5.0  # scaling and slowness look at this recent slice of the windows
 
 
 class WarmPoolController:
@@ -118,7 +119,7 @@ class WarmPoolController:
         if not budget:
             return
         for worker in self.pool.warm_workers():
-            stats = self.latency.worker(worker.worker_id).percentiles()
+            stats = self.latency.worker(worker.worker_id).percentiles(last_s=DECISION_WINDOW_S)
             slow = stats.count >= MIN_SAMPLES and stats.p95_ms > budget
             ticks = self._slow_ticks.get(worker.worker_id, 0) + 1 if slow else 0
             self._slow_ticks[worker.worker_id] = ticks
@@ -133,7 +134,7 @@ class WarmPoolController:
         target_ms = self.model.pool.p95_target_ms
         if not target_ms:
             return
-        e2e = self.latency.end_to_end.percentiles(now)
+        e2e = self.latency.end_to_end.percentiles(now, last_s=DECISION_WINDOW_S)
         depth = self._queue_depth()
         over = (e2e.count >= MIN_SAMPLES and e2e.p95_ms > target_ms) or depth > max(
             1, self.model.max_batch_size

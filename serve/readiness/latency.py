@@ -43,11 +43,15 @@ class LatencyWindow:
         while self._samples and self._samples[0][0] < horizon:
             self._samples.popleft()
 
-    def percentiles(self, now: float | None = None) -> Percentiles:
-        self._trim(time.monotonic() if now is None else now)
-        if not self._samples:
+    def percentiles(self, now: float | None = None, last_s: float | None = None) -> Percentiles:
+        """Over the whole window, or only the samples of the last ``last_s`` seconds."""
+        now = time.monotonic() if now is None else now
+        self._trim(now)
+        horizon = now - last_s if last_s is not None else -np.inf
+        values = np.fromiter((v for t, v in self._samples if t >= horizon), dtype=np.float64)
+        if not len(values):
             return EMPTY
-        values = np.fromiter((v for _, v in self._samples), dtype=np.float64) * 1e3
+        values *= 1e3
         p50, p95, p99 = np.percentile(values, (50, 95, 99))
         return Percentiles(len(values), float(p50), float(p95), float(p99))
 
@@ -71,6 +75,21 @@ class ModelLatency:
 
     def forget_worker(self, worker_id: str) -> None:
         self.workers.pop(worker_id, None)
+
+    def report(self) -> dict[str, object]:
+        """Percentiles of every window, for the HTTP latency endpoint."""
+
+        def as_dict(p: Percentiles) -> dict[str, float]:
+            return {"count": p.count, "p50_ms": p.p50_ms, "p95_ms": p.p95_ms, "p99_ms": p.p99_ms}
+
+        return {
+            "window_s": self.window_s,
+            "end_to_end": as_dict(self.end_to_end.percentiles()),
+            "queue": as_dict(self.queue.percentiles()),
+            "compute": as_dict(self.compute.percentiles()),
+            "batches": self.batches.percentiles().count,
+            "workers": {w: as_dict(win.percentiles()) for w, win in sorted(self.workers.items())},
+        }
 
     def summary(self) -> str:
         e2e = self.end_to_end.percentiles()

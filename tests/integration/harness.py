@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import signal
@@ -100,10 +101,14 @@ class ServerProcess:
 
     def http_get(self, path: str) -> int:
         """The status code of GET ``path`` on the HTTP health port."""
+        return self.http_json(path)[0]
+
+    def http_json(self, path: str) -> tuple[int, dict]:
         connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
         try:
             connection.request("GET", path)
-            return connection.getresponse().status
+            response = connection.getresponse()
+            return response.status, json.loads(response.read() or b"{}")
         finally:
             connection.close()
 

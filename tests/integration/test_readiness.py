@@ -218,3 +218,30 @@ def test_start_up_is_not_serving_until_warm_and_the_first_request_is_served_warm
     finally:
         stop.set()
         assert server.stop() == 0
+
+
+def test_the_pool_scales_up_under_latency_pressure_and_back_down_when_quiet(tmp_path):
+    pool = {
+        "workers": 1,
+        "min_warm": 1,
+        "max_workers": 2,
+        "threads": 1,
+        "p95_target_ms": 0.001,  # every request is over target while there is load
+        "scale_up_after_s": 0.5,
+        "scale_down_after_s": 1.0,
+    }
+    server = _serve(tmp_path, pool=pool, probe=FAST_PROBES)
+    try:
+        with Load(server.url, "mlp", threads=4) as load:
+            wait_until(lambda: len(server.worker_pids()) == 2, 60, "a second worker")
+            load.wait_for(100)
+        assert load.errors == []
+        status, report = server.http_json("/warmserve/models/mlp/latency")
+        assert status == 200 and report["end_to_end"]["count"] > 0
+        assert report["end_to_end"]["p50_ms"] <= report["end_to_end"]["p99_ms"]
+        assert set(report["workers"]) <= {"mlp#1", "mlp#2", "mlp#3"}
+        wait_until(lambda: len(server.worker_pids()) == 1, 60, "back to min_warm when quiet")
+        assert server.health("mlp") == "SERVING"
+        assert "1 → 2 workers" in server.log() and "2 → 1 workers" in server.log()
+    finally:
+        assert server.stop() == 0
