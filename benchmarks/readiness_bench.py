@@ -20,11 +20,11 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import grpc
 from serve.testing import models
 from tests.integration.harness import ServerProcess, wait_until
 
@@ -63,7 +63,13 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"count": 0}
     p50, p95, p99 = np.percentile(values, (50, 95, 99))
-    return {"count": len(values), "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": max(values)}
+    return {
+        "count": len(values),
+        "p50_ms": p50,
+        "p95_ms": p95,
+        "p99_ms": p99,
+        "max_ms": max(values),
+    }
 
 
 class ClosedLoop:
@@ -71,7 +77,9 @@ class ClosedLoop:
         self.samples: list[tuple[float, float]] = []  # (finish time, ms)
         self.errors = 0
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(url, model)) for _ in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(url, model)) for _ in range(threads)
+        ]
 
     def _run(self, url: str, model: str) -> None:
         client = triton.InferenceServerClient(url)
@@ -116,7 +124,11 @@ def run(model: str, workers: int, threads: int, root: Path) -> dict[str, object]
 
             def recovered() -> bool:
                 pids = server.worker_pids()
-                return len(pids) == workers and victim not in pids and server.health(model) == "SERVING"
+                return (
+                    len(pids) == workers
+                    and victim not in pids
+                    and server.health(model) == "SERVING"
+                )
 
             wait_until(recovered, 120, "recovery to min_warm")
             back = time.monotonic()
@@ -141,7 +153,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(BUILDERS), default="mlp_torch")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4, help="closed-loop callers during recovery")
+    parser.add_argument(
+        "--threads", type=int, default=4, help="closed-loop callers during recovery"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

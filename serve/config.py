@@ -43,6 +43,9 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     startup_timeout_s: float = 300.0  # spawn → warm; a worker slower than this is killed
     threads: int = 0  # intra-op threads per worker; 0 = cores / workers
     shm_slot_bytes: int = 0  # shared memory per in-flight batch and direction; 0 = derived
+    # "template": fork workers from a process that has imported the framework (fast
+    # replacement); "spawn": a fresh interpreter per worker
+    worker_start: Literal["template", "spawn"] = "template"
     min_warm: int = 0  # warm workers that must pass probes for the model to be ready; 0 = workers
     max_workers: int = 0  # the controller may scale up to this; 0 = max(workers, min_warm)
     watchdog_s: float = 30.0  # a batch running longer than this means the worker hangs: kill it

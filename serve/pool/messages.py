@@ -16,6 +16,8 @@ from serve.config import ModelConfig
 
 IPC_VERSION = 1
 FRAME_HEADER = struct.Struct("<I")
+FORK_PID = struct.Struct("<q")  # the worker template's answer to a fork request
+FORK_REQUEST_BYTES = 64  # a fork request: the log level, with three descriptors attached
 MAX_FRAME_BYTES = 1 << 31
 
 
@@ -37,8 +39,6 @@ class Init(msgspec.Struct, frozen=True, tag=True):
     worker_id: str
     device: str
     threads: int
-    in_fd: int
-    out_fd: int
     slots: int
     slot_bytes: int
     fixed_shapes: bool | None

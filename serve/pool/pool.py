@@ -18,6 +18,7 @@ from serve.batching import BatchResult
 from serve.batching.merge import Array
 from serve.config import ModelConfig
 from serve.errors import ModelNotReadyError
+from serve.pool.template import TemplateError, WorkerTemplate
 from serve.pool.worker_handle import WorkerHandle, WorkerSettings, WorkerState
 from serve.protocol.datatypes import Datatype, element_size
 
@@ -92,6 +93,7 @@ class WorkerPool:
         self._failures = 0
         self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._template: WorkerTemplate | None = None
         self._seen_warm: set[str] = set()
         self._states: dict[str, tuple[WorkerState, bool]] = {}
         self._retire_scheduled: set[WorkerHandle] = set()
@@ -123,13 +125,26 @@ class WorkerPool:
     def _new_handle(self) -> WorkerHandle:
         self._serial += 1
         handle = WorkerHandle(
-            self.model, f"{self.model.name}#{self._serial}", self._settings, self._on_change
+            self.model,
+            f"{self.model.name}#{self._serial}",
+            self._settings,
+            self._on_change,
+            self._template,
         )
         self._workers.append(handle)
         return handle
 
     async def start(self) -> None:
         """Start ``workers`` workers; succeed when at least one is warm, else raise the reason."""
+        if self.model.pool.worker_start == "template":
+            template = WorkerTemplate(
+                self.model.backend, self.model.name, self.model.pool.startup_timeout_s
+            )
+            try:
+                await template.start()
+                self._template = template
+            except TemplateError as exc:
+                log.warning("model %s: %s; spawning workers directly", self.model.name, exc)
         handles = [self._new_handle() for _ in range(self.target)]
         self._starting += len(handles)
         try:
@@ -289,4 +304,6 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(w.stop() for w in self._workers), return_exceptions=True)
+        if self._template is not None:
+            await self._template.stop()
         log.info("model %s: %d workers stopped", self.model.name, len(self._workers))

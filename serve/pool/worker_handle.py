@@ -31,9 +31,12 @@ from serve.pool.messages import (
     RunBatch,
     Shutdown,
 )
+from serve.pool.template import ForkedProcess, TemplateError, WorkerTemplate
 from serve.protocol.datatypes import Datatype
 
 log = logging.getLogger(__name__)
+
+Process = asyncio.subprocess.Process | ForkedProcess
 
 
 class WorkerState(enum.Enum):
@@ -62,6 +65,7 @@ class WorkerHandle:
         worker_id: str,
         settings: WorkerSettings,
         on_change: Callable[[WorkerHandle], None],
+        template: WorkerTemplate | None = None,
     ) -> None:
         self.model = model
         self.worker_id = worker_id
@@ -70,8 +74,9 @@ class WorkerHandle:
         self.ready: Ready | None = None
         self.exit_reason = ""
         self._on_change = on_change
+        self._template = template
         self._link: WorkerLink | None = None
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: Process | None = None
         self._inputs: Arena | None = None
         self._outputs: Arena | None = None
         self._free_slots = list(range(settings.slots))
@@ -120,21 +125,13 @@ class WorkerHandle:
         try:
             self._inputs = Arena(in_fd, self.settings.slots, self.settings.slot_bytes)
             self._outputs = Arena(out_fd, self.settings.slots, self.settings.slot_bytes)
-            self._process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "serve.worker",
-                "--fd",
-                str(theirs.fileno()),
-                "--log-level",
-                self.settings.log_level,
-                pass_fds=(theirs.fileno(), in_fd, out_fd),
-            )
+            self._process = await self._launch(theirs.fileno(), in_fd, out_fd)
         finally:
             theirs.close()
             os.close(in_fd)
             os.close(out_fd)
-        log.info("worker %s spawned (pid %d)", self.worker_id, self._process.pid)
+        how = "forked from the template" if isinstance(self._process, ForkedProcess) else "spawned"
+        log.info("worker %s %s (pid %d)", self.worker_id, how, self._process.pid)
         self._ready_future = loop.create_future()
         _, link = await loop.connect_accepted_socket(
             lambda: WorkerLink(self._on_message, self._on_lost), sock=ours
@@ -148,8 +145,6 @@ class WorkerHandle:
                 self.worker_id,
                 self.settings.device,
                 self.settings.threads,
-                in_fd,
-                out_fd,
                 self.settings.slots,
                 self.settings.slot_bytes,
                 self.model.batching.pad_to_bucket,
@@ -180,6 +175,28 @@ class WorkerHandle:
             list(ready.buckets),
         )
         self._on_change(self)
+
+    async def _launch(self, channel_fd: int, in_fd: int, out_fd: int) -> Process:
+        """Fork the worker from the template when there is one, else spawn a fresh interpreter."""
+        if self._template is not None and self._template.alive:
+            try:
+                return await self._template.fork(channel_fd, in_fd, out_fd, self.settings.log_level)
+            except TemplateError as exc:
+                log.warning("worker %s: %s; spawning it instead", self.worker_id, exc)
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "serve.worker",
+            "--fd",
+            str(channel_fd),
+            "--in-fd",
+            str(in_fd),
+            "--out-fd",
+            str(out_fd),
+            "--log-level",
+            self.settings.log_level,
+            pass_fds=(channel_fd, in_fd, out_fd),
+        )
 
     def reserve(self) -> int:
         """Claim a slot for one batch; pass it to run() (which frees it) or to release()."""
@@ -314,7 +331,7 @@ class WorkerHandle:
     async def _reap(self) -> None:
         assert self._process is not None
         code = await self._process.wait()
-        self._die(f"process exited with code {code}")
+        self._die("process exited" if code == -1 else f"process exited with code {code}")
         for arena in (self._inputs, self._outputs):
             if arena is not None:
                 arena.close()

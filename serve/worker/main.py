@@ -78,14 +78,14 @@ def pad_rows(array: np.ndarray[Any, Any], rows: int) -> np.ndarray[Any, Any]:
 
 
 class Worker:
-    def __init__(self, channel: Channel, init: Init) -> None:
+    def __init__(self, channel: Channel, init: Init, in_fd: int, out_fd: int) -> None:
         from serve.backends import load_backend
 
         self.channel = channel
         self.init = init
         self.model: ModelConfig = init.model
-        self.inputs = Arena(init.in_fd, init.slots, init.slot_bytes)
-        self.outputs = Arena(init.out_fd, init.slots, init.slot_bytes)
+        self.inputs = Arena(in_fd, init.slots, init.slot_bytes)
+        self.outputs = Arena(out_fd, init.slots, init.slot_bytes)
         start = time.monotonic()
         self.backend = load_backend(self.model, init.device, init.threads)
         self.load_s = time.monotonic() - start
@@ -161,23 +161,34 @@ class Worker:
         return BatchDone(message.batch_id, refs, t1 - t0, t2 - t1, t3 - t2)
 
 
+def ignore_group_signals() -> None:
+    """The pool owns this process: a terminal's Ctrl-C or a group-wide SIGTERM must not kill a
+    batch while the parent drains; the worker exits on Shutdown or when the parent goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve.worker")
     parser.add_argument("--fd", type=int, required=True, help="inherited socket to the parent")
+    parser.add_argument("--in-fd", type=int, required=True, help="inherited input arena")
+    parser.add_argument("--out-fd", type=int, required=True, help="inherited output arena")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    # The pool owns this process: a terminal's Ctrl-C or a group-wide SIGTERM must not kill a
-    # batch while the parent drains; the worker exits on Shutdown or when the parent goes away.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sock = socket.socket(fileno=args.fd)
-    channel = Channel(sock)
+    ignore_group_signals()
+    return run(args.fd, args.in_fd, args.out_fd, args.log_level)
+
+
+def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
+    """Serve as a worker over the channel ``fd`` with the two arenas; the exit code."""
+    channel = Channel(socket.socket(fileno=fd))
     init = channel.recv()
     if not isinstance(init, Init):
         return 2
     logging.basicConfig(
-        level=args.log_level,
+        level=log_level,
         format=f"%(asctime)s %(levelname)s worker[{init.worker_id} pid={os.getpid()}] %(message)s",
+        force=True,
     )
     if init.version != IPC_VERSION:
         channel.send(
@@ -185,7 +196,7 @@ def main(argv: list[str]) -> int:
         )
         return 2
     try:
-        worker = Worker(channel, init)
+        worker = Worker(channel, init, in_fd, out_fd)
         warm_s = worker.warm_up()
     except Exception as exc:
         log.exception("start-up failed")

@@ -35,6 +35,13 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(POLL_S)
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 class ServerProcess:
     def __init__(
         self,
@@ -84,20 +91,36 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def worker_pids(self) -> list[int]:
-        """Live child processes of the server (its workers), from /proc."""
-        pids = []
+    def _children(self) -> dict[int, list[int]]:
+        """Parent pid → live child pids, for every process (from /proc)."""
+        children: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
-                stat = (entry / "stat").read_text()
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == self.process.pid and fields[0] != "Z":
-                pids.append(int(entry.name))
-        return sorted(pids)
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+        return children
+
+    def template_pids(self) -> list[int]:
+        """The worker templates: the server's children that fork workers."""
+        return sorted(
+            pid
+            for pid in self._children().get(self.process.pid, [])
+            if b"serve.worker.template" in _cmdline(pid)
+        )
+
+    def worker_pids(self) -> list[int]:
+        """Live worker processes: forked from a template, or spawned by the server itself."""
+        children = self._children()
+        templates = set(self.template_pids())
+        workers = [p for p in children.get(self.process.pid, []) if p not in templates]
+        for template in templates:
+            workers += children.get(template, [])
+        return sorted(workers)
 
     def http_get(self, path: str) -> int:
         """The status code of GET ``path`` on the HTTP health port."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 
 import numpy as np
@@ -97,3 +98,36 @@ def test_serve_without_a_repository_builds_and_serves_the_demo_models(tmp_path):
         np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
     finally:
         assert server.stop() == 0
+
+
+def test_workers_fork_from_a_template_and_spawn_when_it_is_gone(tmp_path, small_repository):
+    server = ServerProcess(tmp_path / "server.log", small_repository)
+    try:
+        server.wait_ready()
+        templates = server.template_pids()
+        assert len(templates) == 2  # one per model: mlp_onnx, spin
+        assert len(server.worker_pids()) == 2
+        assert server.log().count("forked from the template") == 2
+        for template in templates:
+            os.kill(template, signal.SIGKILL)
+        wait_until(lambda: not server.template_pids(), 30, "the templates to die")
+        assert server.client.is_server_ready()  # workers outlive their template
+        x = np.ones((1, 64), np.float32)
+        got = server.client.infer("mlp_onnx", _mlp_input(x)).as_numpy("OUTPUT0")
+        np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
+        old = set(server.worker_pids())  # the orphaned workers are no longer found as ours
+        (victim,) = _workers_of(server, "mlp_onnx")
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for_log(r"worker mlp_onnx#2 spawned")
+        wait_until(server.client.is_server_ready, 60, "the spawned replacement")
+        assert len(set(server.worker_pids()) - old) == 1
+    finally:
+        assert server.stop() == 0
+
+
+def _workers_of(server: ServerProcess, model: str) -> list[int]:
+    """Pids of ``model``'s workers, from the server's log lines."""
+    return [
+        int(pid)
+        for pid in re.findall(rf"worker {model}#\d+ \S+ [a-z ]*\(pid (\d+)\)", server.log())
+    ]
