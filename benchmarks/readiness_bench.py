@@ -104,8 +104,9 @@ class ClosedLoop:
         return [ms for t, ms in list(self.samples) if start <= t <= end]
 
 
-def run(model: str, workers: int, threads: int, root: Path) -> dict[str, object]:
-    BUILDERS[model](root / "repo" / model, pool={"workers": workers, "threads": 1})
+def run(model: str, workers: int, threads: int, start: str, root: Path) -> dict[str, object]:
+    pool = {"workers": workers, "threads": 1, "worker_start": start}
+    BUILDERS[model](root / "repo" / model, pool=pool)
     started = time.monotonic()
     server = ServerProcess(root / "server.log", root / "repo")
     try:
@@ -135,6 +136,7 @@ def run(model: str, workers: int, threads: int, root: Path) -> dict[str, object]
         return {
             "model": model,
             "workers": workers,
+            "worker_start": start,
             "load_threads": threads,
             "start_to_serving_s": to_serving,
             "first_request_ms": first,
@@ -156,10 +158,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=4, help="closed-loop callers during recovery"
     )
+    parser.add_argument("--worker-start", choices=["template", "spawn"], default="template")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(args.model, args.workers, args.threads, Path(tmp))
+        result = run(args.model, args.workers, args.threads, args.worker_start, Path(tmp))
     print(json.dumps(result, indent=2, default=float))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=float))

@@ -70,7 +70,7 @@ class ModelService:
         self.state = ModelState.LOADING
         self.reason = "loading"
         self._notify = on_change or (lambda: None)
-        self.pool = WorkerPool(config, log_level=log_level, on_change=self._notify)
+        self.pool = WorkerPool(config, log_level=log_level, on_change=self._pool_changed)
         self.batcher = DynamicBatcher(
             config.name,
             self.pool,
@@ -85,6 +85,10 @@ class ModelService:
         self._batched = config.max_batch_size > 0
         self._input_types = {s.name: Datatype(s.datatype) for s in config.inputs}
         self._output_names = [s.name for s in config.outputs]
+
+    def _pool_changed(self) -> None:
+        self.controller.kick()  # probe a newly warm worker now, not at the next period
+        self._notify()
 
     @property
     def ready(self) -> bool:

@@ -44,6 +44,7 @@ class WarmPoolController:
         self._over_since: float | None = None
         self._under_since: float | None = None
         self._slow_ticks: dict[str, int] = {}
+        self._kicked = asyncio.Event()
 
     def healthy_workers(self) -> list[WorkerHandle]:
         """Warm workers that passed their latest probe."""
@@ -58,9 +59,18 @@ class WarmPoolController:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
+    def kick(self) -> None:
+        """Tick now rather than at the next period (a worker turned warm, or died)."""
+        self._kicked.set()
+
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._tick_s)  # the controller's period, not a synchronisation
+            try:
+                async with asyncio.timeout(self._tick_s):  # the controller's period
+                    await self._kicked.wait()
+            except TimeoutError:
+                pass
+            self._kicked.clear()
             try:
                 await self.tick()
             except Exception:
