@@ -85,6 +85,7 @@ class BatchFailed(msgspec.Struct, frozen=True, tag=True):
 
 class Fatal(msgspec.Struct, frozen=True, tag=True):
     message: str
+    batch_id: int = -1  # the batch that caused it, if one did: that batch is not retried
 
 
 ToWorker = Init | RunBatch | Shutdown

@@ -301,6 +301,15 @@ class WorkerHandle:
                 self._ready_future.set_result(message)
         elif isinstance(message, Fatal):
             log.error("worker %s reported a fatal error: %s", self.worker_id, message.message)
+            culprit = self._pending.get(message.batch_id)
+            if culprit is not None and not culprit.done():
+                # Not retried elsewhere: the same batch would poison the next worker too.
+                culprit.set_exception(
+                    ModelExecutionError(
+                        f"model {self.model.name!r}: this batch broke worker {self.worker_id} "
+                        f"(it is being replaced): {message.message}"
+                    )
+                )
             self._die(message.message)
 
     def _on_lost(self, reason: str) -> None:

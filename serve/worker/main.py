@@ -40,6 +40,14 @@ from serve.protocol.datatypes import Datatype, datatype_of
 log = logging.getLogger("serve.worker")
 
 
+class FatalBatchError(Exception):
+    """A batch left the process unable to serve (e.g. a sticky CUDA error)."""
+
+    def __init__(self, batch_id: int) -> None:
+        super().__init__(f"batch {batch_id}")
+        self.batch_id = batch_id
+
+
 class Channel:
     """Blocking framed messages over the socket shared with the parent."""
 
@@ -144,7 +152,7 @@ class Worker:
             self._check_outputs(outputs, None)
         except Exception as exc:
             if self.backend.is_fatal(exc):
-                raise
+                raise FatalBatchError(message.batch_id) from exc
             log.warning("batch %d failed: %s: %s", message.batch_id, type(exc).__name__, exc)
             return BatchFailed(message.batch_id, "execution", f"{type(exc).__name__}: {exc}")
         t2 = time.perf_counter_ns()
@@ -227,7 +235,11 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
         log.info("parent closed the channel; exiting")
     except Exception as exc:
         log.exception("fatal error; exiting so the pool replaces this worker")
+        cause: BaseException = exc
+        batch_id = -1
+        if isinstance(exc, FatalBatchError):
+            cause, batch_id = exc.__cause__ or exc, exc.batch_id
         with contextlib.suppress(OSError):  # the parent may be gone; the exit tells it anyway
-            channel.send(Fatal(f"{type(exc).__name__}: {exc}"))
+            channel.send(Fatal(f"{type(cause).__name__}: {cause}", batch_id))
         return 1
     return 0

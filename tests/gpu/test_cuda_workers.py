@@ -40,3 +40,48 @@ def test_graph_replay_matches_the_reference_for_padded_and_exact_buckets(gpu_ser
     for model in ("mlp_torch", "mlp_onnx"):
         got = gpu_server.client.infer(model, [tensor]).as_numpy("OUTPUT0")
         np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-3, atol=1e-3)
+
+
+def test_a_sticky_cuda_error_ends_the_worker_and_the_pool_replaces_it(tmp_path):
+    """An out-of-range index on the GPU trips a device-side assert, which poisons the CUDA
+    context: the worker must exit (not keep failing every batch) and be replaced."""
+    import torch
+
+    class Gather(torch.nn.Module):
+        def forward(self, index: torch.Tensor) -> torch.Tensor:
+            table = torch.arange(8, device=index.device, dtype=torch.float32)
+            return table[index].unsqueeze(1)
+
+    folder = tmp_path / "repo" / "gather"
+    folder.mkdir(parents=True)
+    torch.jit.script(Gather()).save(str(folder / "model.pt"))
+    from serve.testing.models import write_config
+
+    write_config(
+        folder,
+        {
+            "name": "gather",
+            "backend": "torch",
+            "model_file": "model.pt",
+            "max_batch_size": 4,
+            "device": "cuda:0",
+            "inputs": [{"name": "INDEX", "datatype": "INT64", "shape": [1]}],
+            "outputs": [{"name": "VALUE", "datatype": "FP32", "shape": [1, 1]}],
+        },
+    )
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    try:
+        server.wait_ready(timeout=300)
+        (first,) = server.worker_pids()
+        bad = triton.InferInput("INDEX", [1, 1], "INT64")
+        bad.set_data_from_numpy(np.array([[1000]], dtype=np.int64))
+        with pytest.raises(triton.InferenceServerException):
+            server.client.infer("gather", [bad])
+        server.wait_for_log("fatal error; exiting so the pool replaces this worker", timeout=60)
+        server.wait_ready(timeout=300)
+        assert first not in server.worker_pids()
+        good = triton.InferInput("INDEX", [1, 1], "INT64")
+        good.set_data_from_numpy(np.array([[3]], dtype=np.int64))
+        assert server.client.infer("gather", [good]).as_numpy("VALUE").tolist() == [[[3.0]]]
+    finally:
+        server.stop()

@@ -1,0 +1,74 @@
+"""The parent's handling of a worker's messages (no process: messages are fed in directly)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve.errors import ModelExecutionError, WorkerLostError
+from serve.pool.messages import Fatal, frame, from_worker_decoder
+from serve.pool.worker_handle import WorkerHandle, WorkerSettings, WorkerState
+from tests.unit.test_controller import _model
+
+
+def _handle() -> WorkerHandle:
+    settings = WorkerSettings(
+        device="cpu", threads=1, slots=2, slot_bytes=1 << 20, startup_timeout_s=5
+    )
+    handle = WorkerHandle(_model(), "m#1", settings, lambda w: None)
+    handle.state = WorkerState.WARM
+    return handle
+
+
+def test_a_fatal_error_fails_its_own_batch_for_good_and_the_others_as_retryable():
+    async def main():
+        handle = _handle()
+        loop = asyncio.get_running_loop()
+        culprit, bystander = loop.create_future(), loop.create_future()
+        handle._pending.update({7: culprit, 8: bystander})
+        message = from_worker_decoder.decode(frame(Fatal("CUDA error: device-side assert", 7))[4:])
+        handle._on_message(message)
+        return handle, culprit, bystander
+
+    handle, culprit, bystander = asyncio.run(main())
+    assert handle.state is WorkerState.DEAD
+    with pytest.raises(ModelExecutionError, match="this batch broke worker m#1"):
+        culprit.result()
+    assert isinstance(bystander.exception(), WorkerLostError)  # the batcher retries these
+
+
+def test_the_worker_turns_a_fatal_backend_error_into_a_fatal_for_that_batch(monkeypatch):
+    import os
+
+    import numpy as np
+
+    import serve.backends
+    from serve.pool.arena import Arena, create_memfd
+    from serve.pool.messages import IPC_VERSION, Init, RunBatch
+    from serve.protocol.datatypes import Datatype
+    from serve.worker.main import FatalBatchError, Worker
+
+    class Poisoned:
+        fixed_shapes = False
+        device = "cuda:0"
+
+        def run(self, inputs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        def is_fatal(self, exc):
+            return True
+
+    monkeypatch.setattr(serve.backends, "load_backend", lambda *args: Poisoned())
+    in_fd, out_fd = create_memfd("in", 1 << 20), create_memfd("out", 1 << 20)
+    model = _model()
+    init = Init(IPC_VERSION, model, "m#1", "cuda:0", 1, 1, 1 << 20, None)
+    worker = Worker(None, init, in_fd, out_fd)  # type: ignore[arg-type]
+    parent_view = Arena(in_fd, 1, 1 << 20)
+    os.close(in_fd)
+    os.close(out_fd)
+    refs = parent_view.write(0, [("X", Datatype.FP32, np.zeros((1, 4), np.float32))])
+    with pytest.raises(FatalBatchError) as caught:
+        worker.run_batch(RunBatch(41, 0, 1, refs))
+    assert caught.value.batch_id == 41
+    assert "illegal memory access" in str(caught.value.__cause__)
