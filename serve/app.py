@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 async def serve(config: Config) -> int:
-    """Serve until SIGTERM/SIGINT, then drain: refuse new calls, finish in-flight ones, stop.
+    """Serve until SIGTERM/SIGINT, then drain: readiness NOT_SERVING, the drain delay (calls are
+    still served), then refuse new calls, finish in-flight ones within the grace period, stop.
 
     The gRPC port opens before the models warm up, so liveness answers at once while readiness
     stays false until every model has a warm worker.
@@ -42,8 +43,12 @@ async def serve(config: Config) -> int:
             "shutting down: refusing new calls, in-flight calls get %.1f s",
             config.server.grace_period_s,
         )
+        frontend.begin_drain()
         if http is not None:
             http.accepting = False
+        if config.server.drain_delay_s > 0:
+            log.info("readiness is NOT_SERVING; draining for %.1f s", config.server.drain_delay_s)
+            await asyncio.sleep(config.server.drain_delay_s)  # load balancers notice, stop sending
         if not warm_up.done():
             warm_up.cancel()
         await asyncio.gather(warm_up, return_exceptions=True)

@@ -35,7 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001)")
-    serve.add_argument("--http-port", type=int, help="HTTP health port (default 8000; -1: off)")
+    serve.add_argument("--http-port", type=int, help="HTTP health + metrics port (8000; -1: off)")
+    serve.add_argument(
+        "--health-port", type=int, help="extra plaintext gRPC health-only port (default off)"
+    )
+    serve.add_argument(
+        "--drain-delay", type=float, help="seconds NOT_SERVING before stopping on SIGTERM"
+    )
     serve.add_argument(
         "--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)"
     )
@@ -71,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             grpc_port=args.grpc_port,
             http_port=args.http_port,
+            health_port=args.health_port,
+            drain_delay_s=args.drain_delay,
             max_message_bytes=args.max_message_bytes,
             grace_period_s=args.grace_period,
             log_level=args.log_level,

@@ -110,9 +110,11 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "0.0.0.0"
     grpc_port: int = 8001
-    http_port: int = 8000  # plain-HTTP health endpoints for httpGet probes; -1 disables them
+    http_port: int = 8000  # plain-HTTP health endpoints and /metrics; -1 disables them
+    health_port: int = -1  # a separate plaintext gRPC port with only grpc.health.v1; -1: none
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
+    drain_delay_s: float = 0.0  # on SIGTERM: NOT_SERVING first, keep serving this long, then stop
     log_level: str = "INFO"
 
 
@@ -211,6 +213,8 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
         "host": "WARMSERVE_HOST",
         "grpc_port": "WARMSERVE_GRPC_PORT",
         "http_port": "WARMSERVE_HTTP_PORT",
+        "health_port": "WARMSERVE_HEALTH_PORT",
+        "drain_delay_s": "WARMSERVE_DRAIN_DELAY_S",
         "max_message_bytes": "WARMSERVE_MAX_MESSAGE_BYTES",
         "grace_period_s": "WARMSERVE_GRACE_PERIOD_S",
         "log_level": "WARMSERVE_LOG_LEVEL",

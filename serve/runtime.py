@@ -30,6 +30,7 @@ from serve.pool.pool import WorkerPool
 from serve.protocol import Datatype, InferRequest, InferResponse, Tensor
 from serve.readiness.controller import WarmPoolController
 from serve.readiness.latency import ModelLatency
+from serve.telemetry.metrics import Metrics, outcome
 from serve.telemetry.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,13 @@ class ModelService:
         *,
         log_level: str = "INFO",
         on_change: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self._metrics = metrics or Metrics()
+        self._ok = self._metrics.requests.labels(config.name, "ok")
+        self._duration = self._metrics.duration.labels(config.name)
+        self._batch_rows = self._metrics.batch_rows.labels(config.name)
         self.stats = ModelStats()
         self.latency = ModelLatency()
         self.state = ModelState.LOADING
@@ -149,6 +155,7 @@ class ModelService:
     ) -> None:
         """Batcher observer: cumulative statistics and the rolling latency windows."""
         self.stats.batch_done(rows, requests, queue_ns, result)
+        self._batch_rows.observe(rows)
         now = time.monotonic()
         for ns in queue_ns:
             self.latency.queue.add(ns / 1e9, now)
@@ -227,19 +234,23 @@ class ModelService:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic_ns()
-        inputs, rows = self.prepare(request)
-        if not self.can_serve:
-            raise ModelNotReadyError(
-                f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
-            )
+        rows = 0
         try:
+            inputs, rows = self.prepare(request)
+            if not self.can_serve:
+                raise ModelNotReadyError(
+                    f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
+                )
             outputs = await self.batcher.submit(inputs, rows, request.deadline)
-        except ServeError:
+        except ServeError as exc:
             self.stats.request_done(False, rows, time.monotonic_ns() - started)
+            self._metrics.requests.labels(self.config.name, outcome(exc)).inc()
             raise
         elapsed = time.monotonic_ns() - started
         self.stats.request_done(True, rows, elapsed)
         self.latency.end_to_end.add(elapsed / 1e9)
+        self._ok.inc()
+        self._duration.observe(elapsed / 1e9)
         wanted = request.outputs
         tensors = [
             Tensor(spec.name, Datatype(spec.datatype), out)
@@ -250,11 +261,33 @@ class ModelService:
 
 
 class Runtime:
-    def __init__(self, models: Sequence[ModelConfig], *, log_level: str = "INFO") -> None:
+    def __init__(
+        self,
+        models: Sequence[ModelConfig],
+        *,
+        log_level: str = "INFO",
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.metrics = metrics or Metrics()
         self._listeners: list[Callable[[], None]] = []
         self._services = {
-            m.name: ModelService(m, log_level=log_level, on_change=self._changed) for m in models
+            m.name: ModelService(
+                m, log_level=log_level, on_change=self._changed, metrics=self.metrics
+            )
+            for m in models
         }
+        self.metrics.watch(self._gauges)
+
+    def _gauges(self) -> list[tuple[str, int, int, int]]:
+        return [
+            (
+                s.config.name,
+                s.batcher.queue_depth,
+                s.pool.warm_count,
+                len(s.controller.healthy_workers()),
+            )
+            for s in self._services.values()
+        ]
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` whenever a model's readiness may have changed."""

@@ -1,6 +1,7 @@
 """Plain-HTTP health endpoints for httpGet probes, agreeing with the gRPC ones:
 ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]/ready``; and
-``/warmserve/models/{name}/latency``: the rolling P50/P95/P99 windows as JSON.
+``/warmserve/models/{name}/latency``: the rolling P50/P95/P99 windows as JSON; ``/metrics``:
+Prometheus exposition.
 
 200 means yes, 503 no, 404 an unknown model. The server reads one request head (bounded in
 size and time), answers, and closes the connection.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve.errors import ModelNotFoundError
 from serve.runtime import Runtime
@@ -50,9 +53,11 @@ class HttpHealth:
             await self._server.wait_closed()
             self._server = None
 
-    def answer(self, method: str, path: str) -> tuple[int, dict[str, object]]:
+    def answer(self, method: str, path: str) -> tuple[int, dict[str, object] | bytes]:
         if method not in ("GET", "HEAD"):
             return 405, {"error": f"method {method} not allowed; use GET"}
+        if path.split("?", 1)[0] == "/metrics":
+            return 200, generate_latest(self._runtime.metrics.registry)
         parts = [p for p in path.split("?", 1)[0].split("/") if p]
         if parts == ["v2", "health", "live"]:
             return 200, {"live": True}
@@ -96,9 +101,12 @@ class HttpHealth:
         except ConnectionError:
             writer.close()
             return
-        payload = json.dumps(body).encode()
+        if isinstance(body, bytes):
+            payload, content_type = body, CONTENT_TYPE_LATEST
+        else:
+            payload, content_type = json.dumps(body).encode(), "application/json"
         response = (
-            f"HTTP/1.1 {code} {REASONS[code]}\r\nContent-Type: application/json\r\n"
+            f"HTTP/1.1 {code} {REASONS[code]}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
         ).encode() + (payload if method != "HEAD" else b"")
         try:

@@ -23,6 +23,7 @@ class GrpcFrontend:
         self._servicer = InferenceServicer(runtime)
         self.health = HealthService(runtime)
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self.port = 0
 
     async def start(self) -> None:
@@ -43,17 +44,39 @@ class GrpcFrontend:
             raise ConfigError(f"cannot listen on {address}: {exc}") from None
         await server.start()
         self._server = server
+        if self._config.health_port >= 0:
+            await self._start_health_server()
         log.info(
             "gRPC listening on %s:%d (max message %d bytes)", self._config.host, self.port, limit
         )
 
-    async def stop(self, grace_s: float) -> None:
-        """Refuse new calls now; in-flight calls get ``grace_s`` to finish, then are cancelled."""
+    async def _start_health_server(self) -> None:
+        """Health alone on its own plaintext port (probes keep working if the main port has TLS)."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{self._config.host}:{self._config.health_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc}") from None
+        await server.start()
+        self._health_server = server
+        log.info("gRPC health listening on %s:%d", self._config.host, port)
+
+    def begin_drain(self) -> None:
+        """Readiness answers NOT_SERVING from now on; calls are still taken until stop()."""
         self._servicer.accepting = False
         self.health.shutting_down()
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls now; in-flight calls get ``grace_s`` to finish, then are cancelled."""
+        self.begin_drain()
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+            self._health_server = None
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

@@ -127,17 +127,21 @@ class ServerProcess:
         return self.http_json(path)[0]
 
     def http_json(self, path: str) -> tuple[int, dict]:
+        status, body = self.http_text(path)
+        return status, json.loads(body or "{}")
+
+    def http_text(self, path: str) -> tuple[int, str]:
         connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
         try:
             connection.request("GET", path)
             response = connection.getresponse()
-            return response.status, json.loads(response.read() or b"{}")
+            return response.status, response.read().decode()
         finally:
             connection.close()
 
-    def health(self, service: str = "") -> str:
+    def health(self, service: str = "", url: str | None = None) -> str:
         """The gRPC health status name of ``service`` (``NOT_FOUND`` for an unknown one)."""
-        with grpc.insecure_channel(self.url) as channel:
+        with grpc.insecure_channel(url or self.url) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)

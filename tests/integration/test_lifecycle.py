@@ -7,13 +7,15 @@ import queue
 import re
 import signal
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from serve.testing.models import build_mlp_onnx, build_spin_torch, mlp_reference
 from tests.integration.conftest import spin_inputs
-from tests.integration.harness import ServerProcess, wait_until
+from tests.integration.harness import ServerProcess, free_port, wait_until
 
 
 def _mlp_input(x: np.ndarray) -> list[triton.InferInput]:
@@ -131,3 +133,36 @@ def _workers_of(server: ServerProcess, model: str) -> list[int]:
         int(pid)
         for pid in re.findall(rf"worker {model}#\d+ \S+ [a-z ]*\(pid (\d+)\)", server.log())
     ]
+
+
+def test_sigterm_with_a_drain_delay_goes_not_serving_first_and_keeps_serving(tmp_path):
+    build_mlp_onnx(tmp_path / "repo" / "mlp_onnx")
+    health_port = free_port()
+    server = ServerProcess(
+        tmp_path / "server.log",
+        tmp_path / "repo",
+        args=("--drain-delay", "30", "--health-port", str(health_port)),
+    )
+    health_url = f"127.0.0.1:{health_port}"
+    try:
+        server.wait_ready()
+        assert server.health("readiness", url=health_url) == "SERVING"
+        assert server.health("mlp_onnx", url=health_url) == "SERVING"
+        # the health port serves health only
+        with grpc.insecure_channel(health_url) as channel, pytest.raises(grpc.RpcError) as caught:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(
+                service_pb2.ServerLiveRequest(), timeout=10
+            )
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        server.terminate()
+        server.wait_for_log("draining for 30.0 s")
+        assert server.health("", url=health_url) == "NOT_SERVING"
+        assert server.health("liveness", url=health_url) == "SERVING"
+        assert not server.client.is_server_ready()
+        assert server.http_get("/v2/health/ready") == 503
+        x = np.ones((1, 64), np.float32)
+        got = server.client.infer("mlp_onnx", _mlp_input(x)).as_numpy("OUTPUT0")  # still served
+        np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
+    finally:
+        server.process.kill()  # not waiting out the 30 s drain
+        server.stop()

@@ -78,3 +78,25 @@ def test_the_serving_process_imports_no_framework(server):
     assert "libtorch" not in maps
     assert "onnxruntime" not in maps
     assert len(server.worker_pids()) == len(MODELS)
+
+
+def test_prometheus_metrics_count_outcomes_and_expose_pool_state(server, client):
+    x = triton.InferInput("INPUT0", [1, 64], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    client.infer("mlp_onnx", [x])
+    bad = triton.InferInput("INPUT0", [1, 64], "INT32")
+    bad.set_data_from_numpy(np.zeros((1, 64), np.int32))
+    with pytest.raises(triton.InferenceServerException):
+        client.infer("mlp_onnx", [bad])
+    status, text = server.http_text("/metrics")
+    assert status == 200
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['warmserve_requests_total{code="ok",model="mlp_onnx"}'] >= 1
+    assert samples['warmserve_requests_total{code="invalid_input",model="mlp_onnx"}'] >= 1
+    assert samples['warmserve_workers_warm{model="mlp_onnx"}'] == 1
+    assert samples['warmserve_queue_depth{model="mlp_onnx"}'] == 0
+    assert samples['warmserve_request_duration_seconds_count{model="mlp_onnx"}'] >= 1
