@@ -24,7 +24,7 @@ async def serve(config: Config) -> int:
     runtime = Runtime(config.models, log_level=config.server.log_level)
     frontend = GrpcFrontend(config.server, runtime)
     http = (
-        HttpHealth(runtime, config.server.host, config.server.http_port)
+        HttpHealth(runtime, frontend.gate, config.server.host, config.server.http_port)
         if config.server.http_port >= 0
         else None
     )
@@ -35,7 +35,7 @@ async def serve(config: Config) -> int:
     await frontend.start()
     if http is not None:
         await http.start()
-    warm_up = asyncio.create_task(runtime.start(), name="runtime-start")
+    warm_up = asyncio.create_task(_warm_up(runtime, frontend), name="warm-up")
     try:
         await stop.wait()
     finally:
@@ -44,8 +44,6 @@ async def serve(config: Config) -> int:
             config.server.grace_period_s,
         )
         frontend.begin_drain()
-        if http is not None:
-            http.accepting = False
         if config.server.drain_delay_s > 0:
             log.info("readiness is NOT_SERVING; draining for %.1f s", config.server.drain_delay_s)
             await asyncio.sleep(config.server.drain_delay_s)  # load balancers notice, stop sending
@@ -60,6 +58,12 @@ async def serve(config: Config) -> int:
             loop.remove_signal_handler(sig)
         log.info("stopped")
     return 0
+
+
+async def _warm_up(runtime: Runtime, frontend: GrpcFrontend) -> None:
+    await runtime.start()
+    await frontend.open_gate()
+    log.info("ready: %s", ", ".join(f"{s.name} {s.state.value}" for s in runtime.statuses()))
 
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:

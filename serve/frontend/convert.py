@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from serve.config import ModelConfig
 from serve.errors import InvalidInputError, UnsupportedError
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.protocol import InferRequest, InferResponse, Tensor
@@ -152,4 +153,17 @@ def infer_response_to_pb(response: InferResponse) -> Any:
             param.double_param = value
         else:
             param.string_param = value
+    return message
+
+
+def loopback_request(model: ModelConfig, inputs: list[Any]) -> Any:
+    """A raw-contents ModelInferRequest for ``model`` carrying ``inputs`` (in model order)."""
+    message = pb.ModelInferRequest(model_name=model.name, id="warmserve-loopback")
+    for spec, array in zip(model.inputs, inputs, strict=True):
+        message.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(array.shape))
+        datatype = Datatype(spec.datatype)
+        if datatype is Datatype.BYTES:
+            message.raw_input_contents.append(bytes_tensor_to_raw(array))
+        else:
+            message.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
     return message

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serve.config import LIVENESS_SERVICE, READINESS_SERVICE
+from serve.frontend.gate import ReadinessGate
 from serve.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -27,24 +28,25 @@ SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 class HealthService(health_pb2_grpc.HealthServicer):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, gate: ReadinessGate) -> None:
         self._runtime = runtime
+        self._gate = gate
         self._status: dict[str, int] = {}
         self._watchers: dict[str, set[asyncio.Queue[int]]] = {}
-        self.accepting = True
         runtime.add_listener(self.refresh)
+        gate.add_listener(self.refresh)
         self.refresh()
 
     def statuses(self) -> dict[str, int]:
         """What every service should answer now."""
-        ready = self.accepting and self._runtime.ready
+        ready = self._gate.open and self._runtime.ready
         statuses = {
             "": SERVING if ready else NOT_SERVING,
             READINESS_SERVICE: SERVING if ready else NOT_SERVING,
             LIVENESS_SERVICE: SERVING,
         }
         for service in self._runtime.services():
-            model_ready = self.accepting and service.ready
+            model_ready = self._gate.open and service.ready
             statuses[service.config.name] = SERVING if model_ready else NOT_SERVING
         return statuses
 
@@ -60,11 +62,6 @@ class HealthService(health_pb2_grpc.HealthServicer):
                 self._status[service] = status
                 for queue in self._watchers.get(service, ()):
                     queue.put_nowait(status)
-
-    def shutting_down(self) -> None:
-        """Everything but liveness answers NOT_SERVING from now on."""
-        self.accepting = False
-        self.refresh()
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         status = self._status.get(request.service)

@@ -16,6 +16,7 @@ import logging
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve.errors import ModelNotFoundError
+from serve.frontend.gate import ReadinessGate
 from serve.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,12 @@ REASONS = {
 
 
 class HttpHealth:
-    def __init__(self, runtime: Runtime, host: str, port: int) -> None:
+    def __init__(self, runtime: Runtime, gate: ReadinessGate, host: str, port: int) -> None:
         self._runtime = runtime
+        self._gate = gate
         self._host = host
         self._port = port
         self._server: asyncio.Server | None = None
-        self.accepting = True
         self.port = 0
 
     async def start(self) -> None:
@@ -62,7 +63,7 @@ class HttpHealth:
         if parts == ["v2", "health", "live"]:
             return 200, {"live": True}
         if parts == ["v2", "health", "ready"]:
-            ready = self.accepting and self._runtime.ready
+            ready = self._gate.open and self._runtime.ready
             return (200 if ready else 503), {"ready": ready}
         if len(parts) == 4 and parts[:2] == ["warmserve", "models"] and parts[3] == "latency":
             try:
@@ -86,7 +87,7 @@ class HttpHealth:
                 service = self._runtime.service(parts[2], version)
             except ModelNotFoundError as exc:
                 return 404, {"error": str(exc)}
-            ready = self.accepting and service.ready
+            ready = self._gate.open and service.ready
             return (200 if ready else 503), {"name": parts[2], "ready": ready}
         return 404, {"error": f"no route {path}"}
 

@@ -9,6 +9,8 @@ from grpc_health.v1 import health_pb2_grpc
 
 from serve.config import ServerConfig
 from serve.errors import ConfigError
+from serve.frontend.convert import loopback_request
+from serve.frontend.gate import ReadinessGate
 from serve.frontend.health import HealthService
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
 from serve.frontend.servicer import InferenceServicer
@@ -16,12 +18,16 @@ from serve.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+LOOPBACK_TIMEOUT_S = 30.0
+
 
 class GrpcFrontend:
     def __init__(self, config: ServerConfig, runtime: Runtime) -> None:
         self._config = config
-        self._servicer = InferenceServicer(runtime)
-        self.health = HealthService(runtime)
+        self._runtime = runtime
+        self.gate = ReadinessGate()
+        self._servicer = InferenceServicer(runtime, self.gate)
+        self.health = HealthService(runtime, self.gate)
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self.port = 0
@@ -63,10 +69,26 @@ class GrpcFrontend:
         self._health_server = server
         log.info("gRPC health listening on %s:%d", self._config.host, port)
 
+    async def open_gate(self) -> None:
+        """Warm this front end's own path with one loopback ModelInfer per ready model (protobuf
+        conversion, the handler, the batch path), then let readiness through."""
+        host = "127.0.0.1" if self._config.host in ("0.0.0.0", "::", "") else self._config.host
+        async with grpc.aio.insecure_channel(f"{host}:{self.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for service in self._runtime.services():
+                if not service.ready:
+                    continue
+                inputs = service.controller.prober.inputs
+                request = loopback_request(service.config, inputs)
+                try:
+                    await stub.ModelInfer(request, timeout=LOOPBACK_TIMEOUT_S)
+                except grpc.RpcError as exc:
+                    log.warning("loopback warm-up of %s failed: %s", service.config.name, exc)
+        self.gate.set(True)
+
     def begin_drain(self) -> None:
         """Readiness answers NOT_SERVING from now on; calls are still taken until stop()."""
-        self._servicer.accepting = False
-        self.health.shutting_down()
+        self.gate.set(False)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls now; in-flight calls get ``grace_s`` to finish, then are cancelled."""

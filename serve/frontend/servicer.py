@@ -11,6 +11,7 @@ import grpc
 
 from serve.frontend import metadata
 from serve.frontend.convert import infer_request_from_pb, infer_response_to_pb
+from serve.frontend.gate import ReadinessGate
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
 from serve.frontend.status import translate_errors
@@ -20,9 +21,9 @@ Context: TypeAlias = grpc.aio.ServicerContext
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, gate: ReadinessGate) -> None:
         self._runtime = runtime
-        self.accepting = True  # False once shutdown begins: readiness says so at once
+        self._gate = gate
 
     @translate_errors
     async def ServerLive(self, request: Any, context: Context) -> Any:
@@ -30,12 +31,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors
     async def ServerReady(self, request: Any, context: Context) -> Any:
-        return pb.ServerReadyResponse(ready=self.accepting and self._runtime.ready)
+        return pb.ServerReadyResponse(ready=self._gate.open and self._runtime.ready)
 
     @translate_errors
     async def ModelReady(self, request: Any, context: Context) -> Any:
         service = self._runtime.service(request.name, request.version)
-        return pb.ModelReadyResponse(ready=self.accepting and service.ready)
+        return pb.ModelReadyResponse(ready=self._gate.open and service.ready)
 
     @translate_errors
     async def ServerMetadata(self, request: Any, context: Context) -> Any:
