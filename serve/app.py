@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
+from serve.bundles.repository import scan
 from serve.config import Config
+from serve.control import ModelControl
 from serve.frontend.http_health import HttpHealth
 from serve.frontend.server import GrpcFrontend
 from serve.runtime import Runtime
@@ -21,8 +24,14 @@ async def serve(config: Config) -> int:
     The gRPC port opens before the models warm up, so liveness answers at once while readiness
     stays false until every model has a warm worker.
     """
-    runtime = Runtime(config.models, log_level=config.server.log_level)
-    frontend = GrpcFrontend(config.server, runtime)
+    sources, _refused = scan(Path(config.repository), Path(config.cache_dir) / "bundles")
+    if not sources:
+        log.warning("no models in %s: the server will never be ready", config.repository)
+    runtime = Runtime(sources, log_level=config.server.log_level)
+    control = ModelControl(
+        runtime, config.server, Path(config.repository), Path(config.cache_dir) / "bundles"
+    )
+    frontend = GrpcFrontend(config.server, runtime, control)
     http = (
         HttpHealth(runtime, frontend.gate, config.server.host, config.server.http_port)
         if config.server.http_port >= 0

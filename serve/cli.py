@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import subprocess
 import sys
@@ -14,10 +15,9 @@ from serve.config import (
     Config,
     cache_dir_from_env,
     default_repository_from_env,
-    load_repository,
     server_config_from_env,
 )
-from serve.errors import ServeError
+from serve.errors import ConfigError, ServeError
 
 log = logging.getLogger("serve")
 DEMO_BUILD_TIMEOUT_S = 600
@@ -47,14 +47,81 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--grace-period", type=float, help="seconds in-flight calls get on SIGTERM")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument(
+        "--model-control",
+        action="store_true",
+        default=None,
+        help="allow repository load/unload RPCs (rollouts and rollbacks)",
+    )
     demo = commands.add_parser("demo", help="write the built-in demo models to a folder")
     demo.add_argument("directory")
+    demo.add_argument(
+        "--sources", action="store_true", help="write model folders (model.toml), not bundles"
+    )
+    _bundle_commands(commands.add_parser("bundle", help="build, verify, inspect model bundles"))
+    for action, text in (
+        ("load", "roll out a model version from the server's repository"),
+        ("unload", "stop serving a model (or one version)"),
+        ("rollback", "switch a model back to its previous version"),
+    ):
+        command = commands.add_parser(action, help=text)
+        command.add_argument("model")
+        if action != "rollback":
+            command.add_argument("--version", default="", help="a version label")
+        command.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
     return parser
+
+
+def _bundle_commands(bundle: argparse.ArgumentParser) -> None:
+    actions = bundle.add_subparsers(dest="bundle_command", required=True)
+    build = actions.add_parser("build", help="build a bundle from a model folder (model.toml)")
+    build.add_argument("source", help="folder with model.toml, the model file, process.py, data")
+    build.add_argument("--out", required=True, help="bundle directory to create")
+    build.add_argument("--archive", help="also write a single-file bundle (.wsb) here")
+    build.add_argument("--include", nargs="*", default=[], help="more files of the folder to add")
+    for name in ("verify", "inspect"):
+        actions.add_parser(name, help=f"{name} a bundle directory or .wsb").add_argument("path")
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from serve.bundles.archive import SUFFIX, extract_archive, write_archive
+    from serve.bundles.build import build_bundle, describe
+    from serve.bundles.verify import verify_bundle
+
+    if args.bundle_command == "build":
+        bundle = build_bundle(Path(args.source), Path(args.out), tuple(args.include))
+        if args.archive:
+            write_archive(bundle.path, Path(args.archive))
+        print(f"built {bundle.model.name} version {bundle.model.version}: {bundle.id}")
+        return 0
+    path = Path(args.path)
+    if path.suffix == SUFFIX:
+        bundle = extract_archive(path, cache_dir_from_env() / "bundles")
+    else:
+        bundle = verify_bundle(path)
+    if args.bundle_command == "verify":
+        print(f"ok: {bundle.model.name} version {bundle.model.version}, id {bundle.id}")
+    else:
+        print(json.dumps(describe(bundle), indent=2))
+    return 0
+
+
+def _control(args: argparse.Namespace) -> int:
+    from serve.frontend.client import control
+
+    values: dict[str, str | bool] = {}
+    if getattr(args, "version", ""):
+        values["version"] = args.version
+    if args.command == "rollback":
+        values["rollback"] = True
+    control(args.url, "unload" if args.command == "unload" else "load", args.model, values)
+    print(f"{args.command}: {args.model} done")
+    return 0
 
 
 def demo_repository() -> Path:
     """The demo repository in the cache, built on first use in a subprocess (torch stays out)."""
-    target = cache_dir_from_env() / f"demo-{__version__}"
+    target = cache_dir_from_env() / f"demo-bundles-{__version__}"
     if not target.is_dir():
         log.info("building the demo models into %s (first run)", target)
         subprocess.run(
@@ -67,18 +134,23 @@ def demo_repository() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "demo":
-        from serve.testing.demo import build
-
-        build(Path(args.directory))
-        return 0
     try:
+        if args.command == "demo":
+            from serve.testing.demo import build
+
+            build(Path(args.directory), as_bundles=not args.sources)
+            return 0
+        if args.command == "bundle":
+            return _bundle(args)
+        if args.command in ("load", "unload", "rollback"):
+            return _control(args)
         server = server_config_from_env(
             host=args.host,
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             health_port=args.health_port,
             drain_delay_s=args.drain_delay,
+            model_control=args.model_control,
             max_message_bytes=args.max_message_bytes,
             grace_period_s=args.grace_period,
             log_level=args.log_level,
@@ -87,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         repository = Path(args.repository or default_repository_from_env() or demo_repository())
+        if not repository.is_dir():
+            raise ConfigError(f"model repository {repository} is not a directory")
         config = Config(
-            server=server, models=load_repository(repository), repository=str(repository)
+            server=server, repository=str(repository), cache_dir=str(cache_dir_from_env())
         )
-        if not config.models:
-            log.warning("no models in %s: the server will never be ready", repository)
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

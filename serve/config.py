@@ -84,6 +84,10 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device: str = "auto"  # "auto", "cpu" or "cuda:N"
     version: str = "1"
     latency_budget_ms: float = 0.0  # a probe slower than this fails; 0 = only probe.timeout_s
+    process: str = ""  # a Python module of the model folder with preprocess / postprocess
+    reference_profile: str = ""  # a file of the model folder describing reference inputs
+    model_inputs: tuple[str, ...] = ()  # the model's own input names when process renames them
+    model_outputs: tuple[str, ...] = ()  # the model's own output names when process renames them
     batching: BatchingConfig = BatchingConfig()
     pool: PoolConfig = PoolConfig()
     probe: ProbeConfig = ProbeConfig()
@@ -115,13 +119,16 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_message_bytes: int = 64 * 1024 * 1024
     grace_period_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
     drain_delay_s: float = 0.0  # on SIGTERM: NOT_SERVING first, keep serving this long, then stop
+    model_control: bool = False  # allow RepositoryModelLoad / Unload (rollouts, rollbacks)
+    rollout_watch_s: float = 30.0  # after a switch, a failing new version is rolled back
+    keep_previous_s: float = 60.0  # the previous version stays warm this long (instant rollback)
     log_level: str = "INFO"
 
 
 class Config(msgspec.Struct, frozen=True):
     server: ServerConfig
-    models: tuple[ModelConfig, ...]
-    repository: str = ""
+    repository: str  # folder of bundles / model folders
+    cache_dir: str  # where archives are unpacked (by bundle id)
 
 
 def validate_model(model: ModelConfig) -> None:
@@ -157,18 +164,24 @@ def validate_model(model: ModelConfig) -> None:
         fail("pool.workers and pool.max_inflight_per_worker must be >= 1")
     if model.pool.min_warm < 0 or model.pool.watchdog_s <= 0 or model.probe.interval_s <= 0:
         fail("pool.min_warm must be >= 0, pool.watchdog_s and probe.interval_s > 0")
-    for label, file in (
-        ("inputs_file", model.probe.inputs_file),
-        ("expected_file", model.probe.expected_file),
-    ):
+    for label, file in model_files(model).items():
         if file and model.directory and not (Path(model.directory) / file).is_file():
-            fail(f"probe.{label} {file!r} does not exist in {model.directory}")
+            fail(f"{label} {file!r} does not exist in {model.directory}")
     if model.batching.max_queue_size < 1 or model.batching.max_queue_delay_us < 0:
         fail("batching.max_queue_size must be >= 1 and max_queue_delay_us >= 0")
     if model.device != "auto" and model.device != "cpu" and not _is_cuda_device(model.device):
         fail(f"device must be 'auto', 'cpu' or 'cuda:N', got {model.device!r}")
-    if model.directory and not model.model_path.is_file():
-        fail(f"model_file {model.model_file!r} does not exist in {model.directory}")
+
+
+def model_files(model: ModelConfig) -> dict[str, str]:
+    """The files a model's configuration names, by the setting that names them."""
+    return {
+        "model_file": model.model_file,
+        "process": model.process,
+        "reference_profile": model.reference_profile,
+        "probe.inputs_file": model.probe.inputs_file,
+        "probe.expected_file": model.probe.expected_file,
+    }
 
 
 def _is_cuda_device(device: str) -> bool:
@@ -215,6 +228,9 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
         "http_port": "WARMSERVE_HTTP_PORT",
         "health_port": "WARMSERVE_HEALTH_PORT",
         "drain_delay_s": "WARMSERVE_DRAIN_DELAY_S",
+        "model_control": "WARMSERVE_MODEL_CONTROL",
+        "rollout_watch_s": "WARMSERVE_ROLLOUT_WATCH_S",
+        "keep_previous_s": "WARMSERVE_KEEP_PREVIOUS_S",
         "max_message_bytes": "WARMSERVE_MAX_MESSAGE_BYTES",
         "grace_period_s": "WARMSERVE_GRACE_PERIOD_S",
         "log_level": "WARMSERVE_LOG_LEVEL",

@@ -1,293 +1,88 @@
-"""The serving core as one object: models → batchers → warm worker pools.
+"""The serving core as one object: model versions → batchers → warm worker pools.
 
 ``Runtime`` is what the gRPC front end adapts, and what an application can use in-process to get
 the same warm pool and batching without a network hop::
 
-    runtime = Runtime(load_repository(Path("models")))
+    runtime = Runtime(scan(Path("models"), cache)[0])
     await runtime.start()
     response = await runtime.infer(InferRequest("mlp_onnx", [Tensor("INPUT0", Datatype.FP32, x)]))
+
+Each model has versions side by side, one of them active. A request may pin a version; otherwise
+the active one serves. ``rollout()`` starts a new version's own warm pool, waits for its probes,
+switches the active version in one step, watches it, and rolls back on its own if it falters.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from serve.batching import BatchResult, DynamicBatcher
-from serve.batching.merge import Array
-from serve.config import ModelConfig, TensorSpec
-from serve.errors import (
-    InvalidInputError,
-    ModelNotFoundError,
-    ModelNotReadyError,
-    ServeError,
-)
-from serve.pool.pool import WorkerPool
-from serve.protocol import Datatype, InferRequest, InferResponse, Tensor
-from serve.readiness.controller import WarmPoolController
-from serve.readiness.latency import ModelLatency
-from serve.telemetry.metrics import Metrics, outcome
-from serve.telemetry.stats import ModelStats
+from serve.bundles.repository import ModelSource, newest
+from serve.config import ModelConfig
+from serve.errors import InvalidBundleError, ModelNotFoundError, ModelNotReadyError
+from serve.model_service import ModelService, ModelState, ModelStatus
+from serve.protocol import InferRequest, InferResponse
+from serve.readiness.controller import DECISION_WINDOW_S, MIN_SAMPLES
+from serve.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-
-class ModelState(enum.Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"
+WATCH_TICK_S = 0.5
 
 
-@dataclass(frozen=True, slots=True)
-class ModelStatus:
+@dataclass
+class ModelEntry:
     name: str
-    version: str
-    state: ModelState
-    reason: str
+    versions: dict[str, ModelService] = field(default_factory=dict)
+    sources: dict[str, ModelSource] = field(default_factory=dict)
+    active: str = ""
+    previous: str = ""
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
-
-def _describe(spec: TensorSpec, batched: bool) -> str:
-    dims = ([-1] if batched else []) + list(spec.shape)
-    return f"{spec.datatype} {dims}"
-
-
-class ModelService:
-    """One model version: validation, its batcher, its worker pool and its controller."""
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        *,
-        log_level: str = "INFO",
-        on_change: Callable[[], None] | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self.config = config
-        self._metrics = metrics or Metrics()
-        self._ok = self._metrics.requests.labels(config.name, "ok")
-        self._duration = self._metrics.duration.labels(config.name)
-        self._batch_rows = self._metrics.batch_rows.labels(config.name)
-        self.stats = ModelStats()
-        self.latency = ModelLatency()
-        self.state = ModelState.LOADING
-        self.reason = "loading"
-        self._notify = on_change or (lambda: None)
-        self.pool = WorkerPool(config, log_level=log_level, on_change=self._pool_changed)
-        self.batcher = DynamicBatcher(
-            config.name,
-            self.pool,
-            max_batch_size=config.max_batch_size,
-            max_queue_delay_us=config.batching.max_queue_delay_us,
-            max_queue_size=config.batching.max_queue_size,
-            observer=self,
-        )
-        self.controller = WarmPoolController(
-            config, self.pool, self.latency, lambda: self.batcher.queue_depth, self._notify
-        )
-        self._batched = config.max_batch_size > 0
-        self._input_types = {s.name: Datatype(s.datatype) for s in config.inputs}
-        self._output_names = [s.name for s in config.outputs]
-
-    def _pool_changed(self) -> None:
-        self.controller.kick()  # probe a newly warm worker now, not at the next period
-        self._notify()
-
-    @property
-    def ready(self) -> bool:
-        """Loaded, and at least ``min_warm`` warm workers passed their latest probe."""
-        return (
-            self.state is ModelState.READY
-            and len(self.controller.healthy_workers()) >= self.config.pool.warm_floor
-        )
-
-    @property
-    def can_serve(self) -> bool:
-        """At least one warm worker (traffic is still served below the warm floor)."""
-        return self.state is ModelState.READY and self.pool.warm_count > 0
-
-    def readiness_reason(self) -> str:
-        if self.state is not ModelState.READY:
-            return self.reason
-        healthy = len(self.controller.healthy_workers())
-        floor = self.config.pool.warm_floor
-        return "" if healthy >= floor else f"{healthy} of {floor} warm workers pass their probes"
-
-    async def start(self) -> None:
-        """Start the workers, probe each by real inference, then take traffic."""
-        try:
-            await self.pool.start()
-            self.batcher.start()
-            await self.controller.probe_all()
-        except Exception as exc:
-            self.state = ModelState.UNAVAILABLE
-            self.reason = str(exc)
-            log.error("model %s failed to load: %s", self.config.name, exc)
-            await self.batcher.stop()
-            await self.pool.stop()
-            self._notify()
-            return
-        self.state = ModelState.READY
-        self.reason = ""
-        self.controller.start()
-        log.info(
-            "model %s version %s ready: %d of %d warm workers pass their probes",
-            self.config.name,
-            self.config.version,
-            len(self.controller.healthy_workers()),
-            self.config.pool.warm_floor,
-        )
-        self._notify()
-
-    async def stop(self) -> None:
-        self.state = ModelState.UNAVAILABLE
-        self.reason = "stopped"
-        await self.controller.stop()
-        await self.batcher.stop()
-        await self.pool.stop()
-        self._notify()
-
-    def batch_done(
-        self, rows: int, requests: int, queue_ns: Sequence[int], result: BatchResult | None
-    ) -> None:
-        """Batcher observer: cumulative statistics and the rolling latency windows."""
-        self.stats.batch_done(rows, requests, queue_ns, result)
-        self._batch_rows.observe(rows)
-        now = time.monotonic()
-        for ns in queue_ns:
-            self.latency.queue.add(ns / 1e9, now)
-        if result is not None:
-            self.latency.batches.add(rows, now)
-            self.latency.compute.add(result.timings_ns.get("compute", 0) / 1e9, now)
-            round_trip = result.timings_ns.get("round_trip", 0) / 1e9
-            self.latency.worker(result.worker).add(round_trip, now)
-
-    def prepare(self, request: InferRequest) -> tuple[list[Array], int]:
-        """Check the request against the signature; the inputs in model order and the row count."""
-        model = self.config
-        given = {t.name: t for t in request.inputs}
-        if len(given) != len(request.inputs):
-            raise InvalidInputError(f"model {model.name!r}: an input name appears twice")
-        unknown = sorted(set(given) - set(self._input_types))
-        if unknown:
-            expected = ", ".join(s.name for s in model.inputs)
-            raise InvalidInputError(
-                f"model {model.name!r} has no input {unknown[0]!r}; its inputs are: {expected}"
-            )
-        arrays: list[Array] = []
-        rows = 0
-        for spec in model.inputs:
-            tensor = given.get(spec.name)
-            if tensor is None:
-                raise InvalidInputError(
-                    f"model {model.name!r} expects input {spec.name!r} "
-                    f"({_describe(spec, self._batched)}); the request does not have it"
-                )
-            arrays.append(self._check_tensor(spec, tensor))
-            if self._batched:
-                if arrays[0].shape[0] != tensor.data.shape[0]:
-                    raise InvalidInputError(
-                        f"model {model.name!r}: input {spec.name!r} has batch size "
-                        f"{tensor.data.shape[0]} but input {model.inputs[0].name!r} has "
-                        f"{arrays[0].shape[0]}"
-                    )
-                rows = int(tensor.data.shape[0])
-        if request.outputs is not None:
-            for name in request.outputs:
-                if name not in self._output_names:
-                    raise InvalidInputError(
-                        f"model {model.name!r} has no output {name!r}; its outputs are: "
-                        + ", ".join(self._output_names)
-                    )
-        return arrays, rows if self._batched else 1
-
-    def _check_tensor(self, spec: TensorSpec, tensor: Tensor) -> Array:
-        model = self.config
-        expected = self._input_types[spec.name]
-        if tensor.datatype is not expected:
-            raise InvalidInputError(
-                f"model {model.name!r} input {spec.name!r}: expected datatype {expected}, "
-                f"got {tensor.datatype}"
-            )
-        shape = tensor.data.shape
-        dims = ((-1,) if self._batched else ()) + spec.shape
-        if len(shape) != len(dims) or any(
-            d != -1 and d != s for d, s in zip(dims, shape, strict=True)
-        ):
-            raise InvalidInputError(
-                f"model {model.name!r} input {spec.name!r}: expected shape {list(dims)}, "
-                f"got {list(shape)}"
-            )
-        if self._batched and not 1 <= shape[0] <= model.max_batch_size:
-            raise InvalidInputError(
-                f"model {model.name!r} input {spec.name!r}: batch size {shape[0]} is outside "
-                f"1..{model.max_batch_size} (max_batch_size)"
-            )
-        if any(s == 0 for s in shape):
-            raise InvalidInputError(
-                f"model {model.name!r} input {spec.name!r}: shape {list(shape)} has no elements"
-            )
-        return tensor.data
-
-    async def infer(self, request: InferRequest) -> InferResponse:
-        started = time.monotonic_ns()
-        rows = 0
-        try:
-            inputs, rows = self.prepare(request)
-            if not self.can_serve:
-                raise ModelNotReadyError(
-                    f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
-                )
-            outputs = await self.batcher.submit(inputs, rows, request.deadline)
-        except ServeError as exc:
-            self.stats.request_done(False, rows, time.monotonic_ns() - started)
-            self._metrics.requests.labels(self.config.name, outcome(exc)).inc()
-            raise
-        elapsed = time.monotonic_ns() - started
-        self.stats.request_done(True, rows, elapsed)
-        self.latency.end_to_end.add(elapsed / 1e9)
-        self._ok.inc()
-        self._duration.observe(elapsed / 1e9)
-        wanted = request.outputs
-        tensors = [
-            Tensor(spec.name, Datatype(spec.datatype), out)
-            for spec, out in zip(self.config.outputs, outputs, strict=True)
-            if wanted is None or spec.name in wanted
-        ]
-        return InferResponse(request.model_name, self.config.version, tensors, id=request.id)
+    def active_service(self) -> ModelService | None:
+        return self.versions.get(self.active)
 
 
 class Runtime:
     def __init__(
         self,
-        models: Sequence[ModelConfig],
+        models: Sequence[ModelSource | ModelConfig],
         *,
         log_level: str = "INFO",
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self._log_level = log_level
         self._listeners: list[Callable[[], None]] = []
-        self._services = {
-            m.name: ModelService(
-                m, log_level=log_level, on_change=self._changed, metrics=self.metrics
-            )
-            for m in models
-        }
+        self._entries: dict[str, ModelEntry] = {}
+        for item in models:
+            source = item if isinstance(item, ModelSource) else ModelSource(item)
+            entry = self._entries.setdefault(source.model.name, ModelEntry(source.model.name))
+            entry.sources[source.model.version] = source
+            entry.versions[source.model.version] = self._service(source)
         self.metrics.watch(self._gauges)
 
+    def _service(self, source: ModelSource) -> ModelService:
+        return ModelService(
+            source.model,
+            log_level=self._log_level,
+            on_change=self._changed,
+            metrics=self.metrics,
+            bundle_id=source.bundle_id,
+        )
+
     def _gauges(self) -> list[tuple[str, int, int, int]]:
-        return [
-            (
-                s.config.name,
-                s.batcher.queue_depth,
-                s.pool.warm_count,
-                len(s.controller.healthy_workers()),
-            )
-            for s in self._services.values()
-        ]
+        gauges = []
+        for entry in self._entries.values():
+            service = entry.active_service()
+            if service is not None:
+                healthy = len(service.controller.healthy_workers())
+                depth = service.batcher.queue_depth
+                gauges.append((entry.name, depth, service.pool.warm_count, healthy))
+        return gauges
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` whenever a model's readiness may have changed."""
@@ -298,11 +93,21 @@ class Runtime:
             listener()
 
     async def start(self) -> None:
-        """Start every model's pool; a model that fails is logged and stays UNAVAILABLE."""
-        await asyncio.gather(*(s.start() for s in self._services.values()))
+        """Start every version; each model's newest ready version becomes active."""
+        await asyncio.gather(*(s.start() for s in self.services()))
+        for entry in self._entries.values():
+            ready = [entry.sources[v] for v, s in entry.versions.items() if s.ready]
+            entry.active = newest(ready).model.version if ready else ""
+            if not entry.active and entry.sources:
+                entry.active = newest(list(entry.sources.values())).model.version
+        self._changed()
 
     async def stop(self) -> None:
-        await asyncio.gather(*(s.stop() for s in self._services.values()), return_exceptions=True)
+        for entry in self._entries.values():
+            for task in list(entry.tasks):
+                task.cancel()
+            await asyncio.gather(*entry.tasks, return_exceptions=True)
+        await asyncio.gather(*(s.stop() for s in self.services()), return_exceptions=True)
 
     @property
     def live(self) -> bool:
@@ -310,30 +115,176 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        """Every configured model is ready, and there is at least one."""
-        return bool(self._services) and all(s.ready for s in self._services.values())
+        """Every model's active version is ready, and there is at least one model."""
+        return bool(self._entries) and all(self.model_ready(name) for name in self._entries)
+
+    def model_names(self) -> list[str]:
+        return list(self._entries)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            return self.service(name, version).ready
+        except (ModelNotFoundError, ModelNotReadyError):
+            return False
 
     def service(self, name: str, version: str = "") -> ModelService:
-        service = self._services.get(name)
+        """The pinned version, or the active one."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(
+                f"unknown model {name!r}; serving: {', '.join(self._entries) or 'none'}"
+            )
+        if version:
+            service = entry.versions.get(version)
+            if service is None:
+                raise ModelNotFoundError(
+                    f"model {name!r} has no version {version!r}; loaded: "
+                    + ", ".join(entry.versions)
+                )
+            return service
+        service = entry.active_service()
         if service is None:
-            raise ModelNotFoundError(
-                f"unknown model {name!r}; serving: {', '.join(self._services) or 'none'}"
-            )
-        if version and version != service.config.version:
-            raise ModelNotFoundError(
-                f"model {name!r} has no version {version!r}; "
-                f"serving version {service.config.version!r}"
-            )
+            raise ModelNotReadyError(f"model {name!r} has no active version")
         return service
 
+    def versions(self, name: str) -> list[ModelService]:
+        """Every loaded version of ``name`` (NOT_FOUND for an unknown model)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"unknown model {name!r}")
+        return list(entry.versions.values())
+
     def services(self) -> list[ModelService]:
-        return list(self._services.values())
+        return [s for e in self._entries.values() for s in e.versions.values()]
 
     def statuses(self) -> list[ModelStatus]:
         return [
-            ModelStatus(s.config.name, s.config.version, s.state, s.readiness_reason())
-            for s in self._services.values()
+            ModelStatus(
+                s.config.name,
+                s.config.version,
+                s.state,
+                s.readiness_reason() or ("" if v == e.active else "loaded, not the active version"),
+            )
+            for e in self._entries.values()
+            for v, s in e.versions.items()
         ]
 
     async def infer(self, request: InferRequest) -> InferResponse:
         return await self.service(request.model_name, request.model_version).infer(request)
+
+    # -- versions -------------------------------------------------------------------------
+
+    async def rollout(self, source: ModelSource, *, watch_s: float, keep_previous_s: float) -> None:
+        """Warm ``source`` beside the active version, switch to it once its probes pass, watch it.
+
+        Raises (and keeps serving the old version) when the new one fails to warm or pass its
+        probes. During ``watch_s`` after the switch a failing probe or a P95 over the latency
+        budget switches back; the old version stays warm ``keep_previous_s`` for that.
+        """
+        name, version = source.key
+        entry = self._entries.setdefault(name, ModelEntry(name))
+        loaded = entry.sources.get(version)
+        if loaded is not None and loaded.bundle_id != source.bundle_id:
+            raise InvalidBundleError(
+                f"model {name!r} version {version!r} is loaded with different content "
+                f"(bundle {loaded.bundle_id[:12] or 'unverified'}); a version label names one "
+                "bundle: give the new bundle a new version"
+            )
+        if loaded is not None and version == entry.active and entry.versions[version].ready:
+            log.info("model %s version %s is already active", name, version)
+            return
+        service = entry.versions.get(version)
+        if service is None or service.state is not ModelState.READY:
+            service = self._service(source)
+            entry.versions[version], entry.sources[version] = service, source
+            await service.start()
+        if not service.ready:
+            reason = service.readiness_reason() or "not ready"
+            if version != entry.active:
+                del entry.versions[version], entry.sources[version]
+                await service.stop()
+            log.error("rollout of %s version %s refused: %s", name, version, reason)
+            raise ModelNotReadyError(
+                f"model {name!r} version {version!r} did not become ready ({reason}); "
+                f"still serving version {entry.active or 'none'}"
+            )
+        self._switch(entry, version, f"rollout (bundle {source.bundle_id[:12] or 'unverified'})")
+        if entry.previous:
+            self._spawn(entry, self._watch(entry, version, watch_s, keep_previous_s))
+
+    async def rollback(self, name: str, *, keep_previous_s: float) -> str:
+        """Return to the previous version: at once if it is still warm, else by a rollout."""
+        entry = self._entries.get(name)
+        if entry is None or not entry.previous:
+            raise ModelNotFoundError(f"model {name!r} has no previous version to roll back to")
+        target = entry.previous
+        service = entry.versions.get(target)
+        if service is not None and service.ready:
+            self._switch(entry, target, "rollback")
+            self._spawn(entry, self._retire_later(entry, entry.previous, keep_previous_s))
+        else:
+            await self.rollout(entry.sources[target], watch_s=0, keep_previous_s=keep_previous_s)
+        return target
+
+    async def unload(self, name: str, version: str = "") -> None:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"unknown model {name!r}")
+        versions = [version] if version else list(entry.versions)
+        for v in versions:
+            service = entry.versions.pop(v, None)
+            if service is None:
+                raise ModelNotFoundError(f"model {name!r} has no version {v!r} loaded")
+            if v == entry.active:
+                entry.active = ""
+            await service.drain()
+        if not entry.versions:
+            del self._entries[name]
+        self._changed()
+
+    def _switch(self, entry: ModelEntry, version: str, why: str) -> None:
+        if entry.active == version:
+            return
+        entry.previous, entry.active = entry.active, version  # one step: new calls go to it
+        log.info("model %s: version %s → %s (%s)", entry.name, entry.previous, version, why)
+        self._changed()
+
+    def _spawn(self, entry: ModelEntry, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        entry.tasks.add(task)
+        task.add_done_callback(entry.tasks.discard)
+
+    async def _watch(self, entry: ModelEntry, version: str, watch_s: float, keep_s: float) -> None:
+        service, old = entry.versions[version], entry.previous
+        budget = service.config.latency_budget_ms
+        loop = asyncio.get_running_loop()
+        end = loop.time() + watch_s
+        while loop.time() < end and entry.active == version:
+            await asyncio.sleep(WATCH_TICK_S)  # the watch window's period
+            p95 = service.latency.end_to_end.percentiles(last_s=DECISION_WINDOW_S)
+            reason = ""
+            if not service.ready:
+                reason = service.readiness_reason() or "not ready"
+            elif budget and p95.count >= MIN_SAMPLES and p95.p95_ms > budget:
+                reason = f"P95 {p95.p95_ms:.1f} ms over the {budget:g} ms budget"
+            old_service = entry.versions.get(old)
+            if reason and old_service is not None and old_service.ready:
+                log.error(
+                    "model %s version %s rolled back to %s: %s", entry.name, version, old, reason
+                )
+                self._switch(entry, old, f"automatic rollback: {reason}")
+                await self._retire(entry, version)
+                return
+        await self._retire_later(entry, old, keep_s)
+
+    async def _retire_later(self, entry: ModelEntry, version: str, keep_s: float) -> None:
+        await asyncio.sleep(keep_s)  # kept warm for an instant rollback until then
+        if version and version != entry.active:
+            await self._retire(entry, version)
+
+    async def _retire(self, entry: ModelEntry, version: str) -> None:
+        service = entry.versions.pop(version, None)
+        if service is not None:
+            log.info("model %s: retiring version %s", entry.name, version)
+            await service.drain()
+            self._changed()

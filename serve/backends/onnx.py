@@ -10,7 +10,6 @@ import onnxruntime as ort
 
 from serve.backends.base import Arrays, Backend, resolve_device
 from serve.config import ModelConfig
-from serve.protocol.datatypes import Datatype
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +48,28 @@ class OnnxBackend(Backend):
         self._session = ort.InferenceSession(str(model.model_path), options, providers=providers)
         graph_inputs = {i.name for i in self._session.get_inputs()}
         graph_outputs = {o.name for o in self._session.get_outputs()}
-        missing = [s.name for s in model.inputs if s.name not in graph_inputs]
-        missing += [s.name for s in model.outputs if s.name not in graph_outputs]
+        input_names = list(model.model_inputs) or [s.name for s in model.inputs]
+        output_names = list(model.model_outputs) or [s.name for s in model.outputs]
+        missing = [n for n in input_names if n not in graph_inputs]
+        missing += [n for n in output_names if n not in graph_outputs]
         if missing:
             raise ValueError(
                 f"{model.model_file} has no tensors named {missing}; "
                 f"graph inputs {sorted(graph_inputs)}, outputs {sorted(graph_outputs)}"
             )
-        self._output_names = [s.name for s in model.outputs]
-        self._bytes_inputs = [s.name for s in model.inputs if s.datatype == Datatype.BYTES]
-        self._bytes_outputs = {s.name for s in model.outputs if s.datatype == Datatype.BYTES}
+        self._output_names = output_names
 
     def run(self, inputs: Arrays) -> Arrays:
-        if self._bytes_inputs:  # onnxruntime takes string tensors as str, not bytes
-            inputs = dict(inputs)
-            for name in self._bytes_inputs:
-                inputs[name] = np.vectorize(_to_str, otypes=[np.object_])(inputs[name])
-        results = self._session.run(self._output_names, inputs)
+        # onnxruntime takes and returns string tensors as str; the protocol's BYTES are bytes
+        feed = {
+            name: np.vectorize(_to_str, otypes=[np.object_])(a) if a.dtype == np.object_ else a
+            for name, a in inputs.items()
+        }
+        results = self._session.run(self._output_names, feed)
         out: Arrays = {}
         for name, value in zip(self._output_names, results, strict=True):
             array = np.asarray(value)
-            if name in self._bytes_outputs:  # onnxruntime hands strings back as str
+            if array.dtype.kind in ("O", "U"):
                 array = np.vectorize(_to_bytes, otypes=[np.object_])(array)
             out[name] = array
         return out

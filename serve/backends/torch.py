@@ -37,14 +37,16 @@ class TorchBackend(Backend):
             raise RuntimeError(f"device {device} requested but torch sees no CUDA device")
         super().__init__(model, device, threads)
         torch.set_num_threads(threads)
-        if any(s.datatype == Datatype.BYTES for s in (*model.inputs, *model.outputs)):
+        if not model.process and any(
+            s.datatype == Datatype.BYTES for s in (*model.inputs, *model.outputs)
+        ):
             raise ValueError("the torch backend takes no BYTES tensors; pre-process them first")
         self._torch_device = torch.device(device)
         if device.startswith("cuda"):
             torch.cuda.set_device(self._torch_device)
         self._module = self._load(model)
-        self._input_names = [s.name for s in model.inputs]
-        self._output_names = [s.name for s in model.outputs]
+        self._input_names = list(model.model_inputs) or [s.name for s in model.inputs]
+        self._output_names = list(model.model_outputs) or [s.name for s in model.outputs]
         self._graphs: dict[tuple[tuple[int, ...], ...], _Graph] = {}
 
     def _load(self, model: ModelConfig) -> Any:

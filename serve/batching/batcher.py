@@ -110,6 +110,14 @@ class DynamicBatcher:
         if self._batches:
             await asyncio.gather(*self._batches, return_exceptions=True)
 
+    async def drain(self) -> None:
+        """Return once nothing is queued or running (callers stop sending first)."""
+        while self._queue or self._batches:
+            if self._batches:
+                await asyncio.wait(list(self._batches))
+            else:  # queued requests wait for a worker slot: look again shortly
+                await asyncio.sleep(0.005)
+
     async def submit(self, inputs: list[Array], rows: int, deadline: float | None) -> list[Array]:
         """Queue one request (inputs in model order) and wait for its own rows of every output."""
         if len(self._queue) >= self._max_queue:

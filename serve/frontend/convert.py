@@ -100,6 +100,16 @@ def _from_raw(name: str, datatype: Datatype, shape: tuple[int, ...], count: int,
     return np.frombuffer(raw, dtype=numpy_dtype(datatype)).reshape(shape)
 
 
+def repository_parameters(params: Any) -> dict[str, bool | int | str | bytes]:
+    """ModelRepositoryParameter map → plain values."""
+    out: dict[str, bool | int | str | bytes] = {}
+    for key, value in params.items():
+        kind = value.WhichOneof("parameter_choice")
+        if kind is not None:
+            out[key] = getattr(value, kind)
+    return out
+
+
 def infer_request_from_pb(request: Any, time_remaining: float | None) -> InferRequest:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):

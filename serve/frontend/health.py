@@ -45,9 +45,9 @@ class HealthService(health_pb2_grpc.HealthServicer):
             READINESS_SERVICE: SERVING if ready else NOT_SERVING,
             LIVENESS_SERVICE: SERVING,
         }
-        for service in self._runtime.services():
-            model_ready = self._gate.open and service.ready
-            statuses[service.config.name] = SERVING if model_ready else NOT_SERVING
+        for name in self._runtime.model_names():
+            model_ready = self._gate.open and self._runtime.model_ready(name)
+            statuses[name] = SERVING if model_ready else NOT_SERVING
         return statuses
 
     def refresh(self) -> None:

@@ -15,7 +15,7 @@ import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serve.errors import ModelNotFoundError
+from serve.errors import ModelNotFoundError, ModelNotReadyError
 from serve.frontend.gate import ReadinessGate
 from serve.runtime import Runtime
 
@@ -84,10 +84,12 @@ class HttpHealth:
             if len(parts) == 6 and parts[3] != "versions":
                 return 404, {"error": f"no route {path}"}
             try:
-                service = self._runtime.service(parts[2], version)
+                self._runtime.service(parts[2], version)
             except ModelNotFoundError as exc:
                 return 404, {"error": str(exc)}
-            ready = self._gate.open and service.ready
+            except ModelNotReadyError:
+                pass  # known, with no active version: not ready
+            ready = self._gate.open and self._runtime.model_ready(parts[2], version)
             return (200 if ready else 503), {"name": parts[2], "ready": ready}
         return 404, {"error": f"no route {path}"}
 

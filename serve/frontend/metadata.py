@@ -8,7 +8,7 @@ from serve import __version__
 from serve.config import ModelConfig, TensorSpec
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import model_config_pb2 as mc
-from serve.runtime import ModelService, ModelStatus
+from serve.model_service import ModelService, ModelStatus
 from serve.telemetry.stats import Duration, ModelStats
 
 SERVER_NAME = "warmserve"
@@ -25,11 +25,11 @@ def _dims(spec: TensorSpec, model: ModelConfig) -> list[int]:
     return ([-1] if model.max_batch_size > 0 else []) + list(spec.shape)
 
 
-def model_metadata(model: ModelConfig) -> Any:
+def model_metadata(model: ModelConfig, versions: list[str]) -> Any:
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=model.name,
-        versions=[model.version],
+        versions=versions,
         platform=PLATFORMS[model.backend],
         inputs=[
             tensor(name=s.name, datatype=s.datatype, shape=_dims(s, model)) for s in model.inputs

@@ -8,6 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from serve.config import ServerConfig
+from serve.control import ModelControl
 from serve.errors import ConfigError
 from serve.frontend.convert import loopback_request
 from serve.frontend.gate import ReadinessGate
@@ -22,11 +23,11 @@ LOOPBACK_TIMEOUT_S = 30.0
 
 
 class GrpcFrontend:
-    def __init__(self, config: ServerConfig, runtime: Runtime) -> None:
+    def __init__(self, config: ServerConfig, runtime: Runtime, control: ModelControl) -> None:
         self._config = config
         self._runtime = runtime
         self.gate = ReadinessGate()
-        self._servicer = InferenceServicer(runtime, self.gate)
+        self._servicer = InferenceServicer(runtime, self.gate, control)
         self.health = HealthService(runtime, self.gate)
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None

@@ -9,8 +9,13 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from serve.control import ModelControl
 from serve.frontend import metadata
-from serve.frontend.convert import infer_request_from_pb, infer_response_to_pb
+from serve.frontend.convert import (
+    infer_request_from_pb,
+    infer_response_to_pb,
+    repository_parameters,
+)
 from serve.frontend.gate import ReadinessGate
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
@@ -21,9 +26,10 @@ Context: TypeAlias = grpc.aio.ServicerContext
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, runtime: Runtime, gate: ReadinessGate) -> None:
+    def __init__(self, runtime: Runtime, gate: ReadinessGate, control: ModelControl) -> None:
         self._runtime = runtime
         self._gate = gate
+        self._control = control
 
     @translate_errors
     async def ServerLive(self, request: Any, context: Context) -> Any:
@@ -35,8 +41,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors
     async def ModelReady(self, request: Any, context: Context) -> Any:
-        service = self._runtime.service(request.name, request.version)
-        return pb.ModelReadyResponse(ready=self._gate.open and service.ready)
+        self._runtime.service(request.name, request.version)  # NOT_FOUND for unknown ones
+        ready = self._runtime.model_ready(request.name, request.version)
+        return pb.ModelReadyResponse(ready=self._gate.open and ready)
 
     @translate_errors
     async def ServerMetadata(self, request: Any, context: Context) -> Any:
@@ -44,7 +51,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors
     async def ModelMetadata(self, request: Any, context: Context) -> Any:
-        return metadata.model_metadata(self._runtime.service(request.name, request.version).config)
+        service = self._runtime.service(request.name, request.version)
+        versions = [s.config.version for s in self._runtime.versions(request.name)]
+        return metadata.model_metadata(service.config, versions)
 
     @translate_errors
     async def ModelConfig(self, request: Any, context: Context) -> Any:
@@ -52,8 +61,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors
     async def ModelStatistics(self, request: Any, context: Context) -> Any:
-        if request.name:
+        if request.name and request.version:
             services = [self._runtime.service(request.name, request.version)]
+        elif request.name:
+            services = self._runtime.versions(request.name)
         else:
             services = self._runtime.services()
         return metadata.model_statistics(services)
@@ -61,6 +72,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @translate_errors
     async def RepositoryIndex(self, request: Any, context: Context) -> Any:
         return metadata.repository_index(self._runtime.statuses(), request.ready)
+
+    @translate_errors
+    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
+        params = repository_parameters(request.parameters)
+        if params.get("rollback") is True:
+            await self._control.rollback(request.model_name)
+        else:
+            await self._control.load(request.model_name, str(params.get("version", "")))
+        return pb.RepositoryModelLoadResponse()
+
+    @translate_errors
+    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
+        params = repository_parameters(request.parameters)
+        await self._control.unload(request.model_name, str(params.get("version", "")))
+        return pb.RepositoryModelUnloadResponse()
 
     @translate_errors
     async def ModelInfer(self, request: Any, context: Context) -> Any:

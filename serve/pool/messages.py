@@ -42,6 +42,7 @@ class Init(msgspec.Struct, frozen=True, tag=True):
     slots: int
     slot_bytes: int
     fixed_shapes: bool | None
+    bundle_id: str = ""  # verify the model's directory against this id before loading
 
 
 class RunBatch(msgspec.Struct, frozen=True, tag=True):

@@ -72,6 +72,7 @@ class WorkerPool:
         *,
         log_level: str = "INFO",
         on_change: Callable[[], None] | None = None,
+        bundle_id: str = "",
     ) -> None:
         self.model = model
         self.target = model.pool.workers
@@ -84,6 +85,7 @@ class WorkerPool:
             startup_timeout_s=model.pool.startup_timeout_s,
             watchdog_s=model.pool.watchdog_s,
             log_level=log_level,
+            bundle_id=bundle_id,
         )
         self._notify = on_change or (lambda: None)
         self._workers: list[WorkerHandle] = []

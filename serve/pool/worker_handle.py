@@ -56,6 +56,7 @@ class WorkerSettings:
     watchdog_s: float = 30.0
     stop_timeout_s: float = 10.0
     log_level: str = "INFO"
+    bundle_id: str = ""  # the worker verifies the bundle against it before loading anything
 
 
 class WorkerHandle:
@@ -148,6 +149,7 @@ class WorkerHandle:
                 self.settings.slots,
                 self.settings.slot_bytes,
                 self.model.batching.pad_to_bucket,
+                self.settings.bundle_id,
             )
         )
         started = time.monotonic()

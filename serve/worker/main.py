@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from serve.pool.messages import (
     to_worker_decoder,
 )
 from serve.protocol.datatypes import Datatype, datatype_of
+from serve.worker.process import Processing
 
 log = logging.getLogger("serve.worker")
 
@@ -95,6 +97,12 @@ class Worker:
         self.inputs = Arena(in_fd, init.slots, init.slot_bytes)
         self.outputs = Arena(out_fd, init.slots, init.slot_bytes)
         start = time.monotonic()
+        if init.bundle_id:  # before any of the bundle's code is imported or weights are read
+            from serve.bundles.verify import verify_bundle
+
+            verify_bundle(Path(self.model.directory), init.bundle_id)
+        module = f"warmserve_bundle_{(init.bundle_id or 'source')[:12]}_{self.model.name}"
+        self.processing = Processing(self.model, module)
         self.backend = load_backend(self.model, init.device, init.threads)
         self.load_s = time.monotonic() - start
         fixed = init.fixed_shapes if init.fixed_shapes is not None else self.backend.fixed_shapes
@@ -108,9 +116,9 @@ class Worker:
 
         start = time.monotonic()
         for rows in self.buckets or (None,):
-            inputs = sample_inputs(self.model, rows)
+            inputs = self.processing.preprocess(sample_inputs(self.model, rows))
             self.backend.warm(inputs)
-            self._check_outputs(self.backend.run(inputs), rows)
+            self._check_outputs(self.processing.postprocess(self.backend.run(inputs)), rows)
             log.debug("warmed batch shape %s", rows)
         return time.monotonic() - start
 
@@ -148,7 +156,9 @@ class Worker:
             return BatchFailed(message.batch_id, "invalid_input", f"cannot read inputs: {exc}")
         t1 = time.perf_counter_ns()
         try:
-            outputs = self.backend.run(arrays)
+            outputs = self.processing.postprocess(
+                self.backend.run(self.processing.preprocess(arrays))
+            )
             self._check_outputs(outputs, None)
         except Exception as exc:
             if self.backend.is_fatal(exc):

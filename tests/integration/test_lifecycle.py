@@ -94,7 +94,9 @@ def test_serve_without_a_repository_builds_and_serves_the_demo_models(tmp_path):
         server.wait_ready(timeout=300)
         names = sorted(m.name for m in server.client.get_model_repository_index().models)
         assert names == ["image_cnn", "mlp_onnx", "mlp_torch"]
-        assert any((tmp_path / "cache").glob("demo-*/mlp_onnx/model.toml"))
+        assert any((tmp_path / "cache").glob("demo-bundles-*/mlp_onnx/1/manifest.json"))
+        response = server.client.infer("mlp_torch", _mlp_input(np.ones((1, 64), np.float32)))
+        assert len(response.get_response().parameters["bundle_id"].string_param) == 64
         x = np.ones((1, 64), np.float32)
         got = server.client.infer("mlp_torch", _mlp_input(x)).as_numpy("OUTPUT0")
         np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)

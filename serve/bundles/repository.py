@@ -1,0 +1,84 @@
+"""A model repository: a folder of bundles (directories with manifest.json, or .wsb archives),
+optionally grouped as ``NAME/VERSION/``, and of plain model folders (model.toml, unverified:
+for development). A bundle that fails verification is refused and reported; the rest load."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve.bundles.archive import SUFFIX, extract_archive
+from serve.bundles.manifest import MANIFEST_FILE
+from serve.bundles.verify import verify_bundle
+from serve.config import MODEL_CONFIG_FILE, ModelConfig, load_model_dir
+from serve.errors import InvalidBundleError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    model: ModelConfig  # with ``directory`` set
+    bundle_id: str = ""  # "" for an unverified model folder
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.model.name, self.model.version
+
+
+def load_source(path: Path, cache: Path) -> ModelSource:
+    """One bundle directory, archive or model folder, verified where it is a bundle."""
+    if path.is_file() and path.suffix == SUFFIX:
+        bundle = extract_archive(path, cache)
+        return ModelSource(bundle.model, bundle.id)
+    if (path / MANIFEST_FILE).is_file():
+        bundle = verify_bundle(path)
+        return ModelSource(bundle.model, bundle.id)
+    if (path / MODEL_CONFIG_FILE).is_file():
+        return ModelSource(load_model_dir(path))
+    raise InvalidBundleError(f"{path} is neither a bundle nor a model folder")
+
+
+def _candidates(root: Path) -> list[Path]:
+    found: list[Path] = []
+    for child in sorted(root.iterdir()):
+        if (child.suffix == SUFFIX and child.is_file()) or (
+            child.is_dir()
+            and ((child / MANIFEST_FILE).is_file() or (child / MODEL_CONFIG_FILE).is_file())
+        ):
+            found.append(child)
+        elif child.is_dir() and not child.name.startswith("."):
+            found.extend(_candidates(child))  # NAME/VERSION/ layout
+    return found
+
+
+def scan(root: Path, cache: Path) -> tuple[list[ModelSource], list[str]]:
+    """Every loadable source under ``root``, and a message for each one refused."""
+    if not root.is_dir():
+        raise InvalidBundleError(f"model repository {root} is not a directory")
+    sources: dict[tuple[str, str], ModelSource] = {}
+    problems: list[str] = []
+    for path in _candidates(root):
+        try:
+            source = load_source(path, cache)
+        except InvalidBundleError as exc:
+            problems.append(str(exc))
+            log.error("refused: %s", exc)
+            continue
+        if source.key in sources:
+            problems.append(f"{path}: {source.key[0]} version {source.key[1]} appears twice")
+            log.error("refused: %s", problems[-1])
+            continue
+        sources[source.key] = source
+    return list(sources.values()), problems
+
+
+def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key for version labels: numeric parts numerically ("10" after "9")."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-_]", version))
+
+
+def newest(sources: list[ModelSource]) -> ModelSource:
+    return max(sources, key=lambda s: version_order(s.model.version))

@@ -1,0 +1,93 @@
+"""Verification of a bundle directory before any of its code is imported or weights are read."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from serve.bundles.manifest import FORMAT, MANIFEST_FILE, Manifest, bundle_id, decode, encode
+from serve.config import ModelConfig, validate_model
+from serve.errors import InvalidBundleError
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedBundle:
+    path: Path
+    id: str
+    manifest: Manifest
+
+    @property
+    def model(self) -> ModelConfig:
+        """The model configuration, pointing at this bundle's directory."""
+        return msgspec.structs.replace(self.manifest.model, directory=str(self.path))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_files(root: Path) -> list[str]:
+    """Every file under ``root`` except the manifest, as sorted relative paths.
+
+    Raises InvalidBundleError for anything that is not a regular file or directory (symlinks
+    could point outside the bundle, where no hash covers them).
+    """
+    found: list[str] = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            raise InvalidBundleError(f"bundle {root}: {relative} is a symbolic link")
+        if path.is_file():
+            if relative != MANIFEST_FILE:
+                found.append(relative)
+        elif not path.is_dir():
+            raise InvalidBundleError(f"bundle {root}: {relative} is not a regular file")
+    return found
+
+
+def verify_bundle(root: Path, expected_id: str = "") -> VerifiedBundle:
+    """Check the manifest is canonical and every file is present, unchanged and accounted for.
+
+    Raises InvalidBundleError naming the first file that differs.
+    """
+    root = root.resolve()
+    manifest_path = root / MANIFEST_FILE
+    try:
+        raw = manifest_path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidBundleError(f"bundle {root}: no {MANIFEST_FILE}") from None
+    try:
+        manifest = decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidBundleError(f"bundle {root}: {MANIFEST_FILE} is invalid: {exc}") from None
+    if manifest.format != FORMAT:
+        raise InvalidBundleError(f"bundle {root}: format {manifest.format}, expected {FORMAT}")
+    if encode(manifest) != raw:
+        raise InvalidBundleError(f"bundle {root}: {MANIFEST_FILE} is not in canonical form")
+    identity = bundle_id(raw)
+    if expected_id and identity != expected_id:
+        raise InvalidBundleError(
+            f"bundle {root}: id {identity[:12]} is not the expected {expected_id[:12]}"
+        )
+    listed = {entry.path: entry for entry in manifest.files}
+    present = set(list_files(root))
+    for path in sorted(set(listed) - present):
+        raise InvalidBundleError(f"bundle {root}: file {path} is missing")
+    for path in sorted(present - set(listed)):
+        raise InvalidBundleError(f"bundle {root}: file {path} is not in the manifest")
+    for path, entry in sorted(listed.items()):
+        file = root / path
+        if file.stat().st_size != entry.size or sha256_file(file) != entry.sha256:
+            raise InvalidBundleError(f"bundle {root}: file {path} does not match its sha256")
+    bundle = VerifiedBundle(root, identity, manifest)
+    validate_model(bundle.model)
+    return bundle

@@ -1,0 +1,61 @@
+"""Model control: load a version from the repository (a rollout), roll back, unload.
+
+Off unless ``model_control`` is enabled: a serving process should not change what it serves
+unless its operator asked for that mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from serve.bundles.repository import newest, scan
+from serve.config import ServerConfig
+from serve.errors import ConfigError, ModelNotFoundError
+from serve.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class ModelControl:
+    def __init__(
+        self, runtime: Runtime, config: ServerConfig, repository: Path, cache: Path
+    ) -> None:
+        self._runtime = runtime
+        self._config = config
+        self._repository = repository
+        self._cache = cache
+
+    def _check_enabled(self) -> None:
+        if not self._config.model_control:
+            raise ConfigError(
+                "model control is disabled on this server; start it with --model-control "
+                "(WARMSERVE_MODEL_CONTROL=true) to load, unload or roll back models"
+            )
+
+    async def load(self, name: str, version: str = "") -> str:
+        """Roll out ``version`` of ``name`` (default: its newest) from the repository."""
+        self._check_enabled()
+        sources, refused = scan(self._repository, self._cache)
+        candidates = [s for s in sources if s.model.name == name]
+        if version:
+            candidates = [s for s in candidates if s.model.version == version]
+        if not candidates:
+            detail = f"; refused: {' | '.join(refused)}" if refused else ""
+            wanted = f"{name!r} version {version!r}" if version else repr(name)
+            raise ModelNotFoundError(f"no valid bundle of {wanted} in {self._repository}{detail}")
+        source = newest(candidates)
+        await self._runtime.rollout(
+            source,
+            watch_s=self._config.rollout_watch_s,
+            keep_previous_s=self._config.keep_previous_s,
+        )
+        return source.model.version
+
+    async def rollback(self, name: str) -> str:
+        self._check_enabled()
+        return await self._runtime.rollback(name, keep_previous_s=self._config.keep_previous_s)
+
+    async def unload(self, name: str, version: str = "") -> None:
+        self._check_enabled()
+        await self._runtime.unload(name, version)

@@ -1,0 +1,268 @@
+"""One model version as a service: validation, its batcher, its worker pool, its controller."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from serve.batching import BatchResult, DynamicBatcher
+from serve.batching.merge import Array
+from serve.config import ModelConfig, TensorSpec
+from serve.errors import InvalidInputError, ModelNotReadyError, ServeError
+from serve.pool.pool import WorkerPool
+from serve.protocol import Datatype, InferRequest, InferResponse, Tensor
+from serve.protocol.tensors import Parameters
+from serve.readiness.controller import WarmPoolController
+from serve.readiness.latency import ModelLatency
+from serve.telemetry.metrics import Metrics, outcome
+from serve.telemetry.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 60.0
+
+
+class ModelState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    name: str
+    version: str
+    state: ModelState
+    reason: str
+
+
+def _describe(spec: TensorSpec, batched: bool) -> str:
+    dims = ([-1] if batched else []) + list(spec.shape)
+    return f"{spec.datatype} {dims}"
+
+
+class ModelService:
+    """One model version: validation, its batcher, its worker pool and its controller."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        log_level: str = "INFO",
+        on_change: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
+        bundle_id: str = "",
+    ) -> None:
+        self.config = config
+        self.bundle_id = bundle_id
+        self._metrics = metrics or Metrics()
+        self._ok = self._metrics.requests.labels(config.name, "ok")
+        self._duration = self._metrics.duration.labels(config.name)
+        self._batch_rows = self._metrics.batch_rows.labels(config.name)
+        self.stats = ModelStats()
+        self.latency = ModelLatency()
+        self.state = ModelState.LOADING
+        self.reason = "loading"
+        self._notify = on_change or (lambda: None)
+        self.pool = WorkerPool(
+            config, log_level=log_level, on_change=self._pool_changed, bundle_id=bundle_id
+        )
+        self.batcher = DynamicBatcher(
+            config.name,
+            self.pool,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_us=config.batching.max_queue_delay_us,
+            max_queue_size=config.batching.max_queue_size,
+            observer=self,
+        )
+        self.controller = WarmPoolController(
+            config, self.pool, self.latency, lambda: self.batcher.queue_depth, self._notify
+        )
+        self._batched = config.max_batch_size > 0
+        self._input_types = {s.name: Datatype(s.datatype) for s in config.inputs}
+        self._output_names = [s.name for s in config.outputs]
+
+    def _pool_changed(self) -> None:
+        self.controller.kick()  # probe a newly warm worker now, not at the next period
+        self._notify()
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, and at least ``min_warm`` warm workers passed their latest probe."""
+        return (
+            self.state is ModelState.READY
+            and len(self.controller.healthy_workers()) >= self.config.pool.warm_floor
+        )
+
+    @property
+    def can_serve(self) -> bool:
+        """At least one warm worker (traffic is still served below the warm floor)."""
+        return self.state is ModelState.READY and self.pool.warm_count > 0
+
+    def readiness_reason(self) -> str:
+        if self.state is not ModelState.READY:
+            return self.reason
+        healthy = len(self.controller.healthy_workers())
+        floor = self.config.pool.warm_floor
+        return "" if healthy >= floor else f"{healthy} of {floor} warm workers pass their probes"
+
+    async def start(self) -> None:
+        """Start the workers, probe each by real inference, then take traffic."""
+        try:
+            await self.pool.start()
+            self.batcher.start()
+            await self.controller.probe_all()
+        except Exception as exc:
+            self.state = ModelState.UNAVAILABLE
+            self.reason = str(exc)
+            log.error("model %s failed to load: %s", self.config.name, exc)
+            await self.batcher.stop()
+            await self.pool.stop()
+            self._notify()
+            return
+        self.state = ModelState.READY
+        self.reason = ""
+        self.controller.start()
+        log.info(
+            "model %s version %s ready: %d of %d warm workers pass their probes",
+            self.config.name,
+            self.config.version,
+            len(self.controller.healthy_workers()),
+            self.config.pool.warm_floor,
+        )
+        self._notify()
+
+    async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        """Let requests already routed here finish (none new arrive), then stop."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.batcher.drain()
+        except TimeoutError:
+            log.warning(
+                "model %s version %s: drain timed out", self.config.name, self.config.version
+            )
+        await self.stop()
+
+    async def stop(self) -> None:
+        self.state = ModelState.UNAVAILABLE
+        self.reason = "stopped"
+        await self.controller.stop()
+        await self.batcher.stop()
+        await self.pool.stop()
+        self._notify()
+
+    def batch_done(
+        self, rows: int, requests: int, queue_ns: Sequence[int], result: BatchResult | None
+    ) -> None:
+        """Batcher observer: cumulative statistics and the rolling latency windows."""
+        self.stats.batch_done(rows, requests, queue_ns, result)
+        self._batch_rows.observe(rows)
+        now = time.monotonic()
+        for ns in queue_ns:
+            self.latency.queue.add(ns / 1e9, now)
+        if result is not None:
+            self.latency.batches.add(rows, now)
+            self.latency.compute.add(result.timings_ns.get("compute", 0) / 1e9, now)
+            round_trip = result.timings_ns.get("round_trip", 0) / 1e9
+            self.latency.worker(result.worker).add(round_trip, now)
+
+    def prepare(self, request: InferRequest) -> tuple[list[Array], int]:
+        """Check the request against the signature; the inputs in model order and the row count."""
+        model = self.config
+        given = {t.name: t for t in request.inputs}
+        if len(given) != len(request.inputs):
+            raise InvalidInputError(f"model {model.name!r}: an input name appears twice")
+        unknown = sorted(set(given) - set(self._input_types))
+        if unknown:
+            expected = ", ".join(s.name for s in model.inputs)
+            raise InvalidInputError(
+                f"model {model.name!r} has no input {unknown[0]!r}; its inputs are: {expected}"
+            )
+        arrays: list[Array] = []
+        rows = 0
+        for spec in model.inputs:
+            tensor = given.get(spec.name)
+            if tensor is None:
+                raise InvalidInputError(
+                    f"model {model.name!r} expects input {spec.name!r} "
+                    f"({_describe(spec, self._batched)}); the request does not have it"
+                )
+            arrays.append(self._check_tensor(spec, tensor))
+            if self._batched:
+                if arrays[0].shape[0] != tensor.data.shape[0]:
+                    raise InvalidInputError(
+                        f"model {model.name!r}: input {spec.name!r} has batch size "
+                        f"{tensor.data.shape[0]} but input {model.inputs[0].name!r} has "
+                        f"{arrays[0].shape[0]}"
+                    )
+                rows = int(tensor.data.shape[0])
+        if request.outputs is not None:
+            for name in request.outputs:
+                if name not in self._output_names:
+                    raise InvalidInputError(
+                        f"model {model.name!r} has no output {name!r}; its outputs are: "
+                        + ", ".join(self._output_names)
+                    )
+        return arrays, rows if self._batched else 1
+
+    def _check_tensor(self, spec: TensorSpec, tensor: Tensor) -> Array:
+        model = self.config
+        expected = self._input_types[spec.name]
+        if tensor.datatype is not expected:
+            raise InvalidInputError(
+                f"model {model.name!r} input {spec.name!r}: expected datatype {expected}, "
+                f"got {tensor.datatype}"
+            )
+        shape = tensor.data.shape
+        dims = ((-1,) if self._batched else ()) + spec.shape
+        if len(shape) != len(dims) or any(
+            d != -1 and d != s for d, s in zip(dims, shape, strict=True)
+        ):
+            raise InvalidInputError(
+                f"model {model.name!r} input {spec.name!r}: expected shape {list(dims)}, "
+                f"got {list(shape)}"
+            )
+        if self._batched and not 1 <= shape[0] <= model.max_batch_size:
+            raise InvalidInputError(
+                f"model {model.name!r} input {spec.name!r}: batch size {shape[0]} is outside "
+                f"1..{model.max_batch_size} (max_batch_size)"
+            )
+        if any(s == 0 for s in shape):
+            raise InvalidInputError(
+                f"model {model.name!r} input {spec.name!r}: shape {list(shape)} has no elements"
+            )
+        return tensor.data
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        started = time.monotonic_ns()
+        rows = 0
+        try:
+            inputs, rows = self.prepare(request)
+            if not self.can_serve:
+                raise ModelNotReadyError(
+                    f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
+                )
+            outputs = await self.batcher.submit(inputs, rows, request.deadline)
+        except ServeError as exc:
+            self.stats.request_done(False, rows, time.monotonic_ns() - started)
+            self._metrics.requests.labels(self.config.name, outcome(exc)).inc()
+            raise
+        elapsed = time.monotonic_ns() - started
+        self.stats.request_done(True, rows, elapsed)
+        self.latency.end_to_end.add(elapsed / 1e9)
+        self._ok.inc()
+        self._duration.observe(elapsed / 1e9)
+        wanted = request.outputs
+        tensors = [
+            Tensor(spec.name, Datatype(spec.datatype), out)
+            for spec, out in zip(self.config.outputs, outputs, strict=True)
+            if wanted is None or spec.name in wanted
+        ]
+        parameters: Parameters = {"bundle_id": self.bundle_id} if self.bundle_id else {}
+        return InferResponse(
+            request.model_name, self.config.version, tensors, id=request.id, parameters=parameters
+        )

@@ -1,0 +1,53 @@
+"""A model's own pre- and post-processing code, imported from its (verified) folder.
+
+The module may define ``preprocess(inputs) -> dict`` (wire inputs → the model's inputs) and
+``postprocess(outputs) -> dict`` (the model's outputs → wire outputs); both take and return
+dicts of numpy arrays keyed by tensor name, and run inside the worker, in the same process as
+the model, so code and weights of one bundle always run together.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy.typing as npt
+
+from serve.config import ModelConfig
+
+Arrays = dict[str, npt.NDArray[Any]]
+Step = Callable[[Arrays], Arrays]
+
+
+def _identity(arrays: Arrays) -> Arrays:
+    return arrays
+
+
+class Processing:
+    def __init__(self, model: ModelConfig, module_name: str) -> None:
+        self.preprocess: Step = _identity
+        self.postprocess: Step = _identity
+        if not model.process:
+            return
+        path = Path(model.directory) / model.process
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        self.preprocess = _checked(getattr(module, "preprocess", _identity), "preprocess")
+        self.postprocess = _checked(getattr(module, "postprocess", _identity), "postprocess")
+
+
+def _checked(step: Step, name: str) -> Step:
+    def run(arrays: Arrays) -> Arrays:
+        result = step(arrays)
+        if not isinstance(result, dict):
+            raise TypeError(f"{name} returned {type(result).__name__}, expected a dict of arrays")
+        return result
+
+    return run
