@@ -45,8 +45,38 @@ unit: venv
 integration: venv
 	$(PY) -m pytest -q tests/integration
 
-test: venv lint typecheck
+test: venv lint typecheck deploy-check
 	$(PY) -m pytest -q -ra
+
+# --- deployment (deploy/README.md) -------------------------------------------------------------
+.PHONY: deploy-check image-tag image
+BUNDLES_DIR ?= build/bundles
+IMAGE_REPO ?= registry.example.com/ml/warmserve
+DEPLOY_OUT := build/deploy
+
+# Offline: render the example overlay (kubectl kustomize; deploy/render.py when kubectl is
+# missing) into build/deploy/, validate every object strictly against Kubernetes 1.27 and the
+# newest schemas and cross-check it against the server's config (tests/unit/test_deploy.py),
+# test the image tag, lint the Dockerfile and the deploy scripts.
+deploy-check: venv
+	mkdir -p $(DEPLOY_OUT)
+	$(PY) deploy/render.py deploy/k8s/overlays/example > $(DEPLOY_OUT)/example.yaml
+	$(PY) -m pytest -q tests/unit/test_deploy.py tests/unit/test_image_tag.py
+	$(VENV)/bin/hadolint --config deploy/.hadolint.yaml deploy/Dockerfile
+	$(VENV)/bin/ruff check deploy
+	$(VENV)/bin/ruff format --check deploy
+
+# The model folders baked into the image: the demo models unless BUNDLES_DIR names others.
+build/bundles: | venv
+	$(VENV)/bin/warmserve demo $@ >&2
+
+# The immutable tag for BUNDLES_DIR and this source tree: `make -s image-tag`.
+image-tag: venv $(BUNDLES_DIR)
+	@$(PY) deploy/image_tag.py $(BUNDLES_DIR)
+
+# Prints the docker build command for that tag; it does not run it (no Docker engine here).
+image: venv $(BUNDLES_DIR)
+	@$(PY) deploy/image_tag.py --docker-build --repo $(IMAGE_REPO) $(BUNDLES_DIR)
 
 perf-analyzer:
 	bash benchmarks/install_perf_analyzer.sh

@@ -108,7 +108,12 @@ class ModelService:
             return self.reason
         healthy = len(self.controller.healthy_workers())
         floor = self.config.pool.warm_floor
-        return "" if healthy >= floor else f"{healthy} of {floor} warm workers pass their probes"
+        if healthy >= floor:
+            return ""
+        last = self.controller.last_failure
+        return f"{healthy} of {floor} warm workers pass their probes" + (
+            f"; last failure: {last}" if last else ""
+        )
 
     async def start(self) -> None:
         """Start the workers, probe each by real inference, then take traffic."""

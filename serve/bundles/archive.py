@@ -32,7 +32,10 @@ def write_archive(bundle: Path, archive: Path) -> Path:
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             tar.addfile(info, io.BytesIO(data))
-    with archive.open("wb") as stream, gzip.GzipFile(fileobj=stream, mode="wb", mtime=0) as gz:
+    with (
+        archive.open("wb") as stream,
+        gzip.GzipFile(filename="", fileobj=stream, mode="wb", mtime=0) as gz,
+    ):
         gz.write(raw.getvalue())
     return archive
 

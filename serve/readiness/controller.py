@@ -45,6 +45,7 @@ class WarmPoolController:
         self._under_since: float | None = None
         self._slow_ticks: dict[str, int] = {}
         self._kicked = asyncio.Event()
+        self.last_failure = ""  # the latest failed probe, for the reason readiness gives
 
     def healthy_workers(self) -> list[WorkerHandle]:
         """Warm workers that passed their latest probe."""
@@ -113,6 +114,7 @@ class WarmPoolController:
             return
         worker.probed_ok = False
         worker.probe_failures += 1
+        self.last_failure = f"worker {worker.worker_id}: {result.reason}"
         log.warning(
             "worker %s failed its probe (%d in a row): %s",
             worker.worker_id,

@@ -1,0 +1,272 @@
+"""Bundles served end to end: verification, pinning, rollout and rollback under load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+
+from serve.bundles.build import build_bundle
+from serve.testing.models import build_mlp_onnx, mlp_reference
+from tests.integration.harness import ServerProcess, wait_until
+
+OFFSET_POST = "def postprocess(outputs):\n    return {{'OUTPUT0': outputs['OUTPUT0'] + {offset}}}\n"
+FAST_PROBES = {"interval_s": 0.3, "timeout_s": 2.0, "failures_to_replace": 1}
+
+
+def mlp_bundle(
+    tmp: Path,
+    repo: Path,
+    version: str,
+    offset: float = 0.0,
+    code: str = "",
+    arrays: dict[str, dict[str, np.ndarray]] | None = None,
+    **config,
+):
+    """The demo MLP as bundle ``mlp`` ``version``, its outputs shifted by ``offset``; ``arrays``
+    are .npz files (name → arrays) to put in the bundle."""
+    config.setdefault("probe", FAST_PROBES)
+    folder = build_mlp_onnx(
+        tmp / f"src-{version}", name="mlp", version=version, process="process.py", **config
+    )
+    (folder / "process.py").write_text(code or OFFSET_POST.format(offset=offset))
+    for name, content in (arrays or {}).items():
+        np.savez(folder / name, **content)
+    return build_bundle(folder, repo / "mlp" / version)
+
+
+def _input(rows: int = 1, seed: int = 0) -> tuple[np.ndarray, list[triton.InferInput]]:
+    x = np.random.default_rng(seed).standard_normal((rows, 64)).astype(np.float32)
+    tensor = triton.InferInput("INPUT0", [rows, 64], "FP32")
+    tensor.set_data_from_numpy(x)
+    return x, [tensor]
+
+
+def test_bundles_answer_with_their_version_and_id_and_a_version_can_be_pinned(tmp_path):
+    repo = tmp_path / "repo"
+    first = mlp_bundle(tmp_path, repo, "1", 0.0)
+    second = mlp_bundle(tmp_path, repo, "2", 1000.0)
+    server = ServerProcess(tmp_path / "server.log", repo)
+    try:
+        server.wait_ready()
+        x, inputs = _input(2)
+        result = server.client.infer("mlp", inputs)
+        response = result.get_response()
+        assert response.model_version == "2"
+        assert response.parameters["bundle_id"].string_param == second.id
+        np.testing.assert_allclose(result.as_numpy("OUTPUT0"), mlp_reference(x) + 1000, rtol=1e-4)
+        pinned = server.client.infer("mlp", inputs, model_version="1")
+        assert pinned.get_response().parameters["bundle_id"].string_param == first.id
+        np.testing.assert_allclose(
+            pinned.as_numpy("OUTPUT0"), mlp_reference(x), rtol=1e-4, atol=1e-5
+        )
+        with pytest.raises(triton.InferenceServerException, match="no version '3'"):
+            server.client.infer("mlp", inputs, model_version="3")
+        assert sorted(server.client.get_model_metadata("mlp").versions) == ["1", "2"]
+        index = {
+            (m.version, m.state, m.reason)
+            for m in server.client.get_model_repository_index().models
+        }
+        assert index == {("1", "READY", "loaded, not the active version"), ("2", "READY", "")}
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_tampered_bundle_is_refused_while_the_others_serve(tmp_path):
+    repo = tmp_path / "repo"
+    mlp_bundle(tmp_path, repo, "1")
+    bad = build_bundle(build_mlp_onnx(tmp_path / "src-other", name="other"), repo / "other" / "1")
+    (bad.path / "extra.txt").write_text("not part of the bundle\n")
+    server = ServerProcess(tmp_path / "server.log", repo)
+    try:
+        server.wait_ready()
+        assert [m.name for m in server.client.get_model_repository_index().models] == ["mlp"]
+        assert "file extra.txt is not in the manifest" in server.log()
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_worker_verifies_the_bundle_before_importing_its_code(tmp_path):
+    repo = tmp_path / "repo"
+    marker = tmp_path / "imported"
+    bundle = mlp_bundle(tmp_path, repo, "1")
+    server = ServerProcess(tmp_path / "server.log", repo)
+    try:
+        server.wait_ready()
+        # Swap the bundle's code for code that leaves a mark when imported, then make the
+        # pool start a new worker: it must refuse the bundle before importing anything.
+        (bundle.path / "process.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+        (victim,) = server.worker_pids()
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for_log("file process.py does not match its sha256")
+        wait_until(lambda: server.health("mlp") == "NOT_SERVING", 30, "the model to stop serving")
+        assert not marker.exists()
+    finally:
+        assert server.stop() == 0
+
+
+class Traffic:
+    """Closed-loop callers recording (start, end, version, value offset or error) per call."""
+
+    def __init__(self, url: str, threads: int = 4, rows: int = 1) -> None:
+        self.calls: list[tuple[float, float, str, float]] = []
+        self.errors: list[str] = []
+        self._url, self._rows = url, rows
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def _run(self, seed: int) -> None:
+        client = triton.InferenceServerClient(self._url)
+        n = 0
+        while not self._stop.is_set() and n < 100000:
+            n += 1
+            x, inputs = _input(self._rows, seed * 100000 + n)
+            start = time.monotonic()
+            try:
+                result = client.infer("mlp", inputs, client_timeout=30)
+            except Exception as exc:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            offset = float(np.median(result.as_numpy("OUTPUT0") - mlp_reference(x)))
+            self.calls.append(
+                (start, time.monotonic(), result.get_response().model_version, offset)
+            )
+
+    def wait_for(self, count: int) -> None:
+        target = len(self.calls) + count
+        wait_until(lambda: len(self.calls) >= target, 120, f"{count} more calls")
+
+    def versions_started_after(self, moment: float) -> set[str]:
+        return {version for start, _, version, _ in self.calls if start > moment}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "serve", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def _control_server(tmp_path: Path, repo: Path, *args: str) -> ServerProcess:
+    env = {"WARMSERVE_KEEP_PREVIOUS_S": "300", "WARMSERVE_ROLLOUT_WATCH_S": "2"}
+    server = ServerProcess(tmp_path / "server.log", repo, args=("--model-control", *args), env=env)
+    server.wait_ready()
+    return server
+
+
+def test_rollout_and_rollback_under_load_lose_no_call(tmp_path):
+    repo = tmp_path / "repo"
+    mlp_bundle(tmp_path, repo, "1", 0.0)
+    server = _control_server(tmp_path, repo)
+    try:
+        with Traffic(server.url) as traffic:
+            traffic.wait_for(200)
+            mlp_bundle(tmp_path, repo, "2", 1000.0)
+            rolled = _cli("load", "mlp", "--url", server.url)
+            assert rolled.returncode == 0, rolled.stderr
+            switched = time.monotonic()
+            traffic.wait_for(300)
+            back = _cli("rollback", "mlp", "--url", server.url)
+            assert back.returncode == 0, back.stderr
+            returned = time.monotonic()
+            traffic.wait_for(300)
+        assert traffic.errors == []
+        assert {v for _, _, v, _ in traffic.calls} == {"1", "2"}
+        assert all(abs(o - (1000.0 if v == "2" else 0.0)) < 1e-2 for _, _, v, o in traffic.calls)
+        assert traffic.versions_started_after(switched) - {"2"} <= {"1"}
+        assert "1" not in {v for s, _, v, _ in traffic.calls if switched < s < returned - 5}
+        assert traffic.versions_started_after(returned) == {"1"}
+        log = server.log()
+        assert "version 1 → 2 (rollout" in log and "version 2 → 1 (rollback)" in log
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_broken_new_version_never_takes_traffic(tmp_path):
+    repo = tmp_path / "repo"
+    mlp_bundle(tmp_path, repo, "1", 0.0)
+    server = _control_server(tmp_path, repo)
+    try:
+        with Traffic(server.url) as traffic:
+            traffic.wait_for(100)
+            mlp_bundle(tmp_path, repo, "2", code="raise ImportError('broken on purpose')\n")
+            broken = _cli("load", "mlp", "--url", server.url)
+            assert broken.returncode != 0 and "still serving version 1" in broken.stderr
+            wrong = {"in.npz": {"INPUT0": np.ones((1, 64), np.float32)}}
+            wrong["out.npz"] = {"OUTPUT0": np.zeros((1, 10), np.float32)}  # not what it returns
+            probe = {**FAST_PROBES, "inputs_file": "in.npz", "expected_file": "out.npz"}
+            mlp_bundle(tmp_path, repo, "3", arrays=wrong, probe=probe)
+            failing = _cli("load", "mlp", "--version", "3", "--url", server.url)
+            assert failing.returncode != 0 and "still serving version 1" in failing.stderr
+            assert "differs from the expected probe output" in failing.stderr
+            traffic.wait_for(100)
+        assert traffic.errors == []
+        assert {v for _, _, v, _ in traffic.calls} == {"1"}
+        assert "rollout of mlp version 2 refused" in server.log()
+    finally:
+        assert server.stop() == 0
+
+
+SLOW_WHEN_BATCHED = (
+    "import time\n"
+    "def postprocess(outputs):\n"
+    "    if outputs['OUTPUT0'].shape[0] > 1:\n"
+    "        time.sleep(0.2)\n"
+    "    return outputs\n"
+)
+
+
+def test_a_version_over_its_budget_in_the_watch_window_is_rolled_back(tmp_path):
+    repo = tmp_path / "repo"
+    mlp_bundle(tmp_path, repo, "1", 0.0)
+    server = _control_server(tmp_path, repo)
+    try:
+        with Traffic(server.url, rows=2) as traffic:
+            traffic.wait_for(100)
+            mlp_bundle(
+                tmp_path,
+                repo,
+                "2",
+                code=SLOW_WHEN_BATCHED,
+                latency_budget_ms=50.0,
+                max_batch_size=4,
+            )
+            rolled = _cli("load", "mlp", "--url", server.url)
+            assert rolled.returncode == 0, rolled.stderr
+            server.wait_for_log("version 2 rolled back to 1: P95", timeout=60)
+            back = time.monotonic()
+            traffic.wait_for(50)
+        assert traffic.errors == []
+        assert traffic.versions_started_after(back) == {"1"}
+    finally:
+        assert server.stop() == 0
+
+
+def test_model_control_is_off_unless_enabled(tmp_path):
+    repo = tmp_path / "repo"
+    mlp_bundle(tmp_path, repo, "1")
+    server = ServerProcess(tmp_path / "server.log", repo)
+    try:
+        server.wait_ready()
+        with pytest.raises(triton.InferenceServerException, match="model control is disabled"):
+            server.client.load_model("mlp")
+        refused = _cli("unload", "mlp", "--url", server.url)
+        assert refused.returncode != 0 and "FAILED_PRECONDITION" in refused.stderr
+    finally:
+        assert server.stop() == 0

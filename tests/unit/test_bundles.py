@@ -1,0 +1,128 @@
+"""Bundle format: reproducible builds, and every kind of tampering refused by name."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from serve.bundles.archive import extract_archive, write_archive
+from serve.bundles.build import build_bundle
+from serve.bundles.manifest import MANIFEST_FILE, decode, encode
+from serve.bundles.repository import scan, version_order
+from serve.bundles.verify import verify_bundle
+from serve.errors import InvalidBundleError
+from serve.testing.models import build_mlp_onnx
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    folder = build_mlp_onnx(tmp_path_factory.mktemp("src") / "mlp", process="process.py")
+    (folder / "process.py").write_text("def postprocess(outputs):\n    return outputs\n")
+    return folder
+
+
+@pytest.fixture()
+def bundle(source, tmp_path) -> Path:
+    return build_bundle(source, tmp_path / "bundle").path
+
+
+def test_the_same_inputs_build_the_same_id_and_the_same_archive(source, tmp_path):
+    first = build_bundle(source, tmp_path / "a")
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)  # other path, other mtimes
+    second = build_bundle(copy, tmp_path / "b")
+    assert first.id == second.id
+    assert write_archive(first.path, tmp_path / "a.wsb").read_bytes() == (
+        write_archive(second.path, tmp_path / "b.wsb").read_bytes()
+    )
+    assert {f.path for f in first.manifest.files} == {"model.onnx", "process.py"}
+    assert first.manifest.frameworks["warmserve"]
+    assert str(tmp_path) not in (first.path / MANIFEST_FILE).read_text()
+
+
+def test_any_change_to_the_model_changes_the_id(source, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(source, changed)
+    (changed / "process.py").write_text("def postprocess(outputs):\n    return dict(outputs)\n")
+    assert build_bundle(changed, tmp_path / "b").id != build_bundle(source, tmp_path / "a").id
+
+
+def test_a_changed_byte_is_refused_naming_the_file(bundle):
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 1
+    (bundle / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(InvalidBundleError, match=r"file model\.onnx does not match its sha256"):
+        verify_bundle(bundle)
+
+
+def test_a_missing_file_is_refused_naming_it(bundle):
+    (bundle / "process.py").unlink()
+    with pytest.raises(InvalidBundleError, match=r"file process\.py is missing"):
+        verify_bundle(bundle)
+
+
+def test_an_extra_file_is_refused_naming_it(bundle):
+    (bundle / "sitecustomize.py").write_text("print('hi')\n")
+    with pytest.raises(InvalidBundleError, match=r"file sitecustomize\.py is not in the manifest"):
+        verify_bundle(bundle)
+
+
+def test_a_symlink_is_refused(bundle, tmp_path):
+    (tmp_path / "outside").write_text("x")
+    (bundle / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(InvalidBundleError, match="link is a symbolic link"):
+        verify_bundle(bundle)
+
+
+def test_an_edited_manifest_changes_the_id_or_is_refused(bundle):
+    original = verify_bundle(bundle).id
+    manifest = decode((bundle / MANIFEST_FILE).read_bytes())
+    edited = manifest.__class__(
+        manifest.format,
+        manifest.model.__class__(**{**_fields(manifest.model), "max_batch_size": 8}),
+        manifest.files,
+        manifest.frameworks,
+    )
+    (bundle / MANIFEST_FILE).write_bytes(encode(edited))
+    assert verify_bundle(bundle).id != original
+    with pytest.raises(InvalidBundleError, match="is not the expected"):
+        verify_bundle(bundle, original)
+    (bundle / MANIFEST_FILE).write_bytes(encode(edited) + b"\n")
+    with pytest.raises(InvalidBundleError, match="not in canonical form"):
+        verify_bundle(bundle)
+
+
+def _fields(struct) -> dict:
+    return {name: getattr(struct, name) for name in struct.__struct_fields__}
+
+
+def test_an_archive_round_trips_and_a_traversal_entry_is_refused(bundle, tmp_path):
+    archive = write_archive(bundle, tmp_path / "m.wsb")
+    extracted = extract_archive(archive, tmp_path / "cache")
+    assert extracted.id == verify_bundle(bundle).id
+    evil = tmp_path / "evil.wsb"
+    with tarfile.open(evil, "w:gz") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(InvalidBundleError, match="unsafe entry"):
+        extract_archive(evil, tmp_path / "cache")
+
+
+def test_a_repository_scan_keeps_good_bundles_and_reports_bad_ones(source, tmp_path):
+    repo = tmp_path / "repo"
+    build_bundle(source, repo / "mlp_onnx" / "1")
+    bad = build_bundle(source, repo / "other" / "1").path
+    (bad / "model.onnx").write_bytes(b"tampered")
+    sources, refused = scan(repo, tmp_path / "cache")
+    assert [(s.model.name, s.model.version) for s in sources] == [("mlp_onnx", "1")]
+    assert len(sources[0].bundle_id) == 64
+    assert len(refused) == 1 and "model.onnx does not match" in refused[0]
+
+
+def test_version_labels_sort_numerically():
+    assert sorted(["10", "9", "1.10", "1.2"], key=version_order) == ["1.2", "1.10", "9", "10"]
