@@ -11,7 +11,7 @@ from pathlib import Path
 
 from serve.bundles.repository import newest, scan
 from serve.config import ServerConfig
-from serve.errors import ConfigError, ModelNotFoundError
+from serve.errors import ConfigError, InvalidBundleError, ModelNotFoundError
 from serve.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,13 @@ class ModelControl:
         if version:
             candidates = [s for s in candidates if s.model.version == version]
         if not candidates:
-            detail = f"; refused: {' | '.join(refused)}" if refused else ""
             wanted = f"{name!r} version {version!r}" if version else repr(name)
-            raise ModelNotFoundError(f"no valid bundle of {wanted} in {self._repository}{detail}")
+            if refused:  # most likely the one asked for: say why each was refused
+                raise InvalidBundleError(
+                    f"no valid bundle of {wanted} in {self._repository}; refused: "
+                    + " | ".join(refused)
+                )
+            raise ModelNotFoundError(f"no bundle of {wanted} in {self._repository}")
         source = newest(candidates)
         await self._runtime.rollout(
             source,

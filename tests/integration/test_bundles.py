@@ -270,3 +270,42 @@ def test_model_control_is_off_unless_enabled(tmp_path):
         assert refused.returncode != 0 and "FAILED_PRECONDITION" in refused.stderr
     finally:
         assert server.stop() == 0
+
+
+def test_a_tampered_new_version_is_refused_naming_the_file_and_unload_stops_a_model(tmp_path):
+    repo = tmp_path / "repo"
+    mlp_bundle(tmp_path, repo, "1", 0.0)
+    server = _control_server(tmp_path, repo)
+    try:
+        second = mlp_bundle(tmp_path, repo, "2", 1000.0)
+        (second.path / "process.py").write_text(OFFSET_POST.format(offset=5.0))
+        tampered = _cli("load", "mlp", "--version", "2", "--url", server.url)
+        assert tampered.returncode != 0
+        assert "FAILED_PRECONDITION" in tampered.stderr
+        assert "file process.py does not match its sha256" in tampered.stderr
+        _, inputs = _input()
+        assert server.client.infer("mlp", inputs).get_response().model_version == "1"
+        unloaded = _cli("unload", "mlp", "--url", server.url)
+        assert unloaded.returncode == 0, unloaded.stderr
+        with pytest.raises(triton.InferenceServerException, match="NOT_FOUND"):
+            server.client.infer("mlp", inputs)
+        assert server.client.get_model_repository_index().models == []
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_bundle_commands_build_verify_and_inspect(tmp_path):
+    source = build_mlp_onnx(tmp_path / "src", name="cli_model", version="7")
+    out = tmp_path / "bundle"
+    built = _cli(
+        "bundle", "build", str(source), "--out", str(out), "--archive", str(tmp_path / "m.wsb")
+    )
+    assert built.returncode == 0, built.stderr
+    bundle_id = built.stdout.strip().rsplit(" ", 1)[-1]
+    verified = _cli("bundle", "verify", str(tmp_path / "m.wsb"))
+    assert verified.returncode == 0 and bundle_id in verified.stdout
+    inspected = _cli("bundle", "inspect", str(out))
+    assert '"version": "7"' in inspected.stdout and bundle_id in inspected.stdout
+    (out / "model.onnx").write_bytes(b"changed")
+    refused = _cli("bundle", "verify", str(out))
+    assert refused.returncode == 2 and "file model.onnx does not match its sha256" in refused.stderr
