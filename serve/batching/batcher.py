@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,6 +47,10 @@ class WorkerLease(Protocol):
 
 class BatchExecutor(Protocol):
     async def acquire(self) -> WorkerLease: ...
+
+    def acquire_now(self) -> WorkerLease | None:
+        """A lease at once if some worker has room, else None."""
+        ...
 
 
 class BatchObserver(Protocol):
@@ -136,13 +140,25 @@ class DynamicBatcher:
             enqueued=now,
             future=asyncio.get_running_loop().create_future(),
         )
-        self._queue.append(item)
-        self._arrival.set()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("model %s: request queued (%d waiting)", self._name, len(self._queue))
+        lease = None if self._queue or self._delay_s else self._executor.acquire_now()
+        job: Awaitable[object]
+        if lease is not None:
+            # Idle: nothing waits and a worker has room, so this request is the batch the
+            # dispatch loop would form; run it from here and skip the loop's task hops.
+            job = self._execute(lease, [item])
+        else:
+            self._queue.append(item)
+            self._arrival.set()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("model %s: request queued (%d waiting)", self._name, len(self._queue))
+            job = item.future
+        if deadline is None:
+            await job
+            return item.future.result()
         try:
-            async with asyncio.timeout(None if deadline is None else deadline - now):
-                return await item.future
+            async with asyncio.timeout(deadline - now):
+                await job
+                return item.future.result()
         except TimeoutError:
             raise DeadlineExceededError(
                 f"request to {self._name!r} did not finish within its deadline "
@@ -163,11 +179,6 @@ class DynamicBatcher:
             if not batch:
                 lease.release()
                 continue
-            if log.isEnabledFor(logging.DEBUG):
-                rows = sum(i.rows for i in batch)
-                log.debug(
-                    "model %s: dispatching %d rows from %d requests", self._name, rows, len(batch)
-                )
             task = asyncio.create_task(self._execute(lease, batch))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
@@ -229,6 +240,11 @@ class DynamicBatcher:
 
     async def _execute(self, lease: WorkerLease, batch: list[_Pending]) -> None:
         start = time.monotonic()
+        if log.isEnabledFor(logging.DEBUG):
+            rows = sum(i.rows for i in batch)
+            log.debug(
+                "model %s: dispatching %d rows from %d requests", self._name, rows, len(batch)
+            )
         queue_ns = [int((start - i.enqueued) * 1e9) for i in batch]
         row_counts = [i.rows for i in batch]
         result: BatchResult | None = None

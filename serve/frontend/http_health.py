@@ -71,6 +71,7 @@ class HttpHealth:
             except ModelNotFoundError as exc:
                 return 404, {"error": str(exc)}
             report = service.latency.report()
+            report["breakdown_us"] = service.stats.breakdown_us()
             report.update(
                 name=parts[2],
                 queue_depth=service.batcher.queue_depth,

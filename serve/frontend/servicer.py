@@ -5,6 +5,7 @@ RPCs not implemented here fall through to the generated base class, which answer
 
 from __future__ import annotations
 
+import time
 from typing import Any, TypeAlias
 
 import grpc
@@ -90,5 +91,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors
     async def ModelInfer(self, request: Any, context: Context) -> Any:
+        started = time.perf_counter_ns()
         infer_request = infer_request_from_pb(request, context.time_remaining())
-        return infer_response_to_pb(await self._runtime.infer(infer_request))
+        decoded = time.perf_counter_ns()
+        response = await self._runtime.infer(infer_request)
+        answered = time.perf_counter_ns()
+        message = infer_response_to_pb(response)
+        self._runtime.record_codec(
+            response.model_name,
+            response.model_version,
+            decoded - started,
+            time.perf_counter_ns() - answered,
+        )
+        return message

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -182,6 +183,12 @@ class WorkerPool:
                 raise ModelNotReadyError(f"model {self.model.name!r} has no warm worker")
             self._changed.clear()
             await self._changed.wait()
+
+    def check_watchdog(self) -> None:
+        """Kill workers with a batch out longer than ``pool.watchdog_s`` (they hang)."""
+        now = time.monotonic()
+        for worker in list(self._workers):
+            worker.check_watchdog(now)
 
     def _on_change(self, worker: WorkerHandle) -> None:
         self._changed.set()

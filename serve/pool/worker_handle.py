@@ -83,6 +83,7 @@ class WorkerHandle:
         self._free_slots = list(range(settings.slots))
         self._pending: dict[int, asyncio.Future[FromWorker]] = {}
         self._abandoned: dict[int, int] = {}  # batch id → slot, for callers that gave up
+        self._sent_at: dict[int, float] = {}  # batch id → when it was sent (the watchdog)
         self.draining = False  # takes no new batches (being retired)
         self.retiring = False  # to be retired once a replacement is warm
         self.probed_ok = False  # passed its latest probe
@@ -212,7 +213,8 @@ class WorkerHandle:
         """Run one batch in ``slot``. The slot is freed only once the worker has answered, so a
         caller that gives up (deadline, cancellation) never lets a later batch overwrite memory
         the worker is still using. A batch running past the watchdog means the worker hangs:
-        the worker is killed and the batch fails with WorkerLostError (the batcher retries it)."""
+        the worker is killed and the batch fails with WorkerLostError (the batcher retries it);
+        check_watchdog(), called periodically, is what notices."""
         if self.state is not WorkerState.WARM or self._link is None:
             self.release(slot)
             raise WorkerLostError(f"worker {self.worker_id} is {self.state.value}")
@@ -238,15 +240,9 @@ class WorkerHandle:
             self._pending.pop(batch_id, None)
             raise WorkerLostError(f"worker {self.worker_id} closed its channel") from None
         sent = time.perf_counter_ns()
+        self._sent_at[batch_id] = time.monotonic()
         try:
-            async with asyncio.timeout(self.settings.watchdog_s):
-                reply = await future
-        except TimeoutError:
-            self._hung(batch_id)
-            raise WorkerLostError(
-                f"worker {self.worker_id} of model {self.model.name!r} hung (a batch ran past "
-                f"the {self.settings.watchdog_s:g} s watchdog) and was killed"
-            ) from None
+            reply = await future
         except asyncio.CancelledError:
             if self.alive:
                 self._abandoned[batch_id] = slot  # freed when the worker answers
@@ -255,6 +251,7 @@ class WorkerHandle:
             raise  # the worker died: its slots died with it
         finally:
             self._pending.pop(batch_id, None)
+            self._sent_at.pop(batch_id, None)
         received = time.perf_counter_ns()
         try:
             if isinstance(reply, BatchFailed):
@@ -278,6 +275,14 @@ class WorkerHandle:
             },
             worker=self.worker_id,
         )
+
+    def check_watchdog(self, now: float) -> None:
+        """Kill the worker if a batch has been out longer than the watchdog allows."""
+        if not self._sent_at or self.state is not WorkerState.WARM:
+            return
+        batch_id, sent = min(self._sent_at.items(), key=lambda item: item[1])
+        if now - sent > self.settings.watchdog_s:
+            self._hung(batch_id)
 
     def _hung(self, batch_id: int) -> None:
         log.error(

@@ -78,6 +78,7 @@ class WarmPoolController:
                 log.exception("model %s: controller tick failed", self.model.name)
 
     async def tick(self) -> None:
+        self.pool.check_watchdog()
         now = time.monotonic()
         due = now - self._last_probe >= self.model.probe.interval_s
         unprobed = [w for w in self.pool.warm_workers() if not w.probed_ok and not w.retiring]

@@ -40,6 +40,27 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchSizeStats] = field(default_factory=dict)
+    phases: dict[str, Duration] = field(default_factory=dict)  # per batch: IPC, worker, compute
+    decode: Duration = field(default_factory=Duration)  # protobuf → tensors, per request
+    encode: Duration = field(default_factory=Duration)  # tensors → protobuf, per request
+
+    def codec_done(self, decode_ns: int, encode_ns: int) -> None:
+        self.decode.add(decode_ns)
+        self.encode.add(encode_ns)
+
+    def breakdown_us(self) -> dict[str, float]:
+        """Average microseconds of each phase: per request (codec, queue), per batch (the rest)."""
+
+        def avg(d: Duration) -> float:
+            return d.ns / d.count / 1e3 if d.count else 0.0
+
+        phases = {"grpc_decode": avg(self.decode), "queue": avg(self.queue)}
+        phases.update({name: avg(d) for name, d in self.phases.items()})
+        if "round_trip" in self.phases:  # the socket hops, beyond what the worker accounts for
+            worker = sum(phases.get(k, 0.0) for k in ("worker_input", "compute", "worker_output"))
+            phases["ipc_wait"] = max(0.0, phases.pop("round_trip") - worker)
+        phases["grpc_encode"] = avg(self.encode)
+        return phases
 
     def request_done(self, ok: bool, rows: int, elapsed_ns: int) -> None:
         self.last_inference_ms = int(time.time() * 1000)
@@ -57,6 +78,11 @@ class ModelStats:
             return
         self.execution_count += 1
         t = result.timings_ns
+        for name, ns in t.items():
+            phase = self.phases.get(name)
+            if phase is None:
+                phase = self.phases[name] = Duration()
+            phase.add(ns)
         compute_input = t.get("ipc_write", 0) + t.get("worker_input", 0)
         compute_output = t.get("worker_output", 0) + t.get("ipc_read", 0)
         compute_infer = t.get("compute", 0)

@@ -42,6 +42,12 @@ class FakePool:
         self.slots = slots
         self.error: Exception | None = None
 
+    def acquire_now(self) -> FakeLease | None:
+        if self.slots <= 0:
+            return None
+        self.slots -= 1
+        return FakeLease(self)
+
     async def acquire(self) -> FakeLease:
         while self.slots <= 0:
             await asyncio.sleep(0)

@@ -41,6 +41,9 @@ class FakePool:
     def acquire_now(self, worker: FakeWorker | None = None) -> None:
         return None
 
+    def check_watchdog(self) -> None:
+        return None
+
 
 def _model(**pool: object) -> ModelConfig:
     return ModelConfig(

@@ -1,0 +1,162 @@
+"""Load over the Open Inference Protocol: closed loop (fixed concurrency) or open loop (Poisson
+arrivals at a target rate, so queueing shows). One pre-serialised ModelInfer request is sent as
+raw bytes, so the client spends as little CPU per call as a Python client can.
+
+    python -m benchmarks.loadgen --url 127.0.0.1:8001 --model mlp_onnx --concurrency 16 --seconds 3
+    python -m benchmarks.loadgen --url ... --rate 1000 --seconds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import grpc
+import numpy as np
+import uvloop
+
+from serve.frontend.pb import grpc_service_pb2 as pb
+
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+CALL_TIMEOUT_S = 30.0
+
+
+@dataclass
+class LoadResult:
+    mode: str  # "closed" or "open"
+    level: float  # concurrency, or arrivals per second
+    seconds: float
+    count: int
+    errors: int
+    throughput: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, float | int | str]:
+        data = asdict(self)
+        data.pop("latencies_ms")
+        return data
+
+
+def request_bytes(model: str, rows: int = 1, width: int = 64, seed: int = 0) -> bytes:
+    x = np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
+    message = pb.ModelInferRequest(model_name=model)
+    message.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, width])
+    message.raw_input_contents.append(x.tobytes())
+    return message.SerializeToString()
+
+
+def _result(
+    mode: str, level: float, seconds: float, latencies: list[float], errors: int
+) -> LoadResult:
+    values = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
+    p50, p95, p99 = np.percentile(values, (50, 95, 99))
+    return LoadResult(
+        mode,
+        level,
+        seconds,
+        len(latencies),
+        errors,
+        len(latencies) / seconds,
+        float(p50),
+        float(p95),
+        float(p99),
+        float(values.max()),
+        [float(v) for v in values],
+    )
+
+
+async def closed_loop(url: str, payload: bytes, concurrency: int, seconds: float) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(url) as channel:
+        call = channel.unary_unary(METHOD)
+        await call(payload, timeout=CALL_TIMEOUT_S)  # connect first
+        end = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            nonlocal errors
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                try:
+                    await call(payload, timeout=CALL_TIMEOUT_S)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return _result("closed", concurrency, elapsed, latencies, errors)
+
+
+async def open_loop(
+    url: str, payload: bytes, rate: float, seconds: float, seed: int = 0
+) -> LoadResult:
+    """Arrivals at exponential gaps; latency counts from the scheduled arrival time."""
+    latencies: list[float] = []
+    errors = 0
+    rng = random.Random(seed)
+    async with grpc.aio.insecure_channel(url) as channel:
+        call = channel.unary_unary(METHOD)
+        await call(payload, timeout=CALL_TIMEOUT_S)
+
+        async def one(scheduled: float) -> None:
+            nonlocal errors
+            try:
+                await call(payload, timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                return
+            latencies.append(time.perf_counter() - scheduled)
+
+        tasks: list[asyncio.Task[None]] = []
+        started = time.perf_counter()
+        arrival = started
+        while arrival < started + seconds:
+            arrival += rng.expovariate(rate)
+            delay = arrival - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the arrival process itself
+            tasks.append(asyncio.create_task(one(arrival)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    return _result("open", rate, elapsed, latencies, errors)
+
+
+def run(
+    url: str, model: str, *, concurrency: int = 0, rate: float = 0, seconds: float = 3.0
+) -> LoadResult:
+    payload = request_bytes(model)
+    if rate:
+        job = open_loop(url, payload, rate, seconds)
+    else:
+        job = closed_loop(url, payload, concurrency, seconds)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(job)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--model", default="mlp_onnx")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop: arrivals per second")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    result = run(
+        args.url, args.model, concurrency=args.concurrency, rate=args.rate, seconds=args.seconds
+    )
+    print(json.dumps(result.summary()))
+
+
+if __name__ == "__main__":
+    main()
