@@ -8,7 +8,7 @@ PB_DIR := serve/frontend/pb
 PROTOS := $(wildcard protos/*.proto)
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test venv protos lint typecheck unit integration bench perf-analyzer clean
+.PHONY: serve test venv protos lint typecheck unit integration bench bench-quick perf-analyzer clean
 
 # Create the virtual environment from the project's own files when it is missing or stale.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -81,9 +81,14 @@ image: venv $(BUNDLES_DIR)
 perf-analyzer:
 	bash benchmarks/install_perf_analyzer.sh
 
+# warmserve against the in-process floor server: tables, JSON and plots in benchmarks/out/.
 bench: venv perf-analyzer
+	$(PY) -m benchmarks.compare
 	$(PY) -m benchmarks.perf_analyzer_run --model mlp_onnx --concurrency 1 4 16
-	$(PY) -m benchmarks.perf_analyzer_run --model mlp_torch --concurrency 1 4 16
+
+# Under a minute, for CI logs: the c=1 p50 and c=16 throughput ratios to the floor (printed only).
+bench-quick: venv
+	$(PY) -m benchmarks.compare --quick
 
 clean:
 	rm -rf $(VENV) $(PB_DIR) .pytest_cache .mypy_cache .ruff_cache

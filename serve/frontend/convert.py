@@ -3,6 +3,7 @@ byte sizes, typed-content fields."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -57,7 +58,7 @@ def _decode_input(tensor: Any, raw: bytes | None) -> Tensor:
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidInputError(f"input {name!r}: has both typed contents and raw contents")

@@ -8,6 +8,7 @@ processes close it, so a crash leaves nothing behind.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from typing import Any
@@ -81,7 +82,7 @@ class Arena:
     def read(self, slot: int, ref: TensorRef, *, copy: bool) -> npt.NDArray[Any]:
         """The tensor ``ref`` names; a view into shared memory unless ``copy`` (or inline)."""
         datatype = Datatype(ref.datatype)
-        count = int(np.prod(ref.shape, dtype=np.int64))
+        count = math.prod(ref.shape)
         if ref.inline is not None:
             source: Any = ref.inline
             start = 0
