@@ -5,7 +5,8 @@ gRPC can do on this machine; warmserve's overhead is measured against it.
     python -m benchmarks.floor_server --model-dir DIR --port 18100
 
 Serves just enough of the protocol for perf_analyzer and the load generator: ServerLive,
-ServerReady, ModelReady, ModelMetadata, ModelConfig, ModelStatistics (empty) and ModelInfer
+ServerMetadata,
+ServerReady, ModelReady, ModelMetadata, ModelConfig, ModelStatistics (no counts) and ModelInfer
 (raw contents, FP32 inputs of the demo MLP).
 """
 
@@ -50,6 +51,9 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     async def ModelReady(self, request: Any, context: Any) -> Any:
         return pb.ModelReadyResponse(ready=True)
 
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(name="floor", version="0")
+
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         return metadata.model_metadata(self.model, [self.model.version])
 
@@ -57,7 +61,8 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         return metadata.model_config(self.model)
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        return pb.ModelStatisticsResponse()
+        stats = pb.ModelStatistics(name=self.model.name, version=self.model.version)
+        return pb.ModelStatisticsResponse(model_stats=[stats])  # perf_analyzer asks; no counts
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         tensor = request.inputs[0]
