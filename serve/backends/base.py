@@ -54,8 +54,13 @@ def resolve_device(requested: str, cuda_available: bool) -> str:
     return requested
 
 
-def load_backend(model: ModelConfig, device: str, threads: int) -> Backend:
-    """Construct and load the backend the model config names (imports its framework now)."""
+def load_backend(
+    model: ModelConfig, device: str, threads: int, build_model: Any | None = None
+) -> Backend:
+    """Construct and load the backend the model config names (imports its framework now).
+
+    ``build_model`` (from the model's process module) builds a torch module from safetensors
+    weights."""
     if model.backend == "onnx":
         from serve.backends.onnx import OnnxBackend
 
@@ -63,5 +68,5 @@ def load_backend(model: ModelConfig, device: str, threads: int) -> Backend:
     if model.backend == "torch":
         from serve.backends.torch import TorchBackend
 
-        return TorchBackend(model, device, threads)
+        return TorchBackend(model, device, threads, build_model)
     raise ValueError(f"unknown backend {model.backend!r}")

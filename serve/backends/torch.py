@@ -1,6 +1,7 @@
-"""PyTorch backend: TorchScript archives (.pt/.ts) or torch.export archives (.pt2).
+"""PyTorch backend: TorchScript archives (.pt/.ts), torch.export archives (.pt2), or
+safetensors weights (.safetensors) with ``build_model(weights)`` in the bundle's process module.
 
-Neither format is an arbitrary pickle. On CUDA, warm-up captures one CUDA graph per batch bucket
+None of these is an arbitrary pickle. On CUDA, warm-up captures one CUDA graph per batch bucket
 and later batches replay it (MEASURED.md: 3–5× at small batches); a model that cannot be captured
 runs eagerly.
 """
@@ -8,6 +9,7 @@ runs eagerly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,14 @@ class TorchBackend(Backend):
     name = "torch"
     fixed_shapes = True
 
-    def __init__(self, model: ModelConfig, device: str, threads: int) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        device: str,
+        threads: int,
+        build_model: Callable[[dict[str, torch.Tensor]], Any] | None = None,
+    ) -> None:
+        self._build_model = build_model
         device = resolve_device(device, torch.cuda.is_available())
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device} requested but torch sees no CUDA device")
@@ -51,6 +60,17 @@ class TorchBackend(Backend):
 
     def _load(self, model: ModelConfig) -> Any:
         path = model.model_path
+        if path.suffix == ".safetensors":
+            # Weights only: the architecture comes from the bundle's own process module.
+            from safetensors.torch import load_file
+
+            if self._build_model is None:
+                raise ValueError(
+                    f"{model.model_file} holds only weights: the model's process module must "
+                    "define build_model(weights) returning a torch.nn.Module"
+                )
+            module = self._build_model(load_file(str(path), device=str(self._torch_device)))
+            return module.to(self._torch_device).eval()
         if path.suffix == ".pt2":
             program = torch.export.load(str(path))
             return program.module().to(self._torch_device)

@@ -153,6 +153,41 @@ def build_mlp_export(folder: Path, name: str = "mlp_export", **overrides: Any) -
     return write_config(folder, _mlp_config(name, "torch", "model.pt2", overrides))
 
 
+SAFETENSORS_PROCESS = """\
+import torch
+
+
+def build_model(weights):
+    layers = []
+    for i in range(3):
+        w, b = weights[f"w{i}"], weights[f"b{i}"]
+        linear = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            linear.bias.copy_(b)
+        layers.append(linear)
+        if i < 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+"""
+
+
+def build_mlp_safetensors(folder: Path, name: str = "mlp_safetensors", **overrides: Any) -> Path:
+    """The demo MLP as safetensors weights; its architecture is in the folder's process.py."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, (w, b) in enumerate(mlp_weights()):
+        tensors[f"w{i}"] = torch.from_numpy(w.T.copy())
+        tensors[f"b{i}"] = torch.from_numpy(b.copy())
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "process.py").write_text(SAFETENSORS_PROCESS)
+    overrides.setdefault("process", "process.py")
+    return write_config(folder, _mlp_config(name, "torch", "model.safetensors", overrides))
+
+
 def build_image_cnn(folder: Path, name: str = "image_cnn", **overrides: Any) -> Path:
     """A small CNN on uint8 HxWx3 images; scaling and normalisation are inside the model."""
     import torch

@@ -103,7 +103,9 @@ class Worker:
             verify_bundle(Path(self.model.directory), init.bundle_id)
         module = f"warmserve_bundle_{(init.bundle_id or 'source')[:12]}_{self.model.name}"
         self.processing = Processing(self.model, module)
-        self.backend = load_backend(self.model, init.device, init.threads)
+        self.backend = load_backend(
+            self.model, init.device, init.threads, self.processing.build_model
+        )
         self.load_s = time.monotonic() - start
         fixed = init.fixed_shapes if init.fixed_shapes is not None else self.backend.fixed_shapes
         self.buckets = self.model.batch_buckets

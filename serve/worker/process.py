@@ -30,6 +30,7 @@ class Processing:
     def __init__(self, model: ModelConfig, module_name: str) -> None:
         self.preprocess: Step = _identity
         self.postprocess: Step = _identity
+        self.build_model: Callable[..., Any] | None = None  # safetensors weights → module
         if not model.process:
             return
         path = Path(model.directory) / model.process
@@ -41,6 +42,7 @@ class Processing:
         spec.loader.exec_module(module)
         self.preprocess = _checked(getattr(module, "preprocess", _identity), "preprocess")
         self.postprocess = _checked(getattr(module, "postprocess", _identity), "postprocess")
+        self.build_model = getattr(module, "build_model", None)
 
 
 def _checked(step: Step, name: str) -> Step:

@@ -309,3 +309,18 @@ def test_the_bundle_commands_build_verify_and_inspect(tmp_path):
     (out / "model.onnx").write_bytes(b"changed")
     refused = _cli("bundle", "verify", str(out))
     assert refused.returncode == 2 and "file model.onnx does not match its sha256" in refused.stderr
+
+
+def test_a_bundle_of_safetensors_weights_with_its_architecture_in_code_serves(tmp_path):
+    from serve.testing.models import build_mlp_safetensors
+
+    bundle = build_bundle(build_mlp_safetensors(tmp_path / "src"), tmp_path / "repo" / "st" / "1")
+    assert {f.path for f in bundle.manifest.files} == {"model.safetensors", "process.py"}
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    try:
+        server.wait_ready()
+        x, inputs = _input(3)
+        got = server.client.infer("mlp_safetensors", inputs).as_numpy("OUTPUT0")
+        np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
+    finally:
+        assert server.stop() == 0
