@@ -203,22 +203,6 @@ def load_model_dir(directory: Path) -> ModelConfig:
     return model
 
 
-def load_repository(root: Path) -> tuple[ModelConfig, ...]:
-    """Every model folder under ``root`` (folders without model.toml are ignored)."""
-    if not root.is_dir():
-        raise InvalidBundleError(f"model repository {root} is not a directory")
-    models = tuple(
-        load_model_dir(child)
-        for child in sorted(root.iterdir())
-        if child.is_dir() and (child / MODEL_CONFIG_FILE).is_file()
-    )
-    names = [m.name for m in models]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise InvalidBundleError(f"model repository {root}: duplicate model names {duplicates}")
-    return models
-
-
 def server_config_from_env(**overrides: object) -> ServerConfig:
     """ServerConfig from WARMSERVE_* environment variables, then explicit (non-None) overrides."""
     values: dict[str, object] = {}

@@ -94,7 +94,6 @@ class WorkerPool:
         self._stopping = False
         self._serial = 0
         self._failures = 0
-        self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._template: WorkerTemplate | None = None
         self._seen_warm: set[str] = set()
@@ -111,10 +110,6 @@ class WorkerPool:
     @property
     def warm_count(self) -> int:
         return len(self.warm_workers())
-
-    @property
-    def starting(self) -> bool:
-        return self._starting > 0
 
     def _counted(self) -> int:
         """Workers that count toward the target: starting or warm, not being retired."""
@@ -149,11 +144,7 @@ class WorkerPool:
             except TemplateError as exc:
                 log.warning("model %s: %s; spawning workers directly", self.model.name, exc)
         handles = [self._new_handle() for _ in range(self.target)]
-        self._starting += len(handles)
-        try:
-            results = await asyncio.gather(*(h.start() for h in handles), return_exceptions=True)
-        finally:
-            self._starting -= len(handles)
+        results = await asyncio.gather(*(h.start() for h in handles), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         for failure in failures:
             if not isinstance(failure, Exception):
@@ -292,7 +283,6 @@ class WorkerPool:
         if self._stopping:
             return
         handle = self._new_handle()
-        self._starting += 1
         try:
             await handle.start()
         except Exception as exc:
@@ -302,8 +292,6 @@ class WorkerPool:
                 self._workers.remove(handle)
         else:
             self._failures = 0
-        finally:
-            self._starting -= 1
         self._notify()
 
     async def stop(self) -> None:

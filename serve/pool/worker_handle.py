@@ -73,7 +73,6 @@ class WorkerHandle:
         self.settings = settings
         self.state = WorkerState.STARTING
         self.ready: Ready | None = None
-        self.exit_reason = ""
         self._on_change = on_change
         self._template = template
         self._link: WorkerLink | None = None
@@ -112,10 +111,6 @@ class WorkerHandle:
     @property
     def busy(self) -> bool:
         return len(self._free_slots) < self.settings.slots
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
 
     async def start(self) -> None:
         """Spawn the process and wait until it reports warm (or fail, killing it)."""
@@ -327,7 +322,6 @@ class WorkerHandle:
             return
         expected = self.state is WorkerState.STOPPING
         self.state = WorkerState.DEAD
-        self.exit_reason = reason
         if not expected:
             log.error("worker %s (pid %s) lost: %s", self.worker_id, self.pid, reason)
         lost = WorkerLostError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from serve.protocol.datatypes import Datatype
@@ -44,18 +43,3 @@ class InferResponse:
     outputs: list[Tensor]
     id: str = ""
     parameters: Parameters = field(default_factory=dict)
-
-
-def rows(tensor: Tensor) -> int:
-    """Size of the leading (batch) dimension."""
-    return int(tensor.data.shape[0]) if tensor.data.ndim else 1
-
-
-def empty_like_datatype(datatype: Datatype, shape: tuple[int, ...]) -> npt.NDArray[Any]:
-    from serve.protocol.datatypes import numpy_dtype
-
-    if datatype is Datatype.BYTES:
-        out = np.empty(shape, dtype=np.object_)
-        out.fill(b"")
-        return out
-    return np.zeros(shape, dtype=numpy_dtype(datatype))

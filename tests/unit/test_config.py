@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from serve.config import load_repository, server_config_from_env
+from serve.bundles.repository import scan
+from serve.config import load_model_dir, server_config_from_env
 from serve.errors import ConfigError, InvalidBundleError
 from serve.testing.models import write_config
 
@@ -23,7 +24,7 @@ def _repo(tmp_path: Path, **changes) -> Path:
 
 
 def test_a_valid_folder_loads_with_power_of_two_buckets_up_to_the_max(tmp_path):
-    (model,) = load_repository(_repo(tmp_path))
+    model = load_model_dir(_repo(tmp_path) / "m")
     assert model.name == "m" and model.directory == str((tmp_path / "m").resolve())
     assert model.batch_buckets == (1, 2, 4, 8, 12)
     assert model.pool.workers == 1
@@ -49,15 +50,16 @@ def test_a_valid_folder_loads_with_power_of_two_buckets_up_to_the_max(tmp_path):
 )
 def test_invalid_configs_are_refused_naming_the_problem(tmp_path, changes, message):
     with pytest.raises(InvalidBundleError, match=message):
-        load_repository(_repo(tmp_path, **changes))
+        load_model_dir(_repo(tmp_path, **changes) / "m")
 
 
-def test_two_folders_with_one_model_name_are_refused(tmp_path):
+def test_two_folders_with_one_model_name_and_version_are_refused(tmp_path):
     _repo(tmp_path)
     other = write_config(tmp_path / "other", BASE)
     (other / "model.onnx").write_bytes(b"")
-    with pytest.raises(InvalidBundleError, match="duplicate model names"):
-        load_repository(tmp_path)
+    sources, refused = scan(tmp_path, tmp_path / "cache")
+    assert len(sources) == 1
+    assert refused == [f"{tmp_path / 'other'}: m version 1 appears twice"]
 
 
 def test_server_config_takes_env_then_flags(monkeypatch):
