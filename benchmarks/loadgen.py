@@ -133,9 +133,17 @@ async def open_loop(
 
 
 def run(
-    url: str, model: str, *, concurrency: int = 0, rate: float = 0, seconds: float = 3.0
+    url: str,
+    model: str,
+    *,
+    concurrency: int = 0,
+    rate: float = 0,
+    seconds: float = 3.0,
+    payload: bytes = b"",
 ) -> LoadResult:
-    payload = request_bytes(model)
+    """Closed loop at ``concurrency`` or open loop at ``rate``; ``payload`` is a serialised
+    ModelInferRequest (default: one row for the demo MLP)."""
+    payload = payload or request_bytes(model)
     if rate:
         job = open_loop(url, payload, rate, seconds)
     else:
