@@ -2,6 +2,13 @@
 
     python -m benchmarks.compare            # full: closed + open loop, perf_analyzer, plots
     python -m benchmarks.compare --quick    # under a minute: the two headline ratios
+    python -m benchmarks.compare --peers mlserver pytriton   # and these peer servers
+
+Peers (Seldon MLServer, NVIDIA PyTriton) run from their own venvs under benchmarks/.peers/ (made
+by `bash benchmarks/peers/setup.sh` from benchmarks/peers/<peer>/requirements.txt), serving the
+same model.onnx over the same Open Inference Protocol gRPC call, one setting at a time (see
+PEER_SETTINGS); every figure of theirs is printed as a ratio to warmserve's. By default every
+peer whose venv exists runs; --quick runs none unless --peers names them.
 
 Each server runs alone (one after the other) with the demo MLP (ONNX, 64→256→256→10). For each
 load level it records P50/P95/P99/max, throughput, errors and the server's CPU time per call
@@ -13,27 +20,88 @@ timestamps) is printed beside the totals.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
+
 from benchmarks import loadgen
 from benchmarks.proctree import tree_cpu_seconds
-from serve.testing.models import build_mlp_onnx
+from serve.frontend.pb import grpc_service_pb2 as pb
+from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
+from serve.testing.models import build_mlp_onnx, mlp_reference
 from tests.integration.harness import ServerProcess, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 PERF_ANALYZER = ROOT / "benchmarks" / ".tools" / "perf_analyzer"
+PEERS_SRC = ROOT / "benchmarks" / "peers"
+PEERS_ENV = ROOT / "benchmarks" / ".peers"
 MODEL = "mlp_onnx"
+PEER_START_TIMEOUT_S = 120.0
+PEER_STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class PeerSetting:
+    peer: str  # folder under benchmarks/peers/ and benchmarks/.peers/
+    name: str  # the name in tables, JSON and plots
+    args: tuple[str, ...]  # for benchmarks/peers/<peer>/serve.py
+    note: str
+
+
+# One row per way of running a peer. MLServer: its in-process setting (parallel_workers=0) and
+# worker processes, each with adaptive batching off and on (up to 16 requests, waiting at most
+# 1 ms). PyTriton: Triton's dynamic batcher as warmserve runs it (max_batch_size 64, no queue
+# delay), and batching off. All run ONNX Runtime on the CPU with one intra-op thread.
+PEER_SETTINGS: dict[str, list[PeerSetting]] = {
+    "mlserver": [
+        PeerSetting("mlserver", "mlserver-w0", ("--workers", "0"), "in-process, no batching"),
+        PeerSetting(
+            "mlserver",
+            "mlserver-w0-batch",
+            ("--workers", "0", "--batch", "16", "--batch-wait-ms", "1"),
+            "in-process, adaptive batching (16, 1 ms)",
+        ),
+        PeerSetting("mlserver", "mlserver-w1", ("--workers", "1"), "1 worker, no batching"),
+        PeerSetting(
+            "mlserver",
+            "mlserver-w1-batch",
+            ("--workers", "1", "--batch", "16", "--batch-wait-ms", "1"),
+            "1 worker, adaptive batching (16, 1 ms)",
+        ),
+        PeerSetting("mlserver", "mlserver-w2", ("--workers", "2"), "2 workers, no batching"),
+        PeerSetting(
+            "mlserver",
+            "mlserver-w2-batch",
+            ("--workers", "2", "--batch", "16", "--batch-wait-ms", "1"),
+            "2 workers, adaptive batching (16, 1 ms)",
+        ),
+    ],
+    "pytriton": [
+        PeerSetting(
+            "pytriton",
+            "pytriton-batch",
+            ("--max-batch", "64", "--batch-delay-us", "0"),
+            "dynamic batching (64, no delay)",
+        ),
+        PeerSetting("pytriton", "pytriton-nobatch", ("--no-batching",), "batching off"),
+    ],
+}
+PEER_PACKAGES = {"mlserver": "mlserver", "pytriton": "nvidia-pytriton"}
 
 
 class FloorProcess:
@@ -51,6 +119,120 @@ class FloorProcess:
         self.process.terminate()
         self.process.wait(30)
         self._log.close()
+
+
+def _peer_python(peer: str) -> Path:
+    return PEERS_ENV / peer / "bin" / "python"
+
+
+def _peer_version(peer: str) -> str:
+    code = f"import importlib.metadata as m; print(m.version({PEER_PACKAGES[peer]!r}))"
+    run = subprocess.run(
+        [str(_peer_python(peer)), "-c", code], capture_output=True, text=True, timeout=60
+    )
+    return run.stdout.strip() or "?"
+
+
+class PeerProcess:
+    """A peer server in its own venv and its own session (process group), on 127.0.0.1."""
+
+    def __init__(self, setting: PeerSetting, onnx: Path, log: Path) -> None:
+        self.setting = setting
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log_path = log
+        self._log = log.open("wb")
+        command = [str(_peer_python(setting.peer)), str(PEERS_SRC / setting.peer / "serve.py")]
+        command += ["--onnx", str(onnx), "--grpc-port", str(self.port), *setting.args]
+        scratch = log.with_suffix("")  # its temporary files, removed with the caller's folder
+        scratch.mkdir(exist_ok=True)
+        self.process = subprocess.Popen(
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=scratch,
+            env={**os.environ, "TMPDIR": str(scratch)},
+            start_new_session=True,
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_ready(self, timeout: float = PEER_START_TIMEOUT_S) -> None:
+        """ServerReady and ModelReady over gRPC, then one checked inference."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.setting.name} exited with {self.process.returncode}:\n"
+                        + self.log_tail()
+                    )
+                try:
+                    ready = stub.ServerReady(pb.ServerReadyRequest(), timeout=2).ready
+                    model = pb.ModelReadyRequest(name=MODEL)
+                    if ready and stub.ModelReady(model, timeout=2).ready:
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{self.setting.name} not ready after {timeout:.0f} s:\n" + self.log_tail()
+                    )
+                time.sleep(0.2)
+        _check_inference(self.url)
+
+    def stop(self) -> None:
+        """SIGTERM to the server, then SIGKILL to whatever is left of its process group."""
+        try:
+            if self.process.poll() is None:
+                self.process.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(PEER_STOP_TIMEOUT_S)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # its session: workers, tritonserver
+            self.process.wait(10)
+        finally:
+            self._log.close()
+
+
+def _check_inference(url: str) -> None:
+    """One ModelInfer with the load generator's request; the answer must be the demo MLP's."""
+    payload = loadgen.request_bytes(MODEL)
+    request = pb.ModelInferRequest.FromString(payload)
+    x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32).reshape(1, -1)
+    with grpc.insecure_channel(url) as channel:
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    if response.raw_output_contents:
+        y = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
+    else:
+        y = np.asarray(response.outputs[0].contents.fp32_contents, dtype=np.float32)
+    expected = mlp_reference(x)
+    if y.size != expected.size or not np.allclose(y.reshape(expected.shape), expected, atol=1e-4):
+        raise RuntimeError(f"{url} answered {y.tolist()}, not the demo MLP's {expected.tolist()}")
+
+
+def _select_peers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[PeerSetting]:
+    """--peers names peers (all their settings) or single settings; default: installed peers."""
+    if args.peers is None:
+        names = [] if args.quick else [p for p in PEER_SETTINGS if _peer_python(p).exists()]
+    else:
+        names = args.peers
+    by_name = {s.name: s for settings in PEER_SETTINGS.values() for s in settings}
+    chosen: list[PeerSetting] = []
+    for name in names:
+        if name in PEER_SETTINGS:
+            chosen += PEER_SETTINGS[name]
+        elif name in by_name:
+            chosen.append(by_name[name])
+        else:
+            known = ", ".join(dict.fromkeys([*PEER_SETTINGS, *by_name]))
+            parser.error(f"unknown peer {name!r}: one of {known}")
+    for peer in sorted({s.peer for s in chosen}):
+        if not _peer_python(peer).exists():
+            parser.error(f"{peer} is not installed: run  bash benchmarks/peers/setup.sh {peer}")
+    return list(dict.fromkeys(chosen))
 
 
 def _machine() -> dict[str, Any]:
@@ -102,7 +284,7 @@ def run_server(name: str, url: str, pid: int, args: argparse.Namespace) -> dict[
     cross = {c: _perf_analyzer(url, c) for c in (1, 16)} if not args.quick else {}
     for row in closed + opened:
         print(
-            f"  {name:9s} {row['mode']:6s} {row['level']:>6}: {row['throughput']:7.0f}/s "
+            f"  {name:17s} {row['mode']:6s} {row['level']:>6}: {row['throughput']:7.0f}/s "
             f"p50 {row['p50_ms']:.3f} p95 {row['p95_ms']:.3f} p99 {row['p99_ms']:.3f} "
             f"max {row['max_ms']:.1f} ms, errors {row['errors']}, "
             f"server CPU {row['server_cpu_us_per_call']:.0f} µs/call"
@@ -124,7 +306,68 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
     return ratios
 
 
-def _plots(results: dict[str, Any], stem: Path) -> list[Path]:
+METRICS = (
+    ("throughput", "thr", "/s"),
+    ("p50_ms", "p50", "ms"),
+    ("p95_ms", "p95", "ms"),
+    ("p99_ms", "p99", "ms"),
+    ("max_ms", "max", "ms"),
+    ("server_cpu_us_per_call", "cpu/call", "µs"),
+)
+
+
+def _rows(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """'c=16' / 'r=500' → measurement row."""
+    out = {f"c={r['level']:g}": r for r in data["closed"]}
+    out.update({f"r={r['level']:g}": r for r in data["open"]})
+    return out
+
+
+def _top_throughput(data: dict[str, Any]) -> float:
+    return max((r["throughput"] for r in data["closed"][-1:]), default=0.0)
+
+
+def _best_by_peer(results: dict[str, Any], peers: list[PeerSetting]) -> dict[str, str]:
+    """Each peer's setting with the highest closed-loop throughput at the top concurrency."""
+    best: dict[str, str] = {}
+    for peer in dict.fromkeys(s.peer for s in peers):
+        ran = [s.name for s in peers if s.peer == peer and s.name in results]
+        if ran:
+            best[peer] = max(ran, key=lambda name: _top_throughput(results[name]))
+    return best
+
+
+def _peer_ratios(
+    results: dict[str, Any], names: list[str], best: dict[str, str]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Every figure of every server in ``names`` divided by warmserve's, printed as a table.
+    Throughput above 1 and latency or CPU below 1 favour the other server."""
+    ws = _rows(results["warmserve"])
+    best_names = set(best.values())
+    ratios: dict[str, dict[str, dict[str, float]]] = {}
+    print("\nratios to warmserve (server / warmserve; thr > 1, latency and CPU < 1 favour the")
+    print("server; warmserve's own figures on its line; * = the peer's best setting, c=max thr):")
+    header = "".join(f"{label:>9s}" for _, label, _ in METRICS) + "   errors"
+    for level, w in ws.items():
+        print(f"\n  {w['mode']} {level:7s}     {header}")
+        figures = "".join(
+            f"{w[key]:>7.0f}{unit:2s}" if unit in ("/s", "µs") else f"{w[key]:>7.3f}{unit:2s}"
+            for key, _, unit in METRICS
+        )
+        print(f"  {'warmserve':20s} {figures} {w['errors']:>8d}")
+        for name in names:
+            row = _rows(results[name]).get(level)
+            if row is None:
+                continue
+            values = {key: row[key] / w[key] if w[key] else float("nan") for key, _, _ in METRICS}
+            ratios.setdefault(name, {})[level] = values
+            mark = " *" if name in best_names else ""
+            cells = "".join(f"{values[key]:>8.2f}x" for key, _, _ in METRICS)
+            print(f"  {name + mark:20s} {cells} {row['errors']:>8d}")
+    return ratios
+
+
+def _plots(results: dict[str, Any], stem: Path, cdf_names: list[str] | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,25 +376,25 @@ def _plots(results: dict[str, Any], stem: Path) -> list[Path]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, data in results.items():
-        rows = data["closed"]
-        ax.plot(
-            [r["throughput"] for r in rows], [r["p50_ms"] for r in rows], "o-", label=f"{name} p50"
-        )
-        ax.plot(
-            [r["throughput"] for r in rows], [r["p99_ms"] for r in rows], "x--", label=f"{name} p99"
-        )
+    colors = plt.get_cmap("tab10" if len(results) <= 10 else "tab20")
+    for i, (name, data) in enumerate(results.items()):
+        rows, color = data["closed"], colors(i % colors.N)
+        throughput = [r["throughput"] for r in rows]
+        ax.plot(throughput, [r["p50_ms"] for r in rows], "o-", color=color, label=f"{name} p50")
+        ax.plot(throughput, [r["p99_ms"] for r in rows], "x--", color=color, label=f"{name} p99")
     ax.set(
         xlabel="throughput (inferences/s)",
         ylabel="latency (ms)",
         title="Latency vs throughput (closed loop)",
     )
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     paths.append(stem.with_name(stem.name + "-latency-throughput.png"))
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, data in results.items():
+        if cdf_names is not None and name not in cdf_names:
+            continue
         for row in data["closed"]:
             values = np.sort(row["latencies_ms"])
             ax.plot(values, np.linspace(0, 1, len(values)), label=f"{name} c={row['level']}")
@@ -162,7 +405,7 @@ def _plots(results: dict[str, Any], stem: Path) -> list[Path]:
         title="Latency CDF (closed loop)",
     )
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     paths.append(stem.with_name(stem.name + "-cdf.png"))
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     return paths
@@ -174,11 +417,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--rates", type=float, nargs="*", default=[250, 500, 1000])
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        metavar="PEER",
+        help="peers (mlserver, pytriton) or single settings (mlserver-w0, ...) to run too; "
+        "default: every peer installed by benchmarks/peers/setup.sh (none with --quick)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.concurrency, args.rates = 2.0, [1, 16], []
+    args.concurrency = sorted(args.concurrency)
+    peers = _select_peers(parser, args)
     OUT.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    peer_info: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_mlp_onnx(Path(tmp) / "repo" / MODEL)
         floor = FloorProcess(folder, Path(tmp) / "floor.log")
@@ -193,11 +447,34 @@ def main() -> None:
             breakdown = server.http_json(f"/warmserve/models/{MODEL}/latency")[1]["breakdown_us"]
         finally:
             server.stop()
+        versions = {peer: _peer_version(peer) for peer in dict.fromkeys(s.peer for s in peers)}
+        for setting in peers:
+            info = {"peer": setting.peer, "version": versions[setting.peer]}
+            peer_info[setting.name] = {**info, "args": setting.args, "note": setting.note}
+            print(f"\n{setting.name}: {setting.peer} {versions[setting.peer]}, {setting.note}")
+            peer = PeerProcess(setting, folder / "model.onnx", Path(tmp) / f"{setting.name}.log")
+            try:
+                peer.wait_ready()
+                results[setting.name] = run_server(setting.name, peer.url, peer.process.pid, args)
+            except (RuntimeError, TimeoutError, grpc.RpcError) as error:
+                failed[setting.name] = str(error)
+                print(f"  {setting.name} FAILED: {error}")
+            finally:
+                peer.stop()
     ratios = _ratios(results)
     print("\nwarmserve overhead breakdown (µs; codec and queue per request, the rest per batch):")
     print("  " + ", ".join(f"{k} {v:.0f}" for k, v in breakdown.items()))
     print("\nratios (warmserve / floor): " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    ran = [s.name for s in peers if s.name in results]
+    best = _best_by_peer(results, peers)
+    peer_ratios = _peer_ratios(results, ["floor", *ran], best) if ran else {}
+    for peer, name in best.items():
+        print(f"best {peer} setting: {name} ({peer_info[name]['note']})")
+    if failed:
+        print("\nFAILED peer settings: " + ", ".join(failed))
     if args.quick:
+        if failed:
+            sys.exit(1)
         return
     for name in results:
         for c, pa in results[name]["perf_analyzer"].items():
@@ -208,14 +485,19 @@ def main() -> None:
                 )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stem = OUT / f"compare-{stamp}"
-    plots = _plots(results, stem)
+    cdf_names = ["floor", "warmserve", *best.values()]
+    plots = _plots(results, stem, cdf_names)
     record = {"machine": _machine(), "ratios": ratios, "breakdown_us": breakdown}
+    record["peers"] = {"settings": peer_info, "best": best, "failed": failed}
+    record["ratios_to_warmserve"] = peer_ratios
     for name, data in results.items():
         for row in data["closed"] + data["open"]:
             row.pop("latencies_ms", None)
         record[name] = data
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
     print(f"\nwrote {stem.with_suffix('.json')} and {', '.join(str(p) for p in plots)}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
