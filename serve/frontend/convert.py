@@ -40,8 +40,10 @@ CONTENTS_FIELD: dict[Datatype, str] = {
 }
 
 
-def _parameters(params: Any) -> dict[str, bool | int | str | float]:
-    out: dict[str, bool | int | str | float] = {}
+def _parameters(params: Any) -> dict[str, Any]:
+    """A map of InferParameter / ModelRepositoryParameter (both a ``parameter_choice`` oneof)
+    → plain values."""
+    out: dict[str, Any] = {}
     for key, value in params.items():
         kind = value.WhichOneof("parameter_choice")
         if kind is not None:
@@ -101,14 +103,9 @@ def _from_raw(name: str, datatype: Datatype, shape: tuple[int, ...], count: int,
     return np.frombuffer(raw, dtype=numpy_dtype(datatype)).reshape(shape)
 
 
-def repository_parameters(params: Any) -> dict[str, bool | int | str | bytes]:
+def repository_parameters(params: Any) -> dict[str, Any]:
     """ModelRepositoryParameter map → plain values."""
-    out: dict[str, bool | int | str | bytes] = {}
-    for key, value in params.items():
-        kind = value.WhichOneof("parameter_choice")
-        if kind is not None:
-            out[key] = getattr(value, kind)
-    return out
+    return _parameters(params)
 
 
 def infer_request_from_pb(request: Any, time_remaining: float | None) -> InferRequest:
