@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
         "--sources", action="store_true", help="write model folders (model.toml), not bundles"
     )
     _bundle_commands(commands.add_parser("bundle", help="build, verify, inspect model bundles"))
+    listing = commands.add_parser("index", help="list a running server's model versions")
+    listing.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
     for action, text in (
         ("load", "roll out a model version from the server's repository"),
         ("unload", "stop serving a model (or one version)"),
@@ -144,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             return _bundle(args)
         if args.command in ("load", "unload", "rollback"):
             return _control(args)
+        if args.command == "index":
+            from serve.frontend.client import index
+
+            for name, version, state, reason in index(args.url):
+                print(f"{name}\t{version}\t{state}\t{reason}")
+            return 0
         server = server_config_from_env(
             host=args.host,
             grpc_port=args.grpc_port,

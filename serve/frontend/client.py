@@ -35,3 +35,14 @@ def control(url: str, action: str, model: str, values: dict[str, str | bool]) ->
                 stub.RepositoryModelUnload(request, timeout=CALL_TIMEOUT_S)
         except grpc.RpcError as exc:
             raise ServeError(f"{exc.code().name}: {exc.details()}") from None
+
+
+def index(url: str) -> list[tuple[str, str, str, str]]:
+    """(name, version, state, reason) of every model version the server has loaded."""
+    with grpc.insecure_channel(url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            reply = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30)
+        except grpc.RpcError as exc:
+            raise ServeError(f"{exc.code().name}: {exc.details()}") from None
+    return [(m.name, m.version, m.state, m.reason) for m in reply.models]

@@ -285,6 +285,8 @@ def test_a_tampered_new_version_is_refused_naming_the_file_and_unload_stops_a_mo
         assert "file process.py does not match its sha256" in tampered.stderr
         _, inputs = _input()
         assert server.client.infer("mlp", inputs).get_response().model_version == "1"
+        listed = _cli("index", "--url", server.url)
+        assert listed.returncode == 0 and listed.stdout.split("\t")[:3] == ["mlp", "1", "READY"]
         unloaded = _cli("unload", "mlp", "--url", server.url)
         assert unloaded.returncode == 0, unloaded.stderr
         with pytest.raises(triton.InferenceServerException, match="NOT_FOUND"):
