@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +34,53 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(POLL_S)
+
+
+class CallerThreads:
+    """Closed-loop caller threads, bounded in count, stopped on leaving the ``with`` block.
+
+    Subclasses implement ``call(client, seed, n)``: one call that records what it needs and
+    raises on failure; failures are collected in ``errors``.
+    """
+
+    def __init__(self, url: str, threads: int, max_calls: int = 20000) -> None:
+        self.errors: list[str] = []
+        self.done = 0
+        self._url = url
+        self._max = max_calls
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def call(self, client: triton.InferenceServerClient, seed: int, n: int) -> None:
+        raise NotImplementedError
+
+    def _run(self, seed: int) -> None:
+        client = triton.InferenceServerClient(self._url)
+        n = 0
+        while not self._stop.is_set() and self.done < self._max:
+            n += 1
+            try:
+                self.call(client, seed, n)
+            except Exception as exc:
+                with self._lock:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+            with self._lock:
+                self.done += 1
+
+    def wait_for(self, calls: int) -> None:
+        target = self.done + calls
+        wait_until(lambda: self.done >= target or self._stop.is_set(), 120, f"{calls} more calls")
 
 
 def _cmdline(pid: int) -> bytes:

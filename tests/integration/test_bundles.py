@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import tritonclient.grpc as triton
 
 from serve.bundles.build import build_bundle
 from serve.testing.models import build_mlp_onnx, mlp_reference
-from tests.integration.harness import ServerProcess, wait_until
+from tests.integration.harness import CallerThreads, ServerProcess, wait_until
 
 OFFSET_POST = "def postprocess(outputs):\n    return {{'OUTPUT0': outputs['OUTPUT0'] + {offset}}}\n"
 FAST_PROBES = {"interval_s": 0.3, "timeout_s": 2.0, "failures_to_replace": 1}
@@ -113,46 +112,20 @@ def test_a_worker_verifies_the_bundle_before_importing_its_code(tmp_path):
         assert server.stop() == 0
 
 
-class Traffic:
-    """Closed-loop callers recording (start, end, version, value offset or error) per call."""
+class Traffic(CallerThreads):
+    """Closed-loop callers recording (start, end, version, value offset) per call."""
 
     def __init__(self, url: str, threads: int = 4, rows: int = 1) -> None:
+        super().__init__(url, threads, max_calls=100000)
         self.calls: list[tuple[float, float, str, float]] = []
-        self.errors: list[str] = []
-        self._url, self._rows = url, rows
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+        self._rows = rows
 
-    def __enter__(self) -> Traffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
-
-    def _run(self, seed: int) -> None:
-        client = triton.InferenceServerClient(self._url)
-        n = 0
-        while not self._stop.is_set() and n < 100000:
-            n += 1
-            x, inputs = _input(self._rows, seed * 100000 + n)
-            start = time.monotonic()
-            try:
-                result = client.infer("mlp", inputs, client_timeout=30)
-            except Exception as exc:
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-                continue
-            offset = float(np.median(result.as_numpy("OUTPUT0") - mlp_reference(x)))
-            self.calls.append(
-                (start, time.monotonic(), result.get_response().model_version, offset)
-            )
-
-    def wait_for(self, count: int) -> None:
-        target = len(self.calls) + count
-        wait_until(lambda: len(self.calls) >= target, 120, f"{count} more calls")
+    def call(self, client: triton.InferenceServerClient, seed: int, n: int) -> None:
+        x, inputs = _input(self._rows, seed * 100000 + n)
+        start = time.monotonic()
+        result = client.infer("mlp", inputs, client_timeout=30)
+        offset = float(np.median(result.as_numpy("OUTPUT0") - mlp_reference(x)))
+        self.calls.append((start, time.monotonic(), result.get_response().model_version, offset))
 
     def versions_started_after(self, moment: float) -> set[str]:
         return {version for start, _, version, _ in self.calls if start > moment}

@@ -15,7 +15,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serve.testing.models import build_mlp_onnx, build_mlp_torch, mlp_reference
-from tests.integration.harness import ServerProcess, wait_until
+from tests.integration.harness import CallerThreads, ServerProcess, wait_until
 
 FAST_PROBES = {"interval_s": 0.3, "timeout_s": 1.0, "failures_to_replace": 1}
 
@@ -26,46 +26,18 @@ def _mlp_input(x: np.ndarray) -> list[triton.InferInput]:
     return [tensor]
 
 
-class Load:
+class Load(CallerThreads):
     """Threads calling ``model`` with distinct inputs, checking every answer, until stopped."""
 
     def __init__(self, url: str, model: str, threads: int = 6, max_calls: int = 20000) -> None:
+        super().__init__(url, threads, max_calls)
         self.model = model
-        self.errors: list[str] = []
-        self.done = 0
-        self._url = url
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._max = max_calls
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
 
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
-
-    def _run(self, seed: int) -> None:
-        client = triton.InferenceServerClient(self._url)
-        rng = np.random.default_rng(seed)
-        while not self._stop.is_set() and self.done < self._max:
-            x = rng.standard_normal((1 + int(rng.integers(0, 3)), 64)).astype(np.float32)
-            try:
-                got = client.infer(self.model, _mlp_input(x), client_timeout=30).as_numpy("OUTPUT0")
-                np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
-            except Exception as exc:
-                with self._lock:
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-            with self._lock:
-                self.done += 1
-
-    def wait_for(self, calls: int) -> None:
-        target = self.done + calls
-        wait_until(lambda: self.done >= target or self._stop.is_set(), 120, f"{calls} more calls")
+    def call(self, client: triton.InferenceServerClient, seed: int, n: int) -> None:
+        rng = np.random.default_rng(seed * 100000 + n)
+        x = rng.standard_normal((1 + int(rng.integers(0, 3)), 64)).astype(np.float32)
+        got = client.infer(self.model, _mlp_input(x), client_timeout=30).as_numpy("OUTPUT0")
+        np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
 
 
 def _serve(tmp_path, **overrides) -> ServerProcess:
