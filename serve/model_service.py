@@ -76,6 +76,7 @@ class ModelService:
             self.pool,
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=config.batching.max_queue_delay_us,
+            hold_when_saturated=config.batching.hold_when_saturated,
             max_queue_size=config.batching.max_queue_size,
             observer=self,
         )
@@ -84,7 +85,12 @@ class ModelService:
         )
         self._batched = config.max_batch_size > 0
         self._input_types = {s.name: Datatype(s.datatype) for s in config.inputs}
+        self._input_dims = {
+            s.name: ((-1,) if self._batched else ()) + tuple(s.shape) for s in config.inputs
+        }
         self._output_names = [s.name for s in config.outputs]
+        self._output_types = [(s.name, Datatype(s.datatype)) for s in config.outputs]
+        self._parameters: Parameters = {"bundle_id": bundle_id} if bundle_id else {}
 
     def _pool_changed(self) -> None:
         self.controller.kick()  # probe a newly warm worker now, not at the next period
@@ -177,9 +183,37 @@ class ModelService:
 
     def prepare(self, request: InferRequest) -> tuple[list[Array], int]:
         """Check the request against the signature; the inputs in model order and the row count."""
+        tensors = request.inputs
+        specs = self.config.inputs
+        if len(tensors) == len(specs) and all(
+            t.name == s.name for t, s in zip(tensors, specs, strict=True)
+        ):
+            arrays = [self._check_tensor(s, t) for s, t in zip(specs, tensors, strict=True)]
+        else:
+            arrays = self._inputs_by_name(tensors)
+        rows = 1
+        if self._batched:
+            rows = int(arrays[0].shape[0])
+            for spec, array in zip(specs, arrays, strict=True):
+                if array.shape[0] != rows:
+                    raise InvalidInputError(
+                        f"model {self.config.name!r}: input {spec.name!r} has batch size "
+                        f"{array.shape[0]} but input {specs[0].name!r} has {rows}"
+                    )
+        if request.outputs is not None:
+            for name in request.outputs:
+                if name not in self._output_names:
+                    raise InvalidInputError(
+                        f"model {self.config.name!r} has no output {name!r}; its outputs are: "
+                        + ", ".join(self._output_names)
+                    )
+        return arrays, rows
+
+    def _inputs_by_name(self, tensors: list[Tensor]) -> list[Array]:
+        """The inputs in model order when the request names them in another order (or wrongly)."""
         model = self.config
-        given = {t.name: t for t in request.inputs}
-        if len(given) != len(request.inputs):
+        given = {t.name: t for t in tensors}
+        if len(given) != len(tensors):
             raise InvalidInputError(f"model {model.name!r}: an input name appears twice")
         unknown = sorted(set(given) - set(self._input_types))
         if unknown:
@@ -188,7 +222,6 @@ class ModelService:
                 f"model {model.name!r} has no input {unknown[0]!r}; its inputs are: {expected}"
             )
         arrays: list[Array] = []
-        rows = 0
         for spec in model.inputs:
             tensor = given.get(spec.name)
             if tensor is None:
@@ -197,22 +230,7 @@ class ModelService:
                     f"({_describe(spec, self._batched)}); the request does not have it"
                 )
             arrays.append(self._check_tensor(spec, tensor))
-            if self._batched:
-                if arrays[0].shape[0] != tensor.data.shape[0]:
-                    raise InvalidInputError(
-                        f"model {model.name!r}: input {spec.name!r} has batch size "
-                        f"{tensor.data.shape[0]} but input {model.inputs[0].name!r} has "
-                        f"{arrays[0].shape[0]}"
-                    )
-                rows = int(tensor.data.shape[0])
-        if request.outputs is not None:
-            for name in request.outputs:
-                if name not in self._output_names:
-                    raise InvalidInputError(
-                        f"model {model.name!r} has no output {name!r}; its outputs are: "
-                        + ", ".join(self._output_names)
-                    )
-        return arrays, rows if self._batched else 1
+        return arrays
 
     def _check_tensor(self, spec: TensorSpec, tensor: Tensor) -> Array:
         model = self.config
@@ -222,8 +240,9 @@ class ModelService:
                 f"model {model.name!r} input {spec.name!r}: expected datatype {expected}, "
                 f"got {tensor.datatype}"
             )
-        shape = tensor.data.shape
-        dims = ((-1,) if self._batched else ()) + spec.shape
+        data = tensor.data
+        shape = data.shape
+        dims = self._input_dims[spec.name]
         if len(shape) != len(dims) or any(
             d != -1 and d != s for d, s in zip(dims, shape, strict=True)
         ):
@@ -236,11 +255,11 @@ class ModelService:
                 f"model {model.name!r} input {spec.name!r}: batch size {shape[0]} is outside "
                 f"1..{model.max_batch_size} (max_batch_size)"
             )
-        if any(s == 0 for s in shape):
+        if data.size == 0:
             raise InvalidInputError(
                 f"model {model.name!r} input {spec.name!r}: shape {list(shape)} has no elements"
             )
-        return tensor.data
+        return data
 
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic_ns()
@@ -263,11 +282,14 @@ class ModelService:
         self._duration.observe(elapsed / 1e9)
         wanted = request.outputs
         tensors = [
-            Tensor(spec.name, Datatype(spec.datatype), out)
-            for spec, out in zip(self.config.outputs, outputs, strict=True)
-            if wanted is None or spec.name in wanted
+            Tensor(name, datatype, out)
+            for (name, datatype), out in zip(self._output_types, outputs, strict=True)
+            if wanted is None or name in wanted
         ]
-        parameters: Parameters = {"bundle_id": self.bundle_id} if self.bundle_id else {}
         return InferResponse(
-            request.model_name, self.config.version, tensors, id=request.id, parameters=parameters
+            request.model_name,
+            self.config.version,
+            tensors,
+            request.id,
+            dict(self._parameters),
         )

@@ -5,6 +5,20 @@ the oldest request and every later one of the same signature (non-batch shapes) 
 ``max_batch_size`` rows. With ``max_queue_delay_us > 0`` it holds a batch that is not yet full until
 its oldest request has waited that long. Requests whose deadline has passed, or whose caller has
 gone, are dropped before dispatch: they are never computed.
+
+Dispatch is callback-driven, with no task per batch: a request that finds nothing queued is
+dispatched from its own call (no loop hop); one that finds others queued waits with them for a
+free slot. A batch's reply sets its callers' futures and frees its slot, and a freed slot schedules
+one flush for the end of the current event-loop iteration, which sends everything that queued
+meanwhile as the next batch.
+
+Holding under load: when the event loop itself is the bottleneck (its thread busy at least
+``HOLD_LOAD`` of the time) requests reach the batcher one at a time, each finds a free worker, and
+every batch is one row: the per-batch costs (the shared-memory copy, two socket hops, waking the
+worker) are paid per request by the busiest thread. Then a lone request is held until a second one
+arrives or ``HOLD_CAP_S`` passes, which halves those costs at the price of one inter-arrival
+gap. An idle or lightly loaded server never holds, and a hold that catches nobody (a single
+closed-loop caller) switches holding off for ``HOLD_BACKOFF_S``.
 """
 
 from __future__ import annotations
@@ -13,14 +27,15 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from serve.batching.merge import Array, Signature, merge, signature, split
+from serve.batching.merge import Array, Signature, signature, split
 from serve.errors import (
     DeadlineExceededError,
     ModelExecutionError,
+    ModelNotReadyError,
     QueueFullError,
     WorkerLostError,
 )
@@ -28,6 +43,13 @@ from serve.errors import (
 log = logging.getLogger(__name__)
 
 RETRY_WAIT_S = 30.0  # longest a retried batch without a deadline waits for another worker
+STOP_WAIT_S = 60.0  # longest stop() waits for running batches (the pool's watchdog is 30 s)
+HOLD_LOAD = 0.75  # event-loop thread busy fraction from which lone requests are held
+HOLD_ROWS = 2  # a held batch leaves once it has this many rows
+HOLD_CAP_S = 0.002  # longest hold (the event loop's timers have millisecond resolution)
+HOLD_MISSES = 3  # holds in a row that catch no second request switch holding off ...
+HOLD_BACKOFF_S = 0.5  # ... for this long
+LOAD_WINDOW_S = 0.05  # the loop's busy fraction is measured over windows this long
 
 
 @dataclass(slots=True)
@@ -37,19 +59,34 @@ class BatchResult:
     worker: str = ""  # which worker ran it
 
 
-class WorkerLease(Protocol):
-    """Room for one batch on one warm worker, held from acquire() until run() ends or release()."""
+BatchCallback = Callable[[BatchResult | BaseException], None]
 
-    async def run(self, inputs: list[Array], rows: int) -> BatchResult: ...
+
+class WorkerLease(Protocol):
+    """Room for one batch on one warm worker, held from acquire_now() until start() or release()."""
+
+    def start(self, parts: Sequence[Sequence[Array]], rows: int, done: BatchCallback) -> None:
+        """Send one batch: ``parts`` holds each request's inputs (in model order), concatenated
+        along the batch axis on the way. ``done`` is called exactly once, later, from the event
+        loop, with the result or the error (WorkerLostError when the worker died with it).
+        Raises WorkerLostError at once when the worker cannot take the batch."""
+        ...
 
     def release(self) -> None: ...
 
 
 class BatchExecutor(Protocol):
-    async def acquire(self) -> WorkerLease: ...
-
     def acquire_now(self) -> WorkerLease | None:
         """A lease at once if some worker has room, else None."""
+        ...
+
+    def on_slot_free(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever a lease may be available again (a slot freed, a worker
+        became warm)."""
+        ...
+
+    def unavailable(self) -> str:
+        """Why no worker can ever take a batch (none warm or starting), or "" when one can."""
         ...
 
 
@@ -69,6 +106,48 @@ class _Pending:
     deadline: float | None
     enqueued: float
     future: asyncio.Future[list[Array]]
+    lost: WorkerLostError | None = None  # set once the request's batch died with its worker
+    retry_until: float = 0.0  # a retried request waits for a worker at most until then
+
+
+class _Batch:
+    """One dispatched batch; its reply arrives through __call__ (the lease's callback)."""
+
+    __slots__ = ("batcher", "items", "queue_ns", "row_counts")
+
+    def __init__(self, batcher: DynamicBatcher, items: list[_Pending], start: float) -> None:
+        self.batcher = batcher
+        self.items = items
+        self.row_counts = [i.rows for i in items]
+        self.queue_ns = [int((start - i.enqueued) * 1e9) for i in items]
+
+    def __call__(self, outcome: BatchResult | BaseException) -> None:
+        self.batcher._finished(self, outcome)
+
+
+class LoopLoad:
+    """The busy fraction of the event-loop thread, from its CPU time, over short windows."""
+
+    __slots__ = ("_count", "_cpu", "_since", "busy")
+
+    def __init__(self) -> None:
+        self.busy = 0.0
+        self._since = time.monotonic()
+        self._cpu = time.thread_time()
+        self._count = 0
+
+    def tick(self, now: float) -> None:
+        """Called per request; reads the thread's CPU clock every 32nd call."""
+        self._count += 1
+        if self._count & 31:
+            return
+        elapsed = now - self._since
+        if elapsed >= LOAD_WINDOW_S:
+            cpu = time.thread_time()
+            self.busy = (cpu - self._cpu) / elapsed
+            self._since, self._cpu = now, cpu
+        elif elapsed < 0:
+            self._since = now
 
 
 class DynamicBatcher:
@@ -81,6 +160,7 @@ class DynamicBatcher:
         max_queue_delay_us: int,
         max_queue_size: int,
         observer: BatchObserver | None = None,
+        hold_when_saturated: bool = True,
     ) -> None:
         self._name = name
         self._executor = executor
@@ -90,40 +170,58 @@ class DynamicBatcher:
         self._max_queue = max_queue_size
         self._observer = observer
         self._queue: deque[_Pending] = deque()
-        self._arrival = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
-        self._batches: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_handle: asyncio.Handle | None = None  # a flush is scheduled
+        self._inflight: set[_Batch] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._running = False
+        self._load = LoopLoad()
+        self._may_hold = hold_when_saturated
+        self._holding = False  # a lone request is held for company
+        self._no_hold_until = 0.0
+        self._missed = 0  # holds in a row that caught no second request
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def inflight_batches(self) -> int:
+        return len(self._inflight)
+
     def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._dispatch_loop(), name=f"batcher:{self._name}")
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+        self._executor.on_slot_free(self._kick)
 
     async def stop(self) -> None:
-        """Stop dispatching; fail what is still queued; wait for batches already running."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-            self._loop_task = None
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(QueueFullError(f"model {self._name!r} is shutting down"))
-        if self._batches:
-            await asyncio.gather(*self._batches, return_exceptions=True)
+        """Stop dispatching; fail what is still queued; wait for batches already running (they
+        end with their reply, or with WorkerLostError when the pool stops their worker)."""
+        self._running = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._fail_queue(QueueFullError(f"model {self._name!r} is shutting down"))
+        try:
+            async with asyncio.timeout(STOP_WAIT_S):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning(
+                "model %s: %d batches still running %g s after stop; leaving them to the pool",
+                self._name,
+                len(self._inflight),
+                STOP_WAIT_S,
+            )
 
     async def drain(self) -> None:
         """Return once nothing is queued or running (callers stop sending first)."""
-        while self._queue or self._batches:
-            if self._batches:
-                await asyncio.wait(list(self._batches))
-            else:  # queued requests wait for a worker slot: look again shortly
-                await asyncio.sleep(0.005)
+        await self._idle.wait()
 
     async def submit(self, inputs: list[Array], rows: int, deadline: float | None) -> list[Array]:
         """Queue one request (inputs in model order) and wait for its own rows of every output."""
+        if not self._running:
+            raise ModelNotReadyError(f"model {self._name!r} is not taking requests")
         if len(self._queue) >= self._max_queue:
             raise QueueFullError(
                 f"model {self._name!r} has {len(self._queue)} requests queued (the limit); "
@@ -132,97 +230,194 @@ class DynamicBatcher:
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceededError(f"request to {self._name!r} arrived after its deadline")
+        loop = self._loop
+        assert loop is not None
+        future: asyncio.Future[list[Array]] = loop.create_future()
         item = _Pending(
-            inputs=inputs,
-            rows=rows,
-            signature=signature(inputs) if self._batching else (),
-            deadline=deadline,
-            enqueued=now,
-            future=asyncio.get_running_loop().create_future(),
+            inputs, rows, signature(inputs) if self._batching else (), deadline, now, future
         )
-        lease = None if self._queue or self._delay_s else self._executor.acquire_now()
-        job: Awaitable[object]
-        if lease is not None:
-            # Idle: nothing waits and a worker has room, so this request is the batch the
-            # dispatch loop would form; run it from here and skip the loop's task hops.
-            job = self._execute(lease, [item])
-        else:
-            self._queue.append(item)
-            self._arrival.set()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("model %s: request queued (%d waiting)", self._name, len(self._queue))
-            job = item.future
+        queue = self._queue
+        queue.append(item)
+        self._idle.clear()
+        self._load.tick(now)
+        if len(queue) == 1 and self._flush_handle is None:
+            self._flush()  # nothing else waits: dispatch now, without a loop hop
+        elif self._delay_s or self._holding:  # a batch held open may be full now
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush()
         if deadline is None:
-            await job
-            return item.future.result()
+            return await future
+        timer = loop.call_later(deadline - now, self._expire, item)
         try:
-            async with asyncio.timeout(deadline - now):
-                await job
-                return item.future.result()
-        except TimeoutError:
-            raise DeadlineExceededError(
-                f"request to {self._name!r} did not finish within its deadline "
-                f"({(deadline or now) - now:.3f} s)"
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
 
-    async def _dispatch_loop(self) -> None:
-        while True:
-            while not self._queue:
-                self._arrival.clear()
-                await self._arrival.wait()
-            lease = await self._executor.acquire()
+    def _expire(self, item: _Pending) -> None:
+        if not item.future.done():
+            item.future.set_exception(
+                DeadlineExceededError(
+                    f"request to {self._name!r} did not finish within its deadline "
+                    f"({(item.deadline or item.enqueued) - item.enqueued:.3f} s)"
+                )
+            )
+
+    def _kick(self) -> None:
+        """A slot may be free: flush at the end of this loop iteration (once)."""
+        if self._queue and self._flush_handle is None and self._loop is not None and self._running:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Dispatch batches while requests wait and workers have room."""
+        self._flush_handle = None
+        while self._queue and self._running:
+            self._drop_dead()
+            if not self._queue:
+                break
+            head = self._queue[0]
+            if self._delay_s and self._batching:
+                rows = sum(i.rows for i in self._queue if i.signature == head.signature)
+                wait = head.enqueued + self._delay_s - time.monotonic()
+                if rows < self._max_rows and wait > 0:
+                    assert self._loop is not None
+                    self._flush_handle = self._loop.call_later(wait, self._flush)
+                    break
+            if self._should_hold(head):
+                return
+            lease = self._executor.acquire_now()
+            if lease is None:
+                reason = self._executor.unavailable()
+                if reason:
+                    self._fail_queue(ModelNotReadyError(f"model {self._name!r}: {reason}"))
+                elif log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "model %s: %d requests wait for a worker", self._name, len(self._queue)
+                    )
+                break  # a freed slot kicks the next flush
+            self._dispatch(lease, self._take(head) if self._batching else [self._queue.popleft()])
+        self._check_idle()
+
+    def _should_hold(self, head: _Pending) -> bool:
+        """Hold a lone request for company while the event loop is saturated (module doc)."""
+        if self._holding:  # the hold ends now: company came, or the cap passed
+            self._holding = False
+            if len(self._queue) >= HOLD_ROWS:
+                self._missed = 0
+            else:  # nobody came; several in a row: a single caller waits on itself
+                self._missed += 1
+                if self._missed >= HOLD_MISSES:
+                    self._missed = 0
+                    self._no_hold_until = time.monotonic() + HOLD_BACKOFF_S
+            return False
+        if (
+            not self._may_hold
+            or not self._batching
+            or self._delay_s
+            or head.lost is not None
+            or sum(i.rows for i in self._queue) >= HOLD_ROWS
+            or self._load.busy < HOLD_LOAD
+            or time.monotonic() < self._no_hold_until
+        ):
+            return False
+        assert self._loop is not None
+        self._holding = True
+        self._flush_handle = self._loop.call_later(HOLD_CAP_S, self._flush)
+        return True
+
+    def _dispatch(self, lease: WorkerLease, items: list[_Pending]) -> None:
+        start = time.monotonic()
+        batch = _Batch(self, items, start)
+        rows = sum(batch.row_counts)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "model %s: dispatching %d rows from %d requests", self._name, rows, len(items)
+            )
+        self._inflight.add(batch)
+        try:
+            lease.start([i.inputs for i in items], rows, batch)
+        except WorkerLostError as exc:
+            self._finished(batch, exc)
+        except Exception as exc:  # a bug on our side: fail these callers, keep serving
+            log.exception("model %s: could not send a batch", self._name)
+            lease.release()
+            self._finished(batch, exc)
+
+    def _finished(self, batch: _Batch, outcome: BatchResult | BaseException) -> None:
+        self._inflight.discard(batch)
+        result = outcome if isinstance(outcome, BatchResult) else None
+        if result is not None:
             try:
-                batch = await self._collect()
-            except BaseException:
-                lease.release()
-                raise
-            if not batch:
-                lease.release()
-                continue
-            task = asyncio.create_task(self._execute(lease, batch))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+                parts = split(result.outputs, batch.row_counts)
+            except ValueError as exc:
+                self._fail(
+                    batch.items,
+                    ModelExecutionError(f"model {self._name!r} returned bad outputs: {exc}"),
+                )
+            else:
+                for item, part in zip(batch.items, parts, strict=True):
+                    if not item.future.done():
+                        item.future.set_result(part)
+        elif isinstance(outcome, WorkerLostError):
+            self._retry(batch.items, outcome)
+        else:
+            assert isinstance(outcome, BaseException)
+            self._fail(batch.items, outcome)
+        if self._observer is not None:
+            self._observer.batch_done(
+                sum(batch.row_counts), len(batch.items), batch.queue_ns, result
+            )
+        self._kick()
+        self._check_idle()
+
+    def _retry(self, items: list[_Pending], lost: WorkerLostError) -> None:
+        """Requeue a batch whose worker died, at the front, once: inference is idempotent, so a
+        second run is safe; a second loss is final. A retried request waits for a worker at most
+        until its deadline, or RETRY_WAIT_S without one."""
+        live = [i for i in items if not i.future.done()]
+        again = [i for i in live if i.lost is None] if self._running else []
+        self._fail([i for i in live if i not in again], lost)
+        if not again:
+            return
+        log.warning("model %s: %s; retrying its %d requests once", self._name, lost, len(again))
+        until = time.monotonic() + RETRY_WAIT_S
+        for item in reversed(again):
+            item.lost = lost
+            item.retry_until = until
+            self._queue.appendleft(item)
+        self._idle.clear()
+        if self._loop is not None:  # expire them if no worker takes them in time
+            self._loop.call_later(RETRY_WAIT_S, self._kick)
 
     def _drop_dead(self) -> None:
-        """Remove callers that gave up and requests whose deadline has passed."""
+        """Remove callers that gave up, requests whose deadline has passed and retried requests
+        that found no worker in time."""
         now = time.monotonic()
+        queue = self._queue
         if not any(
-            i.future.done() or (i.deadline is not None and i.deadline <= now) for i in self._queue
+            i.future.done()
+            or (i.deadline is not None and i.deadline <= now)
+            or (i.lost is not None and i.retry_until <= now)
+            for i in queue
         ):
             return
         alive: deque[_Pending] = deque()
-        for item in self._queue:
+        for item in queue:
             if item.future.done():
                 continue
             if item.deadline is not None and item.deadline <= now:
                 item.future.set_exception(
                     DeadlineExceededError(f"request to {self._name!r} expired while queued")
                 )
-                continue
-            alive.append(item)
+            elif item.lost is not None and item.retry_until <= now:
+                item.future.set_exception(item.lost)
+            else:
+                alive.append(item)
         self._queue = alive
 
-    async def _collect(self) -> list[_Pending]:
-        """The next batch: the oldest request plus later ones of its signature that fit."""
-        while True:
-            self._drop_dead()
-            if not self._queue:
-                return []
-            head = self._queue[0]
-            if not self._batching:
-                return [self._queue.popleft()]
-            group_rows = sum(i.rows for i in self._queue if i.signature == head.signature)
-            wait = head.enqueued + self._delay_s - time.monotonic()
-            if group_rows >= self._max_rows or wait <= 0:
-                return self._take(head.signature)
-            self._arrival.clear()
-            try:
-                async with asyncio.timeout(wait):
-                    await self._arrival.wait()
-            except TimeoutError:
-                pass
-
-    def _take(self, sig: Signature) -> list[_Pending]:
+    def _take(self, head: _Pending) -> list[_Pending]:
+        """The oldest request plus later ones of its signature that fit in one batch."""
+        sig = head.signature
         taken: list[_Pending] = []
         kept: deque[_Pending] = deque()
         rows = 0
@@ -238,59 +433,17 @@ class DynamicBatcher:
         self._queue = kept
         return taken
 
-    async def _execute(self, lease: WorkerLease, batch: list[_Pending]) -> None:
-        start = time.monotonic()
-        if log.isEnabledFor(logging.DEBUG):
-            rows = sum(i.rows for i in batch)
-            log.debug(
-                "model %s: dispatching %d rows from %d requests", self._name, rows, len(batch)
-            )
-        queue_ns = [int((start - i.enqueued) * 1e9) for i in batch]
-        row_counts = [i.rows for i in batch]
-        result: BatchResult | None = None
-        try:
-            inputs = merge([i.inputs for i in batch])
-            try:
-                result = await lease.run(inputs, sum(row_counts))
-            except WorkerLostError as exc:
-                result = await self._retry(batch, inputs, sum(row_counts), exc)
-            parts = split(result.outputs, row_counts)
-        except ValueError as exc:
-            self._fail(
-                batch, ModelExecutionError(f"model {self._name!r} returned bad outputs: {exc}")
-            )
-        except Exception as exc:
-            self._fail(batch, exc)
-        else:
-            for item, part in zip(batch, parts, strict=True):
-                if not item.future.done():
-                    item.future.set_result(part)
-        finally:
-            if self._observer is not None:
-                self._observer.batch_done(sum(row_counts), len(batch), queue_ns, result)
+    def _check_idle(self) -> None:
+        if not self._queue and not self._inflight:
+            self._idle.set()
 
-    async def _retry(
-        self, batch: list[_Pending], inputs: list[Array], rows: int, lost: WorkerLostError
-    ) -> BatchResult:
-        """Run a batch whose worker died once more on another worker, if its callers can wait.
-
-        Inference is idempotent, so a second run is safe; a second loss is final.
-        """
-        live = [i for i in batch if not i.future.done()]
-        deadlines = [i.deadline for i in live if i.deadline is not None]
-        budget = min(deadlines) - time.monotonic() if deadlines else RETRY_WAIT_S
-        if not live or budget <= 0:
-            raise lost
-        log.warning("model %s: %s; retrying its batch of %d rows once", self._name, lost, rows)
-        try:
-            async with asyncio.timeout(min(budget, RETRY_WAIT_S)):
-                lease = await self._executor.acquire()
-        except TimeoutError:
-            raise lost from None
-        return await lease.run(inputs, rows)
+    def _fail_queue(self, exc: Exception) -> None:
+        queue, self._queue = self._queue, deque()
+        self._fail(list(queue), exc)
+        self._check_idle()
 
     @staticmethod
-    def _fail(batch: list[_Pending], exc: Exception) -> None:
-        for item in batch:
+    def _fail(items: list[_Pending], exc: BaseException) -> None:
+        for item in items:
             if not item.future.done():
                 item.future.set_exception(exc)

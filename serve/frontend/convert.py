@@ -3,7 +3,6 @@ byte sizes, typed-content fields."""
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -18,7 +17,6 @@ from serve.protocol.datatypes import (
     Datatype,
     bytes_tensor_from_raw,
     bytes_tensor_to_raw,
-    element_size,
     numpy_dtype,
     parse_datatype,
 )
@@ -40,6 +38,12 @@ CONTENTS_FIELD: dict[Datatype, str] = {
 }
 
 
+_DATATYPES = {d.value: d for d in Datatype}
+_FIXED_DTYPES: dict[Datatype, np.dtype[Any]] = {
+    d: numpy_dtype(d) for d in Datatype if d is not Datatype.BYTES
+}
+
+
 def _parameters(params: Any) -> dict[str, Any]:
     """A map of InferParameter / ModelRepositoryParameter (both a ``parameter_choice`` oneof)
     → plain values."""
@@ -53,14 +57,18 @@ def _parameters(params: Any) -> dict[str, Any]:
 
 def _decode_input(tensor: Any, raw: bytes | None) -> Tensor:
     name = tensor.name
-    try:
-        datatype = parse_datatype(tensor.datatype)
-    except ValueError as exc:
-        raise InvalidInputError(f"input {name!r}: {exc}") from None
+    datatype = _DATATYPES.get(tensor.datatype)
+    if datatype is None:
+        try:
+            datatype = parse_datatype(tensor.datatype)
+        except ValueError as exc:
+            raise InvalidInputError(f"input {name!r}: {exc}") from None
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
-    count = math.prod(shape)
+    count = 1
+    for d in shape:
+        if d < 0:
+            raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
+        count *= d
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidInputError(f"input {name!r}: has both typed contents and raw contents")
@@ -89,18 +97,19 @@ def _decode_input(tensor: Any, raw: bytes | None) -> Tensor:
 
 
 def _from_raw(name: str, datatype: Datatype, shape: tuple[int, ...], count: int, raw: bytes) -> Any:
-    if datatype is Datatype.BYTES:
+    dtype = _FIXED_DTYPES.get(datatype)
+    if dtype is None:  # BYTES
         try:
             return bytes_tensor_from_raw(raw, count).reshape(shape)
         except ValueError as exc:
             raise InvalidInputError(f"input {name!r}: malformed BYTES data: {exc}") from None
-    expected = count * element_size(datatype)
+    expected = count * dtype.itemsize
     if len(raw) != expected:
         raise InvalidInputError(
             f"input {name!r}: raw data has {len(raw)} bytes, expected {expected} "
             f"for shape {list(shape)} of {datatype}"
         )
-    return np.frombuffer(raw, dtype=numpy_dtype(datatype)).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def repository_parameters(params: Any) -> dict[str, Any]:
@@ -110,14 +119,16 @@ def repository_parameters(params: Any) -> dict[str, Any]:
 
 def infer_request_from_pb(request: Any, time_remaining: float | None) -> InferRequest:
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInputError(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
-            "send every input raw or none"
-        )
-    inputs = [
-        _decode_input(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)
-    ]
+    tensors = request.inputs
+    if raw:
+        if len(raw) != len(tensors):
+            raise InvalidInputError(
+                f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; "
+                "send every input raw or none"
+            )
+        inputs = [_decode_input(tensor, data) for tensor, data in zip(tensors, raw, strict=True)]
+    else:
+        inputs = [_decode_input(tensor, None) for tensor in tensors]
     outputs = None
     if request.outputs:
         outputs = []
@@ -128,13 +139,13 @@ def infer_request_from_pb(request: Any, time_remaining: float | None) -> InferRe
                 )
             outputs.append(out.name)
     return InferRequest(
-        model_name=request.model_name,
-        model_version=request.model_version,
-        id=request.id,
-        inputs=inputs,
-        outputs=outputs,
-        parameters=_parameters(request.parameters),
-        deadline=None if time_remaining is None else time.monotonic() + time_remaining,
+        request.model_name,
+        inputs,
+        request.model_version,
+        request.id,
+        outputs,
+        _parameters(request.parameters) if request.parameters else {},
+        None if time_remaining is None else time.monotonic() + time_remaining,
     )
 
 
@@ -142,15 +153,15 @@ def infer_response_to_pb(response: InferResponse) -> Any:
     message = pb.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
+    add_output = message.outputs.add
+    raw = message.raw_output_contents
     for tensor in response.outputs:
-        out = message.outputs.add()
-        out.name = tensor.name
-        out.datatype = tensor.datatype.value
-        out.shape.extend(tensor.shape)
+        data = tensor.data
+        add_output(name=tensor.name, datatype=tensor.datatype.value, shape=data.shape)
         if tensor.datatype is Datatype.BYTES:
-            message.raw_output_contents.append(bytes_tensor_to_raw(tensor.data))
+            raw.append(bytes_tensor_to_raw(data))
         else:
-            message.raw_output_contents.append(np.ascontiguousarray(tensor.data).tobytes())
+            raw.append(data.tobytes())  # C order, whatever the array's layout
     for key, value in response.parameters.items():
         param = message.parameters[key]
         if isinstance(value, bool):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -51,48 +52,65 @@ class Arena:
             pass
 
     def write(
-        self, slot: int, tensors: list[tuple[str, Datatype, npt.NDArray[Any]]]
+        self, slot: int, tensors: Sequence[tuple[str, Datatype, Sequence[npt.NDArray[Any]]]]
     ) -> list[TensorRef]:
-        """Place tensors in ``slot``; any that does not fit goes inline."""
+        """Place tensors in ``slot``; any that does not fit goes inline. Each tensor is given as
+        parts (one per request of a batch) that are concatenated along the first axis as they are
+        copied, so a batch is copied once, not merged first and copied again."""
         base = slot * self.slot_bytes
         offset = 0
         refs: list[TensorRef] = []
-        for name, datatype, array in tensors:
-            shape = tuple(int(d) for d in array.shape)
+        for name, datatype, parts in tensors:
+            first = parts[0]
+            if len(parts) == 1:
+                shape = first.shape
+            else:
+                shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
             if datatype is Datatype.BYTES:
-                raw = bytes_tensor_to_raw(array)
-                nbytes = len(raw)
+                whole = first if len(parts) == 1 else np.concatenate(parts, axis=0)
+                encoded = bytes_tensor_to_raw(whole)
+                raw: bytes | None = encoded
+                nbytes = len(encoded)
             else:
                 raw = None
-                nbytes = array.nbytes
+                nbytes = first.dtype.itemsize * math.prod(shape)
             if offset + nbytes > self.slot_bytes:
-                data = raw if raw is not None else np.ascontiguousarray(array).tobytes()
-                refs.append(TensorRef(name, datatype.value, shape, -1, nbytes, data))
+                if raw is None:
+                    whole = first if len(parts) == 1 else np.concatenate(parts, axis=0)
+                    raw = np.ascontiguousarray(whole).tobytes()
+                refs.append(TensorRef(name, datatype.value, shape, -1, nbytes, raw))
                 continue
             start = base + offset
             if raw is not None:
                 self._buffer[start : start + nbytes] = raw
+            elif len(parts) == 1:
+                target = np.ndarray(shape, dtype=first.dtype, buffer=self._buffer, offset=start)
+                np.copyto(target, first, casting="no")
             else:
-                target = np.ndarray(shape, dtype=array.dtype, buffer=self._buffer, offset=start)
-                np.copyto(target, array, casting="no")
+                target = np.ndarray(shape, dtype=first.dtype, buffer=self._buffer, offset=start)
+                np.concatenate(parts, axis=0, out=target, casting="no")
             refs.append(TensorRef(name, datatype.value, shape, offset, nbytes))
             offset = (offset + nbytes + ALIGN - 1) // ALIGN * ALIGN
         return refs
 
     def read(self, slot: int, ref: TensorRef, *, copy: bool) -> npt.NDArray[Any]:
         """The tensor ``ref`` names; a view into shared memory unless ``copy`` (or inline)."""
-        datatype = Datatype(ref.datatype)
-        count = math.prod(ref.shape)
+        dtype = _DTYPES.get(ref.datatype)
         if ref.inline is not None:
             source: Any = ref.inline
             start = 0
         else:
             source = self._buffer
             start = slot * self.slot_bytes + ref.offset
-        if datatype is Datatype.BYTES:
+        if dtype is None:
+            if ref.datatype != Datatype.BYTES.value:
+                raise ValueError(f"tensor {ref.name!r} has unknown datatype {ref.datatype!r}")
+            count = math.prod(ref.shape)
             flat = bytes_tensor_from_raw(memoryview(source)[start : start + ref.nbytes], count)
             return flat.reshape(ref.shape)
-        array: npt.NDArray[Any] = np.ndarray(
-            ref.shape, dtype=numpy_dtype(datatype), buffer=source, offset=start
-        )
+        array: npt.NDArray[Any] = np.ndarray(ref.shape, dtype=dtype, buffer=source, offset=start)
         return array.copy() if copy and ref.inline is None else array
+
+
+# datatype name → numpy dtype of every fixed-size datatype (BYTES is absent)
+_DTYPES = {d.value: numpy_dtype(d) for d in Datatype if d is not Datatype.BYTES}

@@ -31,6 +31,16 @@ class WorkerLink(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        if not self._buffer and len(data) > FRAME_HEADER.size:
+            (length,) = FRAME_HEADER.unpack_from(data)
+            if len(data) == FRAME_HEADER.size + length:  # the common case: exactly one message
+                try:
+                    message = from_worker_decoder.decode(memoryview(data)[FRAME_HEADER.size :])
+                except Exception as exc:
+                    self._fail(f"undecodable message: {exc}")
+                    return
+                self._on_message(message)
+                return
         buffer = self._buffer
         buffer += data
         header = FRAME_HEADER.size

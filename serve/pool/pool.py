@@ -1,6 +1,6 @@
 """The worker pool of one model version: keeps ``target`` warm workers, routes batches to them.
 
-A worker takes traffic only once it has reported warm (every batch bucket run). ``acquire()``
+A worker takes traffic only once it has reported warm (every batch bucket run). ``acquire_now()``
 picks the warm worker with the most free batch slots; it never returns a cold or draining one.
 Dead workers are replaced at once (with back-off after failed starts). ``replace()`` starts a
 new worker first and retires the old one only when the new one is warm.
@@ -12,10 +12,11 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from serve.batching import BatchResult
+from serve.batching.batcher import BatchCallback
 from serve.batching.merge import Array
 from serve.config import ModelConfig
 from serve.errors import ModelNotReadyError
@@ -51,9 +52,16 @@ def slot_bytes_for(model: ModelConfig) -> int:
 class Lease:
     """One reserved batch slot on one warm worker."""
 
+    __slots__ = ("_slot", "worker")
+
     def __init__(self, worker: WorkerHandle, slot: int) -> None:
         self.worker = worker
         self._slot: int | None = slot
+
+    def start(self, parts: Sequence[Sequence[Array]], rows: int, done: BatchCallback) -> None:
+        slot, self._slot = self._slot, None
+        assert slot is not None, "lease already used"
+        self.worker.submit(slot, parts, rows, done)
 
     async def run(self, inputs: list[Array], rows: int) -> BatchResult:
         slot, self._slot = self._slot, None
@@ -99,6 +107,7 @@ class WorkerPool:
         self._seen_warm: set[str] = set()
         self._states: dict[str, tuple[WorkerState, bool]] = {}
         self._retire_scheduled: set[WorkerHandle] = set()
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def workers(self) -> list[WorkerHandle]:
@@ -164,16 +173,17 @@ class WorkerPool:
             return None
         return Lease(best, best.reserve())
 
-    async def acquire(self) -> Lease:
-        """Wait for a warm worker with a free slot; ModelNotReadyError if none can appear."""
-        while True:
-            lease = self.acquire_now()
-            if lease is not None:
-                return lease
-            if self._stopping or (self._counted() == 0 and not self._tasks):
-                raise ModelNotReadyError(f"model {self.model.name!r} has no warm worker")
-            self._changed.clear()
-            await self._changed.wait()
+    def on_slot_free(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever a slot frees or a worker's state changes."""
+        self._listeners.append(callback)
+
+    def unavailable(self) -> str:
+        """Why no worker can ever take a batch, or "" when one is warm or on its way."""
+        if self._stopping:
+            return "its workers are stopping"
+        if self._counted() == 0 and not self._tasks:
+            return "no warm worker and none starting"
+        return ""
 
     def check_watchdog(self) -> None:
         """Kill workers with a batch out longer than ``pool.watchdog_s`` (they hang)."""
@@ -183,6 +193,8 @@ class WorkerPool:
 
     def _on_change(self, worker: WorkerHandle) -> None:
         self._changed.set()
+        for listener in self._listeners:
+            listener()
         state = (worker.state, worker.draining)
         if self._states.get(worker.worker_id) == state:
             return  # a slot came free: nothing readiness depends on changed

@@ -11,10 +11,11 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from serve.batching import BatchResult
+from serve.batching.batcher import BatchCallback
 from serve.batching.merge import Array
 from serve.config import ModelConfig
 from serve.errors import InvalidInputError, ModelExecutionError, ModelNotReadyError, WorkerLostError
@@ -59,6 +60,15 @@ class WorkerSettings:
     bundle_id: str = ""  # the worker verifies the bundle against it before loading anything
 
 
+@dataclass(slots=True)
+class _InFlight:
+    slot: int
+    done: BatchCallback
+    sent_at: float  # monotonic, for the watchdog
+    sent_ns: int  # perf counter, for the breakdown
+    write_ns: int  # copying the inputs into shared memory
+
+
 class WorkerHandle:
     def __init__(
         self,
@@ -80,9 +90,7 @@ class WorkerHandle:
         self._inputs: Arena | None = None
         self._outputs: Arena | None = None
         self._free_slots = list(range(settings.slots))
-        self._pending: dict[int, asyncio.Future[FromWorker]] = {}
-        self._abandoned: dict[int, int] = {}  # batch id → slot, for callers that gave up
-        self._sent_at: dict[int, float] = {}  # batch id → when it was sent (the watchdog)
+        self._pending: dict[int, _InFlight] = {}  # batch id → its slot, callback and times
         self.draining = False  # takes no new batches (being retired)
         self.retiring = False  # to be retired once a replacement is warm
         self.probed_ok = False  # passed its latest probe
@@ -92,6 +100,7 @@ class WorkerHandle:
         self._ids = itertools.count()
         self._reaper: asyncio.Task[None] | None = None
         self._types = [Datatype(s.datatype) for s in model.inputs]
+        self._input_names = [s.name for s in model.inputs]
 
     @property
     def pid(self) -> int | None:
@@ -197,86 +206,101 @@ class WorkerHandle:
         )
 
     def reserve(self) -> int:
-        """Claim a slot for one batch; pass it to run() (which frees it) or to release()."""
+        """Claim a slot for one batch; pass it to submit() or run() (which free it) or release()."""
         return self._free_slots.pop()
 
     def release(self, slot: int) -> None:
         self._free_slots.append(slot)
         self._on_change(self)
 
-    async def run(self, slot: int, inputs: list[Array], rows: int) -> BatchResult:
-        """Run one batch in ``slot``. The slot is freed only once the worker has answered, so a
-        caller that gives up (deadline, cancellation) never lets a later batch overwrite memory
-        the worker is still using. A batch running past the watchdog means the worker hangs:
-        the worker is killed and the batch fails with WorkerLostError (the batcher retries it);
-        check_watchdog(), called periodically, is what notices."""
-        if self.state is not WorkerState.WARM or self._link is None:
+    def submit(
+        self, slot: int, parts: Sequence[Sequence[Array]], rows: int, done: BatchCallback
+    ) -> None:
+        """Send one batch in ``slot``: each request's inputs (``parts``) are copied into shared
+        memory, concatenated. ``done`` gets the BatchResult or the error exactly once, from the
+        event loop. The slot is freed only when the worker has answered, so a caller that gives
+        up never lets a later batch overwrite memory the worker is still using. A batch running
+        past the watchdog means the worker hangs: check_watchdog(), called periodically, kills
+        it and the batch ends with WorkerLostError (the batcher retries it).
+
+        Raises WorkerLostError at once (and frees the slot) when the worker cannot take it."""
+        link, arena = self._link, self._inputs
+        if self.state is not WorkerState.WARM or link is None or arena is None:
             self.release(slot)
             raise WorkerLostError(f"worker {self.worker_id} is {self.state.value}")
-        assert self._inputs is not None and self._outputs is not None
         start = time.perf_counter_ns()
         try:
-            refs = self._inputs.write(
-                slot,
-                [
-                    (s.name, t, a)
-                    for s, t, a in zip(self.model.inputs, self._types, inputs, strict=True)
-                ],
+            if len(parts) == 1:
+                columns: list[Sequence[Array]] = [[a] for a in parts[0]]
+            else:
+                columns = [list(c) for c in zip(*parts, strict=True)]
+            refs = arena.write(
+                slot, list(zip(self._input_names, self._types, columns, strict=True))
             )
         except BaseException:
             self.release(slot)
             raise
         batch_id = next(self._ids)
-        future: asyncio.Future[FromWorker] = asyncio.get_running_loop().create_future()
-        self._pending[batch_id] = future
         try:
-            self._link.send(RunBatch(batch_id, slot, rows, refs))
+            link.send(RunBatch(batch_id, slot, rows, refs))
         except ConnectionError:
-            self._pending.pop(batch_id, None)
+            self.release(slot)
             raise WorkerLostError(f"worker {self.worker_id} closed its channel") from None
         sent = time.perf_counter_ns()
-        self._sent_at[batch_id] = time.monotonic()
-        try:
-            reply = await future
-        except asyncio.CancelledError:
-            if self.alive:
-                self._abandoned[batch_id] = slot  # freed when the worker answers
-            raise
-        except BaseException:
-            raise  # the worker died: its slots died with it
-        finally:
-            self._pending.pop(batch_id, None)
-            self._sent_at.pop(batch_id, None)
+        self._pending[batch_id] = _InFlight(slot, done, time.monotonic(), sent, sent - start)
+
+    async def run(self, slot: int, inputs: list[Array], rows: int) -> BatchResult:
+        """submit() one batch of ``inputs`` and wait for it (probes use this)."""
+        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+
+        def done(outcome: BatchResult | BaseException) -> None:
+            if future.done():
+                return
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        self.submit(slot, [inputs], rows, done)
+        return await future
+
+    def _answered(self, entry: _InFlight, reply: BatchDone | BatchFailed) -> None:
         received = time.perf_counter_ns()
+        outcome: BatchResult | BaseException
         try:
             if isinstance(reply, BatchFailed):
                 error = InvalidInputError if reply.kind == "invalid_input" else ModelExecutionError
-                raise error(f"model {self.model.name!r}: {reply.message}")
-            assert isinstance(reply, BatchDone)
-            outputs = [self._outputs.read(slot, ref, copy=True) for ref in reply.outputs]
-        finally:
-            self.release(slot)
-        done = time.perf_counter_ns()
-        self.last_success = time.monotonic()
-        return BatchResult(
-            outputs,
-            {
-                "ipc_write": sent - start,
-                "worker_input": reply.input_ns,
-                "compute": reply.compute_ns,
-                "worker_output": reply.output_ns,
-                "round_trip": received - sent,
-                "ipc_read": done - received,
-            },
-            worker=self.worker_id,
-        )
+                outcome = error(f"model {self.model.name!r}: {reply.message}")
+            else:
+                arena = self._outputs
+                assert arena is not None
+                slot = entry.slot
+                outputs = [arena.read(slot, ref, copy=True) for ref in reply.outputs]
+                outcome = BatchResult(
+                    outputs,
+                    {
+                        "ipc_write": entry.write_ns,
+                        "worker_input": reply.input_ns,
+                        "compute": reply.compute_ns,
+                        "worker_output": reply.output_ns,
+                        "round_trip": received - entry.sent_ns,
+                        "ipc_read": time.perf_counter_ns() - received,
+                    },
+                    self.worker_id,
+                )
+                self.last_success = time.monotonic()
+        except Exception as exc:  # unreadable outputs: this batch fails, the worker goes on
+            log.exception("worker %s: reading batch outputs failed", self.worker_id)
+            outcome = ModelExecutionError(f"model {self.model.name!r}: bad outputs: {exc}")
+        self.release(entry.slot)
+        entry.done(outcome)
 
     def check_watchdog(self, now: float) -> None:
         """Kill the worker if a batch has been out longer than the watchdog allows."""
-        if not self._sent_at or self.state is not WorkerState.WARM:
+        if not self._pending or self.state is not WorkerState.WARM:
             return
-        batch_id, sent = min(self._sent_at.items(), key=lambda item: item[1])
-        if now - sent > self.settings.watchdog_s:
+        batch_id, entry = min(self._pending.items(), key=lambda item: item[1].sent_at)
+        if now - entry.sent_at > self.settings.watchdog_s:
             self._hung(batch_id)
 
     def _hung(self, batch_id: int) -> None:
@@ -293,20 +317,18 @@ class WorkerHandle:
 
     def _on_message(self, message: FromWorker) -> None:
         if isinstance(message, BatchDone | BatchFailed):
-            future = self._pending.get(message.batch_id)
-            if future is not None and not future.done():
-                future.set_result(message)
-            elif message.batch_id in self._abandoned:
-                self.release(self._abandoned.pop(message.batch_id))
+            entry = self._pending.pop(message.batch_id, None)
+            if entry is not None:
+                self._answered(entry, message)
         elif isinstance(message, Ready):
             if self._ready_future is not None and not self._ready_future.done():
                 self._ready_future.set_result(message)
         elif isinstance(message, Fatal):
             log.error("worker %s reported a fatal error: %s", self.worker_id, message.message)
-            culprit = self._pending.get(message.batch_id)
-            if culprit is not None and not culprit.done():
+            culprit = self._pending.pop(message.batch_id, None)
+            if culprit is not None:
                 # Not retried elsewhere: the same batch would poison the next worker too.
-                culprit.set_exception(
+                culprit.done(
                     ModelExecutionError(
                         f"model {self.model.name!r}: this batch broke worker {self.worker_id} "
                         f"(it is being replaced): {message.message}"
@@ -331,9 +353,9 @@ class WorkerHandle:
             self._ready_future.set_exception(
                 ModelNotReadyError(f"worker {self.worker_id} failed to start: {reason}")
             )
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(lost)
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():  # their slots died with the worker
+            entry.done(lost)
         if self._link is not None:
             self._link.close()
         self._on_change(self)

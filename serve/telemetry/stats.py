@@ -73,23 +73,37 @@ class ModelStats:
     def batch_done(
         self, rows: int, requests: int, queue_ns: Sequence[int], result: BatchResult | None
     ) -> None:
-        self.queue.add(sum(queue_ns), len(queue_ns))
+        queue = self.queue
+        queue.count += len(queue_ns)
+        queue.ns += sum(queue_ns)
         if result is None:
             return
         self.execution_count += 1
         t = result.timings_ns
+        phases = self.phases
         for name, ns in t.items():
-            phase = self.phases.get(name)
+            phase = phases.get(name)
             if phase is None:
-                phase = self.phases[name] = Duration()
-            phase.add(ns)
+                phase = phases[name] = Duration()
+            phase.count += 1
+            phase.ns += ns
         compute_input = t.get("ipc_write", 0) + t.get("worker_input", 0)
         compute_output = t.get("worker_output", 0) + t.get("ipc_read", 0)
         compute_infer = t.get("compute", 0)
-        self.compute_input.add(compute_input * requests, requests)
-        self.compute_infer.add(compute_infer * requests, requests)
-        self.compute_output.add(compute_output * requests, requests)
-        per_size = self.batches.setdefault(rows, BatchSizeStats())
-        per_size.compute_input.add(compute_input)
-        per_size.compute_infer.add(compute_infer)
-        per_size.compute_output.add(compute_output)
+        for total, ns in (
+            (self.compute_input, compute_input),
+            (self.compute_infer, compute_infer),
+            (self.compute_output, compute_output),
+        ):
+            total.count += requests
+            total.ns += ns * requests
+        per_size = self.batches.get(rows)
+        if per_size is None:
+            per_size = self.batches[rows] = BatchSizeStats()
+        for total, ns in (
+            (per_size.compute_input, compute_input),
+            (per_size.compute_infer, compute_infer),
+            (per_size.compute_output, compute_output),
+        ):
+            total.count += 1
+            total.ns += ns

@@ -36,7 +36,7 @@ from serve.pool.messages import (
     frame,
     to_worker_decoder,
 )
-from serve.protocol.datatypes import Datatype, datatype_of
+from serve.protocol.datatypes import Datatype, datatype_of, numpy_dtype
 from serve.worker.process import Processing
 
 log = logging.getLogger("serve.worker")
@@ -111,6 +111,7 @@ class Worker:
         self.buckets = self.model.batch_buckets
         self.pad = fixed and bool(self.buckets)
         self.output_types = {s.name: Datatype(s.datatype) for s in self.model.outputs}
+        self.output_dtypes = {name: numpy_dtype(t) for name, t in self.output_types.items()}
 
     def warm_up(self) -> float:
         """Run every bucket the worker will serve; check outputs match the config."""
@@ -128,7 +129,10 @@ class Worker:
         for name, datatype in self.output_types.items():
             if name not in outputs:
                 raise ValueError(f"model produced no output {name!r}")
-            got = datatype_of(outputs[name])
+            if outputs[name].dtype == self.output_dtypes[name]:
+                got = datatype  # the common case, without the full lookup
+            else:
+                got = datatype_of(outputs[name])
             if got is not datatype:
                 raise ValueError(f"output {name!r} is {got}, the model config says {datatype}")
             if rows is not None and (outputs[name].ndim == 0 or outputs[name].shape[0] != rows):
@@ -171,10 +175,10 @@ class Worker:
         tensors = [
             (
                 name,
-                self.output_types[name],
-                outputs[name][: message.rows] if self.pad else outputs[name],
+                datatype,
+                [outputs[name][: message.rows] if self.pad else outputs[name]],
             )
-            for name in self.output_types
+            for name, datatype in self.output_types.items()
         ]
         refs = self.outputs.write(message.slot, tensors)
         t3 = time.perf_counter_ns()

@@ -48,7 +48,7 @@ def test_sigterm_finishes_calls_in_flight_then_refuses_new_ones(tmp_path, small_
             )
         server.wait_for_log_count("model spin: dispatching", 2)
         # one computes (sent straight to the idle worker), two wait in the queue
-        server.wait_for_log_count("model spin: request queued", 2)
+        server.wait_for_log("model spin: 2 requests wait for a worker")
         server.terminate()
         server.wait_for_log("shutting down")
         outcomes = [results.get(timeout=60) for _ in range(3)]

@@ -9,23 +9,33 @@ import numpy as np
 import pytest
 
 from serve.batching import BatchResult, DynamicBatcher
-from serve.errors import DeadlineExceededError, ModelExecutionError, QueueFullError
+from serve.batching import batcher as batcher_module
+from serve.errors import (
+    DeadlineExceededError,
+    ModelExecutionError,
+    ModelNotReadyError,
+    QueueFullError,
+    WorkerLostError,
+)
 
 
 class FakeLease:
     def __init__(self, pool: FakePool) -> None:
         self.pool = pool
 
-    async def run(self, inputs, rows):
-        self.pool.batches.append([a.copy() for a in inputs])
+    def start(self, parts, rows, done) -> None:
+        inputs = [np.concatenate(column, axis=0) for column in zip(*parts, strict=True)]
+        self.pool.batches.append(inputs)
         self.pool.started.set()
-        try:
-            await self.pool.gate.wait()
-            if self.pool.error is not None:
-                raise self.pool.error
-            return BatchResult([inputs[0] * 2.0])
-        finally:
-            self.pool.slots += 1
+        asyncio.get_running_loop().create_task(self._answer(inputs, done))
+
+    async def _answer(self, inputs, done) -> None:
+        await self.pool.gate.wait()
+        self.pool.slots += 1
+        for listener in self.pool.listeners:
+            listener()
+        error = self.pool.errors.pop(0) if self.pool.errors else self.pool.error
+        done(error if error is not None else BatchResult([inputs[0] * 2.0]))
 
     def release(self) -> None:
         self.pool.slots += 1
@@ -41,6 +51,9 @@ class FakePool:
         self.started = asyncio.Event()
         self.slots = slots
         self.error: Exception | None = None
+        self.errors: list[Exception] = []  # one per batch, before ``error``
+        self.listeners = []
+        self.gone = ""
 
     def acquire_now(self) -> FakeLease | None:
         if self.slots <= 0:
@@ -48,11 +61,11 @@ class FakePool:
         self.slots -= 1
         return FakeLease(self)
 
-    async def acquire(self) -> FakeLease:
-        while self.slots <= 0:
-            await asyncio.sleep(0)
-        self.slots -= 1
-        return FakeLease(self)
+    def on_slot_free(self, callback) -> None:
+        self.listeners.append(callback)
+
+    def unavailable(self) -> str:
+        return self.gone
 
 
 def make(pool: FakePool, **kwargs) -> DynamicBatcher:
@@ -197,3 +210,191 @@ def test_queue_delay_holds_a_batch_until_it_is_full():
 
     pool = run(main())
     assert [b[0].shape[0] for b in pool.batches] == [4]
+
+
+def test_requests_that_queue_behind_a_busy_worker_leave_together_when_it_frees():
+    async def main():
+        pool = FakePool()
+        pool.gate.clear()
+        batcher = make(pool)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([np.zeros((1, 2), np.float32)], 1, None))
+        await pool.started.wait()
+        rest = [
+            asyncio.ensure_future(batcher.submit([np.full((1, 2), i, np.float32)], 1, None))
+            for i in (1, 2, 3)
+        ]
+        while batcher.queue_depth < 3:
+            await asyncio.sleep(0)
+        pool.gate.set()
+        results = await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return pool, results
+
+    pool, results = run(main())
+    assert [b[0].shape[0] for b in pool.batches] == [1, 3]
+    for i, (out,) in enumerate(results):
+        np.testing.assert_array_equal(out, np.full((1, 2), 2.0 * i))
+
+
+def test_a_batch_lost_with_its_worker_is_retried_once():
+    async def main():
+        pool = FakePool()
+        pool.errors = [WorkerLostError("worker #1 died")]
+        batcher = make(pool)
+        batcher.start()
+        (out,) = await batcher.submit([np.ones((1, 1), np.float32)], 1, None)
+        await batcher.stop()
+        return pool, out
+
+    pool, out = run(main())
+    assert len(pool.batches) == 2, "the lost batch ran again"
+    assert out.tolist() == [[2.0]]
+
+
+def test_a_batch_lost_twice_fails_with_the_loss():
+    async def main():
+        pool = FakePool()
+        pool.errors = [WorkerLostError("worker #1 died"), WorkerLostError("worker #2 died")]
+        batcher = make(pool)
+        batcher.start()
+        try:
+            await batcher.submit([np.ones((1, 1), np.float32)], 1, None)
+        finally:
+            await batcher.stop()
+
+    with pytest.raises(WorkerLostError, match="worker #2 died"):
+        run(main())
+
+
+def test_queued_requests_fail_when_no_worker_can_ever_take_them():
+    async def main():
+        pool = FakePool(slots=0)
+        pool.gone = "no warm worker and none starting"
+        batcher = make(pool)
+        batcher.start()
+        try:
+            await batcher.submit([np.ones((1, 1), np.float32)], 1, None)
+        finally:
+            await batcher.stop()
+
+    with pytest.raises(ModelNotReadyError, match="none starting"):
+        run(main())
+
+
+def test_a_deadline_passing_while_the_batch_runs_fails_only_that_caller():
+    async def main():
+        pool = FakePool(slots=2)
+        pool.gate.clear()
+        batcher = make(pool, max_batch_size=1)
+        batcher.start()
+        patient = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
+        hurried = asyncio.ensure_future(
+            batcher.submit([np.ones((1, 1))], 1, time.monotonic() + 0.05)
+        )
+        with pytest.raises(DeadlineExceededError, match="did not finish within its deadline"):
+            await hurried
+        pool.gate.set()
+        (out,) = await patient
+        await batcher.stop()
+        return out, batcher.inflight_batches
+
+    out, inflight = run(main())
+    assert out.tolist() == [[2.0]] and inflight == 0
+
+
+def test_stop_fails_queued_requests_and_waits_for_running_batches():
+    async def main():
+        pool = FakePool()
+        pool.gate.clear()
+        batcher = make(pool, max_batch_size=1)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
+        await pool.started.wait()
+        queued = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
+        while batcher.queue_depth < 1:
+            await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(batcher.stop())
+        with pytest.raises(QueueFullError, match="shutting down"):
+            await queued
+        assert not stopping.done(), "stop() returned while a batch still ran"
+        pool.gate.set()
+        await stopping
+        return await running
+
+    assert run(main())[0].tolist() == [[2.0]]
+
+
+def _loaded(batcher: DynamicBatcher) -> None:
+    """Make the batcher see a saturated event loop (its thread busy all the time)."""
+    batcher._load.busy = 1.0
+
+
+def test_a_saturated_loop_holds_a_lone_request_until_a_second_arrives():
+    async def main():
+        pool = FakePool(slots=4)
+        batcher = make(pool)
+        batcher.start()
+        _loaded(batcher)
+        first = asyncio.ensure_future(batcher.submit([np.zeros((1, 1), np.float32)], 1, None))
+        await asyncio.sleep(0)
+        held = len(pool.batches)
+        second = asyncio.ensure_future(batcher.submit([np.ones((1, 1), np.float32)], 1, None))
+        results = await asyncio.gather(first, second)
+        await batcher.stop()
+        return pool, held, results
+
+    pool, held, results = run(main())
+    assert held == 0, "the lone request left although a worker was free"
+    assert [b[0].shape[0] for b in pool.batches] == [2]
+    assert [r[0].tolist() for r in results] == [[[0.0]], [[2.0]]]
+
+
+def test_an_idle_loop_never_holds():
+    async def main():
+        pool = FakePool(slots=4)
+        batcher = make(pool)
+        batcher.start()
+        task = asyncio.ensure_future(batcher.submit([np.zeros((1, 1), np.float32)], 1, None))
+        await asyncio.sleep(0)
+        sent = len(pool.batches)
+        await task
+        await batcher.stop()
+        return sent
+
+    assert run(main()) == 1
+
+
+def test_holding_can_be_switched_off():
+    async def main():
+        pool = FakePool(slots=4)
+        batcher = make(pool, hold_when_saturated=False)
+        batcher.start()
+        _loaded(batcher)
+        task = asyncio.ensure_future(batcher.submit([np.zeros((1, 1), np.float32)], 1, None))
+        await asyncio.sleep(0)
+        sent = len(pool.batches)
+        await task
+        await batcher.stop()
+        return sent
+
+    assert run(main()) == 1
+
+
+def test_holds_that_catch_nobody_switch_holding_off():
+    async def main():
+        pool = FakePool(slots=4)
+        batcher = make(pool)
+        batcher.start()
+        _loaded(batcher)
+        for _ in range(batcher_module.HOLD_MISSES):  # a single caller: each hold times out
+            await batcher.submit([np.zeros((1, 1), np.float32)], 1, None)
+        _loaded(batcher)
+        task = asyncio.ensure_future(batcher.submit([np.zeros((1, 1), np.float32)], 1, None))
+        await asyncio.sleep(0)
+        sent_at_once = len(pool.batches) == batcher_module.HOLD_MISSES + 1
+        await task
+        await batcher.stop()
+        return sent_at_once
+
+    assert run(main()), "after the misses a lone request still waited"

@@ -8,7 +8,7 @@ import pytest
 
 from serve.errors import ModelExecutionError, WorkerLostError
 from serve.pool.messages import Fatal, frame, from_worker_decoder
-from serve.pool.worker_handle import WorkerHandle, WorkerSettings, WorkerState
+from serve.pool.worker_handle import WorkerHandle, WorkerSettings, WorkerState, _InFlight
 from tests.unit.test_controller import _model
 
 
@@ -24,18 +24,20 @@ def _handle() -> WorkerHandle:
 def test_a_fatal_error_fails_its_own_batch_for_good_and_the_others_as_retryable():
     async def main():
         handle = _handle()
-        loop = asyncio.get_running_loop()
-        culprit, bystander = loop.create_future(), loop.create_future()
-        handle._pending.update({7: culprit, 8: bystander})
+        outcomes: dict[int, list[object]] = {7: [], 8: []}
+        for batch_id in (7, 8):
+            slot = handle.reserve()
+            handle._pending[batch_id] = _InFlight(slot, outcomes[batch_id].append, 0.0, 0, 0)
         message = from_worker_decoder.decode(frame(Fatal("CUDA error: device-side assert", 7))[4:])
         handle._on_message(message)
-        return handle, culprit, bystander
+        return handle, outcomes
 
-    handle, culprit, bystander = asyncio.run(main())
+    handle, outcomes = asyncio.run(main())
     assert handle.state is WorkerState.DEAD
-    with pytest.raises(ModelExecutionError, match="this batch broke worker m#1"):
-        culprit.result()
-    assert isinstance(bystander.exception(), WorkerLostError)  # the batcher retries these
+    (culprit,), (bystander,) = outcomes[7], outcomes[8]  # each told exactly once
+    assert isinstance(culprit, ModelExecutionError)
+    assert "this batch broke worker m#1" in str(culprit)
+    assert isinstance(bystander, WorkerLostError)  # the batcher retries these
 
 
 def test_the_worker_turns_a_fatal_backend_error_into_a_fatal_for_that_batch(monkeypatch):
@@ -72,3 +74,20 @@ def test_the_worker_turns_a_fatal_backend_error_into_a_fatal_for_that_batch(monk
         worker.run_batch(RunBatch(41, 0, 1, refs))
     assert caught.value.batch_id == 41
     assert "illegal memory access" in str(caught.value.__cause__)
+
+
+def test_the_link_decodes_whole_split_and_coalesced_frames():
+    from serve.pool.link import WorkerLink
+    from serve.pool.messages import BatchFailed
+
+    got: list[object] = []
+    lost: list[str] = []
+    link = WorkerLink(got.append, lost.append)
+    frames = [frame(BatchFailed(i, "execution", "x" * i)) for i in range(4)]
+    link.data_received(frames[0])  # exactly one message
+    link.data_received(frames[1][:3])  # a header cut short
+    link.data_received(frames[1][3:] + frames[2] + frames[3][:-1])  # the rest, one more, a part
+    link.data_received(frames[3][-1:])
+    assert [m.batch_id for m in got] == [0, 1, 2, 3]
+    assert [m.message for m in got] == ["", "x", "xx", "xxx"]
+    assert not lost
