@@ -246,6 +246,8 @@ class DynamicBatcher:
             if self._flush_handle is not None:
                 self._flush_handle.cancel()
             self._flush()
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("model %s: %d requests wait for a worker", self._name, len(queue))
         if deadline is None:
             return await future
         timer = loop.call_later(deadline - now, self._expire, item)
