@@ -292,6 +292,17 @@ def run_server(name: str, url: str, pid: int, args: argparse.Namespace) -> dict[
     return {"closed": closed, "open": opened, "perf_analyzer": cross}
 
 
+def _rows_per_batch(metrics: str) -> float:
+    """Average batch size over the server's life, from its Prometheus batch-rows histogram."""
+    total = count = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("warmserve_batch_rows_sum{"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("warmserve_batch_rows_count{"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total / count if count else 0.0
+
+
 def _ratios(results: dict[str, Any]) -> dict[str, float]:
     ws, floor = results["warmserve"]["closed"], results["floor"]["closed"]
     by_c = lambda rows: {r["level"]: r for r in rows}  # noqa: E731
@@ -445,6 +456,7 @@ def main() -> None:
             server.wait_ready()
             results["warmserve"] = run_server("warmserve", server.url, server.process.pid, args)
             breakdown = server.http_json(f"/warmserve/models/{MODEL}/latency")[1]["breakdown_us"]
+            breakdown["rows_per_batch"] = _rows_per_batch(server.http_text("/metrics")[1])
         finally:
             server.stop()
         versions = {peer: _peer_version(peer) for peer in dict.fromkeys(s.peer for s in peers)}
@@ -462,8 +474,14 @@ def main() -> None:
             finally:
                 peer.stop()
     ratios = _ratios(results)
-    print("\nwarmserve overhead breakdown (µs; codec and queue per request, the rest per batch):")
-    print("  " + ", ".join(f"{k} {v:.0f}" for k, v in breakdown.items()))
+    print(
+        "\nwarmserve overhead breakdown (µs; codec and queue per request, the rest per batch; "
+        "rows per batch over the whole run):"
+    )
+    print(
+        "  "
+        + ", ".join(f"{k} {v:.{2 if k == 'rows_per_batch' else 0}f}" for k, v in breakdown.items())
+    )
     print("\nratios (warmserve / floor): " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     ran = [s.name for s in peers if s.name in results]
     best = _best_by_peer(results, peers)

@@ -19,6 +19,7 @@ from serve.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+LOOPBACK_CALLS = 32  # per model, before readiness opens
 LOOPBACK_TIMEOUT_S = 30.0
 
 
@@ -71,8 +72,10 @@ class GrpcFrontend:
         log.info("gRPC health listening on %s:%d", self._config.host, port)
 
     async def open_gate(self) -> None:
-        """Warm this front end's own path with one loopback ModelInfer per ready model (protobuf
-        conversion, the handler, the batch path), then let readiness through."""
+        """Warm this front end's own path with loopback ModelInfer calls per ready model (protobuf
+        conversion, the handler, the batch path), then let readiness through. A few dozen calls,
+        not one: the interpreter specialises a code path only after it has run several times,
+        and the first request after readiness should find it so."""
         host = "127.0.0.1" if self._config.host in ("0.0.0.0", "::", "") else self._config.host
         async with grpc.aio.insecure_channel(f"{host}:{self.port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -82,7 +85,8 @@ class GrpcFrontend:
                 inputs = service.controller.prober.inputs
                 request = loopback_request(service.config, inputs)
                 try:
-                    await stub.ModelInfer(request, timeout=LOOPBACK_TIMEOUT_S)
+                    for _ in range(LOOPBACK_CALLS):
+                        await stub.ModelInfer(request, timeout=LOOPBACK_TIMEOUT_S)
                 except grpc.RpcError as exc:
                     log.warning("loopback warm-up of %s failed: %s", service.config.name, exc)
         self.gate.set(True)

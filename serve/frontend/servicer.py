@@ -11,6 +11,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from serve.control import ModelControl
+from serve.errors import ModelNotReadyError
 from serve.frontend import metadata
 from serve.frontend.convert import (
     infer_request_from_pb,
@@ -42,7 +43,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors
     async def ModelReady(self, request: Any, context: Context) -> Any:
-        self._runtime.service(request.name, request.version)  # NOT_FOUND for unknown ones
+        try:
+            self._runtime.service(request.name, request.version)  # NOT_FOUND for unknown ones
+        except ModelNotReadyError:  # known, still loading (no active version yet): not ready
+            return pb.ModelReadyResponse(ready=False)
         ready = self._runtime.model_ready(request.name, request.version)
         return pb.ModelReadyResponse(ready=self._gate.open and ready)
 
