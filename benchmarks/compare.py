@@ -10,6 +10,9 @@ same model.onnx over the same Open Inference Protocol gRPC call, one setting at 
 PEER_SETTINGS); every figure of theirs is printed as a ratio to warmserve's. By default every
 peer whose venv exists runs; --quick runs none unless --peers names them.
 
+Besides the floor, the "hop floor" (floor_server.py --hop: the same handler, with the model in a
+second process reached over a socketpair, nothing else) shows what the process hop alone costs.
+
 Each server runs alone (one after the other) with the demo MLP (ONNX, 64→256→256→10). For each
 load level it records P50/P95/P99/max, throughput, errors and the server's CPU time per call
 (its whole process tree: warmserve's workers included). Results go to benchmarks/out/ as JSON,
@@ -105,14 +108,13 @@ PEER_PACKAGES = {"mlserver": "mlserver", "pytriton": "nvidia-pytriton"}
 
 
 class FloorProcess:
-    def __init__(self, model_dir: Path, log: Path) -> None:
+    def __init__(self, model_dir: Path, log: Path, *, hop: bool = False) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self._log = log.open("wb")
         command = [sys.executable, "-m", "benchmarks.floor_server", "--model-dir", str(model_dir)]
-        self.process = subprocess.Popen(
-            [*command, "--port", str(self.port)], stdout=self._log, stderr=subprocess.STDOUT
-        )
+        command += ["--port", str(self.port), *(["--hop"] if hop else [])]
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         wait_until(lambda: b"listening" in log.read_bytes(), 60, "the floor server")
 
     def stop(self) -> None:
@@ -314,6 +316,19 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
     if 16 in w and 16 in f:
         ratios["c16_throughput_vs_floor"] = w[16]["throughput"] / f[16]["throughput"]
         ratios["c16_p99_vs_floor"] = w[16]["p99_ms"] / f[16]["p99_ms"]
+    if "floor-hop" in results:  # what the process hop alone costs, and warmserve beyond it
+        h = by_c(results["floor-hop"]["closed"])
+        if 1 in h and 1 in f:
+            ratios["c1_cpu_hop_floor_vs_floor"] = (
+                h[1]["server_cpu_us_per_call"] / f[1]["server_cpu_us_per_call"]
+            )
+            ratios["c1_p50_hop_floor_vs_floor"] = h[1]["p50_ms"] / f[1]["p50_ms"]
+        if 1 in h and 1 in w:
+            ratios["c1_cpu_vs_hop_floor"] = (
+                w[1]["server_cpu_us_per_call"] / h[1]["server_cpu_us_per_call"]
+            )
+        if 16 in h and 16 in w:
+            ratios["c16_throughput_vs_hop_floor"] = w[16]["throughput"] / h[16]["throughput"]
     return ratios
 
 
@@ -451,6 +466,11 @@ def main() -> None:
             results["floor"] = run_server("floor", floor.url, floor.process.pid, args)
         finally:
             floor.stop()
+        floor = FloorProcess(folder, Path(tmp) / "floor-hop.log", hop=True)
+        try:
+            results["floor-hop"] = run_server("floor-hop", floor.url, floor.process.pid, args)
+        finally:
+            floor.stop()
         server = ServerProcess(Path(tmp) / "warmserve.log", Path(tmp) / "repo")
         try:
             server.wait_ready()
@@ -485,7 +505,7 @@ def main() -> None:
     print("\nratios (warmserve / floor): " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     ran = [s.name for s in peers if s.name in results]
     best = _best_by_peer(results, peers)
-    peer_ratios = _peer_ratios(results, ["floor", *ran], best) if ran else {}
+    peer_ratios = _peer_ratios(results, ["floor", "floor-hop", *ran], best) if ran else {}
     for peer, name in best.items():
         print(f"best {peer} setting: {name} ({peer_info[name]['note']})")
     if failed:
