@@ -60,9 +60,7 @@ class ModelService:
         self.config = config
         self.bundle_id = bundle_id
         self._metrics = metrics or Metrics()
-        self._ok = self._metrics.requests.labels(config.name, "ok")
-        self._duration = self._metrics.duration.labels(config.name)
-        self._batch_rows = self._metrics.batch_rows.labels(config.name)
+        self._counters = self._metrics.counters(config.name)
         self.stats = ModelStats()
         self.latency = ModelLatency()
         self.state = ModelState.LOADING
@@ -107,7 +105,7 @@ class ModelService:
     @property
     def can_serve(self) -> bool:
         """At least one warm worker (traffic is still served below the warm floor)."""
-        return self.state is ModelState.READY and self.pool.warm_count > 0
+        return self.state is ModelState.READY and self.pool.has_warm()
 
     def readiness_reason(self) -> str:
         if self.state is not ModelState.READY:
@@ -171,15 +169,16 @@ class ModelService:
     ) -> None:
         """Batcher observer: cumulative statistics and the rolling latency windows."""
         self.stats.batch_done(rows, requests, queue_ns, result)
-        self._batch_rows.observe(rows)
+        self._counters.batch(rows)
         now = time.monotonic()
+        latency = self.latency
         for ns in queue_ns:
-            self.latency.queue.add(ns / 1e9, now)
+            latency.queue.add(ns / 1e9, now)
         if result is not None:
-            self.latency.batches.add(rows, now)
-            self.latency.compute.add(result.timings_ns.get("compute", 0) / 1e9, now)
-            round_trip = result.timings_ns.get("round_trip", 0) / 1e9
-            self.latency.worker(result.worker).add(round_trip, now)
+            timings = result.timings_ns
+            latency.batches.add(rows, now)
+            latency.compute.add(timings.get("compute", 0) / 1e9, now)
+            latency.worker(result.worker).add(timings.get("round_trip", 0) / 1e9, now)
 
     def prepare(self, request: InferRequest) -> tuple[list[Array], int]:
         """Check the request against the signature; the inputs in model order and the row count."""
@@ -266,26 +265,30 @@ class ModelService:
         rows = 0
         try:
             inputs, rows = self.prepare(request)
-            if not self.can_serve:
+            if self.state is not ModelState.READY or not self.pool.has_warm():
                 raise ModelNotReadyError(
                     f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
                 )
-            outputs = await self.batcher.submit(inputs, rows, request.deadline)
+            outputs = await self.batcher.submit(inputs, rows, request.deadline, timed=request.timed)
         except ServeError as exc:
             self.stats.request_done(False, rows, time.monotonic_ns() - started)
-            self._metrics.requests.labels(self.config.name, outcome(exc)).inc()
+            self._counters.request_failed(outcome(exc))
             raise
-        elapsed = time.monotonic_ns() - started
-        self.stats.request_done(True, rows, elapsed)
-        self.latency.end_to_end.add(elapsed / 1e9)
-        self._ok.inc()
-        self._duration.observe(elapsed / 1e9)
+        elapsed_ns = time.monotonic_ns() - started
+        self.stats.request_done(True, rows, elapsed_ns)
+        elapsed = elapsed_ns / 1e9
+        self.latency.end_to_end.add(elapsed)
+        self._counters.request_ok(elapsed)
         wanted = request.outputs
-        tensors = [
-            Tensor(name, datatype, out)
-            for (name, datatype), out in zip(self._output_types, outputs, strict=True)
-            if wanted is None or name in wanted
-        ]
+        if wanted is None and len(outputs) == 1:
+            ((name, datatype),) = self._output_types
+            tensors = [Tensor(name, datatype, outputs[0])]
+        else:
+            tensors = [
+                Tensor(name, datatype, out)
+                for (name, datatype), out in zip(self._output_types, outputs, strict=True)
+                if wanted is None or name in wanted
+            ]
         return InferResponse(
             request.model_name,
             self.config.version,

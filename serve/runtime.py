@@ -172,13 +172,6 @@ class Runtime:
     async def infer(self, request: InferRequest) -> InferResponse:
         return await self.service(request.model_name, request.model_version).infer(request)
 
-    def record_codec(self, name: str, version: str, decode_ns: int, encode_ns: int) -> None:
-        """The front end's protobuf decode/encode time of one request (overhead breakdown)."""
-        entry = self._entries.get(name)
-        service = entry.versions.get(version) if entry else None
-        if service is not None:
-            service.stats.codec_done(decode_ns, encode_ns)
-
     # -- versions -------------------------------------------------------------------------
 
     async def rollout(self, source: ModelSource, *, watch_s: float, keep_previous_s: float) -> None:

@@ -134,13 +134,9 @@ class LoopLoad:
         self.busy = 0.0
         self._since = time.monotonic()
         self._cpu = time.thread_time()
-        self._count = 0
 
-    def tick(self, now: float) -> None:
-        """Called per request; reads the thread's CPU clock every 32nd call."""
-        self._count += 1
-        if self._count & 31:
-            return
+    def sample(self, now: float) -> None:
+        """Read the thread's CPU clock; the batcher calls this every 32nd request."""
         elapsed = now - self._since
         if elapsed >= LOAD_WINDOW_S:
             cpu = time.thread_time()
@@ -175,8 +171,10 @@ class DynamicBatcher:
         self._inflight: set[_Batch] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._is_idle = True  # mirrors _idle without a method call per request
         self._running = False
         self._load = LoopLoad()
+        self._load_count = 0
         self._may_hold = hold_when_saturated
         self._holding = False  # a lone request is held for company
         self._no_hold_until = 0.0
@@ -218,8 +216,14 @@ class DynamicBatcher:
         """Return once nothing is queued or running (callers stop sending first)."""
         await self._idle.wait()
 
-    async def submit(self, inputs: list[Array], rows: int, deadline: float | None) -> list[Array]:
-        """Queue one request (inputs in model order) and wait for its own rows of every output."""
+    async def submit(
+        self, inputs: list[Array], rows: int, deadline: float | None, *, timed: bool = True
+    ) -> list[Array]:
+        """Queue one request (inputs in model order) and wait for its own rows of every output.
+
+        A request past its deadline is never dispatched. With ``timed`` the wait itself also ends
+        at the deadline (DeadlineExceededError); without, the caller's transport ends it (gRPC
+        cancels the call), which saves a timer per request."""
         if not self._running:
             raise ModelNotReadyError(f"model {self._name!r} is not taking requests")
         if len(self._queue) >= self._max_queue:
@@ -233,13 +237,21 @@ class DynamicBatcher:
         loop = self._loop
         assert loop is not None
         future: asyncio.Future[list[Array]] = loop.create_future()
-        item = _Pending(
-            inputs, rows, signature(inputs) if self._batching else (), deadline, now, future
-        )
+        if not self._batching:
+            sig: Signature = ()
+        elif len(inputs) == 1:
+            sig = (inputs[0].shape[1:],)
+        else:
+            sig = signature(inputs)
+        item = _Pending(inputs, rows, sig, deadline, now, future)
         queue = self._queue
         queue.append(item)
-        self._idle.clear()
-        self._load.tick(now)
+        if self._is_idle:
+            self._is_idle = False
+            self._idle.clear()
+        self._load_count += 1
+        if not self._load_count & 31:
+            self._load.sample(now)
         if len(queue) == 1 and self._flush_handle is None:
             self._flush()  # nothing else waits: dispatch now, without a loop hop
         elif self._delay_s or self._holding:  # a batch held open may be full now
@@ -248,9 +260,9 @@ class DynamicBatcher:
             self._flush()
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("model %s: %d requests wait for a worker", self._name, len(queue))
-        if deadline is None:
+        if deadline is None or not timed:
             return await future
-        timer = loop.call_later(deadline - now, self._expire, item)
+        timer = loop.call_at(loop.time() + (deadline - now), self._expire, item)
         try:
             return await future
         finally:
@@ -273,13 +285,14 @@ class DynamicBatcher:
     def _flush(self) -> None:
         """Dispatch batches while requests wait and workers have room."""
         self._flush_handle = None
-        while self._queue and self._running:
-            self._drop_dead()
-            if not self._queue:
-                break
-            head = self._queue[0]
+        queue = self._queue
+        while queue and self._running:
+            head = queue[0]
+            if head.future.done() or self._expired(head, time.monotonic()):
+                queue.popleft()  # a caller that gave up, or one past its deadline: never run
+                continue
             if self._delay_s and self._batching:
-                rows = sum(i.rows for i in self._queue if i.signature == head.signature)
+                rows = sum(i.rows for i in queue if i.signature == head.signature)
                 wait = head.enqueued + self._delay_s - time.monotonic()
                 if rows < self._max_rows and wait > 0:
                     assert self._loop is not None
@@ -293,11 +306,14 @@ class DynamicBatcher:
                 if reason:
                     self._fail_queue(ModelNotReadyError(f"model {self._name!r}: {reason}"))
                 elif log.isEnabledFor(logging.DEBUG):
-                    log.debug(
-                        "model %s: %d requests wait for a worker", self._name, len(self._queue)
-                    )
+                    log.debug("model %s: %d requests wait for a worker", self._name, len(queue))
                 break  # a freed slot kicks the next flush
-            self._dispatch(lease, self._take(head) if self._batching else [self._queue.popleft()])
+            if not self._batching or (len(queue) == 1 and head.rows <= self._max_rows):
+                items = [queue.popleft()]
+            else:
+                items = self._take(head)
+                queue = self._queue
+            self._dispatch(lease, items)
         self._check_idle()
 
     def _should_hold(self, head: _Pending) -> bool:
@@ -387,35 +403,22 @@ class DynamicBatcher:
             item.lost = lost
             item.retry_until = until
             self._queue.appendleft(item)
+        self._is_idle = False
         self._idle.clear()
         if self._loop is not None:  # expire them if no worker takes them in time
             self._loop.call_later(RETRY_WAIT_S, self._kick)
 
-    def _drop_dead(self) -> None:
-        """Remove callers that gave up, requests whose deadline has passed and retried requests
-        that found no worker in time."""
-        now = time.monotonic()
-        queue = self._queue
-        if not any(
-            i.future.done()
-            or (i.deadline is not None and i.deadline <= now)
-            or (i.lost is not None and i.retry_until <= now)
-            for i in queue
-        ):
-            return
-        alive: deque[_Pending] = deque()
-        for item in queue:
-            if item.future.done():
-                continue
-            if item.deadline is not None and item.deadline <= now:
-                item.future.set_exception(
-                    DeadlineExceededError(f"request to {self._name!r} expired while queued")
-                )
-            elif item.lost is not None and item.retry_until <= now:
-                item.future.set_exception(item.lost)
-            else:
-                alive.append(item)
-        self._queue = alive
+    def _expired(self, item: _Pending, now: float) -> bool:
+        """Fail ``item`` if its deadline has passed or, retried, it found no worker in time."""
+        if item.deadline is not None and item.deadline <= now:
+            item.future.set_exception(
+                DeadlineExceededError(f"request to {self._name!r} expired while queued")
+            )
+            return True
+        if item.lost is not None and item.retry_until <= now:
+            item.future.set_exception(item.lost)
+            return True
+        return False
 
     def _take(self, head: _Pending) -> list[_Pending]:
         """The oldest request plus later ones of its signature that fit in one batch."""
@@ -424,7 +427,10 @@ class DynamicBatcher:
         kept: deque[_Pending] = deque()
         rows = 0
         full = False
+        now = time.monotonic()
         for item in self._queue:
+            if item.future.done() or self._expired(item, now):
+                continue  # dropped: never computed
             if not full and item.signature == sig and rows + item.rows <= self._max_rows:
                 taken.append(item)
                 rows += item.rows
@@ -436,7 +442,8 @@ class DynamicBatcher:
         return taken
 
     def _check_idle(self) -> None:
-        if not self._queue and not self._inflight:
+        if not self._is_idle and not self._queue and not self._inflight:
+            self._is_idle = True
             self._idle.set()
 
     def _fail_queue(self, exc: Exception) -> None:

@@ -146,6 +146,7 @@ def infer_request_from_pb(request: Any, time_remaining: float | None) -> InferRe
         outputs,
         _parameters(request.parameters) if request.parameters else {},
         None if time_remaining is None else time.monotonic() + time_remaining,
+        timed=False,  # gRPC ends the call at its deadline itself
     )
 
 

@@ -21,7 +21,7 @@ from serve.frontend.convert import (
 from serve.frontend.gate import ReadinessGate
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
-from serve.frontend.status import translate_errors
+from serve.frontend.status import abort_with, translate_errors
 from serve.runtime import Runtime
 
 Context: TypeAlias = grpc.aio.ServicerContext
@@ -93,18 +93,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._control.unload(request.model_name, str(params.get("version", "")))
         return pb.RepositoryModelUnloadResponse()
 
-    @translate_errors
     async def ModelInfer(self, request: Any, context: Context) -> Any:
-        started = time.perf_counter_ns()
-        infer_request = infer_request_from_pb(request, context.time_remaining())
-        decoded = time.perf_counter_ns()
-        response = await self._runtime.infer(infer_request)
-        answered = time.perf_counter_ns()
-        message = infer_response_to_pb(response)
-        self._runtime.record_codec(
-            response.model_name,
-            response.model_version,
-            decoded - started,
-            time.perf_counter_ns() - answered,
-        )
-        return message
+        # The hot path: errors are translated inline rather than by the decorator (one coroutine
+        # frame less per call).
+        try:
+            started = time.perf_counter_ns()
+            infer_request = infer_request_from_pb(request, context.time_remaining())
+            decoded = time.perf_counter_ns()
+            service = self._runtime.service(infer_request.model_name, infer_request.model_version)
+            response = await service.infer(infer_request)
+            answered = time.perf_counter_ns()
+            message = infer_response_to_pb(response)
+            service.stats.codec_done(decoded - started, time.perf_counter_ns() - answered)
+            return message
+        except Exception as exc:
+            await abort_with(context, exc)

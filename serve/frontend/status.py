@@ -40,6 +40,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """End the call with the status for ``exc`` (a gRPC abort already under way goes on)."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    code, message = status_for(exc)
+    await context.abort(code, message)
+
+
 def translate_errors(handler: Handler) -> Handler:
     """Turn any exception a servicer method raises into a gRPC status on that call only."""
 
@@ -47,12 +55,7 @@ def translate_errors(handler: Handler) -> Handler:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await handler(self, request, context)
-        except errors.ServeError as exc:
-            code, message = status_for(exc)
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            code, message = status_for(exc)
-        await context.abort(code, message)
+            await abort_with(context, exc)
 
     return wrapper  # type: ignore[return-value]

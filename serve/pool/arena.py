@@ -62,6 +62,15 @@ class Arena:
         refs: list[TensorRef] = []
         for name, datatype, parts in tensors:
             first = parts[0]
+            if len(parts) == 1 and datatype is not Datatype.BYTES and first.flags.c_contiguous:
+                # the common case: one contiguous array, copied as bytes
+                nbytes = first.nbytes
+                if offset + nbytes <= self.slot_bytes:
+                    start = base + offset
+                    self._buffer[start : start + nbytes] = first.data.cast("B")
+                    refs.append(TensorRef(name, datatype.value, first.shape, offset, nbytes))
+                    offset = (offset + nbytes + ALIGN - 1) // ALIGN * ALIGN
+                    continue
             if len(parts) == 1:
                 shape = first.shape
             else:

@@ -120,6 +120,13 @@ class WorkerPool:
     def warm_count(self) -> int:
         return len(self.warm_workers())
 
+    def has_warm(self) -> bool:
+        """At least one warm worker taking traffic (cheaper than warm_count on the request path)."""
+        for worker in self._workers:
+            if worker.state is WorkerState.WARM and not worker.draining:
+                return True
+        return False
+
     def _counted(self) -> int:
         """Workers that count toward the target: starting or warm, not being retired."""
         return sum(
@@ -137,6 +144,7 @@ class WorkerPool:
             self._settings,
             self._on_change,
             self._template,
+            self._slot_freed,
         )
         self._workers.append(handle)
         return handle
@@ -190,6 +198,11 @@ class WorkerPool:
         now = time.monotonic()
         for worker in list(self._workers):
             worker.check_watchdog(now)
+
+    def _slot_freed(self) -> None:
+        self._changed.set()
+        for listener in self._listeners:
+            listener()
 
     def _on_change(self, worker: WorkerHandle) -> None:
         self._changed.set()

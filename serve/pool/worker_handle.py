@@ -77,6 +77,7 @@ class WorkerHandle:
         settings: WorkerSettings,
         on_change: Callable[[WorkerHandle], None],
         template: WorkerTemplate | None = None,
+        on_slot_free: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.worker_id = worker_id
@@ -84,6 +85,8 @@ class WorkerHandle:
         self.state = WorkerState.STARTING
         self.ready: Ready | None = None
         self._on_change = on_change
+        # a freed slot changes nothing readiness depends on: a cheaper notice than on_change
+        self._on_slot_free = on_slot_free or (lambda: on_change(self))
         self._template = template
         self._link: WorkerLink | None = None
         self._process: Process | None = None
@@ -211,7 +214,7 @@ class WorkerHandle:
 
     def release(self, slot: int) -> None:
         self._free_slots.append(slot)
-        self._on_change(self)
+        self._on_slot_free()
 
     def submit(
         self, slot: int, parts: Sequence[Sequence[Array]], rows: int, done: BatchCallback

@@ -34,6 +34,9 @@ class InferRequest:
     outputs: list[str] | None = None  # names the caller asked for; None means all
     parameters: Parameters = field(default_factory=dict)
     deadline: float | None = None  # time.monotonic() seconds; None means no deadline
+    # False when the transport already ends the call at its deadline (gRPC cancels the handler):
+    # the deadline then only keeps an expired request from being computed, with no timer of ours.
+    timed: bool = True
 
 
 @dataclass(slots=True)

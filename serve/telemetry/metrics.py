@@ -1,15 +1,23 @@
 """Prometheus metrics, defined once here and handed to the parts that record them.
 
-Counters and histograms are recorded on the request path; gauges of state (queue depth, warm
-workers) are read from the runtime when Prometheus scrapes, so the hot path never updates them.
+The request path records into plain per-model counters (ModelCounters: integer adds and one
+bisect, no locks, no label look-ups); they and the gauges of state (queue depth, warm workers) are
+turned into Prometheus families only when Prometheus scrapes. Everything runs on the event-loop
+thread, so the counters need no lock.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from serve import errors
@@ -60,29 +68,78 @@ class ModelGauges(Collector):
         return [depth, warm, passing]
 
 
+class ModelCounters:
+    """One model's request outcomes, request durations and batch sizes since start."""
+
+    __slots__ = ("duration_buckets", "duration_sum", "outcomes", "rows_buckets", "rows_sum")
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, int] = {}
+        self.duration_buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last is +Inf
+        self.duration_sum = 0.0
+        self.rows_buckets = [0] * (len(BATCH_BUCKETS) + 1)
+        self.rows_sum = 0
+
+    def request_ok(self, seconds: float) -> None:
+        outcomes = self.outcomes
+        outcomes["ok"] = outcomes.get("ok", 0) + 1
+        self.duration_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
+
+    def request_failed(self, code: str) -> None:
+        self.outcomes[code] = self.outcomes.get(code, 0) + 1
+
+    def batch(self, rows: int) -> None:
+        self.rows_buckets[bisect_left(BATCH_BUCKETS, rows)] += 1
+        self.rows_sum += rows
+
+
+def _histogram_buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    buckets, total = [], 0
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+        total += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(total)))
+    return buckets
+
+
+class CountersCollector(Collector):
+    def __init__(self, counters: dict[str, ModelCounters]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "warmserve_requests", "Inference requests by outcome", labels=["model", "code"]
+        )
+        duration = HistogramMetricFamily(
+            "warmserve_request_duration_seconds",
+            "End-to-end time of successful requests inside the server",
+            labels=["model"],
+        )
+        rows = HistogramMetricFamily(
+            "warmserve_batch_rows", "Rows per batch sent to a worker", labels=["model"]
+        )
+        for name, c in sorted(self._counters.items()):
+            for code, count in sorted(c.outcomes.items()):
+                requests.add_metric([name, code], count)
+            duration.add_metric(
+                [name], _histogram_buckets(LATENCY_BUCKETS, c.duration_buckets), c.duration_sum
+            )
+            rows.add_metric([name], _histogram_buckets(BATCH_BUCKETS, c.rows_buckets), c.rows_sum)
+        return [requests, duration, rows]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "warmserve_requests",
-            "Inference requests by outcome",
-            ["model", "code"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "warmserve_request_duration_seconds",
-            "End-to-end time of successful requests inside the server",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.batch_rows = Histogram(
-            "warmserve_batch_rows",
-            "Rows per batch sent to a worker",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=self.registry,
-        )
+        self._counters: dict[str, ModelCounters] = {}
+        self.registry.register(CountersCollector(self._counters))
+
+    def counters(self, model: str) -> ModelCounters:
+        """The counters of ``model`` (shared by its versions, as the ``model`` label is)."""
+        counters = self._counters.get(model)
+        if counters is None:
+            counters = self._counters[model] = ModelCounters()
+        return counters
 
     def watch(self, source: Callable[[], Iterable[tuple[str, int, int, int]]]) -> None:
         self.registry.register(ModelGauges(source))

@@ -65,7 +65,9 @@ class ModelStats:
     def request_done(self, ok: bool, rows: int, elapsed_ns: int) -> None:
         self.last_inference_ms = int(time.time() * 1000)
         if ok:
-            self.success.add(elapsed_ns)
+            success = self.success
+            success.count += 1
+            success.ns += elapsed_ns
             self.inference_count += rows
         else:
             self.fail.add(elapsed_ns)
@@ -75,7 +77,7 @@ class ModelStats:
     ) -> None:
         queue = self.queue
         queue.count += len(queue_ns)
-        queue.ns += sum(queue_ns)
+        queue.ns += queue_ns[0] if len(queue_ns) == 1 else sum(queue_ns)
         if result is None:
             return
         self.execution_count += 1
@@ -87,23 +89,25 @@ class ModelStats:
                 phase = phases[name] = Duration()
             phase.count += 1
             phase.ns += ns
-        compute_input = t.get("ipc_write", 0) + t.get("worker_input", 0)
-        compute_output = t.get("worker_output", 0) + t.get("ipc_read", 0)
-        compute_infer = t.get("compute", 0)
-        for total, ns in (
-            (self.compute_input, compute_input),
-            (self.compute_infer, compute_infer),
-            (self.compute_output, compute_output),
-        ):
-            total.count += requests
-            total.ns += ns * requests
+        get = t.get
+        compute_input = get("ipc_write", 0) + get("worker_input", 0)
+        compute_output = get("worker_output", 0) + get("ipc_read", 0)
+        compute_infer = get("compute", 0)
+        total = self.compute_input
+        total.count += requests
+        total.ns += compute_input * requests
+        total = self.compute_infer
+        total.count += requests
+        total.ns += compute_infer * requests
+        total = self.compute_output
+        total.count += requests
+        total.ns += compute_output * requests
         per_size = self.batches.get(rows)
         if per_size is None:
             per_size = self.batches[rows] = BatchSizeStats()
-        for total, ns in (
-            (per_size.compute_input, compute_input),
-            (per_size.compute_infer, compute_infer),
-            (per_size.compute_output, compute_output),
-        ):
-            total.count += 1
-            total.ns += ns
+        per_size.compute_input.count += 1
+        per_size.compute_input.ns += compute_input
+        per_size.compute_infer.count += 1
+        per_size.compute_infer.ns += compute_infer
+        per_size.compute_output.count += 1
+        per_size.compute_output.ns += compute_output

@@ -398,3 +398,34 @@ def test_holds_that_catch_nobody_switch_holding_off():
         return sent_at_once
 
     assert run(main()), "after the misses a lone request still waited"
+
+
+def test_an_untimed_request_past_its_deadline_is_still_never_computed():
+    """gRPC callers pass timed=False (the transport cancels the call at the deadline); the
+    batcher must still not run a request whose deadline passed while it waited."""
+
+    async def main():
+        pool = FakePool()
+        pool.gate.clear()
+        batcher = make(pool, max_batch_size=1)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([np.zeros((1, 1))], 1, None))
+        await pool.started.wait()
+        late = asyncio.ensure_future(
+            batcher.submit([np.ones((1, 1))], 1, time.monotonic() + 0.01, timed=False)
+        )
+        while batcher.queue_depth < 1:
+            await asyncio.sleep(0)
+        deadline_passed = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.02, deadline_passed.set_result, None)
+        await deadline_passed
+        assert not late.done(), "without a timer the wait does not end by itself"
+        pool.gate.set()
+        await first
+        with pytest.raises(DeadlineExceededError, match="expired while queued"):
+            await late
+        await batcher.stop()
+        return pool
+
+    pool = run(main())
+    assert [b[0][0, 0] for b in pool.batches] == [0.0], "the expired request reached the pool"
