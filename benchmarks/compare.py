@@ -2,13 +2,14 @@
 
     python -m benchmarks.compare            # full: closed + open loop, perf_analyzer, plots
     python -m benchmarks.compare --quick    # under a minute: the two headline ratios
-    python -m benchmarks.compare --peers mlserver pytriton   # and these peer servers
+    python -m benchmarks.compare --peers mlserver pytriton rayserve   # and these peer servers
 
-Peers (Seldon MLServer, NVIDIA PyTriton) run from their own venvs under benchmarks/.peers/ (made
-by `bash benchmarks/peers/setup.sh` from benchmarks/peers/<peer>/requirements.txt), serving the
-same model.onnx over the same Open Inference Protocol gRPC call, one setting at a time (see
-PEER_SETTINGS); every figure of theirs is printed as a ratio to warmserve's. By default every
-peer whose venv exists runs; --quick runs none unless --peers names them.
+Peers (Seldon MLServer, NVIDIA PyTriton, Ray Serve) run from their own venvs under
+benchmarks/.peers/ (made by `bash benchmarks/peers/setup.sh` from
+benchmarks/peers/<peer>/requirements.txt), serving the same model.onnx over the same Open
+Inference Protocol gRPC call, one setting at a time (see PEER_SETTINGS); every figure of theirs
+is printed as a ratio to warmserve's. By default every peer whose venv exists runs; --quick runs
+none unless --peers names them.
 
 Besides the floor, the "hop floor" (floor_server.py --hop: the same handler, with the model in a
 second process reached over a socketpair, nothing else) shows what the process hop alone costs.
@@ -69,7 +70,10 @@ class PeerSetting:
 # One row per way of running a peer. MLServer: its in-process setting (parallel_workers=0) and
 # worker processes, each with adaptive batching off and on (up to 16 requests, waiting at most
 # 1 ms). PyTriton: Triton's dynamic batcher as warmserve runs it (max_batch_size 64, no queue
-# delay), and batching off. All run ONNX Runtime on the CPU with one intra-op thread.
+# delay), and batching off. Ray Serve: one replica behind Serve's gRPC proxy, without batching and
+# with @serve.batch (up to 16 requests, waiting at most 1 ms); max_ongoing_requests 64 in both
+# (Serve's default of 5 would cap the batches). All run ONNX Runtime on the CPU with one intra-op
+# thread.
 PEER_SETTINGS: dict[str, list[PeerSetting]] = {
     "mlserver": [
         PeerSetting("mlserver", "mlserver-w0", ("--workers", "0"), "in-process, no batching"),
@@ -103,8 +107,17 @@ PEER_SETTINGS: dict[str, list[PeerSetting]] = {
         ),
         PeerSetting("pytriton", "pytriton-nobatch", ("--no-batching",), "batching off"),
     ],
+    "rayserve": [
+        PeerSetting("rayserve", "rayserve-nobatch", ("--batch", "0"), "1 replica, no batching"),
+        PeerSetting(
+            "rayserve",
+            "rayserve-batch",
+            ("--batch", "16", "--batch-wait-ms", "1"),
+            "1 replica, @serve.batch (16, 1 ms)",
+        ),
+    ],
 }
-PEER_PACKAGES = {"mlserver": "mlserver", "pytriton": "nvidia-pytriton"}
+PEER_PACKAGES = {"mlserver": "mlserver", "pytriton": "nvidia-pytriton", "rayserve": "ray"}
 
 
 class FloorProcess:
@@ -447,8 +460,8 @@ def main() -> None:
         "--peers",
         nargs="*",
         metavar="PEER",
-        help="peers (mlserver, pytriton) or single settings (mlserver-w0, ...) to run too; "
-        "default: every peer installed by benchmarks/peers/setup.sh (none with --quick)",
+        help="peers (mlserver, pytriton, rayserve) or single settings (mlserver-w0, ...) to run "
+        "too; default: every peer installed by benchmarks/peers/setup.sh (none with --quick)",
     )
     args = parser.parse_args()
     if args.quick:

@@ -3,7 +3,7 @@
 # virtual environment under benchmarks/.peers/<peer>/ (git-ignored), from
 # benchmarks/peers/<peer>/requirements.txt. The project's .venv is never touched.
 #
-#   bash benchmarks/peers/setup.sh                  # every peer (mlserver, pytriton)
+#   bash benchmarks/peers/setup.sh                  # every peer (mlserver, pytriton, rayserve)
 #   bash benchmarks/peers/setup.sh mlserver         # just these
 #   PYTHON=/path/to/python3.11 bash benchmarks/peers/setup.sh
 #
@@ -22,6 +22,7 @@ PYTHON="${PYTHON:-python3.11}"
 declare -A CHECK=(
     [mlserver]='import mlserver, onnxruntime; print("mlserver", mlserver.__version__)'
     [pytriton]='import importlib.metadata as m, pytriton, onnxruntime; print("nvidia-pytriton", m.version("nvidia-pytriton"))'
+    [rayserve]='import ray, ray.serve, onnxruntime, tritonclient.grpc.service_pb2_grpc; print("ray", ray.__version__)'
 )
 
 log() { printf 'peers/setup: %s\n' "$*" >&2; }
