@@ -175,10 +175,10 @@ class ModelService:
         for ns in queue_ns:
             latency.queue.add(ns / 1e9, now)
         if result is not None:
-            timings = result.timings_ns
             latency.batches.add(rows, now)
-            latency.compute.add(timings.get("compute", 0) / 1e9, now)
-            latency.worker(result.worker).add(timings.get("round_trip", 0) / 1e9, now)
+            if result.timings_ns:  # PHASES order: compute is third, the round trip fifth
+                latency.compute.add(result.timings_ns[2] / 1e9, now)
+                latency.worker(result.worker).add(result.timings_ns[4] / 1e9, now)
 
     def prepare(self, request: InferRequest) -> tuple[list[Array], int]:
         """Check the request against the signature; the inputs in model order and the row count."""

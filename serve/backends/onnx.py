@@ -58,8 +58,15 @@ class OnnxBackend(Backend):
                 f"graph inputs {sorted(graph_inputs)}, outputs {sorted(graph_outputs)}"
             )
         self._output_names = output_names
+        # no string tensors in or out: run() hands arrays straight through
+        self._plain = not any(
+            "string" in t.type for t in (*self._session.get_inputs(), *self._session.get_outputs())
+        )
 
     def run(self, inputs: Arrays) -> Arrays:
+        if self._plain:
+            results = self._session.run(self._output_names, inputs)
+            return dict(zip(self._output_names, results, strict=True))
         # onnxruntime takes and returns string tensors as str; the protocol's BYTES are bytes
         feed = {
             name: np.vectorize(_to_str, otypes=[np.object_])(a) if a.dtype == np.object_ else a

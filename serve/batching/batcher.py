@@ -28,7 +28,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from serve.batching.merge import Array, Signature, signature, split
@@ -52,10 +52,14 @@ HOLD_BACKOFF_S = 0.5  # ... for this long
 LOAD_WINDOW_S = 0.05  # the loop's busy fraction is measured over windows this long
 
 
+# The phases of a batch the pool times, in the order of BatchResult.timings_ns.
+PHASES = ("ipc_write", "worker_input", "compute", "worker_output", "round_trip", "ipc_read")
+
+
 @dataclass(slots=True)
 class BatchResult:
     outputs: list[Array]
-    timings_ns: dict[str, int] = field(default_factory=dict)  # phases of the batch, in ns
+    timings_ns: tuple[int, ...] = ()  # one per PHASES entry, in ns; () when not timed
     worker: str = ""  # which worker ran it
 
 
@@ -298,7 +302,7 @@ class DynamicBatcher:
                     assert self._loop is not None
                     self._flush_handle = self._loop.call_later(wait, self._flush)
                     break
-            if self._should_hold(head):
+            if (self._holding or self._load.busy >= HOLD_LOAD) and self._should_hold(head):
                 return
             lease = self._executor.acquire_now()
             if lease is None:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from serve.batching import BatchResult
+from serve.batching.batcher import PHASES
 
 
 @dataclass(slots=True)
@@ -40,7 +41,8 @@ class ModelStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchSizeStats] = field(default_factory=dict)
-    phases: dict[str, Duration] = field(default_factory=dict)  # per batch: IPC, worker, compute
+    timed_batches: int = 0  # batches with phase timings
+    phase_ns: list[int] = field(default_factory=lambda: [0] * len(PHASES))  # totals per PHASES
     decode: Duration = field(default_factory=Duration)  # protobuf → tensors, per request
     encode: Duration = field(default_factory=Duration)  # tensors → protobuf, per request
 
@@ -55,9 +57,13 @@ class ModelStats:
             return d.ns / d.count / 1e3 if d.count else 0.0
 
         phases = {"grpc_decode": avg(self.decode), "queue": avg(self.queue)}
-        phases.update({name: avg(d) for name, d in self.phases.items()})
-        if "round_trip" in self.phases:  # the socket hops, beyond what the worker accounts for
-            worker = sum(phases.get(k, 0.0) for k in ("worker_input", "compute", "worker_output"))
+        if self.timed_batches:
+            batches = self.timed_batches
+            phases.update(
+                {name: ns / batches / 1e3 for name, ns in zip(PHASES, self.phase_ns, strict=True)}
+            )
+            # the socket hops, beyond what the worker accounts for
+            worker = sum(phases[k] for k in ("worker_input", "compute", "worker_output"))
             phases["ipc_wait"] = max(0.0, phases.pop("round_trip") - worker)
         phases["grpc_encode"] = avg(self.encode)
         return phases
@@ -82,17 +88,19 @@ class ModelStats:
             return
         self.execution_count += 1
         t = result.timings_ns
-        phases = self.phases
-        for name, ns in t.items():
-            phase = phases.get(name)
-            if phase is None:
-                phase = phases[name] = Duration()
-            phase.count += 1
-            phase.ns += ns
-        get = t.get
-        compute_input = get("ipc_write", 0) + get("worker_input", 0)
-        compute_output = get("worker_output", 0) + get("ipc_read", 0)
-        compute_infer = get("compute", 0)
+        if not t:
+            return
+        ipc_write, worker_input, compute_infer, worker_output, round_trip, ipc_read = t
+        self.timed_batches += 1
+        totals = self.phase_ns
+        totals[0] += ipc_write
+        totals[1] += worker_input
+        totals[2] += compute_infer
+        totals[3] += worker_output
+        totals[4] += round_trip
+        totals[5] += ipc_read
+        compute_input = ipc_write + worker_input
+        compute_output = worker_output + ipc_read
         total = self.compute_input
         total.count += requests
         total.ns += compute_input * requests
