@@ -269,7 +269,10 @@ class ModelService:
                 raise ModelNotReadyError(
                     f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
                 )
-            outputs = await self.batcher.submit(inputs, rows, request.deadline, timed=request.timed)
+            if request.timed and request.deadline is not None:
+                outputs = await self.batcher.submit(inputs, rows, request.deadline)
+            else:  # no deadline, or the transport enforces it: no timer, no extra frame
+                outputs = await self.batcher.enqueue(inputs, rows, request.deadline)
         except ServeError as exc:
             self.stats.request_done(False, rows, time.monotonic_ns() - started)
             self._counters.request_failed(outcome(exc))

@@ -228,6 +228,21 @@ class DynamicBatcher:
         A request past its deadline is never dispatched. With ``timed`` the wait itself also ends
         at the deadline (DeadlineExceededError); without, the caller's transport ends it (gRPC
         cancels the call), which saves a timer per request."""
+        future = self.enqueue(inputs, rows, deadline)
+        if deadline is None or not timed:
+            return await future
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + (deadline - time.monotonic()), self._expire, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def enqueue(
+        self, inputs: list[Array], rows: int, deadline: float | None
+    ) -> asyncio.Future[list[Array]]:
+        """Queue one request; the future of its own rows of every output. Awaiting it is the
+        untimed submit() without a coroutine frame of its own (the request path uses this)."""
         if not self._running:
             raise ModelNotReadyError(f"model {self._name!r} is not taking requests")
         if len(self._queue) >= self._max_queue:
@@ -264,20 +279,13 @@ class DynamicBatcher:
             self._flush()
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("model %s: %d requests wait for a worker", self._name, len(queue))
-        if deadline is None or not timed:
-            return await future
-        timer = loop.call_at(loop.time() + (deadline - now), self._expire, item)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        return future
 
-    def _expire(self, item: _Pending) -> None:
-        if not item.future.done():
-            item.future.set_exception(
+    def _expire(self, future: asyncio.Future[list[Array]]) -> None:
+        if not future.done():
+            future.set_exception(
                 DeadlineExceededError(
-                    f"request to {self._name!r} did not finish within its deadline "
-                    f"({(item.deadline or item.enqueued) - item.enqueued:.3f} s)"
+                    f"request to {self._name!r} did not finish within its deadline"
                 )
             )
 

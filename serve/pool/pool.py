@@ -175,6 +175,8 @@ class WorkerPool:
 
     def acquire_now(self, worker: WorkerHandle | None = None) -> Lease | None:
         """A lease on ``worker`` (or the least busy warm worker) if one has a free slot now."""
+        if worker is None and len(self._workers) == 1:
+            worker = self._workers[0]
         candidates = [worker] if worker is not None else self._workers
         best = max(candidates, key=lambda w: w.free_slots, default=None)
         if best is None or best.free_slots <= 0:
