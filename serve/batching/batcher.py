@@ -17,8 +17,9 @@ Holding under load: when the event loop itself is the bottleneck (its thread bus
 every batch is one row: the per-batch costs (the shared-memory copy, two socket hops, waking the
 worker) are paid per request by the busiest thread. Then a lone request is held until a second one
 arrives or ``HOLD_CAP_S`` passes, which halves those costs at the price of one inter-arrival
-gap. An idle or lightly loaded server never holds, and a hold that catches nobody (a single
-closed-loop caller) switches holding off for ``HOLD_BACKOFF_S``.
+gap. A request is held only while a worker has a free slot (otherwise it waits, and batches, in
+any case). An idle or lightly loaded server never holds, and ``HOLD_MISSES`` holds in a row that
+catch nobody (a single closed-loop caller) switch holding off for ``HOLD_BACKOFF_S``.
 """
 
 from __future__ import annotations
@@ -310,8 +311,6 @@ class DynamicBatcher:
                     assert self._loop is not None
                     self._flush_handle = self._loop.call_later(wait, self._flush)
                     break
-            if (self._holding or self._load.busy >= HOLD_LOAD) and self._should_hold(head):
-                return
             lease = self._executor.acquire_now()
             if lease is None:
                 reason = self._executor.unavailable()
@@ -320,6 +319,10 @@ class DynamicBatcher:
                 elif log.isEnabledFor(logging.DEBUG):
                     log.debug("model %s: %d requests wait for a worker", self._name, len(queue))
                 break  # a freed slot kicks the next flush
+            # Hold only with a worker free: without one, requests wait (and batch) anyway.
+            if (self._holding or self._load.busy >= HOLD_LOAD) and self._should_hold(head):
+                lease.release()  # its notice finds the hold's timer set: no flush now
+                return
             if not self._batching or (len(queue) == 1 and head.rows <= self._max_rows):
                 items = [queue.popleft()]
             else:

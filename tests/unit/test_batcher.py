@@ -429,3 +429,26 @@ def test_an_untimed_request_past_its_deadline_is_still_never_computed():
 
     pool = run(main())
     assert [b[0][0, 0] for b in pool.batches] == [0.0], "the expired request reached the pool"
+
+
+def test_no_hold_while_every_worker_is_busy():
+    """Without a free slot a request waits (and batches) anyway: no hold timer is armed."""
+
+    async def main():
+        pool = FakePool(slots=1)
+        pool.gate.clear()
+        batcher = make(pool)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([np.zeros((1, 1), np.float32)], 1, None))
+        await pool.started.wait()
+        _loaded(batcher)
+        second = asyncio.ensure_future(batcher.submit([np.ones((1, 1), np.float32)], 1, None))
+        while batcher.queue_depth < 1:
+            await asyncio.sleep(0)
+        held_while_busy = batcher._holding
+        pool.gate.set()
+        await asyncio.gather(first, second)
+        await batcher.stop()
+        return held_while_busy
+
+    assert run(main()) is False
