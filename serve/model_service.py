@@ -164,6 +164,13 @@ class ModelService:
         await self.pool.stop()
         self._notify()
 
+    def forget_warm_up(self) -> None:
+        """Start statistics, latency windows and metrics from zero: the front end's own warm-up
+        calls (before readiness opens) are not traffic."""
+        self.stats = ModelStats()
+        self.latency.clear()
+        self._counters.reset()
+
     def batch_done(
         self, rows: int, requests: int, queue_ns: Sequence[int], result: BatchResult | None
     ) -> None:

@@ -89,6 +89,7 @@ class GrpcFrontend:
                         await stub.ModelInfer(request, timeout=LOOPBACK_TIMEOUT_S)
                 except grpc.RpcError as exc:
                     log.warning("loopback warm-up of %s failed: %s", service.config.name, exc)
+                service.forget_warm_up()
         self.gate.set(True)
 
     def begin_drain(self) -> None:

@@ -248,6 +248,9 @@ class WorkerHandle:
             link.send(RunBatch(batch_id, slot, rows, refs))
         except ConnectionError:
             self.release(slot)
+            # Dead from now on, not only when the event loop reports the closed channel: a
+            # retried batch must not be routed back to this worker in the meantime.
+            self._die("its channel closed")
             raise WorkerLostError(f"worker {self.worker_id} closed its channel") from None
         sent = time.perf_counter_ns()
         self._pending[batch_id] = _InFlight(slot, done, time.monotonic(), sent, sent - start)

@@ -38,6 +38,9 @@ class LatencyWindow:
     def add(self, seconds: float, now: float | None = None) -> None:
         self._samples.append((time.monotonic() if now is None else now, seconds))
 
+    def clear(self) -> None:
+        self._samples.clear()
+
     def _trim(self, now: float) -> None:
         horizon = now - self._window_s
         while self._samples and self._samples[0][0] < horizon:
@@ -72,6 +75,13 @@ class ModelLatency:
         if window is None:
             window = self.workers[worker_id] = LatencyWindow(self.window_s)
         return window
+
+    def clear(self) -> None:
+        """Forget every sample (the server's own warm-up traffic)."""
+        for window in (self.end_to_end, self.queue, self.compute, self.batches):
+            window.clear()
+        for window in self.workers.values():
+            window.clear()
 
     def forget_worker(self, worker_id: str) -> None:
         self.workers.pop(worker_id, None)

@@ -80,6 +80,14 @@ class ModelCounters:
         self.rows_buckets = [0] * (len(BATCH_BUCKETS) + 1)
         self.rows_sum = 0
 
+    def reset(self) -> None:
+        """Back to zero (before the server takes traffic: its own warm-up calls are not counted)."""
+        self.outcomes.clear()
+        self.duration_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.rows_buckets = [0] * (len(BATCH_BUCKETS) + 1)
+        self.rows_sum = 0
+
     def request_ok(self, seconds: float) -> None:
         outcomes = self.outcomes
         outcomes["ok"] = outcomes.get("ok", 0) + 1

@@ -28,6 +28,7 @@ def repository(tmp_path_factory) -> Path:
     build_identity_onnx(root / "identity_typed", name="identity_typed", types=typed)
     build_spin_torch(root / "spin")
     build_mlp_export(root / "mlp_export")
+    build_identity_onnx(root / "untouched", name="untouched")  # no test sends it a request
     return root
 
 

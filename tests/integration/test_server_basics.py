@@ -7,7 +7,7 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 DEMO = ("mlp_torch", "mlp_onnx", "image_cnn")
-MODELS = (*DEMO, "identity", "identity_typed", "spin", "mlp_export")
+MODELS = (*DEMO, "identity", "identity_typed", "spin", "mlp_export", "untouched")
 
 
 def test_live_ready_and_every_model_ready(client):
@@ -62,6 +62,19 @@ def test_statistics_count_inferences(client):
     stats = client.get_inference_statistics("mlp_onnx").model_stats[0]
     assert stats.inference_count == before + 3
     assert stats.inference_stats.success.count >= 1
+
+
+def test_the_servers_own_warm_up_calls_are_not_counted(server, client):
+    """Before readiness the front end warms its path with loopback ModelInfer calls to every
+    model; statistics, latency windows and metrics start from zero after them."""
+    stats = client.get_inference_statistics("untouched").model_stats[0]
+    assert stats.inference_count == 0 and stats.execution_count == 0
+    assert stats.inference_stats.success.count == 0
+    _, latency = server.http_json("/warmserve/models/untouched/latency")
+    assert latency["end_to_end"]["count"] == 0
+    _, metrics = server.http_text("/metrics")
+    assert 'warmserve_requests_total{code="ok",model="untouched"}' not in metrics
+    assert 'warmserve_batch_rows_count{model="untouched"} 0.0' in metrics
 
 
 def test_an_rpc_not_served_answers_unimplemented(server):

@@ -91,3 +91,41 @@ def test_the_link_decodes_whole_split_and_coalesced_frames():
     assert [m.batch_id for m in got] == [0, 1, 2, 3]
     assert [m.message for m in got] == ["", "x", "xx", "xxx"]
     assert not lost
+
+
+def test_a_worker_whose_channel_is_closed_is_dead_at_once_and_takes_no_more_batches():
+    import numpy as np
+
+    from serve.errors import WorkerLostError as Lost
+
+    class ClosedLink:
+        def send(self, message):
+            raise ConnectionError("worker channel is closed")
+
+        def close(self):
+            pass
+
+    async def main():
+        handle = _handle()
+        handle._link = ClosedLink()
+        handle._inputs = _arena()
+        slot = handle.reserve()
+        with pytest.raises(Lost, match="closed its channel"):
+            handle.submit(slot, [[np.zeros((1, 64), np.float32)]], 1, lambda outcome: None)
+        return handle
+
+    handle = asyncio.run(main())
+    assert handle.state is WorkerState.DEAD
+    assert handle.free_slots == 0, "a retried batch could be routed back to it"
+
+
+def _arena():
+    import os
+
+    from serve.pool.arena import Arena, create_memfd
+
+    fd = create_memfd("test", 2 << 20)
+    try:
+        return Arena(fd, 2, 1 << 20)
+    finally:
+        os.close(fd)
