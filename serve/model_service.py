@@ -272,7 +272,7 @@ class ModelService:
         rows = 0
         try:
             inputs, rows = self.prepare(request)
-            if self.state is not ModelState.READY or not self.pool.has_warm():
+            if not self.can_serve:
                 raise ModelNotReadyError(
                     f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
                 )

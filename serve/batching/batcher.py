@@ -118,12 +118,13 @@ class _Pending:
 class _Batch:
     """One dispatched batch; its reply arrives through __call__ (the lease's callback)."""
 
-    __slots__ = ("batcher", "items", "queue_ns", "row_counts")
+    __slots__ = ("batcher", "items", "queue_ns", "row_counts", "rows")
 
     def __init__(self, batcher: DynamicBatcher, items: list[_Pending], start: float) -> None:
         self.batcher = batcher
         self.items = items
         self.row_counts = [i.rows for i in items]
+        self.rows = sum(self.row_counts)
         self.queue_ns = [int((start - i.enqueued) * 1e9) for i in items]
 
     def __call__(self, outcome: BatchResult | BaseException) -> None:
@@ -257,12 +258,7 @@ class DynamicBatcher:
         loop = self._loop
         assert loop is not None
         future: asyncio.Future[list[Array]] = loop.create_future()
-        if not self._batching:
-            sig: Signature = ()
-        elif len(inputs) == 1:
-            sig = (inputs[0].shape[1:],)
-        else:
-            sig = signature(inputs)
+        sig: Signature = signature(inputs) if self._batching else ()
         item = _Pending(inputs, rows, sig, deadline, now, future)
         queue = self._queue
         queue.append(item)
@@ -361,7 +357,7 @@ class DynamicBatcher:
     def _dispatch(self, lease: WorkerLease, items: list[_Pending]) -> None:
         start = time.monotonic()
         batch = _Batch(self, items, start)
-        rows = sum(batch.row_counts)
+        rows = batch.rows
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "model %s: dispatching %d rows from %d requests", self._name, rows, len(items)
@@ -397,9 +393,7 @@ class DynamicBatcher:
             assert isinstance(outcome, BaseException)
             self._fail(batch.items, outcome)
         if self._observer is not None:
-            self._observer.batch_done(
-                sum(batch.row_counts), len(batch.items), batch.queue_ns, result
-            )
+            self._observer.batch_done(batch.rows, len(batch.items), batch.queue_ns, result)
         self._kick()
         self._check_idle()
 

@@ -252,10 +252,10 @@ def test_a_batch_lost_with_its_worker_is_retried_once():
     assert out.tolist() == [[2.0]]
 
 
-def test_a_batch_lost_twice_fails_with_the_loss():
+def _submit_one(pool: FakePool) -> None:
+    """One request through a fresh batcher on ``pool``; whatever it raises propagates."""
+
     async def main():
-        pool = FakePool()
-        pool.errors = [WorkerLostError("worker #1 died"), WorkerLostError("worker #2 died")]
         batcher = make(pool)
         batcher.start()
         try:
@@ -263,23 +263,21 @@ def test_a_batch_lost_twice_fails_with_the_loss():
         finally:
             await batcher.stop()
 
+    run(main())
+
+
+def test_a_batch_lost_twice_fails_with_the_loss():
+    pool = FakePool()
+    pool.errors = [WorkerLostError("worker #1 died"), WorkerLostError("worker #2 died")]
     with pytest.raises(WorkerLostError, match="worker #2 died"):
-        run(main())
+        _submit_one(pool)
 
 
 def test_queued_requests_fail_when_no_worker_can_ever_take_them():
-    async def main():
-        pool = FakePool(slots=0)
-        pool.gone = "no warm worker and none starting"
-        batcher = make(pool)
-        batcher.start()
-        try:
-            await batcher.submit([np.ones((1, 1), np.float32)], 1, None)
-        finally:
-            await batcher.stop()
-
+    pool = FakePool(slots=0)
+    pool.gone = "no warm worker and none starting"
     with pytest.raises(ModelNotReadyError, match="none starting"):
-        run(main())
+        _submit_one(pool)
 
 
 def test_a_deadline_passing_while_the_batch_runs_fails_only_that_caller():
@@ -350,35 +348,31 @@ def test_a_saturated_loop_holds_a_lone_request_until_a_second_arrives():
     assert [r[0].tolist() for r in results] == [[[0.0]], [[2.0]]]
 
 
-def test_an_idle_loop_never_holds():
+def _sent_at_once(*, loaded: bool, **options) -> bool:
+    """Whether a lone request leaves for the worker from its own submit() call (not held)."""
+
     async def main():
         pool = FakePool(slots=4)
-        batcher = make(pool)
+        batcher = make(pool, **options)
         batcher.start()
+        if loaded:
+            _loaded(batcher)
         task = asyncio.ensure_future(batcher.submit([np.zeros((1, 1), np.float32)], 1, None))
         await asyncio.sleep(0)
         sent = len(pool.batches)
         await task
         await batcher.stop()
-        return sent
+        return sent == 1
 
-    assert run(main()) == 1
+    return run(main())
+
+
+def test_an_idle_loop_never_holds():
+    assert _sent_at_once(loaded=False)
 
 
 def test_holding_can_be_switched_off():
-    async def main():
-        pool = FakePool(slots=4)
-        batcher = make(pool, hold_when_saturated=False)
-        batcher.start()
-        _loaded(batcher)
-        task = asyncio.ensure_future(batcher.submit([np.zeros((1, 1), np.float32)], 1, None))
-        await asyncio.sleep(0)
-        sent = len(pool.batches)
-        await task
-        await batcher.stop()
-        return sent
-
-    assert run(main()) == 1
+    assert _sent_at_once(loaded=True, hold_when_saturated=False)
 
 
 def test_holds_that_catch_nobody_switch_holding_off():
