@@ -11,13 +11,17 @@ Writes DIR/gpu_bench.json and prints markdown tables for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import torch
 
@@ -26,7 +30,9 @@ from benchmarks.gpu_models import image_model, save_model_folder, text_model
 from serve.frontend.pb import grpc_service_pb2 as pb
 from tests.integration.harness import ServerProcess
 
-BATCHES = (1, 8, 16, 32, 64)
+BATCHES = (1, 2, 4, 8, 16, 32, 64)  # the batcher's default buckets up to max_batch_size 64
+CLIENT_WARM_CALLS = 20
+CALLERS_PER_CLIENT_PROCESS = 8
 
 
 def _time_ms(fn: Any, device: str, repeats: int) -> float:
@@ -80,35 +86,134 @@ def payload(model: str, name: str, array: np.ndarray, datatype: str) -> bytes:
     return message.SerializeToString()
 
 
+def first_requests(url: str, bodies: dict[str, bytes], warm_calls: int) -> dict[str, Any]:
+    """Per model: the first request after the server reports ready, against the warm p50 of the
+    next ``warm_calls`` on the same channel. The client's own first calls are warmed first on a
+    model that does not exist (NOT_FOUND touches no batcher or worker)."""
+    out: dict[str, Any] = {}
+    with grpc.insecure_channel(url) as channel:
+        call = channel.unary_unary(loadgen.METHOD)
+        unknown = pb.ModelInferRequest.FromString(next(iter(bodies.values())))
+        unknown.model_name = "no-such-model"
+        for _ in range(CLIENT_WARM_CALLS):
+            with contextlib.suppress(grpc.RpcError):
+                call(unknown.SerializeToString(), timeout=loadgen.CALL_TIMEOUT_S)
+        for model, body in bodies.items():
+            times = []
+            for _ in range(1 + warm_calls):
+                start = time.perf_counter()
+                call(body, timeout=loadgen.CALL_TIMEOUT_S)
+                times.append((time.perf_counter() - start) * 1e3)
+            warm_p50 = statistics.median(times[1:])
+            out[model] = {
+                "first_ms": times[0],
+                "warm_p50_ms": warm_p50,
+                "first_over_warm_p50": times[0] / warm_p50,
+            }
+            print(
+                f"  {model}: first request after ready {times[0]:.2f} ms, warm p50 "
+                f"{warm_p50:.2f} ms ({times[0] / warm_p50:.2f}×)"
+            )
+    return out
+
+
 def serve_and_load(
-    root: Path, models: dict[str, bytes], levels: list[int], seconds: float
+    root: Path, models: dict[str, bytes], levels: list[int], seconds: float, out_dir: Path
 ) -> dict[str, Any]:
+    started = time.monotonic()
     server = ServerProcess(root / "server.log", root / "repo")
     out: dict[str, Any] = {}
     try:
         server.wait_ready(timeout=600)
+        out["start_to_ready_s"] = time.monotonic() - started
+        print(f"  ready {out['start_to_ready_s']:.1f} s after the server process started")
+        out["first_request"] = first_requests(server.url, models, 200)
         for model, body in models.items():
             rows = []
             loadgen.run(server.url, model, concurrency=4, seconds=1.0, payload=body)
             for level in levels:
                 before = server.client.get_inference_statistics(model).model_stats[0]
+                processes = max(1, level // CALLERS_PER_CLIENT_PROCESS)
                 result = loadgen.run(
-                    server.url, model, concurrency=level, seconds=seconds, payload=body
+                    server.url,
+                    model,
+                    concurrency=level,
+                    seconds=seconds,
+                    payload=body,
+                    processes=processes,
                 )
                 after = server.client.get_inference_statistics(model).model_stats[0]
                 batches = after.execution_count - before.execution_count
                 rows_per_batch = (after.inference_count - before.inference_count) / max(1, batches)
-                row = {**result.summary(), "rows_per_batch": rows_per_batch}
+                row = {
+                    **result.summary(),
+                    "rows_per_batch": rows_per_batch,
+                    "client_processes": processes,
+                }
                 rows.append(row)
                 print(
                     f"  {model} c={level:3d}: {result.throughput:8.0f}/s p50 {result.p50_ms:.2f} "
                     f"p95 {result.p95_ms:.2f} p99 {result.p99_ms:.2f} ms, "
-                    f"{rows_per_batch:.1f} rows/batch"
+                    f"{rows_per_batch:.1f} rows/batch, {result.errors} errors"
                 )
             out[model] = rows
-        out["log_warm_lines"] = [ln for ln in server.log().splitlines() if "warm:" in ln]
+            breakdown = server.http_json(f"/warmserve/models/{model}/latency")[1]["breakdown_us"]
+            out[f"{model}_breakdown_us"] = breakdown
+            print(
+                f"  {model} breakdown over all levels (µs; codec and queue per request, the rest "
+                "per batch): " + ", ".join(f"{k} {v:.0f}" for k, v in breakdown.items())
+            )
+        out["log_warm_lines"] = [ln for ln in server.log().splitlines() if "warm" in ln]
     finally:
         server.stop()
+        with contextlib.suppress(OSError):
+            shutil.copy(root / "server.log", out_dir / "gpu_bench_server.log")
+    return out
+
+
+def _interpolate(floor: list[dict[str, Any]], key: str, batch: float) -> float:
+    """Milliseconds per batch of ``batch`` rows, linear between the measured batch sizes."""
+    points = [(row["batch"], row[key]) for row in floor if row[key] is not None]
+    for (b0, ms0), (b1, ms1) in itertools.pairwise(points):
+        if b0 <= batch <= b1:
+            return float(ms0 + (ms1 - ms0) * (batch - b0) / (b1 - b0))
+    return float(points[0][1] if batch < points[0][0] else points[-1][1])
+
+
+def targets(results: dict[str, Any], model: str, floor_key: str) -> dict[str, Any]:
+    """The issue's GPU targets as ratios: the highest concurrency against the in-process
+    CUDA-graph throughput at the batch size the batcher formed, p95 against that batch's
+    compute time, c=1 p50 against the graph's batch-1 time + 1 ms, first request after ready
+    against the warm p50."""
+    floor = results[floor_key]
+    key = "graph_ms" if floor[0]["graph_ms"] is not None else "eager_ms"
+    rows = results["served"][model]
+    top, one = rows[-1], rows[0]
+    batch = max(1.0, top["rows_per_batch"])
+    compute_ms = _interpolate(floor, key, batch)
+    floor_rate = batch / compute_ms * 1e3
+    first = results["served"]["first_request"][model]
+    out = {
+        "model": model,
+        "floor": key,
+        "top_concurrency": top["level"],
+        "rows_per_batch": batch,
+        "floor_ms_at_that_batch": compute_ms,
+        "floor_throughput_at_that_batch": floor_rate,
+        "throughput_over_floor": top["throughput"] / floor_rate,
+        "p95_over_compute": top["p95_ms"] / compute_ms,
+        "c1_p50_ms": one["p50_ms"],
+        "c1_budget_ms": _interpolate(floor, key, 1) + 1.0,
+        "first_over_warm_p50": first["first_over_warm_p50"],
+    }
+    print(
+        f"  {model}: c={top['level']} {top['throughput']:.0f}/s at {batch:.1f} rows/batch = "
+        f"{out['throughput_over_floor']:.2f}× the in-process {key[:-3]} floor at that batch "
+        f"({floor_rate:.0f}/s; target ≥ 0.70); p95 {top['p95_ms']:.2f} ms = "
+        f"{out['p95_over_compute']:.2f}× its compute ({compute_ms:.2f} ms; target < 3); "
+        f"c=1 p50 {one['p50_ms']:.2f} ms against {out['c1_budget_ms']:.2f} ms (compute + 1 ms); "
+        f"first request {out['first_over_warm_p50']:.2f}× warm p50 (target ≤ 1.5)"
+    )
     return out
 
 
@@ -117,14 +222,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--smoke", action="store_true", help="tiny models and loads (CPU check)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     device, small = args.device, args.smoke
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     size, seq = (64, 16) if small else (224, 128)
     batches = (1, 4) if small else BATCHES
-    levels = [1, 4] if small else [1, 4, 16, 64]
+    levels = [1, 4, 16] if small else [1, 4, 16, 32, 64]
     max_batch = 8 if small else 64
     results: dict[str, Any] = {"device": device, "torch": torch.__version__, "smoke": small}
     if device.startswith("cuda"):
@@ -181,8 +286,15 @@ def main() -> None:
             ),
         }
         print("through warmserve")
-        results["served"] = serve_and_load(root, bodies, levels, 1.0 if small else args.seconds)
-    args.out.mkdir(parents=True, exist_ok=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        results["served"] = serve_and_load(
+            root, bodies, levels, 1.0 if small else args.seconds, args.out
+        )
+    print("against the targets")
+    results["targets"] = [
+        targets(results, "resnet50", "floor_resnet50"),
+        targets(results, "encoder", "floor_encoder"),
+    ]
     (args.out / "gpu_bench.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {args.out / 'gpu_bench.json'}")
 

@@ -5,18 +5,30 @@
 #                make protos                        (generated stubs; they are git-ignored)
 # Then through the device tool:
 #   run(command="bash benchmarks/gpu_run.sh", carry=["serve/frontend/pb", "benchmarks/.wheels"],
-#       timeout_s=540)
+#       timeout_s=480)
 # It installs the carried wheels (no dependencies: torch, grpcio, protobuf, numpy, uvloop and
-# onnxruntime are already there), runs the GPU tests and the GPU benchmark, and leaves
-# everything in $OUT for benchmarks/RESULTS.md. Bounded: each step has its own timeout.
+# onnxruntime are already there) into /tmp/site, runs the GPU benchmark and then the GPU tests,
+# and leaves everything in $OUT (at most 8 files) for benchmarks/RESULTS.md. Each step has its
+# own timeout, so the whole script ends inside 7 minutes.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD"
-python3 -m pip install --quiet --no-deps benchmarks/.wheels/*.whl 2>&1 | tail -3
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c \
-    "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, sys.version)"; } \
-    > "$OUT/machine.txt" 2>&1
+export PYTHONUNBUFFERED=1
+# Locally, to check this script on CPU:  SKIP_WHEELS=1 GPU_BENCH_ARGS="--smoke --device cpu" \
+#   PATH=.venv/bin:$PATH bash benchmarks/gpu_run.sh
+[ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site benchmarks/.wheels/*.whl 2>&1 | grep -v "WARNING: Running pip as" | tail -3
+export PYTHONPATH="$PWD:/tmp/site"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  nproc; python3 -c "import torch, grpc, google.protobuf as p, sys; print('torch', \
+torch.__version__, 'cuda', torch.version.cuda, 'grpcio', grpc.__version__, 'protobuf', \
+p.__version__, sys.version.split()[0])"; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
-timeout 300 python3 -m benchmarks.gpu_bench --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.txt" | tail -40
+echo "== GPU benchmark"
+timeout 270 python3 -m benchmarks.gpu_bench --out "$OUT" ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.txt"
+echo "== GPU tests"
+timeout 150 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gpu-tests tests/gpu 2>&1 \
+    | tee "$OUT/gpu_tests.txt" | tail -25
+find /tmp/gpu-tests -name '*.log' -print0 2>/dev/null \
+    | tar czf "$OUT/gpu_test_logs.tgz" --null -T - 2>/dev/null
+ls -la "$OUT"

@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import multiprocessing.synchronize
+import queue
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import grpc
@@ -23,6 +27,7 @@ from serve.frontend.pb import grpc_service_pb2 as pb
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CALL_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 120.0  # client processes connecting (spawn, imports, first call)
 
 
 @dataclass
@@ -73,12 +78,23 @@ def _result(
     )
 
 
-async def closed_loop(url: str, payload: bytes, concurrency: int, seconds: float) -> LoadResult:
+async def closed_loop(
+    url: str,
+    payload: bytes,
+    concurrency: int,
+    seconds: float,
+    connected: Callable[[], object] | None = None,
+) -> LoadResult:
+    """``concurrency`` callers, each sending its next call when the last returns. ``connected``
+    (if given) is called once the channel is up, before the clock starts: client processes
+    wait there for each other."""
     latencies: list[float] = []
     errors = 0
     async with grpc.aio.insecure_channel(url) as channel:
         call = channel.unary_unary(METHOD)
         await call(payload, timeout=CALL_TIMEOUT_S)  # connect first
+        if connected is not None:
+            connected()
         end = time.perf_counter() + seconds
 
         async def caller() -> None:
@@ -132,6 +148,66 @@ async def open_loop(
     return _result("open", rate, elapsed, latencies, errors)
 
 
+def _closed_share(
+    url: str,
+    payload: bytes,
+    concurrency: int,
+    seconds: float,
+    barrier: multiprocessing.synchronize.Barrier,
+    results: multiprocessing.Queue,  # type: ignore[type-arg]
+) -> None:
+    """One client process's share of a closed loop; its result (or error) goes to ``results``."""
+    try:
+        job = closed_loop(url, payload, concurrency, seconds, lambda: barrier.wait(START_TIMEOUT_S))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            results.put(runner.run(job))
+    except BaseException as exc:
+        barrier.abort()
+        results.put(f"client process failed: {exc!r}")
+
+
+def closed_loop_processes(
+    url: str, payload: bytes, concurrency: int, seconds: float, processes: int
+) -> LoadResult:
+    """A closed loop split over ``processes`` client processes (each its own channel and
+    connection) that start together: one Python client process saturates near a few thousand
+    calls/s, below what a server on a large host takes."""
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    shares = [share for share in shares if share]
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(len(shares))
+    results = context.Queue()
+    children = [
+        context.Process(
+            target=_closed_share,
+            args=(url, payload, share, seconds, barrier, results),
+            name=f"loadgen-{i}",
+            daemon=True,
+        )
+        for i, share in enumerate(shares)
+    ]
+    for child in children:
+        child.start()
+    parts: list[LoadResult] = []
+    try:
+        for _ in children:
+            part = results.get(timeout=START_TIMEOUT_S + seconds + CALL_TIMEOUT_S)
+            if isinstance(part, str):
+                raise RuntimeError(part)
+            parts.append(part)
+    except queue.Empty:
+        missing = len(children) - len(parts)
+        raise RuntimeError(f"{missing} client processes never reported") from None
+    finally:
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.kill()
+    latencies = [ms / 1e3 for part in parts for ms in part.latencies_ms]
+    elapsed = max(part.seconds for part in parts)
+    return _result("closed", concurrency, elapsed, latencies, sum(p.errors for p in parts))
+
+
 def run(
     url: str,
     model: str,
@@ -140,10 +216,14 @@ def run(
     rate: float = 0,
     seconds: float = 3.0,
     payload: bytes = b"",
+    processes: int = 1,
 ) -> LoadResult:
     """Closed loop at ``concurrency`` or open loop at ``rate``; ``payload`` is a serialised
-    ModelInferRequest (default: one row for the demo MLP)."""
+    ModelInferRequest (default: one row for the demo MLP). A closed loop can be split over
+    ``processes`` client processes."""
     payload = payload or request_bytes(model)
+    if processes > 1 and not rate:
+        return closed_loop_processes(url, payload, concurrency, seconds, processes)
     if rate:
         job = open_loop(url, payload, rate, seconds)
     else:
@@ -159,9 +239,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: arrivals per second")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--processes", type=int, default=1, help="client processes (closed loop)")
     args = parser.parse_args()
     result = run(
-        args.url, args.model, concurrency=args.concurrency, rate=args.rate, seconds=args.seconds
+        args.url,
+        args.model,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        seconds=args.seconds,
+        processes=args.processes,
     )
     print(json.dumps(result.summary()))
 
