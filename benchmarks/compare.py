@@ -121,12 +121,13 @@ PEER_PACKAGES = {"mlserver": "mlserver", "pytriton": "nvidia-pytriton", "rayserv
 
 
 class FloorProcess:
-    def __init__(self, model_dir: Path, log: Path, *, hop: bool = False) -> None:
+    def __init__(self, model_dir: Path, log: Path, *, hop: bool = False, echo: int = 0) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self._log = log.open("wb")
         command = [sys.executable, "-m", "benchmarks.floor_server", "--model-dir", str(model_dir)]
         command += ["--port", str(self.port), *(["--hop"] if hop else [])]
+        command += ["--echo", str(echo)] if echo else []
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         wait_until(lambda: b"listening" in log.read_bytes(), 60, "the floor server")
 

@@ -5,6 +5,10 @@ gRPC can do on this machine; warmserve's overhead is measured against it.
     python -m benchmarks.floor_server --model-dir DIR --port 18100
     python -m benchmarks.floor_server --model-dir DIR --port 18100 --hop
 
+With ``--echo N`` there is no model at all (the "gRPC floor"): each call is parsed and answered
+with N zero bytes as the model's first output. It is what one Python gRPC process can take here
+with these payloads, whatever the model costs (the GPU benchmark runs it beside warmserve).
+
 With ``--hop`` the model runs in a second process instead (the "hop floor"): the handler writes
 the raw input bytes to a forked child over a socketpair and awaits the raw output bytes; the child
 runs ONNX Runtime in a blocking loop. No batching, validation, shared memory or bookkeeping: the
@@ -93,10 +97,11 @@ class _HopLink(asyncio.Protocol):
 
 
 class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, model_dir: Path, hop: _HopLink | None = None) -> None:
+    def __init__(self, model_dir: Path, hop: _HopLink | None = None, echo: int = 0) -> None:
         self.model = load_model_dir(model_dir)
         self.hop = hop
-        if hop is not None:
+        self.echo = bytes(echo)
+        if hop is not None or echo:
             self.input, self.output = self.model.inputs[0], self.model.outputs[0]
             return
         self.session = _session(self.model.model_path)
@@ -127,7 +132,9 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         tensor = request.inputs[0]
-        if self.hop is not None:
+        if self.echo:
+            data, shape = self.echo, [tensor.shape[0], len(self.echo) // 4 // tensor.shape[0]]
+        elif self.hop is not None:
             data = await self.hop.call(request.raw_input_contents[0])
             shape = [tensor.shape[0], len(data) // 4 // tensor.shape[0]]
         else:
@@ -143,7 +150,7 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         return response
 
 
-async def serve(model_dir: Path, host: str, port: int, hop: bool) -> None:
+async def serve(model_dir: Path, host: str, port: int, hop: bool, echo: int = 0) -> None:
     link = None
     if hop:
         model = load_model_dir(model_dir)
@@ -155,7 +162,7 @@ async def serve(model_dir: Path, host: str, port: int, hop: bool) -> None:
         theirs.close()
         _, link = await asyncio.get_running_loop().connect_accepted_socket(_HopLink, sock=ours)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(model_dir, link), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(model_dir, link, echo), server)
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
     stop = asyncio.Event()
@@ -173,9 +180,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--hop", action="store_true", help="run the model in a second process")
+    parser.add_argument("--echo", type=int, default=0, help="no model: answer this many bytes")
     args = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(args.model_dir, args.host, args.port, args.hop))
+        runner.run(serve(args.model_dir, args.host, args.port, args.hop, args.echo))
 
 
 if __name__ == "__main__":

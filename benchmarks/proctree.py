@@ -35,3 +35,17 @@ def tree_cpu_seconds(root: int) -> float:
             total += stats[pid][1]
         todo.extend(children.get(pid, []))
     return total
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of each live thread of ``pid``, keyed "name/tid"."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / TICKS
+    return out

@@ -14,7 +14,11 @@ from serve.protocol.datatypes import Datatype, numpy_dtype
 def sample_arrays(
     specs: Sequence[tuple[str, str, tuple[int, ...]]], rows: int | None, seed: int = 0
 ) -> dict[str, npt.NDArray[Any]]:
-    """One array per (name, datatype, shape); variable dims become 1; ``rows`` prepends a batch."""
+    """One array per (name, datatype, shape); variable dims become 1; ``rows`` prepends a batch.
+
+    Integer tensors are zeros: they are often token ids or indices into a table whose size the
+    config does not say, and 0 is the one value in range for every such table (a random id past
+    the end would fail warm-up, or on CUDA trip a device-side assert that ends the worker)."""
     rng = np.random.default_rng(seed)
     arrays: dict[str, npt.NDArray[Any]] = {}
     for name, datatype_name, dims in specs:
@@ -29,5 +33,5 @@ def sample_arrays(
         elif datatype in (Datatype.FP16, Datatype.FP32, Datatype.FP64):
             arrays[name] = rng.standard_normal(shape).astype(numpy_dtype(datatype))
         else:
-            arrays[name] = rng.integers(0, 100, size=shape).astype(numpy_dtype(datatype))
+            arrays[name] = np.zeros(shape, dtype=numpy_dtype(datatype))
     return arrays

@@ -49,3 +49,19 @@ def test_warm_up_inputs_have_every_bucket_shape_and_datatype():
     arrays = sample_inputs(model, 8)
     assert arrays["A"].shape == (8, 4, 1) and arrays["A"].dtype.name == "uint8"
     assert arrays["B"].shape == (8, 2) and arrays["B"].dtype == object
+
+
+def test_warm_up_integer_inputs_are_zero_so_every_index_is_in_range():
+    """Token ids and table indices: a random id could lie past a small table's end and fail
+    warm-up (on CUDA: a device-side assert); zero is in range for every table."""
+    model = ModelConfig(
+        name="m",
+        backend="torch",
+        model_file="x.pt",
+        inputs=(TensorSpec("IDS", "INT64", (16,)), TensorSpec("POS", "INT32", (16,))),
+        outputs=(TensorSpec("Y", "FP32", (1,)),),
+        max_batch_size=8,
+    )
+    arrays = sample_inputs(model, 8)
+    assert arrays["IDS"].dtype.name == "int64" and arrays["POS"].dtype.name == "int32"
+    assert not arrays["IDS"].any() and not arrays["POS"].any()
