@@ -17,6 +17,7 @@ import json
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,42 @@ def _per_call_us(after: Any, before: Any, name: str) -> float:
     return (a.ns - b.ns) / max(1, a.count - b.count) / 1e3
 
 
+class GpuBusy:
+    """Mean NVML GPU utilisation (percent of time a kernel ran) while the block runs; None
+    without NVML (CPU smoke runs)."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> GpuBusy:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # no NVML here: nothing to sample
+            return self
+
+        def sample() -> None:
+            while not self._stop.wait(0.1):
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
+
+
 def _cpu(pid: int) -> tuple[float, dict[str, float]]:
     return time.monotonic(), proctree.thread_cpu_seconds(pid)
 
@@ -164,14 +201,15 @@ def serve_and_load(
                 before = server.client.get_inference_statistics(model).model_stats[0]
                 processes = max(1, level // CALLERS_PER_CLIENT_PROCESS)
                 cpu_before = _cpu(pid)
-                result = loadgen.run(
-                    server.url,
-                    model,
-                    concurrency=level,
-                    seconds=seconds,
-                    payload=body,
-                    processes=processes,
-                )
+                with GpuBusy() as gpu:
+                    result = loadgen.run(
+                        server.url,
+                        model,
+                        concurrency=level,
+                        seconds=seconds,
+                        payload=body,
+                        processes=processes,
+                    )
                 front_end = _busy(cpu_before, _cpu(pid), result.seconds)
                 after = server.client.get_inference_statistics(model).model_stats[0]
                 stats = after.inference_stats
@@ -188,6 +226,7 @@ def serve_and_load(
                     "infer_us": _per_call_us(stats, old, "compute_infer"),
                     "output_us": _per_call_us(stats, old, "compute_output"),
                     "front_end": front_end,
+                    "gpu_busy_percent": gpu.mean,
                 }
                 rows.append(row)
                 print(
