@@ -15,11 +15,14 @@ meanwhile as the next batch.
 Holding under load: when the event loop itself is the bottleneck (its thread busy at least
 ``HOLD_LOAD`` of the time) requests reach the batcher one at a time, each finds a free worker, and
 every batch is one row: the per-batch costs (the shared-memory copy, two socket hops, waking the
-worker) are paid per request by the busiest thread. Then a lone request is held until a second one
-arrives or ``HOLD_CAP_S`` passes, which halves those costs at the price of one inter-arrival
-gap. A request is held only while a worker has a free slot (otherwise it waits, and batches, in
-any case). An idle or lightly loaded server never holds, and ``HOLD_MISSES`` holds in a row that
-catch nobody (a single closed-loop caller) switch holding off for ``HOLD_BACKOFF_S``.
+worker) are paid per request by the busiest thread. Then a lone request is held until company
+arrives or ``HOLD_CAP_S`` passes, which divides those costs by the batch's size at the price of a
+few inter-arrival gaps. How much company a hold waits for adapts: it starts at ``HOLD_ROWS``,
+doubles each time a hold fills up within the cap (up to ``HOLD_ROWS_MAX`` and max_batch_size),
+and halves when the cap passes with only some company. A request is held only while a worker has
+a free slot (otherwise it waits, and batches, in any case). An idle or lightly loaded server never
+holds, and ``HOLD_MISSES`` holds in a row that catch nobody (a single closed-loop caller) switch
+holding off for ``HOLD_BACKOFF_S``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ log = logging.getLogger(__name__)
 RETRY_WAIT_S = 30.0  # longest a retried batch without a deadline waits for another worker
 STOP_WAIT_S = 60.0  # longest stop() waits for running batches (the pool's watchdog is 30 s)
 HOLD_LOAD = 0.75  # event-loop thread busy fraction from which lone requests are held
-HOLD_ROWS = 2  # a held batch leaves once it has this many rows
+HOLD_ROWS = 2  # a held batch leaves once it has this many requests at first ...
+HOLD_ROWS_MAX = 8  # ... doubling up to this many while holds fill up within the cap
 HOLD_CAP_S = 0.002  # longest hold (the event loop's timers have millisecond resolution)
 HOLD_MISSES = 3  # holds in a row that catch no second request switch holding off ...
 HOLD_BACKOFF_S = 0.5  # ... for this long
@@ -183,6 +187,7 @@ class DynamicBatcher:
         self._load_count = 0
         self._may_hold = hold_when_saturated
         self._holding = False  # a lone request is held for company
+        self._hold_rows = HOLD_ROWS  # requests a hold waits for (adapts, HOLD_ROWS..._MAX)
         self._no_hold_until = 0.0
         self._missed = 0  # holds in a row that caught no second request
 
@@ -270,13 +275,21 @@ class DynamicBatcher:
             self._load.sample(now)
         if len(queue) == 1 and self._flush_handle is None:
             self._flush()  # nothing else waits: dispatch now, without a loop hop
-        elif self._delay_s or self._holding:  # a batch held open may be full now
-            if self._flush_handle is not None:
-                self._flush_handle.cancel()
+        elif self._holding:  # a held batch leaves once enough company came
+            if len(queue) >= self._hold_rows:
+                self._end_hold_timer()
+                self._flush()
+        elif self._delay_s:  # a batch held open may be full now
+            self._end_hold_timer()
             self._flush()
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("model %s: %d requests wait for a worker", self._name, len(queue))
         return future
+
+    def _end_hold_timer(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
 
     def _expire(self, future: asyncio.Future[list[Array]]) -> None:
         if not future.done():
@@ -331,9 +344,15 @@ class DynamicBatcher:
         """Hold a lone request for company while the event loop is saturated (module doc)."""
         if self._holding:  # the hold ends now: company came, or the cap passed
             self._holding = False
-            if len(self._queue) >= HOLD_ROWS:
+            waiting = sum(i.rows for i in self._queue)
+            if waiting >= self._hold_rows:  # filled within the cap: wait for more next time
                 self._missed = 0
+                self._hold_rows = min(self._hold_rows * 2, HOLD_ROWS_MAX, self._max_rows)
+            elif waiting > 1:  # some company, not enough: wait for less
+                self._missed = 0
+                self._hold_rows = max(HOLD_ROWS, self._hold_rows // 2)
             else:  # nobody came; several in a row: a single caller waits on itself
+                self._hold_rows = HOLD_ROWS
                 self._missed += 1
                 if self._missed >= HOLD_MISSES:
                     self._missed = 0
@@ -344,7 +363,7 @@ class DynamicBatcher:
             or not self._batching
             or self._delay_s
             or head.lost is not None
-            or sum(i.rows for i in self._queue) >= HOLD_ROWS
+            or sum(i.rows for i in self._queue) >= self._hold_rows
             or self._load.busy < HOLD_LOAD
             or time.monotonic() < self._no_hold_until
         ):

@@ -348,6 +348,30 @@ def test_a_saturated_loop_holds_a_lone_request_until_a_second_arrives():
     assert [r[0].tolist() for r in results] == [[[0.0]], [[2.0]]]
 
 
+def test_holds_that_fill_up_wait_for_more_company_and_ones_that_do_not_for_less():
+    """Under saturation the hold's target doubles each time it fills within the cap (2, 4, 8,
+    never past max_batch_size) and halves when the cap passes with only some company."""
+
+    async def main():
+        pool = FakePool(slots=4)
+        batcher = make(pool, max_batch_size=8)
+        batcher.start()
+        targets = []
+        for size in (2, 4, 8, 8, 3):
+            _loaded(batcher)
+            first = asyncio.ensure_future(batcher.submit([np.zeros((1, 1))], 1, None))
+            await asyncio.sleep(0)  # the lone request is held
+            rest = [batcher.submit([np.ones((1, 1))], 1, None) for _ in range(size - 1)]
+            await asyncio.gather(first, *rest)  # the last of 3 waits out the hold's cap
+            targets.append(batcher._hold_rows)
+        await batcher.stop()
+        return pool, targets
+
+    pool, targets = run(main())
+    assert [b[0].shape[0] for b in pool.batches] == [2, 4, 8, 8, 3]
+    assert targets == [4, 8, 8, 8, 4]
+
+
 def _sent_at_once(*, loaded: bool, **options) -> bool:
     """Whether a lone request leaves for the worker from its own submit() call (not held)."""
 
