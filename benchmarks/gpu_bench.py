@@ -338,7 +338,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--smoke", action="store_true", help="tiny models and loads (CPU check)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, help="per load level (default 3; smoke 1)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     device, small = args.device, args.smoke
@@ -348,6 +348,7 @@ def main() -> None:
     levels = [1, 4, 16] if small else [1, 4, 16, 32, 64]
     variant_levels = levels[-2:]
     max_batch = 8 if small else 64
+    seconds = args.seconds or (1.0 if small else 3.0)
     results: dict[str, Any] = {"device": device, "torch": torch.__version__, "smoke": small}
     if device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name(0)
@@ -408,15 +409,13 @@ def main() -> None:
         model_levels = {"resnet50": levels, "encoder": levels, "resnet50_one_slot": variant_levels}
         print("through warmserve")
         args.out.mkdir(parents=True, exist_ok=True)
-        results["served"] = serve_and_load(
-            root, bodies, model_levels, 1.0 if small else args.seconds, args.out
-        )
+        results["served"] = serve_and_load(root, bodies, model_levels, seconds, args.out)
         print("the gRPC floor (no model) with the same payloads")
         results["grpc_floor"] = grpc_floor(
             root,
             {"resnet50": (bodies["resnet50"], 4000), "encoder": (bodies["encoder"], width * 4)},
             [1, 16, 64] if not small else [1, 4],
-            1.0 if small else args.seconds,
+            seconds,
         )
     print("against the targets")
     results["targets"] = [

@@ -1,0 +1,59 @@
+"""The benchmark tools themselves, run as their own processes (they import the project's
+generated stubs, which must not share a process with tritonclient's)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.integration.harness import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_the_load_generator_splits_a_closed_loop_over_client_processes(server):
+    run = _run(
+        "benchmarks.loadgen", "--url", server.url, "--model", "mlp_onnx",
+        "--concurrency", "5", "--seconds", "0.5", "--processes", "2", timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["errors"] == 0 and result["level"] == 5
+    assert result["count"] > 0 and result["throughput"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
+
+
+def test_a_client_process_that_cannot_connect_fails_the_run_with_its_reason():
+    run = _run(
+        "benchmarks.loadgen", "--url", f"127.0.0.1:{free_port()}", "--concurrency", "2",
+        "--seconds", "0.5", "--processes", "2", timeout=180,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "client process failed" in run.stderr and "UNAVAILABLE" in run.stderr
+
+
+def test_the_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
+    """The script that only a lent GPU machine runs for real, on tiny models and loads here, so
+    it cannot rot unseen between GPU sessions."""
+    run = _run(
+        "benchmarks.gpu_bench", "--smoke", "--device", "cpu", "--out", str(tmp_path),
+        "--workers", "1", "--seconds", "0.3", timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_bench.json").read_text())
+    for model in ("resnet50", "encoder", "resnet50_one_slot"):
+        rows = results["served"][model]
+        assert rows and all(r["count"] > 0 and r["errors"] == 0 for r in rows), rows
+        assert results["served"]["first_request"][model]["first_ms"] > 0
+    assert {t["model"] for t in results["targets"]} == {"resnet50", "encoder", "resnet50_one_slot"}
+    floor = results["grpc_floor"]
+    assert all(r["count"] > 0 and r["errors"] == 0 for rows in floor.values() for r in rows)
+    assert (tmp_path / "gpu_bench_server.log").exists()
