@@ -17,7 +17,6 @@ import json
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -127,42 +126,6 @@ def _per_call_us(after: Any, before: Any, name: str) -> float:
     return (a.ns - b.ns) / max(1, a.count - b.count) / 1e3
 
 
-class GpuBusy:
-    """Mean NVML GPU utilisation (percent of time a kernel ran) while the block runs; None
-    without NVML (CPU smoke runs)."""
-
-    def __init__(self) -> None:
-        self.samples: list[int] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> GpuBusy:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        except Exception:  # no NVML here: nothing to sample
-            return self
-
-        def sample() -> None:
-            while not self._stop.wait(0.1):
-                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    @property
-    def mean(self) -> float | None:
-        return statistics.mean(self.samples) if self.samples else None
-
-
 def _cpu(pid: int) -> tuple[float, dict[str, float]]:
     return time.monotonic(), proctree.thread_cpu_seconds(pid)
 
@@ -179,6 +142,19 @@ def _busy(
         "busiest_thread": busiest.split("/")[0],
         "busiest_share": used[busiest] / wall,
     }
+
+
+def _load_level(
+    url: str, pid: int, model: str, body: bytes, level: int, seconds: float
+) -> tuple[loadgen.LoadResult, dict[str, Any], int]:
+    """One closed-loop level (client processes of CALLERS_PER_CLIENT_PROCESS callers each) and
+    the server process's CPU over it."""
+    processes = max(1, level // CALLERS_PER_CLIENT_PROCESS)
+    cpu_before = _cpu(pid)
+    result = loadgen.run(
+        url, model, concurrency=level, seconds=seconds, payload=body, processes=processes
+    )
+    return result, _busy(cpu_before, _cpu(pid), result.seconds), processes
 
 
 def serve_and_load(
@@ -199,18 +175,9 @@ def serve_and_load(
             loadgen.run(server.url, model, concurrency=4, seconds=1.0, payload=body)
             for level in levels[model]:
                 before = server.client.get_inference_statistics(model).model_stats[0]
-                processes = max(1, level // CALLERS_PER_CLIENT_PROCESS)
-                cpu_before = _cpu(pid)
-                with GpuBusy() as gpu:
-                    result = loadgen.run(
-                        server.url,
-                        model,
-                        concurrency=level,
-                        seconds=seconds,
-                        payload=body,
-                        processes=processes,
-                    )
-                front_end = _busy(cpu_before, _cpu(pid), result.seconds)
+                result, front_end, processes = _load_level(
+                    server.url, pid, model, body, level, seconds
+                )
                 after = server.client.get_inference_statistics(model).model_stats[0]
                 stats = after.inference_stats
                 old = before.inference_stats
@@ -226,7 +193,6 @@ def serve_and_load(
                     "infer_us": _per_call_us(stats, old, "compute_infer"),
                     "output_us": _per_call_us(stats, old, "compute_output"),
                     "front_end": front_end,
-                    "gpu_busy_percent": gpu.mean,
                 }
                 rows.append(row)
                 print(
@@ -265,13 +231,9 @@ def grpc_floor(
         try:
             loadgen.run(floor.url, model, concurrency=4, seconds=0.5, payload=body)
             for level in levels:
-                processes = max(1, level // CALLERS_PER_CLIENT_PROCESS)
-                cpu_before = _cpu(floor.process.pid)
-                result = loadgen.run(
-                    floor.url, model, concurrency=level, seconds=seconds, payload=body,
-                    processes=processes,
-                )  # fmt: skip
-                front_end = _busy(cpu_before, _cpu(floor.process.pid), result.seconds)
+                result, front_end, _ = _load_level(
+                    floor.url, floor.process.pid, model, body, level, seconds
+                )
                 rows.append({**result.summary(), "front_end": front_end})
                 print(
                     f"  gRPC floor, {model} payload, c={level:3d}: {result.throughput:8.0f}/s "
