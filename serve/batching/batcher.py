@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 RETRY_WAIT_S = 30.0  # longest a retried batch without a deadline waits for another worker
 STOP_WAIT_S = 60.0  # longest stop() waits for running batches (the pool's watchdog is 30 s)
 HOLD_LOAD = 0.75  # event-loop thread busy fraction from which lone requests are held
-HOLD_ROWS = 2  # a held batch leaves once it has this many requests at first ...
+HOLD_ROWS = 2  # a held batch leaves once it has this many rows at first ...
 HOLD_ROWS_MAX = 8  # ... doubling up to this many while holds fill up within the cap
 HOLD_CAP_S = 0.002  # longest hold (the event loop's timers have millisecond resolution)
 HOLD_MISSES = 3  # holds in a row that catch no second request switch holding off ...
@@ -187,7 +187,7 @@ class DynamicBatcher:
         self._load_count = 0
         self._may_hold = hold_when_saturated
         self._holding = False  # a lone request is held for company
-        self._hold_rows = HOLD_ROWS  # requests a hold waits for (adapts, HOLD_ROWS..._MAX)
+        self._hold_rows = HOLD_ROWS  # rows a hold waits for (adapts, HOLD_ROWS..._MAX)
         self._no_hold_until = 0.0
         self._missed = 0  # holds in a row that caught no second request
 
@@ -276,7 +276,7 @@ class DynamicBatcher:
         if len(queue) == 1 and self._flush_handle is None:
             self._flush()  # nothing else waits: dispatch now, without a loop hop
         elif self._holding:  # a held batch leaves once enough company came
-            if len(queue) >= self._hold_rows:
+            if sum(i.rows for i in queue) >= self._hold_rows:  # a hold's queue is short
                 self._end_hold_timer()
                 self._flush()
         elif self._delay_s:  # a batch held open may be full now

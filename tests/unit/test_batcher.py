@@ -470,3 +470,27 @@ def test_no_hold_while_every_worker_is_busy():
         return held_while_busy
 
     assert run(main()) is False
+
+
+def test_a_hold_ends_as_soon_as_the_rows_it_waits_for_are_there():
+    """A many-row request that joins a hold fills it at once (rows count, not requests)."""
+
+    async def main():
+        pool = FakePool(slots=4)
+        batcher = make(pool, max_batch_size=8)
+        batcher.start()
+        _loaded(batcher)
+        batcher._hold_rows = 4  # as after a hold that filled up
+        first = asyncio.ensure_future(batcher.submit([np.zeros((1, 1))], 1, None))
+        await asyncio.sleep(0)  # held
+        held = len(pool.batches)
+        big = asyncio.ensure_future(batcher.submit([np.ones((3, 1))], 3, None))
+        await asyncio.sleep(0)
+        sent_without_timer = len(pool.batches)
+        await asyncio.gather(first, big)
+        await batcher.stop()
+        return held, sent_without_timer, pool
+
+    held, sent, pool = run(main())
+    assert held == 0 and sent == 1, "the hold waited for its timer though its rows were there"
+    assert [b[0].shape[0] for b in pool.batches] == [4]
