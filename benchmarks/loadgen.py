@@ -189,15 +189,25 @@ def closed_loop_processes(
     for child in children:
         child.start()
     parts: list[LoadResult] = []
+    deadline = time.monotonic() + START_TIMEOUT_S + seconds + CALL_TIMEOUT_S
     try:
-        for _ in children:
-            part = results.get(timeout=START_TIMEOUT_S + seconds + CALL_TIMEOUT_S)
+        while len(parts) < len(children):
+            try:
+                part = results.get(timeout=1.0)
+            except queue.Empty:  # a child that died without a word (killed) ends the run now
+                dead = [c for c in children if c.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"client process {dead[0].name} exited with code {dead[0].exitcode} "
+                        "before it reported"
+                    ) from None
+                if time.monotonic() > deadline:
+                    missing = len(children) - len(parts)
+                    raise RuntimeError(f"{missing} client processes never reported") from None
+                continue
             if isinstance(part, str):
                 raise RuntimeError(part)
             parts.append(part)
-    except queue.Empty:
-        missing = len(children) - len(parts)
-        raise RuntimeError(f"{missing} client processes never reported") from None
     finally:
         for child in children:
             child.join(timeout=5)
