@@ -33,7 +33,7 @@ class TensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class BatchingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_queue_delay_us: int = 0  # how long the oldest request may wait for a fuller batch
     # While the serving process's event loop is saturated, hold a lone request (at most ~2 ms)
-    # until a second one arrives: halves the per-batch costs when the front end is the
+    # for company (2 to 8 rows, adapting): divides the per-batch costs when the front end is the
     # bottleneck; never applies to an idle or lightly loaded server.
     hold_when_saturated: bool = True
     max_queue_size: int = 1024  # requests waiting; beyond it callers get RESOURCE_EXHAUSTED
