@@ -8,6 +8,16 @@ from pathlib import Path
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _after_name(stat: str) -> list[str]:
+    """The fields of a /proc stat line after the parenthesised name (which may hold spaces)."""
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _cpu_seconds(fields: list[str]) -> float:
+    """User + system seconds from the fields after the name (utime, stime: 14th, 15th)."""
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
 def _stats() -> dict[int, tuple[int, float]]:
     """pid → (parent pid, user+system seconds) for every live process."""
     out: dict[int, tuple[int, float]] = {}
@@ -15,10 +25,10 @@ def _stats() -> dict[int, tuple[int, float]]:
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = _after_name((entry / "stat").read_text())
         except OSError:
             continue
-        out[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS)
+        out[int(entry.name)] = (int(fields[1]), _cpu_seconds(fields))
     return out
 
 
@@ -46,6 +56,5 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
         except OSError:
             continue
         name = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / TICKS
+        out[f"{name}/{task.name}"] = _cpu_seconds(_after_name(text))
     return out
