@@ -3,6 +3,7 @@ BERT-base-like encoder (seq 128), in-process eager and CUDA-graph floors per bat
 same models through warmserve at concurrency 1–64, with the batch sizes the batcher formed.
 
     python -m benchmarks.gpu_bench --out DIR                 # on the GPU machine (cuda:0)
+    python -m benchmarks.gpu_bench --out DIR --profile-at 64 # + the front end under py-spy
     python -m benchmarks.gpu_bench --smoke --device cpu      # tiny models on CPU: checks the script
 
 Writes DIR/gpu_bench.json and prints markdown tables for benchmarks/RESULTS.md.
@@ -16,8 +17,10 @@ import itertools
 import json
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +147,51 @@ def _busy(
     }
 
 
+def _profile_start(pid: int, seconds: float, path: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the server's threads for ``seconds`` into ``path`` (raw), or None without
+    py-spy on PATH."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        print("  (py-spy not found: no profile)")
+        return None
+    command = [spy, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "250"]
+    command += ["-f", "raw", "-o", str(path), "--native"]  # pauses the process per sample
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def _profile_summary(spy: subprocess.Popen[bytes], path: Path, top: int = 12) -> None:
+    """Wait for py-spy, then print where the event-loop thread's samples fell: leaf frames (C
+    code shows as the Python frame that called it) and our own functions, inclusive."""
+    try:
+        spy.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        print("  (py-spy did not finish: no profile)")
+        return
+    leaves: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines() if path.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not count.isdigit() or not any("runners.py" in f for f in frames):
+            continue  # not the event-loop thread
+        total += int(count)
+        leaves[frames[-1]] += int(count)
+        for frame in set(frames):
+            if "(serve/" in frame or "/serve/" in frame:
+                ours[frame] += int(count)
+    if not total:
+        print("  (no event-loop samples)")
+        return
+    print(f"  event-loop thread profile ({total} samples), leaf frames:")
+    for frame, count in leaves.most_common(top):
+        print(f"    {count / total:6.1%} {frame[:110]}")
+    print("  warmserve functions, inclusive:")
+    for frame, count in ours.most_common(top):
+        print(f"    {count / total:6.1%} {frame[:110]}")
+
+
 def _load_level(
     url: str, pid: int, model: str, body: bytes, level: int, seconds: float
 ) -> tuple[loadgen.LoadResult, dict[str, Any], int]:
@@ -159,8 +207,10 @@ def _load_level(
 
 def serve_and_load(
     root: Path, models: dict[str, bytes], levels: dict[str, list[int]], seconds: float,
-    out_dir: Path,
+    out_dir: Path, profile_at: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
+    """The models through warmserve at each level; with ``profile_at``, an extra pass of the
+    first model at that concurrency under py-spy (not counted in the figures)."""
     started = time.monotonic()
     server = ServerProcess(root / "server.log", root / "repo")
     out: dict[str, Any] = {}
@@ -205,6 +255,12 @@ def serve_and_load(
                     f"cores, {front_end['busiest_thread']} {front_end['busiest_share']:.0%}"
                 )
             out[model] = rows
+            if profile_at and model == next(iter(models)):  # a pass of its own: py-spy slows it
+                profile = out_dir / f"profile_{model}_c{profile_at}.txt"
+                spy = _profile_start(pid, seconds, profile)
+                if spy is not None:
+                    _load_level(server.url, pid, model, body, profile_at, seconds)
+                    _profile_summary(spy, profile)
             breakdown = server.http_json(f"/warmserve/models/{model}/latency")[1]["breakdown_us"]
             out[f"{model}_breakdown_us"] = breakdown
             print(
@@ -302,6 +358,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--seconds", type=float, help="per load level (default 3; smoke 1)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--profile-at", type=int, default=0, help="py-spy the server at this concurrency (0: no)"
+    )
     args = parser.parse_args()
     device, small = args.device, args.smoke
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
@@ -371,7 +430,9 @@ def main() -> None:
         model_levels = {"resnet50": levels, "encoder": levels, "resnet50_one_slot": variant_levels}
         print("through warmserve")
         args.out.mkdir(parents=True, exist_ok=True)
-        results["served"] = serve_and_load(root, bodies, model_levels, seconds, args.out)
+        results["served"] = serve_and_load(
+            root, bodies, model_levels, seconds, args.out, args.profile_at
+        )
         print("the gRPC floor (no model) with the same payloads")
         results["grpc_floor"] = grpc_floor(
             root,

@@ -18,14 +18,14 @@ export PYTHONUNBUFFERED=1
 #   PATH=.venv/bin:$PATH bash benchmarks/gpu_run.sh
 [ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site benchmarks/.wheels/*.whl 2>&1 | grep -v "WARNING: Running pip as" | tail -3
-export PYTHONPATH="$PWD:/tmp/site"
+export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH"  # carried py-spy lands in bin/
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   nproc; python3 -c "import torch, grpc, google.protobuf as p, sys; print('torch', \
 torch.__version__, 'cuda', torch.version.cuda, 'grpcio', grpc.__version__, 'protobuf', \
 p.__version__, sys.version.split()[0])"; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 echo "== GPU benchmark"
-timeout 300 python3 -m benchmarks.gpu_bench --out "$OUT" ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.txt"
+timeout 300 python3 -m benchmarks.gpu_bench --out "$OUT" ${GPU_BENCH_ARGS:---profile-at 64} 2>&1 | tee "$OUT/gpu_bench.txt"
 echo "== GPU tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gpu-tests tests/gpu 2>&1 \
     | tee "$OUT/gpu_tests.txt" | tail -25
