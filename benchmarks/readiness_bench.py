@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serve.testing import models
-from tests.integration.harness import ServerProcess, wait_until
+from tests.integration.harness import CallerThreads, ServerProcess, wait_until
 
 BUILDERS = {"mlp_onnx": models.build_mlp_onnx, "mlp_torch": models.build_mlp_torch}
 
@@ -76,33 +75,17 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-class ClosedLoop:
+class ClosedLoop(CallerThreads):
+    """Closed-loop callers that record (finish time, ms) of every successful call."""
+
     def __init__(self, url: str, model: str, threads: int) -> None:
+        super().__init__(url, threads, max_calls=10**9)  # stopped by the with block
+        self.model = model
         self.samples: list[tuple[float, float]] = []  # (finish time, ms)
-        self.errors = 0
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(url, model)) for _ in range(threads)
-        ]
 
-    def _run(self, url: str, model: str) -> None:
-        client = triton.InferenceServerClient(url)
-        while not self._stop.is_set():
-            try:
-                ms = _call_ms(client, model)
-                self.samples.append((time.monotonic(), ms))
-            except triton.InferenceServerException:
-                self.errors += 1
-
-    def __enter__(self) -> ClosedLoop:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
+    def call(self, client: triton.InferenceServerClient, seed: int, n: int) -> None:
+        ms = _call_ms(client, self.model)
+        self.samples.append((time.monotonic(), ms))
 
     def between(self, start: float, end: float) -> list[float]:
         return [ms for t, ms in list(self.samples) if start <= t <= end]
@@ -154,7 +137,7 @@ def run(model: str, workers: int, threads: int, start: str, root: Path) -> dict[
             "recovery_s": back - killed,
             "before_kill": _percentiles(load.between(before_end - 3.0, before_end)),
             "during_recovery": _percentiles(load.between(killed, back)),
-            "errors_during_load": load.errors,
+            "errors_during_load": len(load.errors),
         }
     finally:
         server.stop()
