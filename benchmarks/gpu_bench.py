@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,14 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import loadgen, proctree
 from benchmarks.compare import FloorProcess
 from benchmarks.gpu_models import image_model, save_model_folder, text_model
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.testing.models import write_config
-from tests.integration.harness import ServerProcess
+from tests.integration.harness import ServerProcess, wait_until
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)  # the batcher's default buckets up to max_batch_size 64
 CLIENT_WARM_CALLS = 20
@@ -275,6 +277,85 @@ def serve_and_load(
     return out
 
 
+def _batch_rows(server: ServerProcess, model: str) -> tuple[float, float]:
+    """(rows, batches) sent to workers so far, summed over every front-end process."""
+    rows = batches = 0.0
+    for family in text_string_to_metric_families(server.http_text("/metrics")[1]):
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            if sample.name == "warmserve_batch_rows_sum":
+                rows += sample.value
+            elif sample.name == "warmserve_batch_rows_count":
+                batches += sample.value
+    return rows, batches
+
+
+def _ready_everywhere(server: ServerProcess) -> bool:
+    if server.process.poll() is not None:
+        raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+    try:
+        return server.http_get("/v2/health/ready") == 200
+    except OSError:
+        return False
+
+
+def serve_frontends(
+    root: Path, model: str, body: bytes, counts: list[int], levels: list[int], seconds: float,
+    out_dir: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """``model`` through 1, 2, ... front-end processes sharing the port (``--frontends``; one
+    worker each when there are several), every caller on a connection of its own: the kernel
+    spreads connections, not calls, over the processes."""
+    out: dict[str, Any] = {}
+    for count in counts:
+        repo = root / f"repo-frontends-{count}"
+        shutil.copytree(root / "repo" / model, repo / model)
+        args: tuple[str, ...] = ()
+        if count > 1:
+            args = ("--frontends", str(count))
+            config = tomllib.loads((repo / model / "model.toml").read_text())
+            write_config(repo / model, {**config, "pool": {**config["pool"], "workers": 1}})
+        log = root / f"server-frontends-{count}.log"
+        server = ServerProcess(log, repo, args=args)
+        started = time.monotonic()
+        rows_out = []
+        try:
+            wait_until(lambda s=server: _ready_everywhere(s), 600, f"{count} front ends ready")
+            print(f"  {count} front-end process(es) ready after {time.monotonic() - started:.1f} s")
+            loadgen.run(server.url, model, concurrency=16, seconds=1.0, payload=body,
+                        processes=2, connections=CALLERS_PER_CLIENT_PROCESS)  # fmt: skip
+            for level in levels:
+                processes = max(1, level // CALLERS_PER_CLIENT_PROCESS)
+                rows0, batches0 = _batch_rows(server, model)
+                cpu0 = proctree.tree_cpu_seconds(server.process.pid)
+                result = loadgen.run(
+                    server.url, model, concurrency=level, seconds=seconds, payload=body,
+                    processes=processes, connections=CALLERS_PER_CLIENT_PROCESS,
+                )  # fmt: skip
+                cores = (proctree.tree_cpu_seconds(server.process.pid) - cpu0) / result.seconds
+                rows1, batches1 = _batch_rows(server, model)
+                row = {
+                    **result.summary(),
+                    "frontends": count,
+                    "rows_per_batch": (rows1 - rows0) / max(1.0, batches1 - batches0),
+                    "server_cores": cores,
+                }
+                rows_out.append(row)
+                print(
+                    f"  {model}, {count} front end(s), c={level:3d}: {result.throughput:8.0f}/s "
+                    f"p50 {result.p50_ms:.2f} p95 {result.p95_ms:.2f} p99 {result.p99_ms:.2f} ms, "
+                    f"{row['rows_per_batch']:.1f} rows/batch, {result.errors} errors | server "
+                    f"tree {cores:.2f} cores"
+                )
+        finally:
+            server.stop()
+            with contextlib.suppress(OSError):
+                shutil.copy(log, out_dir / log.name)
+        out[str(count)] = rows_out
+    return out
+
+
 def grpc_floor(
     root: Path, bodies: dict[str, tuple[bytes, int]], levels: list[int], seconds: float
 ) -> dict[str, Any]:
@@ -351,6 +432,35 @@ def targets(results: dict[str, Any], model: str, floor_key: str) -> dict[str, An
     return out
 
 
+def frontend_targets(results: dict[str, Any], floor_key: str) -> list[dict[str, Any]]:
+    """The c=64 targets for each front-end process count: p95 against the compute time of the
+    batch formed, throughput against the in-process floor at that batch."""
+    floor = results[floor_key]
+    key = "graph_ms" if floor[0]["graph_ms"] is not None else "eager_ms"
+    out = []
+    for count, rows in results["frontends"].items():
+        top = rows[-1]
+        batch = max(1.0, top["rows_per_batch"])
+        compute_ms = _interpolate(floor, key, batch)
+        floor_rate = batch / compute_ms * 1e3
+        entry = {
+            "frontends": int(count),
+            "top_concurrency": top["level"],
+            "rows_per_batch": batch,
+            "floor_ms_at_that_batch": compute_ms,
+            "throughput_over_floor": top["throughput"] / floor_rate,
+            "p95_over_compute": top["p95_ms"] / compute_ms,
+        }
+        out.append(entry)
+        print(
+            f"  {count} front end(s): c={top['level']} {top['throughput']:.0f}/s at "
+            f"{batch:.1f} rows/batch = {entry['throughput_over_floor']:.2f}× the {key[:-3]} "
+            f"floor at that batch; p95 {top['p95_ms']:.2f} ms = "
+            f"{entry['p95_over_compute']:.2f}× its compute ({compute_ms:.2f} ms; target < 3)"
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda:0")
@@ -360,6 +470,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--profile-at", type=int, default=0, help="py-spy the server at this concurrency (0: no)"
+    )
+    parser.add_argument(
+        "--frontends", default="", help="front-end process counts for ResNet-50 (default 1,2,4)"
     )
     args = parser.parse_args()
     device, small = args.device, args.smoke
@@ -440,12 +553,18 @@ def main() -> None:
             [1, 16, 64] if not small else [1, 4],
             seconds,
         )
+        print("ResNet-50 through several front-end processes sharing the port")
+        counts = [int(c) for c in (args.frontends or ("1,2" if small else "1,2,4")).split(",")]
+        results["frontends"] = serve_frontends(
+            root, "resnet50", bodies["resnet50"], counts, levels[-3:], seconds, args.out
+        )
     print("against the targets")
     results["targets"] = [
         targets(results, "resnet50", "floor_resnet50"),
         targets(results, "encoder", "floor_encoder"),
         targets(results, "resnet50_one_slot", "floor_resnet50"),
     ]
+    results["frontend_targets"] = frontend_targets(results, "floor_resnet50")
     (args.out / "gpu_bench.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {args.out / 'gpu_bench.json'}")
 

@@ -5,7 +5,7 @@
 #                make protos                        (generated stubs; they are git-ignored)
 # Then through the device tool:
 #   run(command="bash benchmarks/gpu_run.sh", carry=["serve/frontend/pb", "benchmarks/.wheels"],
-#       timeout_s=480)
+#       timeout_s=540)
 # It installs the carried wheels (no dependencies: torch, grpcio, protobuf, numpy, uvloop and
 # onnxruntime are already there) into /tmp/site, runs the GPU benchmark and then the GPU tests,
 # and leaves everything in $OUT (at most 8 files) for benchmarks/RESULTS.md. Each step has its
@@ -25,10 +25,11 @@ torch.__version__, 'cuda', torch.version.cuda, 'grpcio', grpc.__version__, 'prot
 p.__version__, sys.version.split()[0])"; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 echo "== GPU benchmark"
-timeout 300 python3 -m benchmarks.gpu_bench --out "$OUT" ${GPU_BENCH_ARGS:---profile-at 64} 2>&1 | tee "$OUT/gpu_bench.txt"
+timeout 400 python3 -m benchmarks.gpu_bench --out "$OUT" ${GPU_BENCH_ARGS:---profile-at 64} 2>&1 | tee "$OUT/gpu_bench.txt"
 echo "== GPU tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gpu-tests tests/gpu 2>&1 \
+timeout 60 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gpu-tests tests/gpu 2>&1 \
     | tee "$OUT/gpu_tests.txt" | tail -25
 find /tmp/gpu-tests -name '*.log' -print0 2>/dev/null \
     | tar czf "$OUT/gpu_test_logs.tgz" --null -T - 2>/dev/null
+(cd "$OUT" && tar czf server_logs.tgz ./*.log && rm -f ./*.log)  # files back: at most 8
 ls -la "$OUT"

@@ -84,20 +84,26 @@ async def closed_loop(
     concurrency: int,
     seconds: float,
     connected: Callable[[], object] | None = None,
+    connections: int = 1,
 ) -> LoadResult:
-    """``concurrency`` callers, each sending its next call when the last returns. ``connected``
-    (if given) is called once the channel is up, before the clock starts: client processes
-    wait there for each other."""
+    """``concurrency`` callers, each sending its next call when the last returns, spread over
+    ``connections`` channels of their own TCP connection (a server whose processes share the
+    port with SO_REUSEPORT balances connections, not calls). ``connected`` (if given) is called
+    once the channels are up, before the clock starts: client processes wait there for each
+    other."""
     latencies: list[float] = []
     errors = 0
-    async with grpc.aio.insecure_channel(url) as channel:
-        call = channel.unary_unary(METHOD)
-        await call(payload, timeout=CALL_TIMEOUT_S)  # connect first
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]  # no connection shared between them
+    channels = [grpc.aio.insecure_channel(url, options=own_connection) for _ in range(connections)]
+    try:
+        calls = [channel.unary_unary(METHOD) for channel in channels]
+        for call in calls:
+            await call(payload, timeout=CALL_TIMEOUT_S)  # connect first
         if connected is not None:
             connected()
         end = time.perf_counter() + seconds
 
-        async def caller() -> None:
+        async def caller(call: grpc.aio.UnaryUnaryMultiCallable) -> None:
             nonlocal errors
             while time.perf_counter() < end:
                 start = time.perf_counter()
@@ -109,8 +115,10 @@ async def closed_loop(
                 latencies.append(time.perf_counter() - start)
 
         started = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        await asyncio.gather(*(caller(calls[i % connections]) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
     return _result("closed", concurrency, elapsed, latencies, errors)
 
 
@@ -155,10 +163,13 @@ def _closed_share(
     seconds: float,
     barrier: multiprocessing.synchronize.Barrier,
     results: multiprocessing.Queue,  # type: ignore[type-arg]
+    connections: int,
 ) -> None:
     """One client process's share of a closed loop; its result (or error) goes to ``results``."""
     try:
-        job = closed_loop(url, payload, concurrency, seconds, lambda: barrier.wait(START_TIMEOUT_S))
+        job = closed_loop(
+            url, payload, concurrency, seconds, lambda: barrier.wait(START_TIMEOUT_S), connections
+        )
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             results.put(runner.run(job))
     except BaseException as exc:
@@ -167,7 +178,12 @@ def _closed_share(
 
 
 def closed_loop_processes(
-    url: str, payload: bytes, concurrency: int, seconds: float, processes: int
+    url: str,
+    payload: bytes,
+    concurrency: int,
+    seconds: float,
+    processes: int,
+    connections: int = 1,
 ) -> LoadResult:
     """A closed loop split over ``processes`` client processes (each its own channel and
     connection) that start together: one Python client process saturates near a few thousand
@@ -180,7 +196,7 @@ def closed_loop_processes(
     children = [
         context.Process(
             target=_closed_share,
-            args=(url, payload, share, seconds, barrier, results),
+            args=(url, payload, share, seconds, barrier, results, min(connections, share)),
             name=f"loadgen-{i}",
             daemon=True,
         )
@@ -227,17 +243,18 @@ def run(
     seconds: float = 3.0,
     payload: bytes = b"",
     processes: int = 1,
+    connections: int = 1,
 ) -> LoadResult:
     """Closed loop at ``concurrency`` or open loop at ``rate``; ``payload`` is a serialised
     ModelInferRequest (default: one row for the demo MLP). A closed loop can be split over
-    ``processes`` client processes."""
+    ``processes`` client processes, each with ``connections`` connections."""
     payload = payload or request_bytes(model)
     if processes > 1 and not rate:
-        return closed_loop_processes(url, payload, concurrency, seconds, processes)
+        return closed_loop_processes(url, payload, concurrency, seconds, processes, connections)
     if rate:
         job = open_loop(url, payload, rate, seconds)
     else:
-        job = closed_loop(url, payload, concurrency, seconds)
+        job = closed_loop(url, payload, concurrency, seconds, connections=connections)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(job)
 
@@ -250,6 +267,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: arrivals per second")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--processes", type=int, default=1, help="client processes (closed loop)")
+    parser.add_argument(
+        "--connections", type=int, default=1, help="connections per client process (closed loop)"
+    )
     args = parser.parse_args()
     result = run(
         args.url,
@@ -258,6 +278,7 @@ def main() -> None:
         rate=args.rate,
         seconds=args.seconds,
         processes=args.processes,
+        connections=args.connections,
     )
     print(json.dumps(result.summary()))
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import Protocol
 
 from serve.bundles.repository import scan
 from serve.config import Config
@@ -17,12 +18,36 @@ from serve.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
+class Member(Protocol):
+    """What a front-end process started by the supervisor (``frontends > 1``) is told."""
+
+    shared_address: str  # the gRPC address all front-end processes share, joined once warm
+
+    def started(self, http_port: int) -> None:
+        """Tell the supervisor where this process answers health and /metrics."""
+
+    def watch(self, stop: asyncio.Event) -> None:
+        """Set ``stop`` when the supervisor goes away."""
+
+
 async def serve(config: Config) -> int:
+    """Serve ``config`` until SIGTERM/SIGINT: in this process, or with ``frontends > 1`` as the
+    supervisor of that many front-end processes sharing the gRPC port."""
+    if config.server.frontends > 1:
+        from serve.supervisor import Supervisor
+
+        return await Supervisor(config).run()
+    return await serve_one(config)
+
+
+async def serve_one(config: Config, member: Member | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain: readiness NOT_SERVING, the drain delay (calls are
     still served), then refuse new calls, finish in-flight ones within the grace period, stop.
 
     The gRPC port opens before the models warm up, so liveness answers at once while readiness
-    stays false until every model has a warm worker.
+    stays false until every model has a warm worker. A ``member`` of several front-end
+    processes joins the shared port only once it is warm (the kernel never routes a connection
+    to a cold one) and stops on SIGTERM alone: its supervisor decides when.
     """
     sources, _refused = scan(Path(config.repository), Path(config.cache_dir) / "bundles")
     if not sources:
@@ -39,12 +64,17 @@ async def serve(config: Config) -> int:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM,) if member else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
         loop.add_signal_handler(sig, _on_signal, sig, stop)
     await frontend.start()
     if http is not None:
         await http.start()
-    warm_up = asyncio.create_task(_warm_up(runtime, frontend), name="warm-up")
+    if member is not None:
+        member.started(http.port if http is not None else -1)
+        member.watch(stop)
+    warm_up = asyncio.create_task(_warm_up(runtime, frontend, member), name="warm-up")
+    warm_up.add_done_callback(lambda task: _on_warm_up_done(task, stop))
     try:
         await stop.wait()
     finally:
@@ -63,16 +93,25 @@ async def serve(config: Config) -> int:
         if http is not None:
             await http.stop()
         await runtime.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.remove_signal_handler(sig)
         log.info("stopped")
-    return 0
+    failed = warm_up.done() and not warm_up.cancelled() and warm_up.exception() is not None
+    return 1 if failed else 0
 
 
-async def _warm_up(runtime: Runtime, frontend: GrpcFrontend) -> None:
+async def _warm_up(runtime: Runtime, frontend: GrpcFrontend, member: Member | None) -> None:
     await runtime.start()
     await frontend.open_gate()
+    if member is not None:
+        await frontend.listen_shared(member.shared_address)
     log.info("ready: %s", ", ".join(f"{s.name} {s.state.value}" for s in runtime.statuses()))
+
+
+def _on_warm_up_done(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("warm-up failed, stopping: %s", task.exception(), exc_info=task.exception())
+        stop.set()
 
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:

@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-period", type=float, help="seconds in-flight calls get on SIGTERM")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     serve.add_argument(
+        "--frontends",
+        type=int,
+        help="front-end processes sharing the gRPC port, each with its own warm pool (default 1)",
+    )
+    serve.add_argument(
         "--model-control",
         action="store_true",
         default=None,
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             max_message_bytes=args.max_message_bytes,
             grace_period_s=args.grace_period,
             log_level=args.log_level,
+            frontends=args.frontends,
         )
         logging.basicConfig(
             level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

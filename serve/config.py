@@ -127,6 +127,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rollout_watch_s: float = 30.0  # after a switch, a failing new version is rolled back
     keep_previous_s: float = 60.0  # the previous version stays warm this long (instant rollback)
     log_level: str = "INFO"
+    # Front-end processes sharing the gRPC port (SO_REUSEPORT), each with its own batcher and
+    # warm pool; a supervisor process owns them and serves the HTTP port. 1: one process.
+    frontends: int = 1
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -222,15 +225,42 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
         "max_message_bytes": "WARMSERVE_MAX_MESSAGE_BYTES",
         "grace_period_s": "WARMSERVE_GRACE_PERIOD_S",
         "log_level": "WARMSERVE_LOG_LEVEL",
+        "frontends": "WARMSERVE_FRONTENDS",
     }
     for field, var in env.items():
         if var in os.environ:
             values[field] = os.environ[var]
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return msgspec.convert(values, ServerConfig, strict=False)
+        server = msgspec.convert(values, ServerConfig, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"server configuration: {exc}") from None
+    validate_server(server)
+    return server
+
+
+def validate_server(server: ServerConfig) -> None:
+    """Raise ConfigError for settings that cannot work together."""
+    if server.frontends < 1:
+        raise ConfigError(f"frontends must be >= 1, got {server.frontends}")
+    if server.frontends == 1:
+        return
+    if server.model_control:
+        raise ConfigError(
+            "model control cannot be combined with frontends > 1: each front-end process has "
+            "its own pool, and a load or unload call would reach only one of them. Roll out "
+            "with --frontends 1, or by restarting with the new repository or image"
+        )
+    if server.health_port >= 0:
+        raise ConfigError(
+            "--health-port is not available with frontends > 1; probe the HTTP port "
+            "(/v2/health/ready), which answers for every front-end process"
+        )
+    if server.http_port < 0:
+        raise ConfigError(
+            "frontends > 1 needs the HTTP port (readiness and /metrics of all front-end "
+            "processes are served there); set --http-port"
+        )
 
 
 def default_repository_from_env() -> str:

@@ -22,7 +22,8 @@ def _run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
 def test_the_load_generator_splits_a_closed_loop_over_client_processes(server):
     run = _run(
         "benchmarks.loadgen", "--url", server.url, "--model", "mlp_onnx",
-        "--concurrency", "5", "--seconds", "0.5", "--processes", "2", timeout=120,
+        "--concurrency", "5", "--seconds", "0.5", "--processes", "2", "--connections", "2",
+        timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
@@ -57,3 +58,8 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
     floor = results["grpc_floor"]
     assert all(r["count"] > 0 and r["errors"] == 0 for rows in floor.values() for r in rows)
     assert (tmp_path / "gpu_bench_server.log").exists()
+    for count in ("1", "2"):  # ResNet-50 through one and two front-end processes
+        rows = results["frontends"][count]
+        assert rows and all(r["count"] > 0 and r["errors"] == 0 for r in rows), rows
+        assert all(r["rows_per_batch"] >= 1 for r in rows), rows
+    assert [t["frontends"] for t in results["frontend_targets"]] == [1, 2]
