@@ -5,6 +5,8 @@ same models through warmserve at concurrency 1–64, with the batch sizes the ba
     python -m benchmarks.gpu_bench --out DIR                 # on the GPU machine (cuda:0)
     python -m benchmarks.gpu_bench --out DIR --profile-at 64 # + the front end under py-spy
     python -m benchmarks.gpu_bench --smoke --device cpu      # tiny models on CPU: checks the script
+    python -m benchmarks.gpu_bench --out DIR --frontends-only --frontends 2,4 --levels 32,64
+                                        # ResNet-50 through several front-end processes alone
 
 Writes DIR/gpu_bench.json and prints markdown tables for benchmarks/RESULTS.md.
 """
@@ -157,7 +159,9 @@ def _profile_start(pid: int, seconds: float, path: Path) -> subprocess.Popen[byt
         print("  (py-spy not found: no profile)")
         return None
     command = [spy, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "250"]
-    command += ["-f", "raw", "-o", str(path), "--native"]  # pauses the process per sample
+    # Not --native: on the H200 host it paused the server per sample and got ~50 samples in 3 s.
+    # Without it, time in C code shows as the Python frame that called it.
+    command += ["-f", "raw", "-o", str(path), "--nonblocking"]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
@@ -302,7 +306,7 @@ def _ready_everywhere(server: ServerProcess) -> bool:
 
 def serve_frontends(
     root: Path, model: str, body: bytes, counts: list[int], levels: list[int], seconds: float,
-    out_dir: Path,
+    out_dir: Path, slots: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """``model`` through 1, 2, ... front-end processes sharing the port (``--frontends``; one
     worker each when there are several), every caller on a connection of its own: the kernel
@@ -315,7 +319,10 @@ def serve_frontends(
         if count > 1:
             args = ("--frontends", str(count))
             config = tomllib.loads((repo / model / "model.toml").read_text())
-            write_config(repo / model, {**config, "pool": {**config["pool"], "workers": 1}})
+            pool = {**config["pool"], "workers": 1}
+            if slots:
+                pool["max_inflight_per_worker"] = slots
+            write_config(repo / model, {**config, "pool": pool})
         log = root / f"server-frontends-{count}.log"
         server = ServerProcess(log, repo, args=args)
         started = time.monotonic()
@@ -472,14 +479,24 @@ def main() -> None:
         "--profile-at", type=int, default=0, help="py-spy the server at this concurrency (0: no)"
     )
     parser.add_argument(
-        "--frontends", default="", help="front-end process counts for ResNet-50 (default 1,2,4)"
+        "--frontends", default="", help="front-end process counts for ResNet-50 (default 2)"
     )
+    parser.add_argument(
+        "--frontends-only",
+        action="store_true",
+        help="only the ResNet-50 floor and the front-end process counts (a short second run)",
+    )
+    parser.add_argument(
+        "--slots", type=int, default=0, help="batches in flight per worker with several front ends"
+    )
+    parser.add_argument("--levels", default="", help="concurrency levels (default 1,4,16,32,64)")
     args = parser.parse_args()
+    only = args.frontends_only
     device, small = args.device, args.smoke
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     size, seq = (64, 16) if small else (224, 128)
     batches = (1, 4) if small else BATCHES
-    levels = [1, 4, 16] if small else [1, 4, 16, 32, 64]
+    levels = [int(c) for c in (args.levels or ("1,4,16" if small else "1,4,16,32,64")).split(",")]
     variant_levels = levels[-2:]
     max_batch = 8 if small else 64
     seconds = args.seconds or (1.0 if small else 3.0)
@@ -498,7 +515,8 @@ def main() -> None:
 
     print(f"{results.get('gpu', device)}: in-process floors")
     results["floor_resnet50"] = floors(image, images, device, batches)
-    results["floor_encoder"] = floors(text, tokens, device, batches)
+    if not only:
+        results["floor_encoder"] = floors(text, tokens, device, batches)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         pool = {
@@ -541,29 +559,31 @@ def main() -> None:
             "resnet50_one_slot": payload("resnet50_one_slot", "IMAGE", image_array, "UINT8"),
         }
         model_levels = {"resnet50": levels, "encoder": levels, "resnet50_one_slot": variant_levels}
-        print("through warmserve")
         args.out.mkdir(parents=True, exist_ok=True)
-        results["served"] = serve_and_load(
-            root, bodies, model_levels, seconds, args.out, args.profile_at
-        )
-        print("the gRPC floor (no model) with the same payloads")
-        results["grpc_floor"] = grpc_floor(
-            root,
-            {"resnet50": (bodies["resnet50"], 4000), "encoder": (bodies["encoder"], width * 4)},
-            [1, 16, 64] if not small else [1, 4],
-            seconds,
-        )
+        if not only:
+            print("through warmserve")
+            results["served"] = serve_and_load(
+                root, bodies, model_levels, seconds, args.out, args.profile_at
+            )
+            print("the gRPC floor (no model) with the same payloads")
+            results["grpc_floor"] = grpc_floor(
+                root,
+                {"resnet50": (bodies["resnet50"], 4000), "encoder": (bodies["encoder"], width * 4)},
+                [1, 16, 64] if not small else [1, 4],
+                seconds,
+            )
         print("ResNet-50 through several front-end processes sharing the port")
-        counts = [int(c) for c in (args.frontends or ("1,2" if small else "1,2,4")).split(",")]
+        counts = [int(c) for c in (args.frontends or ("1,2" if small else "2")).split(",")]
         results["frontends"] = serve_frontends(
-            root, "resnet50", bodies["resnet50"], counts, levels[-3:], seconds, args.out
+            root, "resnet50", bodies["resnet50"], counts, levels[-2:], seconds, args.out, args.slots
         )
     print("against the targets")
-    results["targets"] = [
-        targets(results, "resnet50", "floor_resnet50"),
-        targets(results, "encoder", "floor_encoder"),
-        targets(results, "resnet50_one_slot", "floor_resnet50"),
-    ]
+    if not only:
+        results["targets"] = [
+            targets(results, "resnet50", "floor_resnet50"),
+            targets(results, "encoder", "floor_encoder"),
+            targets(results, "resnet50_one_slot", "floor_resnet50"),
+        ]
     results["frontend_targets"] = frontend_targets(results, "floor_resnet50")
     (args.out / "gpu_bench.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {args.out / 'gpu_bench.json'}")
