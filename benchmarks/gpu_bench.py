@@ -6,7 +6,7 @@ same models through warmserve at concurrency 1–64, with the batch sizes the ba
     python -m benchmarks.gpu_bench --out DIR --profile-at 64 # + the front end under py-spy
     python -m benchmarks.gpu_bench --smoke --device cpu      # tiny models on CPU: checks the script
     python -m benchmarks.gpu_bench --out DIR --frontends-only --frontends 2,4 --levels 32,64
-                                        # ResNet-50 through several front-end processes alone
+                                        # ResNet-50 through --frontends relays alone
 
 Writes DIR/gpu_bench.json and prints markdown tables for benchmarks/RESULTS.md.
 """
@@ -282,7 +282,7 @@ def serve_and_load(
 
 
 def _batch_rows(server: ServerProcess, model: str) -> tuple[float, float]:
-    """(rows, batches) sent to workers so far, summed over every front-end process."""
+    """(rows, batches) sent to workers so far, from the server's /metrics."""
     rows = batches = 0.0
     for family in text_string_to_metric_families(server.http_text("/metrics")[1]):
         for sample in family.samples:
@@ -308,52 +308,55 @@ def serve_frontends(
     root: Path, model: str, body: bytes, counts: list[int], levels: list[int], seconds: float,
     out_dir: Path, slots: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
-    """``model`` through 1, 2, ... front-end processes sharing the port (``--frontends``; one
-    worker each when there are several), every caller on a connection of its own: the kernel
-    spreads connections, not calls, over the processes."""
+    """``model`` through 1, 2, ... gRPC processes (``--frontends``: relays sharing the port that
+    pass every call to the one serving process and its pool), every caller on a connection of
+    its own: the kernel spreads connections, not calls, over the relays. ``slots``: batches in
+    flight per worker (0: the model's setting)."""
     out: dict[str, Any] = {}
     for count in counts:
         repo = root / f"repo-frontends-{count}"
         shutil.copytree(root / "repo" / model, repo / model)
-        args: tuple[str, ...] = ()
-        if count > 1:
-            args = ("--frontends", str(count))
+        if slots:
             config = tomllib.loads((repo / model / "model.toml").read_text())
-            pool = {**config["pool"], "workers": 1}
-            if slots:
-                pool["max_inflight_per_worker"] = slots
+            pool = {**config["pool"], "max_inflight_per_worker": slots}
             write_config(repo / model, {**config, "pool": pool})
+        args = ("--frontends", str(count)) if count > 1 else ()
         log = root / f"server-frontends-{count}.log"
         server = ServerProcess(log, repo, args=args)
         started = time.monotonic()
         rows_out = []
         try:
-            wait_until(lambda s=server: _ready_everywhere(s), 600, f"{count} front ends ready")
-            print(f"  {count} front-end process(es) ready after {time.monotonic() - started:.1f} s")
+            wait_until(lambda s=server: _ready_everywhere(s), 600, f"{count} gRPC processes ready")
+            print(f"  {count} gRPC process(es) ready after {time.monotonic() - started:.1f} s")
             loadgen.run(server.url, model, concurrency=16, seconds=1.0, payload=body,
                         processes=2, connections=CALLERS_PER_CLIENT_PROCESS)  # fmt: skip
             for level in levels:
                 processes = max(1, level // CALLERS_PER_CLIENT_PROCESS)
                 rows0, batches0 = _batch_rows(server, model)
                 cpu0 = proctree.tree_cpu_seconds(server.process.pid)
+                threads0 = _cpu(server.process.pid)
                 result = loadgen.run(
                     server.url, model, concurrency=level, seconds=seconds, payload=body,
                     processes=processes, connections=CALLERS_PER_CLIENT_PROCESS,
                 )  # fmt: skip
                 cores = (proctree.tree_cpu_seconds(server.process.pid) - cpu0) / result.seconds
+                serving = _busy(threads0, _cpu(server.process.pid), result.seconds)
                 rows1, batches1 = _batch_rows(server, model)
                 row = {
                     **result.summary(),
                     "frontends": count,
+                    "serving_process": serving,
                     "rows_per_batch": (rows1 - rows0) / max(1.0, batches1 - batches0),
                     "server_cores": cores,
                 }
                 rows_out.append(row)
                 print(
-                    f"  {model}, {count} front end(s), c={level:3d}: {result.throughput:8.0f}/s "
-                    f"p50 {result.p50_ms:.2f} p95 {result.p95_ms:.2f} p99 {result.p99_ms:.2f} ms, "
+                    f"  {model}, {count} gRPC process(es), c={level:3d}: "
+                    f"{result.throughput:8.0f}/s p50 {result.p50_ms:.2f} p95 {result.p95_ms:.2f} "
+                    f"p99 {result.p99_ms:.2f} ms, "
                     f"{row['rows_per_batch']:.1f} rows/batch, {result.errors} errors | server "
-                    f"tree {cores:.2f} cores"
+                    f"tree {cores:.2f} cores; serving process {serving['cores']:.2f} cores, "
+                    f"busiest thread {serving['busiest_share']:.0%}"
                 )
         finally:
             server.stop()
@@ -440,7 +443,7 @@ def targets(results: dict[str, Any], model: str, floor_key: str) -> dict[str, An
 
 
 def frontend_targets(results: dict[str, Any], floor_key: str) -> list[dict[str, Any]]:
-    """The c=64 targets for each front-end process count: p95 against the compute time of the
+    """The c=64 targets for each gRPC process count: p95 against the compute time of the
     batch formed, throughput against the in-process floor at that batch."""
     floor = results[floor_key]
     key = "graph_ms" if floor[0]["graph_ms"] is not None else "eager_ms"
@@ -460,7 +463,7 @@ def frontend_targets(results: dict[str, Any], floor_key: str) -> list[dict[str, 
         }
         out.append(entry)
         print(
-            f"  {count} front end(s): c={top['level']} {top['throughput']:.0f}/s at "
+            f"  {count} gRPC process(es): c={top['level']} {top['throughput']:.0f}/s at "
             f"{batch:.1f} rows/batch = {entry['throughput_over_floor']:.2f}× the {key[:-3]} "
             f"floor at that batch; p95 {top['p95_ms']:.2f} ms = "
             f"{entry['p95_over_compute']:.2f}× its compute ({compute_ms:.2f} ms; target < 3)"
@@ -479,15 +482,15 @@ def main() -> None:
         "--profile-at", type=int, default=0, help="py-spy the server at this concurrency (0: no)"
     )
     parser.add_argument(
-        "--frontends", default="", help="front-end process counts for ResNet-50 (default 2)"
+        "--frontends", default="", help="gRPC process counts for ResNet-50 (default 1,2,4)"
     )
     parser.add_argument(
         "--frontends-only",
         action="store_true",
-        help="only the ResNet-50 floor and the front-end process counts (a short second run)",
+        help="only the ResNet-50 floor and the gRPC process counts (a short second run)",
     )
     parser.add_argument(
-        "--slots", type=int, default=0, help="batches in flight per worker with several front ends"
+        "--slots", type=int, default=0, help="batches in flight per worker in the --frontends runs"
     )
     parser.add_argument("--levels", default="", help="concurrency levels (default 1,4,16,32,64)")
     args = parser.parse_args()
@@ -572,8 +575,8 @@ def main() -> None:
                 [1, 16, 64] if not small else [1, 4],
                 seconds,
             )
-        print("ResNet-50 through several front-end processes sharing the port")
-        counts = [int(c) for c in (args.frontends or ("1,2" if small else "2")).split(",")]
+        print("ResNet-50 through relay processes sharing the port (--frontends)")
+        counts = [int(c) for c in (args.frontends or ("1,2" if small else "1,2,4")).split(",")]
         results["frontends"] = serve_frontends(
             root, "resnet50", bodies["resnet50"], counts, levels[-2:], seconds, args.out, args.slots
         )

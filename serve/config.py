@@ -127,8 +127,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rollout_watch_s: float = 30.0  # after a switch, a failing new version is rolled back
     keep_previous_s: float = 60.0  # the previous version stays warm this long (instant rollback)
     log_level: str = "INFO"
-    # Front-end processes sharing the gRPC port (SO_REUSEPORT), each with its own batcher and
-    # warm pool; a supervisor process owns them and serves the HTTP port. 1: one process.
+    # Processes that terminate gRPC on the port (relays sharing it with SO_REUSEPORT) and pass
+    # each call to this process, which batches and serves them all. 1: this process alone.
     frontends: int = 1
 
 
@@ -240,27 +240,9 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
 
 
 def validate_server(server: ServerConfig) -> None:
-    """Raise ConfigError for settings that cannot work together."""
+    """Raise ConfigError for settings that cannot work."""
     if server.frontends < 1:
         raise ConfigError(f"frontends must be >= 1, got {server.frontends}")
-    if server.frontends == 1:
-        return
-    if server.model_control:
-        raise ConfigError(
-            "model control cannot be combined with frontends > 1: each front-end process has "
-            "its own pool, and a load or unload call would reach only one of them. Roll out "
-            "with --frontends 1, or by restarting with the new repository or image"
-        )
-    if server.health_port >= 0:
-        raise ConfigError(
-            "--health-port is not available with frontends > 1; probe the HTTP port "
-            "(/v2/health/ready), which answers for every front-end process"
-        )
-    if server.http_port < 0:
-        raise ConfigError(
-            "frontends > 1 needs the HTTP port (readiness and /metrics of all front-end "
-            "processes are served there); set --http-port"
-        )
 
 
 def default_repository_from_env() -> str:

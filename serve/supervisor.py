@@ -1,15 +1,10 @@
-"""Several front-end processes on one gRPC port (``--frontends N``).
+"""The gRPC relay processes of ``--frontends N``: the shared port, starting, restarting, stopping.
 
-One Python gRPC process tops out at a few thousand calls a second: its event-loop thread is the
-ceiling, whatever the GPU could take (benchmarks/RESULTS.md). With ``frontends = N`` the
-supervisor starts N front-end processes. Each is a whole warmserve (front end, batcher, warm
-pool of workers) and joins the gRPC port with SO_REUSEPORT only once it is warm, so the kernel
-spreads new connections over warm processes alone. The supervisor holds the port from the
-start, serves the HTTP port for all of them (readiness, latency, /metrics), restarts one that
-exits, and on SIGTERM drains and stops them in order.
-
-Connections, not calls, are spread: one client channel stays with one process. Many clients
-(or a client with several channels) spread evenly.
+One Python process tops out at a few thousand gRPC calls a second; its event-loop thread is the
+ceiling, whatever the GPU could take (benchmarks/RESULTS.md). With ``frontends = N`` the serving
+process holds the gRPC port and starts N relay processes (serve/frontend/relay.py) that bind it
+with SO_REUSEPORT and pass every call to the serving process's hub. The kernel spreads
+connections, not calls, over the relays: one client channel stays with one relay.
 """
 
 from __future__ import annotations
@@ -21,27 +16,28 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
-import msgspec
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from serve.config import Config
+from serve.config import ServerConfig
 from serve.errors import ConfigError
-from serve.frontend.fanout import FanOutHealth
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT_S = 60.0  # a front-end process reports its HTTP port (imports, bundle scan)
-STOP_MARGIN_S = 10.0  # beyond the grace period, before a front-end process is killed
-BACKOFF_S = (1.0, 30.0)  # restart delay: first, longest (doubling between)
-STABLE_AFTER_S = 60.0  # a process that ran this long restarts without delay
+START_TIMEOUT_S = 60.0  # a relay reports its port (interpreter start, imports)
+STOP_MARGIN_S = 5.0  # beyond the grace period, before a relay is killed
+BACKOFF_S = (0.5, 30.0)  # restart delay: first, longest (doubling between)
+STABLE_AFTER_S = 60.0  # a relay that ran this long restarts without delay
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
-    """Hold ``host:port`` (0: a free one) for the front-end processes: a bound socket with
-    SO_REUSEPORT that never listens, so the port stays ours while they come and go, and a
-    process of another user cannot take it."""
+    """Hold ``host:port`` (0: a free one) for the relays: a bound socket with SO_REUSEPORT that
+    never listens, so the port stays the server's while relays come and go."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -53,16 +49,14 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return holder
 
 
-class FrontendProcess:
-    """The supervisor's handle on one front-end process."""
+class RelayProcess:
+    """The serving process's handle on one relay process."""
 
-    def __init__(self, index: int, config: Config, shared_address: str) -> None:
+    def __init__(self, index: int, args: tuple[Any, ...]) -> None:
         self.index = index
-        self._config = config
-        self._shared_address = shared_address
+        self._args = args
         self._process: Any = None
         self._conn: Connection | None = None
-        self.http_port = -1
         self.started_at = 0.0
 
     @property
@@ -75,32 +69,30 @@ class FrontendProcess:
 
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")
-        ours, theirs = context.Pipe()
+        ours, theirs = context.Pipe(duplex=False)
         self._process = context.Process(
-            target=run_frontend,
-            args=(self._config, self.index, self._shared_address, theirs),
-            name=f"warmserve-frontend-{self.index}",
+            target=relay_main,
+            args=(self.index, *self._args, theirs),
+            name=f"warmserve-relay-{self.index}",
         )
         self._process.start()
         theirs.close()
         self._conn = ours
-        self.http_port = -1
         self.started_at = time.monotonic()
 
-    async def reported(self, timeout: float) -> None:
-        """Wait for the process to report its HTTP port."""
+    async def reported(self, timeout: float) -> int:
+        """The port the relay listens on, once it does."""
         assert self._conn is not None
         async with asyncio.timeout(timeout):
             await _readable(self._conn.fileno())
-        self.http_port = int(self._conn.recv())
+        return int(self._conn.recv())
 
     async def exited(self) -> int:
         await _readable(self._process.sentinel)
         self._process.join()
         if self._conn is not None:
-            self._conn.close()  # the process sees EOF if it still runs (it does not)
+            self._conn.close()
             self._conn = None
-        self.http_port = -1
         return int(self._process.exitcode)
 
     def terminate(self) -> None:
@@ -109,7 +101,7 @@ class FrontendProcess:
 
     def kill(self) -> None:
         if self.alive:
-            log.warning("front-end process %d did not stop in time; killing it", self.index)
+            log.warning("relay %d did not stop in time; killing it", self.index)
             self._process.kill()
 
 
@@ -128,90 +120,87 @@ async def _readable(fd: int) -> None:
         loop.remove_reader(fd)
 
 
-class Supervisor:
-    def __init__(self, config: Config) -> None:
+class Relays:
+    """N relay processes on the configured gRPC address, kept running until stop()."""
+
+    def __init__(self, config: ServerConfig, hub_path: Path) -> None:
         self._config = config
-        self.members: list[FrontendProcess] = []
-        self.stopping = False
-        self.restarts = [0] * config.server.frontends
+        self._hub_path = hub_path
+        self._holder: socket.socket | None = None
+        self.members: list[RelayProcess] = []
+        self.restarts = [0] * config.frontends
+        self._keepers: list[asyncio.Task[None]] = []
+        self._all_listened = asyncio.Event()
+        self.listening: set[int] = set()
+        self.port = 0
 
-    def _member_config(self) -> Config:
-        """Each front-end process answers health on a private loopback port of its own; the
-        supervisor serves the public HTTP port and drains before it stops them."""
-        server = msgspec.structs.replace(
-            self._config.server,
-            host="127.0.0.1",
-            grpc_port=0,
-            http_port=0,
-            health_port=-1,
-            drain_delay_s=0.0,
-            frontends=1,
+    async def wait_listening(self) -> None:
+        """Until every relay has listened once (readiness waits for this at start)."""
+        await self._all_listened.wait()
+
+    def start(self) -> None:
+        config = self._config
+        self._holder = reserve_port(config.host, config.grpc_port)
+        self.port = self._holder.getsockname()[1]
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        address = f"{host}:{self.port}"
+        args = (
+            str(self._hub_path),
+            address,
+            config.max_message_bytes,
+            config.grace_period_s,
+            config.log_level,
         )
-        return msgspec.structs.replace(self._config, server=server)
+        self.members = [RelayProcess(i, args) for i in range(config.frontends)]
+        self._keepers = [
+            asyncio.create_task(self._keep(m), name=f"keep-relay-{m.index}") for m in self.members
+        ]
+        log.info("gRPC on %s through %d relay processes", address, config.frontends)
 
-    async def run(self) -> int:
-        server = self._config.server
-        holder = reserve_port(server.host, server.grpc_port)
-        port = holder.getsockname()[1]
-        shared = f"[{server.host}]:{port}" if ":" in server.host else f"{server.host}:{port}"
-        member_config = self._member_config()
-        self.members = [FrontendProcess(i, member_config, shared) for i in range(server.frontends)]
-        http = FanOutHealth(self, server.host, server.http_port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        keepers: list[asyncio.Task[None]] = []
+    async def stop(self, grace_s: float) -> None:
+        """Stop restarting; SIGTERM every relay (each finishes its calls within ``grace_s``)."""
+        for keeper in self._keepers:
+            keeper.cancel()
+        await asyncio.gather(*self._keepers, return_exceptions=True)
+        running = [m for m in self.members if m.alive]
+        for member in running:
+            member.terminate()
         try:
-            await http.start()
-            log.info("supervising %d front-end processes on %s", server.frontends, shared)
-            keepers = [
-                asyncio.create_task(self._keep(m), name=f"keep-frontend-{m.index}")
-                for m in self.members
-            ]
-            await stop.wait()
-            log.info("shutting down %d front-end processes", len(self.members))
-            self.stopping = True  # readiness answers 503 from now on
-            if server.drain_delay_s > 0:
-                log.info("readiness is NOT_SERVING; draining for %.1f s", server.drain_delay_s)
-                await asyncio.sleep(server.drain_delay_s)
-        finally:
-            for keeper in keepers:
-                keeper.cancel()
-            await asyncio.gather(*keepers, return_exceptions=True)
-            await self._stop_members(server.grace_period_s + STOP_MARGIN_S)
-            await http.stop()
-            holder.close()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            log.info("stopped")
-        return 0
+            async with asyncio.timeout(grace_s + STOP_MARGIN_S):
+                await asyncio.gather(*(m.exited() for m in running))
+        except TimeoutError:
+            for member in running:
+                member.kill()
+            await asyncio.gather(*(m.exited() for m in running))
+        if self._holder is not None:
+            self._holder.close()
+            self._holder = None
 
-    async def _keep(self, member: FrontendProcess) -> None:
+    async def _keep(self, member: RelayProcess) -> None:
         """Run ``member``; when it exits, start it again (with a growing delay if it keeps
         exiting soon after it starts)."""
         delay = BACKOFF_S[0]
         while True:
             member.start()
-            log.info("front-end process %d started (pid %s)", member.index, member.pid)
             try:
-                await member.reported(START_TIMEOUT_S)
+                port = await member.reported(START_TIMEOUT_S)
+                log.info("relay %d (pid %s) listening on port %d", member.index, member.pid, port)
+                self.listening.add(member.index)
+                if len(self.listening) == len(self.members):
+                    self._all_listened.set()
             except TimeoutError:
-                log.error(
-                    "front-end process %d did not report within %.0f s; killing it",
-                    member.index,
-                    START_TIMEOUT_S,
-                )
+                log.error("relay %d did not start within %.0f s", member.index, START_TIMEOUT_S)
                 member.kill()
             except (EOFError, OSError):
                 pass  # it exited before reporting; exited() says how
             code = await member.exited()
+            self.listening.discard(member.index)
             ran_s = time.monotonic() - member.started_at
             if ran_s >= STABLE_AFTER_S:
                 delay = BACKOFF_S[0]
             self.restarts[member.index] += 1
             log.warning(
-                "front-end process %d exited with code %s after %.1f s; restarting in %.1f s",
+                "relay %d exited with code %s after %.1f s; restarting in %.1f s",
                 member.index,
                 code,
                 ran_s,
@@ -220,54 +209,49 @@ class Supervisor:
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_S[1])
 
-    async def _stop_members(self, timeout: float) -> None:
-        running = [m for m in self.members if m.alive]
-        for member in running:
-            member.terminate()
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*(m.exited() for m in running))
-        except TimeoutError:
-            for member in running:
-                member.kill()
-            await asyncio.gather(*(m.exited() for m in running))
+
+class RelayCollector(Collector):
+    """Calls answered per relay (how evenly connections spread) and relay restarts."""
+
+    def __init__(self, calls: dict[int, int], restarts: list[int]) -> None:
+        self._calls = calls
+        self._restarts = restarts
+
+    def collect(self) -> Iterable[Metric]:
+        calls = CounterMetricFamily(
+            "warmserve_relay_calls", "gRPC calls answered through each relay", labels=["relay"]
+        )
+        for relay, count in sorted(self._calls.items()):
+            calls.add_metric([str(relay)], count)
+        restarts = CounterMetricFamily(
+            "warmserve_relay_restarts", "Relay processes restarted after exiting", labels=["relay"]
+        )
+        for relay, count in enumerate(self._restarts):
+            restarts.add_metric([str(relay)], count)
+        return [calls, restarts]
 
 
-class _Member:
-    """The front-end process's side: report the HTTP port, stop when the supervisor is gone."""
-
-    def __init__(self, shared_address: str, conn: Connection) -> None:
-        self.shared_address = shared_address
-        self._conn = conn
-
-    def started(self, http_port: int) -> None:
-        self._conn.send(http_port)
-
-    def watch(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-
-        def gone() -> None:
-            try:
-                self._conn.recv()  # the supervisor sends nothing: readable means it is gone
-            except (EOFError, OSError):
-                loop.remove_reader(self._conn.fileno())
-                log.warning("the supervisor is gone; stopping")
-                stop.set()
-
-        loop.add_reader(self._conn.fileno(), gone)
-
-
-def run_frontend(config: Config, index: int, shared_address: str, conn: Connection) -> None:
-    """Entry point of a front-end process (spawned by the supervisor)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which decides
+def relay_main(
+    index: int,
+    hub_path: str,
+    address: str,
+    max_message_bytes: int,
+    grace_s: float,
+    log_level: str,
+    conn: Connection,
+) -> None:
+    """Entry point of a relay process (spawned)."""
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C reaches the serving process, which decides
     logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s frontend-{index} %(name)s: %(message)s",
+        level=log_level.upper(),
+        format=f"%(asctime)s %(levelname)s relay-{index} %(name)s: %(message)s",
     )
     import uvloop
 
-    from serve.app import serve_one
+    from serve.frontend.relay import run_relay
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        code = runner.run(serve_one(config, _Member(shared_address, conn)))
+        code = runner.run(run_relay(index, hub_path, address, max_message_bytes, grace_s, conn))
     sys.exit(code)

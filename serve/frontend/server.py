@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -29,49 +28,32 @@ class GrpcFrontend:
         self._config = config
         self._runtime = runtime
         self.gate = ReadinessGate()
-        self._servicer = InferenceServicer(runtime, self.gate, control)
+        self.servicer = InferenceServicer(runtime, self.gate, control)
         self.health = HealthService(runtime, self.gate)
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
-        self._shared_server: grpc.aio.Server | None = None
         self.port = 0
 
-    def _new_server(self, reuse_port: bool) -> grpc.aio.Server:
+    async def start(self, private: bool = False) -> None:
+        """Listen on the configured address; ``private``: on a loopback port of the system's
+        choosing instead (relay processes serve the configured one)."""
         limit = self._config.max_message_bytes
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
-                # Only front-end processes of one server share a port, and they ask for it.
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
+                ("grpc.so_reuseport", 0),  # two servers must never silently share a port
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        return server
-
-    async def start(self) -> None:
-        server = self._new_server(reuse_port=False)
-        self.port = _bind(server, f"{self._config.host}:{self._config.grpc_port}")
+        host = "127.0.0.1" if private else self._config.host
+        self.port = _bind(server, f"{host}:{0 if private else self._config.grpc_port}")
         await server.start()
         self._server = server
         if self._config.health_port >= 0:
             await self._start_health_server()
-        log.info(
-            "gRPC listening on %s:%d (max message %d bytes)",
-            self._config.host,
-            self.port,
-            self._config.max_message_bytes,
-        )
-
-    async def listen_shared(self, address: str) -> None:
-        """Also serve on ``address``, a port this process shares with the server's other
-        front-end processes (SO_REUSEPORT): the kernel spreads new connections over them."""
-        server = self._new_server(reuse_port=True)
-        _bind(server, address)
-        await server.start()
-        self._shared_server = server
-        log.info("gRPC listening on %s, shared with the other front-end processes", address)
+        log.info("gRPC listening on %s:%d (max message %d bytes)", host, self.port, limit)
 
     async def _start_health_server(self) -> None:
         """Health alone on its own plaintext port (probes keep working if the main port has TLS)."""
@@ -110,9 +92,9 @@ class GrpcFrontend:
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls now; in-flight calls get ``grace_s`` to finish, then are cancelled."""
         self.begin_drain()
-        servers = [s for s in (self._shared_server, self._server) if s is not None]
-        await asyncio.gather(*(server.stop(grace_s) for server in servers))
-        self._server = self._shared_server = None
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
         if self._health_server is not None:
             await self._health_server.stop(0)
             self._health_server = None

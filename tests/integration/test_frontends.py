@@ -1,6 +1,6 @@
-"""Several front-end processes on one port (``--frontends 2``): connections spread over them,
-the supervisor answers health and /metrics for all, restarts one that dies, and stops all of
-them (and their workers) on SIGTERM or when it is itself killed."""
+"""gRPC relay processes on one port (``--frontends 2``): connections spread over them, every RPC
+and error reaches the serving process through them, one that dies is restarted, and all of them
+stop on SIGTERM or when the serving process is itself killed."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def supervised(tmp_path: Path):
         tmp_path / "server.log", repository, args=("--frontends", str(FRONTENDS))
     )
     try:
-        wait_until(lambda: _ready(server), 120, "every front-end process ready")
+        wait_until(lambda: _ready(server), 120, "ready through the relays")
         yield server
     finally:
         server.stop()
@@ -45,8 +45,8 @@ def _ready(server: ServerProcess) -> bool:
         return False
 
 
-def frontend_pids(server: ServerProcess) -> list[int]:
-    """The supervisor's front-end processes (spawned; not its resource tracker)."""
+def relay_pids(server: ServerProcess) -> list[int]:
+    """The relay processes (spawned; not the resource tracker or the worker templates)."""
     children = server._children().get(server.process.pid, [])
     return sorted(pid for pid in children if b"spawn_main" in _cmdline(pid))
 
@@ -84,60 +84,80 @@ def infer_on_separate_connections(url: str, channels: int, salt: int) -> None:
             client.close()
 
 
-def requests_by_frontend(server: ServerProcess) -> dict[str, float]:
+def calls_by_relay(server: ServerProcess) -> dict[str, float]:
     status, text = server.http_text("/metrics")
     assert status == 200
-    counts: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r"warmserve_requests_total\{(.*)\} (\S+)$", line)
-        if match and 'code="ok"' in match.group(1) and 'model="identity"' in match.group(1):
-            frontend = re.search(r'frontend="(\d+)"', match.group(1))
-            assert frontend is not None, line
-            counts[frontend.group(1)] = counts.get(frontend.group(1), 0) + float(match.group(2))
-    return counts
+    found = re.findall(r'^warmserve_relay_calls_total\{relay="(\d+)"\} (\S+)$', text, re.M)
+    return {relay: float(count) for relay, count in found}
 
 
-def test_connections_spread_over_the_frontends_and_metrics_show_each(supervised):
-    assert len(frontend_pids(supervised)) == FRONTENDS
+def test_connections_spread_over_the_relays_and_each_passes_calls_on(supervised):
+    assert len(relay_pids(supervised)) == FRONTENDS
+    before = calls_by_relay(supervised)
     infer_on_separate_connections(supervised.url, CHANNELS, salt=0)
-    counts = requests_by_frontend(supervised)
-    assert set(counts) == {str(i) for i in range(FRONTENDS)}, counts
-    assert all(n > 0 for n in counts.values()), counts
-    status, body = supervised.http_json("/v2/health/ready")
-    assert (status, body["frontends_ready"]) == (200, [True] * FRONTENDS)
-    status, body = supervised.http_json("/warmserve/models/identity/latency")
-    assert status == 200 and [r["frontend"] for r in body["frontends"]] == list(range(FRONTENDS))
-    assert supervised.http_get("/warmserve/models/nope/latency") == 404
-    assert supervised.http_get("/v2/models/nope/ready") == 404
+    after = calls_by_relay(supervised)
+    assert sorted(after) == [str(i) for i in range(FRONTENDS)], after
+    assert all(after[r] > before.get(r, 0) for r in after), (before, after)
 
 
-def test_a_frontend_that_dies_is_restarted_and_serves_again(supervised):
-    victim, survivor = frontend_pids(supervised)
+def test_every_kind_of_call_and_error_comes_through_a_relay(supervised):
+    client = supervised.client
+    infer_on_separate_connections(supervised.url, 1, salt=0)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.get_model_metadata("identity").inputs[0].name == "IN_FP32"
+    assert [m.name for m in client.get_model_repository_index().models] == ["identity"]
+    tensor = triton.InferInput("IN_FP32", [1, 5], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 5), dtype=np.float32))
+    with pytest.raises(triton.InferenceServerException) as unknown:
+        client.infer("nope", [tensor])
+    assert unknown.value.status() == "StatusCode.NOT_FOUND" and "nope" in unknown.value.message()
+    bad = triton.InferInput("IN_FP32", [1, 5], "INT32")
+    bad.set_data_from_numpy(np.zeros((1, 5), dtype=np.int32))
+    with pytest.raises(triton.InferenceServerException) as invalid:
+        client.infer("identity", [bad])
+    assert invalid.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "IN_FP32" in invalid.value.message()
+    assert supervised.health("readiness") == "SERVING"
+    assert supervised.health("no-such-service") == "NOT_FOUND"
+    stats = client.get_inference_statistics("identity").model_stats[0]
+    assert (stats.inference_count, stats.inference_stats.fail.count) == (1, 1)
+
+
+def test_a_relay_that_dies_is_restarted_and_serves_again(supervised):
+    victim, survivor = relay_pids(supervised)
     os.kill(victim, signal.SIGKILL)
-    supervised.wait_for_log(r"front-end process \d exited with code -9")
-    wait_until(lambda: _ready(supervised), 120, "ready again after the restart")
-    pids = frontend_pids(supervised)
-    assert survivor in pids and victim not in pids and len(pids) == FRONTENDS
-    restarted = re.search(r"front-end process (\d) exited with code -9", supervised.log())
+    supervised.wait_for_log(r"relay \d exited with code -9")
+    restarted = re.search(r"relay (\d) exited with code -9", supervised.log())
     assert restarted is not None
     index = restarted.group(1)
-    _, metrics = supervised.http_text("/metrics")
-    assert f'warmserve_frontend_restarts{{frontend="{index}"}} 1.0' in metrics
+    wait_until(
+        lambda: (
+            f'warmserve_relay_restarts_total{{relay="{index}"}} 1.0'
+            in supervised.http_text("/metrics")[1]
+            and len(relay_pids(supervised)) == FRONTENDS
+        ),
+        60,
+        "the relay restarted",
+    )
+    supervised.wait_for_log_count(rf"relay {index} \(pid \d+\) listening", 2, timeout=60)
+    pids = relay_pids(supervised)
+    assert survivor in pids and victim not in pids
+    before = calls_by_relay(supervised).get(index, 0)
     infer_on_separate_connections(supervised.url, CHANNELS, salt=100)
-    assert requests_by_frontend(supervised).get(index, 0) > 0  # the new process serves
+    assert calls_by_relay(supervised)[index] > before  # the new relay serves
 
 
-def test_sigterm_stops_every_frontend_and_its_workers(supervised):
-    tree = descendants(supervised, frontend_pids(supervised))
-    assert len(tree) > FRONTENDS  # the front-end processes and their workers
+def test_sigterm_stops_every_relay_and_worker(supervised):
+    tree = descendants(supervised, [supervised.process.pid])[1:]
+    assert len(tree) > FRONTENDS  # the relays and the workers
     assert supervised.stop() == 0
     wait_until(lambda: not any(alive(p) for p in tree), 30, "every descendant gone")
-    assert "supervisor: stopped" in supervised.log()
+    assert "serve.app: stopped" in supervised.log()
 
 
-def test_frontends_stop_when_the_supervisor_is_killed(supervised):
-    tree = descendants(supervised, frontend_pids(supervised))
+def test_relays_stop_when_the_serving_process_is_killed(supervised):
+    relays = relay_pids(supervised)
     supervised.process.send_signal(signal.SIGKILL)
     supervised.process.wait(10)
-    wait_until(lambda: not any(alive(p) for p in tree), 60, "every orphan gone")
-    assert supervised.count_log("the supervisor is gone; stopping") == FRONTENDS
+    wait_until(lambda: not any(alive(p) for p in relays), 60, "every relay gone")
+    assert supervised.count_log(r"stopping \(hub gone\)") == FRONTENDS

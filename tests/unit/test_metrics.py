@@ -5,7 +5,6 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.telemetry.exposition import merge_expositions
 from serve.telemetry.metrics import Metrics
 
 
@@ -45,23 +44,3 @@ def test_outcomes_durations_and_batch_sizes_are_scraped_per_model():
     assert s['warmserve_batch_rows_bucket{le="64.0",model="a"}'] == 4
     assert s['warmserve_batch_rows_sum{model="a"}'] == 71
     assert s['warmserve_batch_rows_count{model="b"}'] == 0
-
-
-def test_merged_expositions_label_every_sample_with_its_source():
-    texts = {}
-    for source, n in (("0", 3), ("1", 5)):
-        metrics = Metrics()
-        for _ in range(n):
-            metrics.counters("m").request_ok(0.002)
-        metrics.counters("m").batch(n)
-        texts[source] = generate_latest(metrics.registry).decode()
-    merged = merge_expositions(texts, "frontend").decode()
-    families = {f.name: f for f in text_string_to_metric_families(merged)}
-    requests = {s.labels["frontend"]: s.value for s in families["warmserve_requests"].samples}
-    assert requests == {"0": 3.0, "1": 5.0}
-    sums = {
-        s.labels["frontend"]: s.value
-        for s in families["warmserve_batch_rows"].samples
-        if s.name == "warmserve_batch_rows_sum"
-    }
-    assert sums == {"0": 3.0, "1": 5.0}

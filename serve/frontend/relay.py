@@ -1,0 +1,166 @@
+"""A gRPC relay process (``frontends > 1``): terminates gRPC on the shared port and passes each
+unary call, as bytes, to the serving process's hub (relay_hub.py).
+
+It binds the port with SO_REUSEPORT beside its sibling relays, so the kernel spreads connections
+over them. It parses nothing: the serving process answers readiness, errors and results. When
+the hub goes away (the serving process died or is stopping) every call in flight fails with
+UNAVAILABLE and the relay stops; SIGTERM stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+import grpc
+
+from serve.frontend.relay_hub import (
+    FRAME,
+    READ_LIMIT,
+    RELAY_VERSION,
+    WRITE_HIGH_WATER,
+    Hello,
+    RelayCall,
+    RelayReply,
+    frame,
+    reply_decoder,
+    unary_methods,
+)
+
+log = logging.getLogger(__name__)
+
+CODES = {code.value[0]: code for code in grpc.StatusCode}
+REPLY_MARGIN_S = 1.0  # past the caller's deadline, a reply that never came is given up
+
+
+class HubGoneError(ConnectionError):
+    pass
+
+
+class HubLink:
+    """Calls to the hub, matched to replies by id, over one Unix socket."""
+
+    def __init__(self, path: str, relay: int) -> None:
+        self._path = path
+        self._relay = relay
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future[RelayReply]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self.lost = asyncio.Event()
+
+    async def connect(self) -> None:
+        reader, self._writer = await asyncio.open_unix_connection(self._path, limit=READ_LIMIT)
+        self._writer.write(frame(Hello(RELAY_VERSION, self._relay)))
+        self._reader_task = asyncio.create_task(self._read(reader), name="hub-replies")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+
+    async def call(self, method: str, payload: bytes, timeout_s: float | None) -> RelayReply:
+        if self.lost.is_set() or self._writer is None:
+            raise HubGoneError("the serving process is gone")
+        call_id = next(self._ids)
+        future: asyncio.Future[RelayReply] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            self._writer.write(frame(RelayCall(call_id, method, timeout_s, payload)))
+            wait = None if timeout_s is None else timeout_s + REPLY_MARGIN_S
+            async with asyncio.timeout(wait):
+                if self._writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                    await self._writer.drain()  # the serving process is behind: wait for it
+                return await future
+        finally:
+            self._pending.pop(call_id, None)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                (length,) = FRAME.unpack(await reader.readexactly(FRAME.size))
+                reply = reply_decoder.decode(await reader.readexactly(length))
+                future = self._pending.get(reply.id)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            log.warning("lost the serving process (%s); failing %d calls", exc, len(self._pending))
+        finally:
+            self.lost.set()
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(HubGoneError("the serving process is gone"))
+
+
+class Forwarder(grpc.GenericRpcHandler):
+    """Every unary method of the inference service and Health/Check, passed on as bytes."""
+
+    def __init__(self, link: HubLink) -> None:
+        self._link = link
+        self._handlers = {
+            method: grpc.unary_unary_rpc_method_handler(functools.partial(self._forward, method))
+            for method in unary_methods()
+        }
+
+    def service(self, handler_call_details: Any) -> Any:
+        return self._handlers.get(handler_call_details.method)  # None: UNIMPLEMENTED
+
+    async def _forward(self, method: str, payload: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            reply = await self._link.call(method, payload, context.time_remaining())
+        except HubGoneError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the serving process is restarting")
+            raise  # not reached: abort raises
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer within the deadline")
+            raise
+        if reply.code:
+            await context.abort(CODES.get(reply.code, grpc.StatusCode.UNKNOWN), reply.details)
+        return reply.payload
+
+
+async def run_relay(
+    index: int,
+    hub_path: str,
+    address: str,
+    max_message_bytes: int,
+    grace_s: float,
+    conn: Connection,
+) -> int:
+    """Serve until SIGTERM (graceful) or until the hub goes away."""
+    link = HubLink(hub_path, index)
+    await link.connect()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 1),  # beside the sibling relays
+        ]
+    )
+    server.add_generic_rpc_handlers((Forwarder(link),))
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        log.error("cannot listen on %s: %s", address, exc)
+        return 2
+    await server.start()
+    conn.send(port)
+    log.info("relay %d listening on %s", index, address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(link.lost.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    log.info("relay %d stopping (%s)", index, "SIGTERM" if stop.is_set() else "hub gone")
+    await server.stop(grace_s if stop.is_set() else 0)
+    await link.close()
+    return 0

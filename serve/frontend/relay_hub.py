@@ -1,0 +1,209 @@
+"""The serving process's side of the gRPC relays (``frontends > 1``).
+
+Relay processes terminate gRPC (HTTP/2, the C core, one coroutine per call: most of what one
+Python process spends per call) and pass each unary call on as its method name and serialised
+request bytes. The hub runs the call through the same servicer methods a direct call reaches and
+sends back the serialised response or the status. The runtime, batching, the warm pool,
+readiness, model control and metrics stay in this one process, so batches form from every
+connection's calls together and one worker pool feeds each GPU.
+
+Wire: a 4-byte little-endian length, then a msgpack message; the relay's first message is a
+Hello with the relay protocol version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import msgspec
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
+
+from serve.frontend.health import HealthService
+from serve.frontend.pb import grpc_service_pb2 as pb
+from serve.frontend.servicer import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+RELAY_VERSION = 1
+FRAME = struct.Struct("<I")
+READ_LIMIT = 256 * 1024 * 1024  # the largest frame a relay may send (a gRPC message + header)
+INFER_SERVICE = "inference.GRPCInferenceService"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+OK = grpc.StatusCode.OK.value[0]
+WRITE_HIGH_WATER = 64 * 1024 * 1024  # bytes of replies queued for a relay before waiting
+
+
+class Hello(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    version: int
+    relay: int  # the relay's index, for per-relay counts
+
+
+class RelayCall(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    id: int
+    method: str  # "/package.Service/Method"
+    timeout_s: float | None  # what was left of the caller's deadline when the relay got it
+    payload: bytes
+
+
+class RelayReply(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    id: int
+    code: int  # grpc.StatusCode value; 0 is OK
+    details: str
+    payload: bytes
+
+
+ToHub = Hello | RelayCall
+to_hub_decoder = msgspec.msgpack.Decoder(ToHub)
+reply_decoder = msgspec.msgpack.Decoder(RelayReply)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def frame(message: msgspec.Struct) -> bytes:
+    body = _encoder.encode(message)
+    return FRAME.pack(len(body)) + body
+
+
+def unary_methods() -> dict[str, type[Any]]:
+    """Every unary-unary method a relay passes on, with its request type."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    methods = {
+        f"/{INFER_SERVICE}/{m.name}": getattr(pb, m.input_type.name)
+        for m in service.methods
+        if not m.client_streaming and not m.server_streaming
+    }
+    methods[HEALTH_CHECK] = health_pb2.HealthCheckRequest
+    return methods
+
+
+class RelayAbort(grpc.aio.AbortError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class RelayedContext:
+    """What the servicer methods use of a grpc.aio context, for a relayed call."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise RelayAbort(code, details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+
+Handler = Callable[[Any, Any], Awaitable[Any]]
+
+
+class RelayHub:
+    def __init__(self, servicer: InferenceServicer, health: HealthService, folder: Path) -> None:
+        self.path = folder / "hub.sock"
+        self._handlers: dict[str, tuple[Handler, type[Any]]] = {}
+        for method, request_type in unary_methods().items():
+            owner: Any = health if method == HEALTH_CHECK else servicer
+            self._handlers[method] = (getattr(owner, method.rsplit("/", 1)[1]), request_type)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.calls: dict[int, int] = {}  # relay index → calls answered
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(
+            self._serve_relay, path=str(self.path), limit=READ_LIMIT
+        )
+        self.path.chmod(0o600)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve_relay(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        relay = -1
+        try:
+            hello = to_hub_decoder.decode(await _read_frame(reader))
+            if not isinstance(hello, Hello) or hello.version != RELAY_VERSION:
+                log.error("a relay spoke relay protocol %r, not %d; dropped", hello, RELAY_VERSION)
+                return
+            relay = hello.relay
+            self.calls.setdefault(relay, 0)
+            log.info("relay %d connected", relay)
+            while True:
+                call = to_hub_decoder.decode(await _read_frame(reader))
+                if not isinstance(call, RelayCall):
+                    raise ValueError(f"expected a call, got {type(call).__name__}")
+                answer = asyncio.create_task(self._answer(call, writer, relay))
+                self._tasks.add(answer)
+                answer.add_done_callback(self._tasks.discard)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.info("relay %d disconnected", relay)
+        except (msgspec.DecodeError, ValueError) as exc:
+            log.error("relay %d sent a malformed message, dropped: %s", relay, exc)
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _answer(self, call: RelayCall, writer: asyncio.StreamWriter, relay: int) -> None:
+        reply = await self.dispatch(call)
+        self.calls[relay] = self.calls.get(relay, 0) + 1
+        if not writer.is_closing():
+            writer.write(frame(reply))
+            if writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                await writer.drain()  # a relay that stopped reading does not grow this forever
+
+    async def dispatch(self, call: RelayCall) -> RelayReply:
+        """Run one relayed call through the servicer; never raises."""
+        entry = self._handlers.get(call.method)
+        if entry is None:
+            code = grpc.StatusCode.UNIMPLEMENTED
+            return RelayReply(call.id, code.value[0], f"method {call.method} not served", b"")
+        handler, request_type = entry
+        context = RelayedContext(call.timeout_s)
+        try:
+            request = request_type.FromString(call.payload)
+        except DecodeError as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            return RelayReply(call.id, code.value[0], f"malformed request message: {exc}", b"")
+        try:
+            response = await handler(request, context)
+        except RelayAbort as abort:
+            return RelayReply(call.id, abort.code.value[0], abort.details, b"")
+        except NotImplementedError:
+            code = context.code or grpc.StatusCode.UNIMPLEMENTED
+            return RelayReply(call.id, code.value[0], context.details or "not implemented", b"")
+        except Exception as exc:  # a bug: the status table maps every expected error
+            log.exception("relayed call %s failed", call.method)
+            code = grpc.StatusCode.INTERNAL
+            return RelayReply(call.id, code.value[0], f"internal error: {type(exc).__name__}", b"")
+        return RelayReply(call.id, OK, "", response.SerializeToString())
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    (length,) = FRAME.unpack(await reader.readexactly(FRAME.size))
+    return await reader.readexactly(length)
