@@ -23,11 +23,10 @@ from serve.frontend.relay_hub import (
     FRAME,
     READ_LIMIT,
     RELAY_VERSION,
-    WRITE_HIGH_WATER,
+    FrameWriter,
     Hello,
     RelayCall,
     RelayReply,
-    frame,
     reply_decoder,
     unary_methods,
 )
@@ -50,13 +49,14 @@ class HubLink:
         self._relay = relay
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[RelayReply]] = {}
-        self._writer: asyncio.StreamWriter | None = None
+        self._writer: FrameWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self.lost = asyncio.Event()
 
     async def connect(self) -> None:
-        reader, self._writer = await asyncio.open_unix_connection(self._path, limit=READ_LIMIT)
-        self._writer.write(frame(Hello(RELAY_VERSION, self._relay)))
+        reader, writer = await asyncio.open_unix_connection(self._path, limit=READ_LIMIT)
+        self._writer = FrameWriter(writer)
+        self._writer.write(Hello(RELAY_VERSION, self._relay))
         self._reader_task = asyncio.create_task(self._read(reader), name="hub-replies")
 
     async def close(self) -> None:
@@ -73,11 +73,10 @@ class HubLink:
         future: asyncio.Future[RelayReply] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         try:
-            self._writer.write(frame(RelayCall(call_id, method, timeout_s, payload)))
+            self._writer.write(RelayCall(call_id, method, timeout_s, payload))
             wait = None if timeout_s is None else timeout_s + REPLY_MARGIN_S
             async with asyncio.timeout(wait):
-                if self._writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                    await self._writer.drain()  # the serving process is behind: wait for it
+                await self._writer.backpressure()  # the serving process is behind: wait for it
                 return await future
         finally:
             self._pending.pop(call_id, None)

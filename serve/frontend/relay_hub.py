@@ -71,6 +71,38 @@ def frame(message: msgspec.Struct) -> bytes:
     return FRAME.pack(len(body)) + body
 
 
+class FrameWriter:
+    """Frames written in one turn of the event loop leave in one system call: the replies of a
+    batch finish together, and a relay's calls often arrive together."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._pending: list[bytes] = []
+
+    def write(self, message: msgspec.Struct) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(frame(message))
+
+    def _flush(self) -> None:
+        frames, self._pending = self._pending, []
+        if not self._writer.is_closing():
+            self._writer.writelines(frames)
+
+    async def backpressure(self) -> None:
+        """Wait while more than WRITE_HIGH_WATER bytes are queued (a reader that stopped
+        reading does not grow the buffer forever)."""
+        if self._writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            await self._writer.drain()
+
+    @property
+    def closing(self) -> bool:
+        return self._writer.is_closing()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 def unary_methods() -> dict[str, type[Any]]:
     """Every unary-unary method a relay passes on, with its request type."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -130,6 +162,7 @@ class RelayHub:
             self._serve_relay, path=str(self.path), limit=READ_LIMIT
         )
         self.path.chmod(0o600)
+        log.info("relay hub listening on %s", self.path)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -145,6 +178,7 @@ class RelayHub:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        replies = FrameWriter(writer)
         relay = -1
         try:
             hello = to_hub_decoder.decode(await _read_frame(reader))
@@ -158,7 +192,7 @@ class RelayHub:
                 call = to_hub_decoder.decode(await _read_frame(reader))
                 if not isinstance(call, RelayCall):
                     raise ValueError(f"expected a call, got {type(call).__name__}")
-                answer = asyncio.create_task(self._answer(call, writer, relay))
+                answer = asyncio.create_task(self._answer(call, replies, relay))
                 self._tasks.add(answer)
                 answer.add_done_callback(self._tasks.discard)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -169,13 +203,12 @@ class RelayHub:
             self._tasks.discard(task)
             writer.close()
 
-    async def _answer(self, call: RelayCall, writer: asyncio.StreamWriter, relay: int) -> None:
+    async def _answer(self, call: RelayCall, replies: FrameWriter, relay: int) -> None:
         reply = await self.dispatch(call)
         self.calls[relay] = self.calls.get(relay, 0) + 1
-        if not writer.is_closing():
-            writer.write(frame(reply))
-            if writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                await writer.drain()  # a relay that stopped reading does not grow this forever
+        if not replies.closing:
+            replies.write(reply)
+            await replies.backpressure()
 
     async def dispatch(self, call: RelayCall) -> RelayReply:
         """Run one relayed call through the servicer; never raises."""
@@ -206,4 +239,6 @@ class RelayHub:
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:
     (length,) = FRAME.unpack(await reader.readexactly(FRAME.size))
+    if length > READ_LIMIT:
+        raise ValueError(f"a frame of {length} bytes is over the {READ_LIMIT}-byte limit")
     return await reader.readexactly(length)

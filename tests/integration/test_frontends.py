@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -161,3 +163,31 @@ def test_relays_stop_when_the_serving_process_is_killed(supervised):
     supervised.process.wait(10)
     wait_until(lambda: not any(alive(p) for p in relays), 60, "every relay gone")
     assert supervised.count_log(r"stopping \(hub gone\)") == FRONTENDS
+
+
+def test_a_malformed_request_through_a_relay_is_invalid_argument(supervised):
+    with grpc.insecure_channel(supervised.url) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"\xff\xff\xff not a protobuf message", timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed request message" in refused.value.details()
+    infer_on_separate_connections(supervised.url, 2, salt=0)  # nothing else was disturbed
+
+
+def test_garbage_on_the_hub_socket_drops_that_connection_only(supervised):
+    match = re.search(r"relay hub listening on (\S+)", supervised.log())
+    assert match is not None
+    garbage_frames = (
+        b"\x03\x00\x00\x00abc",  # not msgpack
+        b"\x02\x00\x00\x00\x91\x07",  # msgpack, but not a Hello
+        b"\xff\xff\xff\xff",  # a 4 GiB frame announced
+    )
+    for garbage in garbage_frames:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hub:
+            hub.connect(match.group(1))
+            hub.sendall(garbage)
+            hub.settimeout(10)
+            assert hub.recv(1) == b""  # the hub closed it
+    assert supervised.count_log("relay_hub: relay -1 sent a malformed message") == 3
+    infer_on_separate_connections(supervised.url, 4, salt=0)
