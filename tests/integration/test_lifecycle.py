@@ -31,11 +31,14 @@ def small_repository(tmp_path):
     return tmp_path / "repo"
 
 
-def test_sigterm_finishes_calls_in_flight_then_refuses_new_ones(tmp_path, small_repository):
+@pytest.mark.parametrize("frontends", [1, 2])  # 2: the calls come through relay processes
+def test_sigterm_finishes_calls_in_flight_then_refuses_new_ones(
+    tmp_path, small_repository, frontends
+):
     server = ServerProcess(
         tmp_path / "server.log",
         small_repository,
-        args=("--log-level", "DEBUG", "--grace-period", "30"),
+        args=("--log-level", "DEBUG", "--grace-period", "30", "--frontends", str(frontends)),
     )
     try:
         server.wait_ready()
