@@ -47,7 +47,11 @@ async def serve(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, stop)
     with tempfile.TemporaryDirectory(prefix="warmserve-") as folder:
-        hub = RelayHub(frontend.servicer, frontend.health, Path(folder)) if relayed else None
+        hub = None
+        if relayed:
+            hub = RelayHub(
+                frontend.servicer, frontend.health, Path(folder), config.server.max_message_bytes
+            )
         relays = Relays(config.server, hub.path) if hub is not None else None
         await frontend.start(private=relayed)  # relayed: a loopback port for its own warm-up
         if http is not None:

@@ -21,8 +21,8 @@ import grpc
 
 from serve.frontend.relay_hub import (
     FRAME,
-    READ_LIMIT,
     RELAY_VERSION,
+    STREAM_LIMIT,
     FrameWriter,
     Hello,
     RelayCall,
@@ -54,7 +54,7 @@ class HubLink:
         self.lost = asyncio.Event()
 
     async def connect(self) -> None:
-        reader, writer = await asyncio.open_unix_connection(self._path, limit=READ_LIMIT)
+        reader, writer = await asyncio.open_unix_connection(self._path, limit=STREAM_LIMIT)
         self._writer = FrameWriter(writer)
         self._writer.write(Hello(RELAY_VERSION, self._relay))
         self._reader_task = asyncio.create_task(self._read(reader), name="hub-replies")

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 RELAY_VERSION = 1
 FRAME = struct.Struct("<I")
-READ_LIMIT = 256 * 1024 * 1024  # the largest frame a relay may send (a gRPC message + header)
+STREAM_LIMIT = 4 * 1024 * 1024  # bytes buffered per connection before reading pauses
+FRAME_MARGIN = 1024 * 1024  # a frame is at most a gRPC message (max_message_bytes) + this
 INFER_SERVICE = "inference.GRPCInferenceService"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 OK = grpc.StatusCode.OK.value[0]
@@ -147,8 +148,11 @@ Handler = Callable[[Any, Any], Awaitable[Any]]
 
 
 class RelayHub:
-    def __init__(self, servicer: InferenceServicer, health: HealthService, folder: Path) -> None:
+    def __init__(
+        self, servicer: InferenceServicer, health: HealthService, folder: Path, max_message: int
+    ) -> None:
         self.path = folder / "hub.sock"
+        self._max_frame = max_message + FRAME_MARGIN
         self._handlers: dict[str, tuple[Handler, type[Any]]] = {}
         for method, request_type in unary_methods().items():
             owner: Any = health if method == HEALTH_CHECK else servicer
@@ -159,7 +163,7 @@ class RelayHub:
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(
-            self._serve_relay, path=str(self.path), limit=READ_LIMIT
+            self._serve_relay, path=str(self.path), limit=STREAM_LIMIT
         )
         self.path.chmod(0o600)
         log.info("relay hub listening on %s", self.path)
@@ -181,7 +185,7 @@ class RelayHub:
         replies = FrameWriter(writer)
         relay = -1
         try:
-            hello = to_hub_decoder.decode(await _read_frame(reader))
+            hello = to_hub_decoder.decode(await _read_frame(reader, self._max_frame))
             if not isinstance(hello, Hello) or hello.version != RELAY_VERSION:
                 log.error("a relay spoke relay protocol %r, not %d; dropped", hello, RELAY_VERSION)
                 return
@@ -189,7 +193,7 @@ class RelayHub:
             self.calls.setdefault(relay, 0)
             log.info("relay %d connected", relay)
             while True:
-                call = to_hub_decoder.decode(await _read_frame(reader))
+                call = to_hub_decoder.decode(await _read_frame(reader, self._max_frame))
                 if not isinstance(call, RelayCall):
                     raise ValueError(f"expected a call, got {type(call).__name__}")
                 answer = asyncio.create_task(self._answer(call, replies, relay))
@@ -237,8 +241,8 @@ class RelayHub:
         return RelayReply(call.id, OK, "", response.SerializeToString())
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+async def _read_frame(reader: asyncio.StreamReader, max_frame: int) -> bytes:
     (length,) = FRAME.unpack(await reader.readexactly(FRAME.size))
-    if length > READ_LIMIT:
-        raise ValueError(f"a frame of {length} bytes is over the {READ_LIMIT}-byte limit")
+    if length > max_frame:
+        raise ValueError(f"a frame of {length} bytes is over the {max_frame}-byte limit")
     return await reader.readexactly(length)
