@@ -19,16 +19,18 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import msgspec
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
-from serve.frontend.health import HealthService
 from serve.frontend.pb import grpc_service_pb2 as pb
-from serve.frontend.servicer import InferenceServicer
+
+if TYPE_CHECKING:  # a relay process imports this module too, and needs neither
+    from serve.frontend.health import HealthService
+    from serve.frontend.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
 
