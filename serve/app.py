@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import tempfile
 from pathlib import Path
 
 from serve.bundles.repository import scan
 from serve.config import Config
 from serve.control import ModelControl
 from serve.frontend.http_health import HttpHealth
-from serve.frontend.relay_hub import RelayHub
 from serve.frontend.server import GrpcFrontend
 from serve.runtime import Runtime
-from serve.supervisor import RelayCollector, Relays
+from serve.supervisor import RelayPort
 
 log = logging.getLogger(__name__)
 
@@ -35,63 +33,54 @@ async def serve(config: Config) -> int:
     control = ModelControl(
         runtime, config.server, Path(config.repository), Path(config.cache_dir) / "bundles"
     )
-    relayed = config.server.frontends > 1
     frontend = GrpcFrontend(config.server, runtime, control)
     http = (
         HttpHealth(runtime, frontend.gate, config.server.host, config.server.http_port)
         if config.server.http_port >= 0
         else None
     )
+    relays = (
+        RelayPort(config.server, frontend, runtime.metrics.registry)
+        if config.server.frontends > 1
+        else None
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, stop)
-    with tempfile.TemporaryDirectory(prefix="warmserve-") as folder:
-        hub = None
-        if relayed:
-            hub = RelayHub(
-                frontend.servicer, frontend.health, Path(folder), config.server.max_message_bytes
-            )
-        relays = Relays(config.server, hub.path) if hub is not None else None
-        await frontend.start(private=relayed)  # relayed: a loopback port for its own warm-up
+    await frontend.start(private=relays is not None)  # relayed: loopback, for its own warm-up
+    if http is not None:
+        await http.start()
+    if relays is not None:
+        await relays.start()
+    warm_up = asyncio.create_task(_warm_up(runtime, frontend, relays), name="warm-up")
+    warm_up.add_done_callback(lambda task: _on_warm_up_done(task, stop))
+    try:
+        await stop.wait()
+    finally:
+        grace = config.server.grace_period_s
+        log.info("shutting down: refusing new calls, in-flight calls get %.1f s", grace)
+        frontend.begin_drain()
+        if config.server.drain_delay_s > 0:
+            log.info("readiness is NOT_SERVING; draining for %.1f s", config.server.drain_delay_s)
+            await asyncio.sleep(config.server.drain_delay_s)  # load balancers notice, stop sending
+        if not warm_up.done():
+            warm_up.cancel()
+        await asyncio.gather(warm_up, return_exceptions=True)
+        if relays is not None:
+            await relays.stop(grace)
+        await frontend.stop(grace)
         if http is not None:
-            await http.start()
-        if hub is not None and relays is not None:
-            await hub.start()
-            runtime.metrics.registry.register(RelayCollector(hub.calls, relays.restarts))
-            relays.start()
-        warm_up = asyncio.create_task(_warm_up(runtime, frontend, relays), name="warm-up")
-        warm_up.add_done_callback(lambda task: _on_warm_up_done(task, stop))
-        try:
-            await stop.wait()
-        finally:
-            grace = config.server.grace_period_s
-            log.info("shutting down: refusing new calls, in-flight calls get %.1f s", grace)
-            frontend.begin_drain()
-            if config.server.drain_delay_s > 0:
-                log.info(
-                    "readiness is NOT_SERVING; draining for %.1f s", config.server.drain_delay_s
-                )
-                await asyncio.sleep(config.server.drain_delay_s)  # load balancers stop sending
-            if not warm_up.done():
-                warm_up.cancel()
-            await asyncio.gather(warm_up, return_exceptions=True)
-            if relays is not None:
-                await relays.stop(grace)  # their calls in flight finish through the hub
-            if hub is not None:
-                await hub.stop()
-            await frontend.stop(grace)
-            if http is not None:
-                await http.stop()
-            await runtime.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            log.info("stopped")
+            await http.stop()
+        await runtime.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
     failed = not warm_up.cancelled() and warm_up.exception() is not None
     return 1 if failed else 0
 
 
-async def _warm_up(runtime: Runtime, frontend: GrpcFrontend, relays: Relays | None) -> None:
+async def _warm_up(runtime: Runtime, frontend: GrpcFrontend, relays: RelayPort | None) -> None:
     await runtime.start()
     if relays is not None:
         await relays.wait_listening()  # ready only once the port takes calls

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--frontends",
         type=int,
-        help="front-end processes sharing the gRPC port, each with its own warm pool (default 1)",
+        help="gRPC relay processes sharing the port, feeding this one (default 1: none)",
     )
     serve.add_argument(
         "--model-control",

@@ -12,20 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from serve.config import ServerConfig
 from serve.errors import ConfigError
+from serve.frontend.relay_hub import RelayHub
+from serve.frontend.server import GrpcFrontend
+from serve.telemetry.metrics import RelayCollector
 
 log = logging.getLogger(__name__)
 
@@ -210,25 +211,45 @@ class Relays:
             delay = min(delay * 2, BACKOFF_S[1])
 
 
-class RelayCollector(Collector):
-    """Calls answered per relay (how evenly connections spread) and relay restarts."""
+class RelayPort:
+    """What ``--frontends N`` adds to the serving process: the hub that answers relayed calls
+    (on a socket in a private folder) and the N relay processes on the gRPC port."""
 
-    def __init__(self, calls: dict[int, int], restarts: list[int]) -> None:
-        self._calls = calls
-        self._restarts = restarts
+    def __init__(self, config: ServerConfig, frontend: GrpcFrontend, registry: Any) -> None:
+        self._config = config
+        self._frontend = frontend
+        self._registry = registry
+        self._folder: Path | None = None
+        self._hub: RelayHub | None = None
+        self._relays: Relays | None = None
 
-    def collect(self) -> Iterable[Metric]:
-        calls = CounterMetricFamily(
-            "warmserve_relay_calls", "gRPC calls answered through each relay", labels=["relay"]
-        )
-        for relay, count in sorted(self._calls.items()):
-            calls.add_metric([str(relay)], count)
-        restarts = CounterMetricFamily(
-            "warmserve_relay_restarts", "Relay processes restarted after exiting", labels=["relay"]
-        )
-        for relay, count in enumerate(self._restarts):
-            restarts.add_metric([str(relay)], count)
-        return [calls, restarts]
+    async def start(self) -> None:
+        self._folder = Path(tempfile.mkdtemp(prefix="warmserve-"))
+        frontend, config = self._frontend, self._config
+        hub = RelayHub(frontend.servicer, frontend.health, self._folder, config.max_message_bytes)
+        relays = Relays(config, hub.path)
+        try:
+            await hub.start()
+            relays.start()
+        except BaseException:
+            await hub.stop()
+            shutil.rmtree(self._folder, ignore_errors=True)
+            raise
+        self._hub, self._relays = hub, relays
+        self._registry.register(RelayCollector(hub.calls, relays.restarts))
+
+    async def wait_listening(self) -> None:
+        if self._relays is not None:
+            await self._relays.wait_listening()
+
+    async def stop(self, grace_s: float) -> None:
+        """The relays first (their calls in flight finish through the hub), then the hub."""
+        if self._relays is not None:
+            await self._relays.stop(grace_s)
+        if self._hub is not None:
+            await self._hub.stop()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
 
 def relay_main(

@@ -32,15 +32,10 @@ REASONS = {
 }
 
 
-Answer = tuple[int, dict[str, object] | bytes]
-
-
-class HttpServer:
-    """A minimal HTTP/1.1 server for probes and scrapes: one request head per connection
-    (bounded in size and time), ``answer`` gives the status and a JSON body or exposition
-    bytes, then the connection closes."""
-
-    def __init__(self, host: str, port: int) -> None:
+class HttpHealth:
+    def __init__(self, runtime: Runtime, gate: ReadinessGate, host: str, port: int) -> None:
+        self._runtime = runtime
+        self._gate = gate
         self._host = host
         self._port = port
         self._server: asyncio.Server | None = None
@@ -59,49 +54,9 @@ class HttpServer:
             await self._server.wait_closed()
             self._server = None
 
-    async def answer(self, method: str, path: str) -> Answer:
-        raise NotImplementedError
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(READ_TIMEOUT_S):
-                head = await reader.readuntil(b"\r\n\r\n")
-            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            if method in ("GET", "HEAD"):
-                code, body = await self.answer(method, path)
-            else:
-                code, body = 405, {"error": f"method {method} not allowed; use GET"}
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            code, body, method = 400, {"error": "malformed or incomplete HTTP request"}, "GET"
-        except ConnectionError:
-            writer.close()
-            return
-        if isinstance(body, bytes):
-            payload, content_type = body, CONTENT_TYPE_LATEST
-        else:
-            payload, content_type = json.dumps(body).encode(), "application/json"
-        response = (
-            f"HTTP/1.1 {code} {REASONS[code]}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-        ).encode() + (payload if method != "HEAD" else b"")
-        try:
-            writer.write(response)
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-
-class HttpHealth(HttpServer):
-    """This process's own health, latency windows and metrics."""
-
-    def __init__(self, runtime: Runtime, gate: ReadinessGate, host: str, port: int) -> None:
-        super().__init__(host, port)
-        self._runtime = runtime
-        self._gate = gate
-
-    async def answer(self, method: str, path: str) -> Answer:
+    def answer(self, method: str, path: str) -> tuple[int, dict[str, object] | bytes]:
+        if method not in ("GET", "HEAD"):
+            return 405, {"error": f"method {method} not allowed; use GET"}
         if path.split("?", 1)[0] == "/metrics":
             return 200, generate_latest(self._runtime.metrics.registry)
         parts = [p for p in path.split("?", 1)[0].split("/") if p]
@@ -138,3 +93,30 @@ class HttpHealth(HttpServer):
             ready = self._gate.open and self._runtime.model_ready(parts[2], version)
             return (200 if ready else 503), {"name": parts[2], "ready": ready}
         return 404, {"error": f"no route {path}"}
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            code, body = self.answer(method, path)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            code, body, method = 400, {"error": "malformed or incomplete HTTP request"}, "GET"
+        except ConnectionError:
+            writer.close()
+            return
+        if isinstance(body, bytes):
+            payload, content_type = body, CONTENT_TYPE_LATEST
+        else:
+            payload, content_type = json.dumps(body).encode(), "application/json"
+        response = (
+            f"HTTP/1.1 {code} {REASONS[code]}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+        ).encode() + (payload if method != "HEAD" else b"")
+        try:
+            writer.write(response)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()

@@ -151,3 +151,24 @@ class Metrics:
 
     def watch(self, source: Callable[[], Iterable[tuple[str, int, int, int]]]) -> None:
         self.registry.register(ModelGauges(source))
+
+
+class RelayCollector(Collector):
+    """Calls answered per relay (how evenly connections spread) and relay restarts."""
+
+    def __init__(self, calls: dict[int, int], restarts: list[int]) -> None:
+        self._calls = calls
+        self._restarts = restarts
+
+    def collect(self) -> Iterable[Metric]:
+        calls = CounterMetricFamily(
+            "warmserve_relay_calls", "gRPC calls answered through each relay", labels=["relay"]
+        )
+        for relay, count in sorted(self._calls.items()):
+            calls.add_metric([str(relay)], count)
+        restarts = CounterMetricFamily(
+            "warmserve_relay_restarts", "Relay processes restarted after exiting", labels=["relay"]
+        )
+        for relay, count in enumerate(self._restarts):
+            restarts.add_metric([str(relay)], count)
+        return [calls, restarts]

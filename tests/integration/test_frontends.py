@@ -8,6 +8,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -191,3 +193,19 @@ def test_garbage_on_the_hub_socket_drops_that_connection_only(supervised):
             assert hub.recv(1) == b""  # the hub closed it
     assert supervised.count_log("relay_hub: relay -1 sent a malformed message") == 3
     infer_on_separate_connections(supervised.url, 4, salt=0)
+
+
+def test_a_port_in_use_is_refused_with_a_clear_message(tmp_path: Path):
+    repository = tmp_path / "repository"
+    build_identity_onnx(repository / "identity", types=("FP32",))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "serve", "serve", "--host", "127.0.0.1", "--grpc-port",
+             str(port), "--http-port", "-1", "--frontends", "2", "--repository", str(repository)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in run.stderr
