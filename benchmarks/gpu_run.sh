@@ -25,7 +25,7 @@ torch.__version__, 'cuda', torch.version.cuda, 'grpcio', grpc.__version__, 'prot
 p.__version__, sys.version.split()[0])"; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 echo "== GPU benchmark"
-timeout 400 python3 -m benchmarks.gpu_bench --out "$OUT" ${GPU_BENCH_ARGS:---frontends 1,4} 2>&1 | tee "$OUT/gpu_bench.txt"
+timeout 400 python3 -m benchmarks.gpu_bench --out "$OUT" ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.txt"
 echo "== GPU tests"
 timeout 60 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gpu-tests tests/gpu 2>&1 \
     | tee "$OUT/gpu_tests.txt" | tail -25
