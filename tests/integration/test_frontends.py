@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -209,3 +210,52 @@ def test_a_port_in_use_is_refused_with_a_clear_message(tmp_path: Path):
         )  # fmt: skip
     assert run.returncode == 2, run.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in run.stderr
+
+
+def test_killing_a_relay_under_load_fails_only_calls_on_its_connections(supervised):
+    """Callers on the other relay's connections see no error at all; callers on the killed
+    relay's connections see UNAVAILABLE, reconnect and go on."""
+    stop = threading.Event()
+    errors: list[list[str]] = [[] for _ in range(8)]
+    done = [0] * 8
+
+    def caller(i: int) -> None:
+        client = triton.InferenceServerClient(
+            supervised.url, channel_args=[("warmserve.test.conn", 1000 + i)]
+        )
+        x = np.full((1, 5), i, dtype=np.float32)
+        tensor = triton.InferInput("IN_FP32", [1, 5], "FP32")
+        tensor.set_data_from_numpy(x)
+        try:
+            while not stop.is_set() and done[i] < 20000:
+                try:
+                    out = client.infer("identity", [tensor], client_timeout=30)
+                    np.testing.assert_array_equal(out.as_numpy("OUT_FP32"), x)
+                except triton.InferenceServerException as exc:
+                    errors[i].append(str(exc.status()))
+                done[i] += 1
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: min(done) >= 20, 60, "every caller under way")
+        victim = relay_pids(supervised)[0]
+        os.kill(victim, signal.SIGKILL)
+        supervised.wait_for_log(r"relay \d exited with code -9")
+        after_kill = list(done)
+        wait_until(
+            lambda: all(d > a + 20 for d, a in zip(done, after_kill, strict=True)),
+            60,
+            "calls go on",
+        )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert all(e == "StatusCode.UNAVAILABLE" for caller_errors in errors for e in caller_errors), (
+        errors
+    )
+    assert any(not caller_errors for caller_errors in errors), errors  # the survivor's callers
