@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc
+import msgspec
 
 from serve.frontend.relay_hub import (
     FRAME,
@@ -91,6 +92,8 @@ class HubLink:
                     future.set_result(reply)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             log.warning("lost the serving process (%s); failing %d calls", exc, len(self._pending))
+        except msgspec.DecodeError as exc:
+            log.error("the serving process sent a malformed reply (%s); dropping the link", exc)
         finally:
             self.lost.set()
             for future in self._pending.values():

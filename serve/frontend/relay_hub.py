@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from serve.frontend.pb import grpc_service_pb2 as pb
+from serve.frontend.status import status_for
 
 if TYPE_CHECKING:  # a relay process imports this module too, and needs neither
     from serve.frontend.health import HealthService
@@ -230,16 +231,19 @@ class RelayHub:
             code = grpc.StatusCode.INVALID_ARGUMENT
             return RelayReply(call.id, code.value[0], f"malformed request message: {exc}", b"")
         try:
-            response = await handler(request, context)
+            async with asyncio.timeout(call.timeout_s):  # as gRPC cancels a handler at its deadline
+                response = await handler(request, context)
         except RelayAbort as abort:
             return RelayReply(call.id, abort.code.value[0], abort.details, b"")
         except NotImplementedError:
             code = context.code or grpc.StatusCode.UNIMPLEMENTED
             return RelayReply(call.id, code.value[0], context.details or "not implemented", b"")
-        except Exception as exc:  # a bug: the status table maps every expected error
-            log.exception("relayed call %s failed", call.method)
-            code = grpc.StatusCode.INTERNAL
-            return RelayReply(call.id, code.value[0], f"internal error: {type(exc).__name__}", b"")
+        except TimeoutError:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            return RelayReply(call.id, code.value[0], "deadline exceeded", b"")
+        except Exception as exc:  # a bug: handlers map every expected error themselves
+            code, message = status_for(exc)  # INTERNAL, with a trace id in the log
+            return RelayReply(call.id, code.value[0], message, b"")
         return RelayReply(call.id, OK, "", response.SerializeToString())
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from serve.testing.models import build_identity_onnx
+from serve.testing.models import build_identity_onnx, build_spin_torch
+from tests.integration.conftest import spin_inputs
 from tests.integration.harness import ServerProcess, _cmdline, wait_until
 
 pytestmark = pytest.mark.integration
@@ -259,3 +261,22 @@ def test_killing_a_relay_under_load_fails_only_calls_on_its_connections(supervis
         errors
     )
     assert any(not caller_errors for caller_errors in errors), errors  # the survivor's callers
+
+
+def test_a_deadline_ends_a_relayed_call_and_the_server_goes_on(tmp_path: Path):
+    repository = tmp_path / "repository"
+    build_spin_torch(repository / "spin")
+    server = ServerProcess(tmp_path / "server.log", repository, args=("--frontends", "2"))
+    try:
+        wait_until(lambda: _ready(server), 120, "ready through the relays")
+        client = server.client
+        started = time.monotonic()
+        client.infer("spin", spin_inputs(200))
+        iters = int(200 * 3.0 / max(time.monotonic() - started, 1e-3))  # about 3 s of work
+        with pytest.raises(triton.InferenceServerException) as late:
+            client.infer("spin", spin_inputs(iters), client_timeout=0.3)
+        assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        result = client.infer("spin", spin_inputs(10, 4.0), client_timeout=60)
+        assert result.as_numpy("Y")[0, 0] == 4.0
+    finally:
+        assert server.stop() == 0
