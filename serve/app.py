@@ -84,7 +84,7 @@ async def _warm_up(runtime: Runtime, frontend: GrpcFrontend, relays: RelayPort |
     await runtime.start()
     if relays is not None:
         await relays.wait_listening()  # ready only once the port takes calls
-    await frontend.open_gate()
+    await frontend.open_gate(relays.port if relays is not None else None)
     log.info("ready: %s", ", ".join(f"{s.name} {s.state.value}" for s in runtime.statuses()))
 
 

@@ -242,6 +242,11 @@ class RelayPort:
         if self._relays is not None:
             await self._relays.wait_listening()
 
+    @property
+    def port(self) -> int:
+        """The gRPC port the relays serve."""
+        return self._relays.port if self._relays is not None else 0
+
     async def stop(self, grace_s: float) -> None:
         """The relays first (their calls in flight finish through the hub), then the hub."""
         if self._relays is not None:

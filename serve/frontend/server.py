@@ -64,13 +64,14 @@ class GrpcFrontend:
         self._health_server = server
         log.info("gRPC health listening on %s:%d", self._config.host, port)
 
-    async def open_gate(self) -> None:
+    async def open_gate(self, relay_port: int | None = None) -> None:
         """Warm this front end's own path with loopback ModelInfer calls per ready model (protobuf
         conversion, the handler, the batch path), then let readiness through. A few dozen calls,
         not one: the interpreter specialises a code path only after it has run several times,
-        and the first request after readiness should find it so."""
-        host = "127.0.0.1" if self._config.host in ("0.0.0.0", "::", "") else self._config.host
-        async with grpc.aio.insecure_channel(f"{host}:{self.port}") as channel:
+        and the first request after readiness should find it so. With relays, the calls go
+        through the relayed port, the path live calls take."""
+        port = self.port if relay_port is None else relay_port
+        async with grpc.aio.insecure_channel(f"{_loopback(self._config.host)}:{port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             for service in self._runtime.services():
                 if not service.ready:
@@ -102,6 +103,13 @@ class GrpcFrontend:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _loopback(host: str) -> str:
+    """How this process reaches its own port bound on ``host``."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def _bind(server: grpc.aio.Server, address: str) -> int:
