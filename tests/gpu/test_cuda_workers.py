@@ -18,7 +18,9 @@ def gpu_server(tmp_path_factory):
     build_mlp_torch(root / "repo" / "mlp_torch", device="cuda:0")
     build_image_cnn(root / "repo" / "image_cnn", device="cuda:0")
     build_mlp_onnx(root / "repo" / "mlp_onnx", device="cuda:0")
-    server = ServerProcess(root / "server.log", root / "repo")
+    # Through two relay processes (--frontends 2): the calls of these tests take the relayed
+    # path to the CUDA workers; the sticky-error test below serves from one process.
+    server = ServerProcess(root / "server.log", root / "repo", args=("--frontends", "2"))
     try:
         server.wait_ready(timeout=300)
         yield server
