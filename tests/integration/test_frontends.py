@@ -5,6 +5,7 @@ stop on SIGTERM or when the serving process is itself killed."""
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import socket
@@ -264,20 +265,31 @@ def test_killing_a_relay_under_load_fails_only_calls_on_its_connections(supervis
     assert any(not caller_errors for caller_errors in errors), errors  # the survivor's callers
 
 
-def test_a_deadline_ends_a_relayed_call_and_the_server_goes_on(tmp_path: Path):
+def test_a_relayed_call_whose_deadline_passes_while_queued_is_never_computed(tmp_path: Path):
     repository = tmp_path / "repository"
     build_spin_torch(repository / "spin")
-    server = ServerProcess(tmp_path / "server.log", repository, args=("--frontends", "2"))
+    server = ServerProcess(
+        tmp_path / "server.log", repository, args=("--frontends", "2", "--log-level", "DEBUG")
+    )
     try:
         wait_until(lambda: _ready(server), 120, "ready through the relays")
         client = server.client
         started = time.monotonic()
         client.infer("spin", spin_inputs(200))
-        iters = int(200 * 3.0 / max(time.monotonic() - started, 1e-3))  # about 3 s of work
+        iters = int(200 * 1.5 / max(time.monotonic() - started, 1e-3))  # about 1.5 s of work
+        before = client.get_inference_statistics("spin").model_stats[0].execution_count
+        slow: queue.Queue = queue.Queue()
+        dispatched = server.count_log("model spin: dispatching")
+        client.async_infer(
+            "spin", spin_inputs(iters), lambda result, error: slow.put((result, error))
+        )
+        server.wait_for_log_count("model spin: dispatching", dispatched + 1)  # it computes
         with pytest.raises(triton.InferenceServerException) as late:
-            client.infer("spin", spin_inputs(iters), client_timeout=0.3)
+            client.infer("spin", spin_inputs(1), client_timeout=0.3)  # queued behind it
         assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-        result = client.infer("spin", spin_inputs(10, 4.0), client_timeout=60)
-        assert result.as_numpy("Y")[0, 0] == 4.0
+        assert slow.get(timeout=60)[1] is None
+        assert client.infer("spin", spin_inputs(1, 4.0)).as_numpy("Y")[0, 0] == 4.0
+        after = client.get_inference_statistics("spin").model_stats[0].execution_count
+        assert after - before == 2, "only the slow call and the last call may have been computed"
     finally:
         assert server.stop() == 0
