@@ -296,15 +296,6 @@ def _batch_rows(server: ServerProcess, model: str) -> tuple[float, float]:
     return rows, batches
 
 
-def _ready_everywhere(server: ServerProcess) -> bool:
-    if server.process.poll() is not None:
-        raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
-    try:
-        return server.http_get("/v2/health/ready") == 200
-    except OSError:
-        return False
-
-
 def serve_frontends(
     root: Path, model: str, body: bytes, counts: list[int], levels: list[int], seconds: float,
     out_dir: Path, slots: int = 0,
@@ -327,7 +318,7 @@ def serve_frontends(
         started = time.monotonic()
         rows_out = []
         try:
-            wait_until(lambda s=server: _ready_everywhere(s), 600, f"{count} gRPC processes ready")
+            wait_until(server.ready_over_http, 600, f"{count} gRPC processes ready")
             print(f"  {count} gRPC process(es) ready after {time.monotonic() - started:.1f} s")
             loadgen.run(server.url, model, concurrency=16, seconds=1.0, payload=body,
                         processes=2, connections=CALLERS_PER_CLIENT_PROCESS)  # fmt: skip

@@ -21,20 +21,11 @@ from benchmarks import loadgen, proctree
 from tests.integration.harness import ServerProcess, wait_until
 
 
-def _ready(server: ServerProcess) -> bool:
-    if server.process.poll() is not None:
-        raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
-    try:
-        return server.http_get("/v2/health/ready") == 200
-    except OSError:
-        return False
-
-
 def measure(frontends: int, model: str, concurrency: int, seconds: float, log: Path) -> Any:
     args = ("--frontends", str(frontends)) if frontends > 1 else ()
     server = ServerProcess(log, None, args=args)
     try:
-        wait_until(lambda: _ready(server), 300, "server ready")
+        wait_until(server.ready_over_http, 300, "server ready")
         load = {"concurrency": concurrency, "processes": 2, "connections": 4}
         loadgen.run(server.url, model, seconds=1.0, **load)  # warm the path and the clients
         pid = server.process.pid

@@ -126,6 +126,15 @@ class ServerProcess:
     def wait_ready(self, timeout: float = 120) -> None:
         wait_until(lambda: self._answers(self.client.is_server_ready), timeout, "server ready")
 
+    def ready_over_http(self) -> bool:
+        """GET /v2/health/ready answers 200 (False while the port does not answer yet)."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            return self.http_get("/v2/health/ready") == 200
+        except OSError:
+            return False
+
     def wait_for_log(self, pattern: str, timeout: float = 30) -> None:
         regex = re.compile(pattern)
         wait_until(lambda: regex.search(self.log()) is not None, timeout, f"log line {pattern!r}")

@@ -38,19 +38,10 @@ def supervised(tmp_path: Path):
         tmp_path / "server.log", repository, args=("--frontends", str(FRONTENDS))
     )
     try:
-        wait_until(lambda: _ready(server), 120, "ready through the relays")
+        wait_until(server.ready_over_http, 120, "ready through the relays")
         yield server
     finally:
         server.stop()
-
-
-def _ready(server: ServerProcess) -> bool:
-    if server.process.poll() is not None:
-        raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
-    try:
-        return server.http_get("/v2/health/ready") == 200
-    except OSError:
-        return False
 
 
 def relay_pids(server: ServerProcess) -> list[int]:
@@ -272,7 +263,7 @@ def test_a_relayed_call_whose_deadline_passes_while_queued_is_never_computed(tmp
         tmp_path / "server.log", repository, args=("--frontends", "2", "--log-level", "DEBUG")
     )
     try:
-        wait_until(lambda: _ready(server), 120, "ready through the relays")
+        wait_until(server.ready_over_http, 120, "ready through the relays")
         client = server.client
         started = time.monotonic()
         client.infer("spin", spin_inputs(200))
