@@ -105,6 +105,8 @@ def test_every_kind_of_call_and_error_comes_through_a_relay(supervised):
     infer_on_separate_connections(supervised.url, 1, salt=0)
     assert client.is_server_live() and client.is_server_ready()
     assert client.get_model_metadata("identity").inputs[0].name == "IN_FP32"
+    assert client.get_model_config("identity").config.name == "identity"  # perf_analyzer asks
+    assert client.get_server_metadata().name == "warmserve"
     assert [m.name for m in client.get_model_repository_index().models] == ["identity"]
     tensor = triton.InferInput("IN_FP32", [1, 5], "FP32")
     tensor.set_data_from_numpy(np.zeros((1, 5), dtype=np.float32))
