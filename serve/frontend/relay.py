@@ -27,6 +27,7 @@ from serve.frontend.relay_hub import (
     FrameWriter,
     Hello,
     RelayCall,
+    RelayCancel,
     RelayReply,
     reply_decoder,
     unary_methods,
@@ -79,6 +80,13 @@ class HubLink:
             async with asyncio.timeout(wait):
                 await self._writer.backpressure()  # the serving process is behind: wait for it
                 return await future
+        except (asyncio.CancelledError, TimeoutError):
+            # The caller cancelled (or no reply came in time): the hub drops the call too.
+            answered = future.done() and not future.cancelled()  # (cancelling us cancels it)
+            if not answered and not self.lost.is_set() and not self._writer.closing:
+                log.debug("call %d to %s given up by its caller; telling the hub", call_id, method)
+                self._writer.write(RelayCancel(call_id))
+            raise
         finally:
             self._pending.pop(call_id, None)
 

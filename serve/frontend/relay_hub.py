@@ -8,7 +8,9 @@ readiness, model control and metrics stay in this one process, so batches form f
 connection's calls together and one worker pool feeds each GPU.
 
 Wire: a 4-byte little-endian length, then a msgpack message; the relay's first message is a
-Hello with the relay protocol version.
+Hello with the relay protocol version. A relay whose caller cancels (or whose wait for a reply
+runs out) sends a RelayCancel: the hub cancels that call, so a request still queued is never
+computed, as on a direct connection.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ if TYPE_CHECKING:  # a relay process imports this module too, and needs neither
 
 log = logging.getLogger(__name__)
 
-RELAY_VERSION = 1
+RELAY_VERSION = 2
 FRAME = struct.Struct("<I")
 STREAM_LIMIT = 4 * 1024 * 1024  # bytes buffered per connection before reading pauses
 FRAME_MARGIN = 1024 * 1024  # a frame is at most a gRPC message (max_message_bytes) + this
@@ -57,6 +59,10 @@ class RelayCall(msgspec.Struct, frozen=True, tag=True, array_like=True):
     payload: bytes
 
 
+class RelayCancel(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    id: int  # a RelayCall's id; its caller has gone
+
+
 class RelayReply(msgspec.Struct, frozen=True, tag=True, array_like=True):
     id: int
     code: int  # grpc.StatusCode value; 0 is OK
@@ -64,7 +70,7 @@ class RelayReply(msgspec.Struct, frozen=True, tag=True, array_like=True):
     payload: bytes
 
 
-ToHub = Hello | RelayCall
+ToHub = Hello | RelayCall | RelayCancel
 to_hub_decoder = msgspec.msgpack.Decoder(ToHub)
 reply_decoder = msgspec.msgpack.Decoder(RelayReply)
 _encoder = msgspec.msgpack.Encoder()
@@ -187,6 +193,7 @@ class RelayHub:
         self._tasks.add(task)
         replies = FrameWriter(writer)
         relay = -1
+        running: dict[int, asyncio.Task[None]] = {}  # call id → its answer, while it runs
         try:
             hello = to_hub_decoder.decode(await _read_frame(reader, self._max_frame))
             if not isinstance(hello, Hello) or hello.version != RELAY_VERSION:
@@ -197,11 +204,12 @@ class RelayHub:
             log.info("relay %d connected", relay)
             while True:
                 call = to_hub_decoder.decode(await _read_frame(reader, self._max_frame))
-                if not isinstance(call, RelayCall):
+                if isinstance(call, RelayCall):
+                    self._start(call, replies, relay, running)
+                elif isinstance(call, RelayCancel):
+                    self._cancel(call.id, relay, running)
+                else:
                     raise ValueError(f"expected a call, got {type(call).__name__}")
-                answer = asyncio.create_task(self._answer(call, replies, relay))
-                self._tasks.add(answer)
-                answer.add_done_callback(self._tasks.discard)
         except (asyncio.IncompleteReadError, ConnectionError):
             log.info("relay %d disconnected", relay)
         except (msgspec.DecodeError, ValueError) as exc:
@@ -209,6 +217,35 @@ class RelayHub:
         finally:
             self._tasks.discard(task)
             writer.close()
+            if running:  # nobody waits for them any more
+                log.warning("relay %d: cancelling its %d calls in progress", relay, len(running))
+                for answer in list(running.values()):
+                    answer.cancel()
+
+    def _start(
+        self,
+        call: RelayCall,
+        replies: FrameWriter,
+        relay: int,
+        running: dict[int, asyncio.Task[None]],
+    ) -> None:
+        answer = asyncio.create_task(self._answer(call, replies, relay))
+        self._tasks.add(answer)
+        running[call.id] = answer
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if running.get(call.id) is task:
+                del running[call.id]
+
+        answer.add_done_callback(finished)
+
+    @staticmethod
+    def _cancel(call_id: int, relay: int, running: dict[int, asyncio.Task[None]]) -> None:
+        answer = running.pop(call_id, None)
+        if answer is not None:
+            log.debug("relay %d: call %d cancelled by its caller", relay, call_id)
+            answer.cancel()
 
     async def _answer(self, call: RelayCall, replies: FrameWriter, relay: int) -> None:
         reply = await self.dispatch(call)
@@ -218,7 +255,8 @@ class RelayHub:
             await replies.backpressure()
 
     async def dispatch(self, call: RelayCall) -> RelayReply:
-        """Run one relayed call through the servicer; never raises."""
+        """Run one relayed call through the servicer; never raises (a cancelled call is
+        cancelled: nobody waits for its reply)."""
         entry = self._handlers.get(call.method)
         if entry is None:
             code = grpc.StatusCode.UNIMPLEMENTED

@@ -5,6 +5,8 @@ RPCs not implemented here fall through to the generated base class, which answer
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any, TypeAlias
 
@@ -23,6 +25,8 @@ from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
 from serve.frontend.status import abort_with, translate_errors
 from serve.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -106,5 +110,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             message = infer_response_to_pb(response)
             service.stats.codec_done(decoded - started, time.perf_counter_ns() - answered)
             return message
+        except asyncio.CancelledError:  # the caller went away: its queued request is dropped
+            log.debug("ModelInfer %r: cancelled by its caller", request.model_name)
+            raise
         except Exception as exc:
             await abort_with(context, exc)

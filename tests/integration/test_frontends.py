@@ -1,6 +1,7 @@
 """gRPC relay processes on one port (``--frontends 2``): connections spread over them, every RPC
 and error reaches the serving process through them, one that dies is restarted, and all of them
-stop on SIGTERM or when the serving process is itself killed."""
+stop on SIGTERM or when the serving process is itself killed. A call whose client cancels, or
+whose relay dies, is dropped before it computes, as on a direct connection."""
 
 from __future__ import annotations
 
@@ -284,5 +285,78 @@ def test_a_relayed_call_whose_deadline_passes_while_queued_is_never_computed(tmp
         assert client.infer("spin", spin_inputs(1, 4.0)).as_numpy("Y")[0, 0] == 4.0
         after = client.get_inference_statistics("spin").model_stats[0].execution_count
         assert after - before == 2, "only the slow call and the last call may have been computed"
+    finally:
+        assert server.stop() == 0
+
+
+def spin_server(tmp_path: Path, frontends: int) -> ServerProcess:
+    repository = tmp_path / "repository"
+    build_spin_torch(repository / "spin")
+    args = ("--frontends", str(frontends), "--log-level", "DEBUG")
+    server = ServerProcess(tmp_path / "server.log", repository, args=args)
+    wait_until(server.ready_over_http, 120, "ready")
+    return server
+
+
+def executions(server: ServerProcess) -> int:
+    return server.client.get_inference_statistics("spin").model_stats[0].execution_count
+
+
+def iterations_for(server: ServerProcess, seconds: float) -> int:
+    started = time.monotonic()
+    server.client.infer("spin", spin_inputs(2000))
+    return int(2000 * seconds / max(time.monotonic() - started, 1e-3))
+
+
+def queue_behind_a_slow_call(server: ServerProcess, iters: int) -> tuple[queue.Queue, object]:
+    """A call computing ``iters`` (its outcome comes into the returned queue) and a second call
+    queued behind it (its call context is returned)."""
+    client = server.client
+    slow: queue.Queue = queue.Queue()
+    dispatched = server.count_log("model spin: dispatching")
+    client.async_infer("spin", spin_inputs(iters), lambda result, error: slow.put((result, error)))
+    server.wait_for_log_count("model spin: dispatching", dispatched + 1)  # it computes
+    waiting = server.count_log("model spin: 1 requests wait for a worker")
+    queued = client.async_infer("spin", spin_inputs(iters), lambda result, error: None)
+    server.wait_for_log_count("model spin: 1 requests wait for a worker", waiting + 1)
+    return slow, queued
+
+
+@pytest.mark.parametrize("frontends", [1, 2], ids=["direct", "relayed"])
+def test_a_call_its_client_cancels_while_queued_is_never_computed(tmp_path: Path, frontends: int):
+    server = spin_server(tmp_path, frontends)
+    try:
+        iters = iterations_for(server, 1.5)
+        before = executions(server)
+        slow, queued = queue_behind_a_slow_call(server, iters)
+        queued.cancel()  # type: ignore[attr-defined]
+        server.wait_for_log("ModelInfer 'spin': cancelled by its caller")
+        assert slow.get(timeout=60)[1] is None
+        assert server.client.infer("spin", spin_inputs(1, 4.0)).as_numpy("Y")[0, 0] == 4.0
+        assert executions(server) - before == 2, "the cancelled call was computed"
+        if frontends > 1:
+            assert server.count_log("cancelled by its caller") == 2  # the hub's line and ours
+    finally:
+        assert server.stop() == 0
+
+
+def test_calls_of_relays_that_die_are_dropped_not_computed(tmp_path: Path):
+    server = spin_server(tmp_path, FRONTENDS)
+    try:
+        iters = iterations_for(server, 1.5)
+        before = executions(server)
+        slow, _ = queue_behind_a_slow_call(server, iters)
+        for pid in relay_pids(server):
+            os.kill(pid, signal.SIGKILL)
+        server.wait_for_log("ModelInfer 'spin': cancelled by its caller")
+        assert slow.get(timeout=60)[1] is not None  # its relay died: UNAVAILABLE
+        wait_until(
+            lambda: server.count_log(r"relay \d \(pid \d+\) listening") == 2 * FRONTENDS,
+            60,
+            "both relays restarted",
+        )
+        assert server.client.infer("spin", spin_inputs(1, 4.0)).as_numpy("Y")[0, 0] == 4.0
+        # The slow call ran to its end in the worker; the queued one never started.
+        assert executions(server) - before == 2, "a call of a dead relay was computed"
     finally:
         assert server.stop() == 0
