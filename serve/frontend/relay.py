@@ -20,10 +20,10 @@ from typing import Any
 import grpc
 import msgspec
 
-from serve.frontend.relay_hub import (
-    FRAME,
+from serve.frontend.relay_wire import (
+    FRAME_MARGIN,
     RELAY_VERSION,
-    STREAM_LIMIT,
+    FrameDecoder,
     FrameWriter,
     Hello,
     RelayCall,
@@ -43,30 +43,30 @@ class HubGoneError(ConnectionError):
     pass
 
 
-class HubLink:
+class HubLink(asyncio.Protocol):
     """Calls to the hub, matched to replies by id, over one Unix socket."""
 
-    def __init__(self, path: str, relay: int) -> None:
+    def __init__(self, path: str, relay: int, max_frame: int) -> None:
         self._path = path
         self._relay = relay
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[RelayReply]] = {}
+        self._frames = FrameDecoder(reply_decoder, max_frame)
         self._writer: FrameWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._transport: asyncio.Transport | None = None
         self.lost = asyncio.Event()
 
     async def connect(self) -> None:
-        reader, writer = await asyncio.open_unix_connection(self._path, limit=STREAM_LIMIT)
-        self._writer = FrameWriter(writer)
+        await asyncio.get_running_loop().create_unix_connection(lambda: self, self._path)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._writer = FrameWriter(self._transport)  # type: ignore[arg-type]
         self._writer.write(Hello(RELAY_VERSION, self._relay))
-        self._reader_task = asyncio.create_task(self._read(reader), name="hub-replies")
 
     async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            await asyncio.gather(self._reader_task, return_exceptions=True)
 
     async def call(self, method: str, payload: bytes, timeout_s: float | None) -> RelayReply:
         if self.lost.is_set() or self._writer is None:
@@ -81,7 +81,8 @@ class HubLink:
                 await self._writer.backpressure()  # the serving process is behind: wait for it
                 return await future
         except (asyncio.CancelledError, TimeoutError):
-            # The caller cancelled (or no reply came in time): the hub drops the call too.
+            # The caller cancelled, or gRPC ended the call at its deadline (or no reply came in
+            # time): the hub drops the call too.
             answered = future.done() and not future.cancelled()  # (cancelling us cancels it)
             if not answered and not self.lost.is_set() and not self._writer.closing:
                 log.debug("call %d to %s given up by its caller; telling the hub", call_id, method)
@@ -90,23 +91,41 @@ class HubLink:
         finally:
             self._pending.pop(call_id, None)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    def data_received(self, data: bytes) -> None:
         try:
-            while True:
-                (length,) = FRAME.unpack(await reader.readexactly(FRAME.size))
-                reply = reply_decoder.decode(await reader.readexactly(length))
-                future = self._pending.get(reply.id)
-                if future is not None and not future.done():
-                    future.set_result(reply)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            log.warning("lost the serving process (%s); failing %d calls", exc, len(self._pending))
-        except msgspec.DecodeError as exc:
+            replies = self._frames.feed(data)
+        except (msgspec.DecodeError, ValueError) as exc:
             log.error("the serving process sent a malformed reply (%s); dropping the link", exc)
-        finally:
-            self.lost.set()
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(HubGoneError("the serving process is gone"))
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        pending = self._pending
+        for reply in replies:
+            future = pending.get(reply.id)
+            if future is not None and not future.done():
+                future.set_result(reply)
+
+    def pause_writing(self) -> None:
+        if self._writer is not None:
+            self._writer.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._writer is not None:
+            self._writer.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._pending:
+            log.warning(
+                "lost the serving process (%s); failing %d calls",
+                exc or "it closed the link",
+                len(self._pending),
+            )
+        self.lost.set()
+        if self._writer is not None:
+            self._writer.resume_writing()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(HubGoneError("the serving process is gone"))
 
 
 class Forwarder(grpc.GenericRpcHandler):
@@ -145,7 +164,7 @@ async def run_relay(
     conn: Connection,
 ) -> int:
     """Serve until SIGTERM (graceful) or until the hub goes away."""
-    link = HubLink(hub_path, index)
+    link = HubLink(hub_path, index, max_message_bytes + FRAME_MARGIN)
     await link.connect()
     server = grpc.aio.server(
         options=[

@@ -1,0 +1,159 @@
+"""The wire between a gRPC relay process and the serving process's hub (``frontends > 1``).
+
+A 4-byte little-endian length, then a msgpack message. The relay's first message is a Hello
+with the relay protocol version; then RelayCall (a unary call: method name and serialised
+request) and RelayCancel (its caller went away) go to the hub, RelayReply comes back. Both ends
+are asyncio protocols: a read that brings several frames decodes them in one go, and frames
+written in one turn of the event loop leave in one system call.
+
+This module imports neither the servicer nor the runtime: a relay process needs only this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any, Generic, TypeVar
+
+import grpc
+import msgspec
+from grpc_health.v1 import health_pb2
+
+RELAY_VERSION = 2
+FRAME = struct.Struct("<I")
+FRAME_MARGIN = 1024 * 1024  # a frame is at most a gRPC message (max_message_bytes) + this
+INFER_SERVICE = "inference.GRPCInferenceService"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+OK = grpc.StatusCode.OK.value[0]
+WRITE_HIGH_WATER = 64 * 1024 * 1024  # bytes queued for the peer before writers wait
+
+
+class Hello(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    version: int
+    relay: int  # the relay's index, for per-relay counts
+
+
+class RelayCall(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    id: int
+    method: str  # "/package.Service/Method"
+    timeout_s: float | None  # what was left of the caller's deadline when the relay got it
+    payload: bytes
+
+
+class RelayCancel(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    id: int  # a RelayCall's id; its caller has gone
+
+
+class RelayReply(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    id: int
+    code: int  # grpc.StatusCode value; 0 is OK
+    details: str
+    payload: bytes
+
+
+ToHub = Hello | RelayCall | RelayCancel
+to_hub_decoder = msgspec.msgpack.Decoder(ToHub)
+reply_decoder = msgspec.msgpack.Decoder(RelayReply)
+_encoder = msgspec.msgpack.Encoder()
+
+M = TypeVar("M")
+
+
+def frame(message: msgspec.Struct) -> bytes:
+    body = _encoder.encode(message)
+    return FRAME.pack(len(body)) + body
+
+
+class FrameDecoder(Generic[M]):
+    """Cuts a byte stream into frames and decodes each. Raises ValueError for a frame over
+    ``max_frame`` bytes and msgspec.DecodeError for one that is not a message: the connection
+    is then beyond repair."""
+
+    def __init__(self, decoder: msgspec.msgpack.Decoder[M], max_frame: int) -> None:
+        self._decoder = decoder
+        self._max_frame = max_frame
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[M]:
+        header = FRAME.size
+        if not self._buffer and len(data) > header:
+            (length,) = FRAME.unpack_from(data)
+            if len(data) == header + length <= self._max_frame + header:  # exactly one frame
+                return [self._decoder.decode(memoryview(data)[header:])]
+        buffer = self._buffer
+        buffer += data
+        messages: list[M] = []
+        pos = 0
+        with memoryview(buffer) as view:
+            while len(buffer) - pos >= header:
+                (length,) = FRAME.unpack_from(buffer, pos)
+                if length > self._max_frame:
+                    raise ValueError(
+                        f"a frame of {length} bytes is over the {self._max_frame}-byte limit"
+                    )
+                end = pos + header + length
+                if len(buffer) < end:
+                    break
+                messages.append(self._decoder.decode(view[pos + header : end]))
+                pos = end
+        del buffer[:pos]
+        return messages
+
+
+class FrameWriter:
+    """Frames to one peer over an asyncio transport. Frames written in one turn of the event
+    loop leave in one system call (a batch's replies finish together; a relay's calls often
+    arrive together). Its protocol forwards pause_writing/resume_writing here."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._resumed: asyncio.Future[None] | None = None  # set while the peer is behind
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def write(self, message: msgspec.Struct) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(frame(message))
+
+    def _flush(self) -> None:
+        frames, self._pending = self._pending, []
+        if not self._transport.is_closing():
+            self._transport.writelines(frames)
+
+    async def backpressure(self) -> None:
+        """Wait while more than WRITE_HIGH_WATER bytes are queued for the peer (one that stopped
+        reading does not grow the buffer forever)."""
+        if self._resumed is not None:
+            await asyncio.shield(self._resumed)
+
+    def pause_writing(self) -> None:
+        if self._resumed is None:
+            self._resumed = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._resumed is not None:
+            self._resumed.set_result(None)
+            self._resumed = None
+
+    @property
+    def closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._transport.close()
+        self.resume_writing()  # nobody waits on a closed connection
+
+
+def unary_methods() -> dict[str, type[Any]]:
+    """Every unary-unary method a relay passes on, with its request type."""
+    from serve.frontend.pb import grpc_service_pb2 as pb  # generated: imported where used
+
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    methods = {
+        f"/{INFER_SERVICE}/{m.name}": getattr(pb, m.input_type.name)
+        for m in service.methods
+        if not m.client_streaming and not m.server_streaming
+    }
+    methods[HEALTH_CHECK] = health_pb2.HealthCheckRequest
+    return methods
