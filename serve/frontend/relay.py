@@ -14,6 +14,7 @@ import functools
 import itertools
 import logging
 import signal
+from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -29,7 +30,9 @@ from serve.frontend.relay_wire import (
     RelayCall,
     RelayCancel,
     RelayReply,
-    reply_decoder,
+    RelayStream,
+    from_hub_decoder,
+    stream_methods,
     unary_methods,
 )
 
@@ -43,6 +46,17 @@ class HubGoneError(ConnectionError):
     pass
 
 
+class RelayError(Exception):
+    """The hub ended a streaming call with this status."""
+
+    def __init__(self, reply: RelayReply) -> None:
+        super().__init__(reply.details)
+        self.reply = reply
+
+
+StreamItem = bytes | RelayReply | HubGoneError
+
+
 class HubLink(asyncio.Protocol):
     """Calls to the hub, matched to replies by id, over one Unix socket."""
 
@@ -51,7 +65,8 @@ class HubLink(asyncio.Protocol):
         self._relay = relay
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[RelayReply]] = {}
-        self._frames = FrameDecoder(reply_decoder, max_frame)
+        self._streams: dict[int, asyncio.Queue[StreamItem]] = {}  # streaming calls' messages
+        self._frames = FrameDecoder(from_hub_decoder, max_frame)
         self._writer: FrameWriter | None = None
         self._transport: asyncio.Transport | None = None
         self.lost = asyncio.Event()
@@ -83,13 +98,47 @@ class HubLink(asyncio.Protocol):
         except (asyncio.CancelledError, TimeoutError):
             # The caller cancelled, or gRPC ended the call at its deadline (or no reply came in
             # time): the hub drops the call too.
-            answered = future.done() and not future.cancelled()  # (cancelling us cancels it)
-            if not answered and not self.lost.is_set() and not self._writer.closing:
-                log.debug("call %d to %s given up by its caller; telling the hub", call_id, method)
-                self._writer.write(RelayCancel(call_id))
+            if not (future.done() and not future.cancelled()):  # (cancelling us cancels it)
+                self._give_up(call_id, method)
             raise
         finally:
             self._pending.pop(call_id, None)
+
+    async def stream(
+        self, method: str, payload: bytes, timeout_s: float | None
+    ) -> AsyncIterator[bytes]:
+        """A server-streaming call: its messages as they come. Raises RelayError when the hub
+        ends it with a status other than OK, HubGoneError when the hub goes away."""
+        if self.lost.is_set() or self._writer is None:
+            raise HubGoneError("the serving process is gone")
+        call_id = next(self._ids)
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self._streams[call_id] = queue
+        ended = False
+        try:
+            self._writer.write(RelayCall(call_id, method, timeout_s, payload))
+            while True:
+                item = await queue.get()
+                if isinstance(item, bytes):
+                    yield item
+                    continue
+                ended = True
+                if isinstance(item, HubGoneError):
+                    raise item
+                if item.code:
+                    raise RelayError(item)
+                return
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away (or its deadline)
+            if not ended:
+                self._give_up(call_id, method)
+            raise
+        finally:
+            self._streams.pop(call_id, None)
+
+    def _give_up(self, call_id: int, method: str) -> None:
+        if self._writer is not None and not self.lost.is_set() and not self._writer.closing:
+            log.debug("call %d to %s given up by its caller; telling the hub", call_id, method)
+            self._writer.write(RelayCancel(call_id))
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -102,8 +151,13 @@ class HubLink(asyncio.Protocol):
         pending = self._pending
         for reply in replies:
             future = pending.get(reply.id)
-            if future is not None and not future.done():
-                future.set_result(reply)
+            if future is not None:
+                if not future.done() and isinstance(reply, RelayReply):
+                    future.set_result(reply)
+                continue
+            stream = self._streams.get(reply.id)
+            if stream is not None:
+                stream.put_nowait(reply.payload if isinstance(reply, RelayStream) else reply)
 
     def pause_writing(self) -> None:
         if self._writer is not None:
@@ -126,10 +180,13 @@ class HubLink(asyncio.Protocol):
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(HubGoneError("the serving process is gone"))
+        for stream in self._streams.values():
+            stream.put_nowait(HubGoneError("the serving process is gone"))
 
 
 class Forwarder(grpc.GenericRpcHandler):
-    """Every unary method of the inference service and Health/Check, passed on as bytes."""
+    """Every unary method of the inference service, Health/Check and Health/Watch, passed on
+    as bytes."""
 
     def __init__(self, link: HubLink) -> None:
         self._link = link
@@ -137,6 +194,9 @@ class Forwarder(grpc.GenericRpcHandler):
             method: grpc.unary_unary_rpc_method_handler(functools.partial(self._forward, method))
             for method in unary_methods()
         }
+        for method in stream_methods():
+            forward = functools.partial(self._forward_stream, method)
+            self._handlers[method] = grpc.unary_stream_rpc_method_handler(forward)
 
     def service(self, handler_call_details: Any) -> Any:
         return self._handlers.get(handler_call_details.method)  # None: UNIMPLEMENTED
@@ -153,6 +213,18 @@ class Forwarder(grpc.GenericRpcHandler):
         if reply.code:
             await context.abort(CODES.get(reply.code, grpc.StatusCode.UNKNOWN), reply.details)
         return reply.payload
+
+    async def _forward_stream(
+        self, method: str, payload: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for message in self._link.stream(method, payload, context.time_remaining()):
+                yield message
+        except HubGoneError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the serving process is restarting")
+        except RelayError as error:
+            code = CODES.get(error.reply.code, grpc.StatusCode.UNKNOWN)
+            await context.abort(code, error.reply.details)
 
 
 async def run_relay(

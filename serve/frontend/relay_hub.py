@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError
 from serve.frontend.relay_wire import (
     FRAME_MARGIN,
     HEALTH_CHECK,
+    HEALTH_WATCH,
     OK,
     RELAY_VERSION,
     FrameDecoder,
@@ -37,6 +38,8 @@ from serve.frontend.relay_wire import (
     RelayCall,
     RelayCancel,
     RelayReply,
+    RelayStream,
+    stream_methods,
     to_hub_decoder,
     unary_methods,
 )
@@ -59,12 +62,25 @@ class RelayAbort(grpc.aio.AbortError):
 
 
 class RelayedContext:
-    """What the servicer methods use of a grpc.aio context, for a relayed call."""
+    """What the servicer methods use of a grpc.aio context, for a relayed call. A streaming
+    call's messages (``write``) go to ``replies`` as they come."""
 
-    def __init__(self, timeout_s: float | None) -> None:
+    def __init__(
+        self, call: RelayCall, replies: FrameWriter | None = None, streaming: bool = False
+    ) -> None:
+        timeout_s = call.timeout_s
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._id = call.id
+        self._replies = replies if streaming else None
         self.code: grpc.StatusCode | None = None
         self.details = ""
+
+    async def write(self, message: Any) -> None:
+        if self._replies is None:
+            raise RuntimeError("write() on a unary call")
+        if not self._replies.closing:  # (a relay that is gone has its calls cancelled)
+            self._replies.write(RelayStream(self._id, message.SerializeToString()))
+            await self._replies.backpressure()
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
@@ -86,9 +102,11 @@ class RelayHub:
         self.path = folder / "hub.sock"
         self.max_frame = max_message + FRAME_MARGIN
         self._handlers: dict[str, tuple[Handler, type[Any]]] = {}
-        for method, request_type in unary_methods().items():
-            owner: Any = health if method == HEALTH_CHECK else servicer
+        methods = {**unary_methods(), **stream_methods()}
+        for method, request_type in methods.items():
+            owner: Any = health if method in (HEALTH_CHECK, HEALTH_WATCH) else servicer
             self._handlers[method] = (getattr(owner, method.rsplit("/", 1)[1]), request_type)
+        self._streaming = set(stream_methods())
         self._server: asyncio.Server | None = None
         self._connections: set[RelayConnection] = set()
         self.calls: dict[int, int] = {}  # relay index → calls answered
@@ -115,15 +133,16 @@ class RelayHub:
     def closed(self, connection: RelayConnection) -> None:
         self._connections.discard(connection)
 
-    async def dispatch(self, call: RelayCall) -> RelayReply:
-        """Run one relayed call through the servicer; never raises (a cancelled call is
-        cancelled: nobody waits for its reply)."""
+    async def dispatch(self, call: RelayCall, replies: FrameWriter | None = None) -> RelayReply:
+        """Run one relayed call through the servicer (a streaming call's messages go to
+        ``replies`` first); never raises (a cancelled call is cancelled: nobody waits for its
+        reply)."""
         entry = self._handlers.get(call.method)
         if entry is None:
             code = grpc.StatusCode.UNIMPLEMENTED
             return RelayReply(call.id, code.value[0], f"method {call.method} not served", b"")
         handler, request_type = entry
-        context = RelayedContext(call.timeout_s)
+        context = RelayedContext(call, replies, call.method in self._streaming)
         try:
             request = request_type.FromString(call.payload)
         except DecodeError as exc:
@@ -139,7 +158,8 @@ class RelayHub:
         except Exception as exc:  # a bug: handlers map every expected error themselves
             code, message = status_for(exc)  # INTERNAL, with a trace id in the log
             return RelayReply(call.id, code.value[0], message, b"")
-        return RelayReply(call.id, OK, "", response.SerializeToString())
+        payload = b"" if response is None else response.SerializeToString()  # None: streamed
+        return RelayReply(call.id, OK, "", payload)
 
 
 class RelayConnection(asyncio.Protocol):
@@ -187,10 +207,10 @@ class RelayConnection(asyncio.Protocol):
         task.add_done_callback(lambda _: self._running.pop(call.id, None))
 
     async def _answer(self, call: RelayCall) -> None:
-        reply = await self._hub.dispatch(call)
+        replies = self._replies
+        reply = await self._hub.dispatch(call, replies)
         calls = self._hub.calls
         calls[self.relay] = calls.get(self.relay, 0) + 1
-        replies = self._replies
         if replies is not None and not replies.closing:
             replies.write(reply)
             await replies.backpressure()

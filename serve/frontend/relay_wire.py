@@ -1,8 +1,10 @@
 """The wire between a gRPC relay process and the serving process's hub (``frontends > 1``).
 
 A 4-byte little-endian length, then a msgpack message. The relay's first message is a Hello
-with the relay protocol version; then RelayCall (a unary call: method name and serialised
-request) and RelayCancel (its caller went away) go to the hub, RelayReply comes back. Both ends
+with the relay protocol version; then RelayCall (a call: method name and serialised request) and
+RelayCancel (its caller went away) go to the hub. A RelayReply ends a call: the response of a
+unary call, or the status of a server-streaming one (Health/Watch), whose messages come before
+it as RelayStream. Both ends
 are asyncio protocols: a read that brings several frames decodes them in one go, and frames
 written in one turn of the event loop leave in one system call.
 
@@ -24,6 +26,7 @@ FRAME = struct.Struct("<I")
 FRAME_MARGIN = 1024 * 1024  # a frame is at most a gRPC message (max_message_bytes) + this
 INFER_SERVICE = "inference.GRPCInferenceService"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 OK = grpc.StatusCode.OK.value[0]
 WRITE_HIGH_WATER = 64 * 1024 * 1024  # bytes queued for the peer before writers wait
 
@@ -51,9 +54,15 @@ class RelayReply(msgspec.Struct, frozen=True, tag=True, array_like=True):
     payload: bytes
 
 
+class RelayStream(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    id: int  # a streaming RelayCall's id
+    payload: bytes  # one serialised response message
+
+
 ToHub = Hello | RelayCall | RelayCancel
+FromHub = RelayReply | RelayStream
 to_hub_decoder = msgspec.msgpack.Decoder(ToHub)
-reply_decoder = msgspec.msgpack.Decoder(RelayReply)
+from_hub_decoder = msgspec.msgpack.Decoder(FromHub)
 _encoder = msgspec.msgpack.Encoder()
 
 M = TypeVar("M")
@@ -157,3 +166,8 @@ def unary_methods() -> dict[str, type[Any]]:
     }
     methods[HEALTH_CHECK] = health_pb2.HealthCheckRequest
     return methods
+
+
+def stream_methods() -> dict[str, type[Any]]:
+    """Every server-streaming method a relay passes on, with its request type."""
+    return {HEALTH_WATCH: health_pb2.HealthCheckRequest}

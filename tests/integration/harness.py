@@ -174,7 +174,11 @@ class ServerProcess:
         """Live worker processes: forked from a template, or spawned by the server itself."""
         children = self._children()
         templates = set(self.template_pids())
-        workers = [p for p in children.get(self.process.pid, []) if p not in templates]
+        workers = [  # spawned ones run serve.worker; relays and helpers do not
+            p
+            for p in children.get(self.process.pid, [])
+            if p not in templates and b"serve.worker" in _cmdline(p)
+        ]
         for template in templates:
             workers += children.get(template, [])
         return sorted(workers)

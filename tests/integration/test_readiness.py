@@ -40,9 +40,10 @@ class Load(CallerThreads):
         np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
 
 
-def _serve(tmp_path, **overrides) -> ServerProcess:
+def _serve(tmp_path, frontends: int = 1, **overrides) -> ServerProcess:
     build_mlp_onnx(tmp_path / "repo" / "mlp", name="mlp", **overrides)
-    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    args = ("--frontends", str(frontends))
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo", args=args)
     server.wait_ready()
     return server
 
@@ -135,8 +136,9 @@ def _watch(url: str, service: str, seen: queue.Queue, stop: threading.Event) -> 
             seen.put(f"error {exc.code().name}")
 
 
-def test_watch_streams_not_serving_then_serving_when_the_only_worker_dies(tmp_path):
-    server = _serve(tmp_path, probe=FAST_PROBES)
+@pytest.mark.parametrize("frontends", [1, 2], ids=["direct", "relayed"])
+def test_watch_streams_not_serving_then_serving_when_the_only_worker_dies(tmp_path, frontends):
+    server = _serve(tmp_path, frontends, probe=FAST_PROBES)
     seen: queue.Queue = queue.Queue()
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(server.url, "mlp", seen, stop), daemon=True)
