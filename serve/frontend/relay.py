@@ -1,5 +1,6 @@
 """A gRPC relay process (``frontends > 1``): terminates gRPC on the shared port and passes each
-unary call, as bytes, to the serving process's hub (relay_hub.py).
+unary call and each Health/Watch stream, as bytes, to the serving process's hub (relay_hub.py)
+over the relay wire (relay_wire.py).
 
 It binds the port with SO_REUSEPORT beside its sibling relays, so the kernel spreads connections
 over them. It parses nothing: the serving process answers readiness, errors and results. When
