@@ -40,7 +40,6 @@ from serve.frontend.relay_wire import (
 log = logging.getLogger(__name__)
 
 CODES = {code.value[0]: code for code in grpc.StatusCode}
-REPLY_MARGIN_S = 1.0  # past the caller's deadline, a reply that never came is given up
 
 
 class HubGoneError(ConnectionError):
@@ -92,13 +91,11 @@ class HubLink(asyncio.Protocol):
         self._pending[call_id] = future
         try:
             self._writer.write(RelayCall(call_id, method, timeout_s, payload))
-            wait = None if timeout_s is None else timeout_s + REPLY_MARGIN_S
-            async with asyncio.timeout(wait):
-                await self._writer.backpressure()  # the serving process is behind: wait for it
-                return await future
-        except (asyncio.CancelledError, TimeoutError):
-            # The caller cancelled, or gRPC ended the call at its deadline (or no reply came in
-            # time): the hub drops the call too.
+            await self._writer.backpressure()  # the serving process is behind: wait for it
+            return await future
+        except asyncio.CancelledError:
+            # The caller cancelled, or gRPC ended the call at its deadline: the hub drops the
+            # call too.
             if not (future.done() and not future.cancelled()):  # (cancelling us cancels it)
                 self._give_up(call_id, method)
             raise
@@ -208,9 +205,6 @@ class Forwarder(grpc.GenericRpcHandler):
         except HubGoneError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the serving process is restarting")
             raise  # not reached: abort raises
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer within the deadline")
-            raise
         if reply.code:
             await context.abort(CODES.get(reply.code, grpc.StatusCode.UNKNOWN), reply.details)
         return reply.payload
