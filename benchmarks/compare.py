@@ -14,7 +14,10 @@ none unless --peers names them.
 Besides the floor, the "hop floor" (floor_server.py --hop: the same handler, with the model in a
 second process reached over a socketpair, nothing else) shows what the process hop alone costs.
 
-Each server runs alone (one after the other) with the demo MLP (ONNX, 64→256→256→10). For each
+The floor, the hop floor and warmserve stay up side by side and take turns under the closed
+loop, round after round (--rounds, default 3; rounds.py): every closed-loop figure is the median
+over the rounds, and the c=1 ratios are also printed round by round. Peers run one at a time
+afterwards, with the same rounds. The model is the demo MLP (ONNX, 64→256→256→10). For each
 load level it records P50/P95/P99/max, throughput, errors and the server's CPU time per call
 (its whole process tree: warmserve's workers included). Results go to benchmarks/out/ as JSON,
 with a latency-vs-throughput plot and latency CDFs; warmserve's own overhead breakdown (from its
@@ -42,7 +45,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks import loadgen
+from benchmarks import loadgen, rounds
 from benchmarks.proctree import tree_cpu_seconds
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
@@ -293,19 +296,32 @@ def _perf_analyzer(url: str, concurrency: int) -> dict[str, float] | None:
     }
 
 
-def run_server(name: str, url: str, pid: int, args: argparse.Namespace) -> dict[str, Any]:
-    loadgen.run(url, MODEL, concurrency=4, seconds=1.0)  # warm both ends before measuring
-    closed = [_measure(url, pid, concurrency=c, seconds=args.seconds) for c in args.concurrency]
-    opened = [_measure(url, pid, rate=r, seconds=args.seconds) for r in args.rates]
-    cross = {c: _perf_analyzer(url, c) for c in (1, 16)} if not args.quick else {}
-    for row in closed + opened:
-        print(
-            f"  {name:17s} {row['mode']:6s} {row['level']:>6}: {row['throughput']:7.0f}/s "
-            f"p50 {row['p50_ms']:.3f} p95 {row['p95_ms']:.3f} p99 {row['p99_ms']:.3f} "
-            f"max {row['max_ms']:.1f} ms, errors {row['errors']}, "
-            f"server CPU {row['server_cpu_us_per_call']:.0f} µs/call"
-        )
-    return {"closed": closed, "open": opened, "perf_analyzer": cross}
+def run_servers(
+    servers: dict[str, tuple[str, int]], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """Closed loop in alternated rounds over ``servers`` (name → url, pid), then each one's open
+    loop and perf_analyzer cross-check."""
+    for url, _ in servers.values():
+        loadgen.run(url, MODEL, concurrency=4, seconds=1.0)  # warm both ends before measuring
+
+    def closed_loop(name: str, concurrency: int) -> dict[str, Any]:
+        url, pid = servers[name]
+        return _measure(url, pid, concurrency=concurrency, seconds=args.seconds)
+
+    closed = rounds.alternate(list(servers), args.concurrency, args.rounds, closed_loop)
+    out: dict[str, dict[str, Any]] = {}
+    for name, (url, pid) in servers.items():
+        opened = [_measure(url, pid, rate=r, seconds=args.seconds) for r in args.rates]
+        cross = {c: _perf_analyzer(url, c) for c in (1, 16)} if not args.quick else {}
+        for row in closed[name] + opened:
+            print(
+                f"  {name:17s} {row['mode']:6s} {row['level']:>6}: {row['throughput']:7.0f}/s "
+                f"p50 {row['p50_ms']:.3f} p95 {row['p95_ms']:.3f} p99 {row['p99_ms']:.3f} "
+                f"max {row['max_ms']:.1f} ms, errors {row['errors']}, "
+                f"server CPU {row['server_cpu_us_per_call']:.0f} µs/call"
+            )
+        out[name] = {"closed": closed[name], "open": opened, "perf_analyzer": cross}
+    return out
 
 
 def _rows_per_batch(metrics: str) -> float:
@@ -344,6 +360,18 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
         if 16 in h and 16 in w:
             ratios["c16_throughput_vs_hop_floor"] = w[16]["throughput"] / h[16]["throughput"]
     return ratios
+
+
+def _ratios_by_round(results: dict[str, Any]) -> dict[str, list[float]]:
+    """The c=1 ratios to the floor, round by round: the spread behind the medians."""
+    w = {r["level"]: r for r in results["warmserve"]["closed"]}
+    f = {r["level"]: r for r in results["floor"]["closed"]}
+    if 1 not in w or 1 not in f:
+        return {}
+    return {
+        "c1_p50_vs_floor": rounds.paired_ratios(w[1], f[1], "p50_ms"),
+        "c1_cpu_vs_floor": rounds.paired_ratios(w[1], f[1], "server_cpu_us_per_call"),
+    }
 
 
 METRICS = (
@@ -453,10 +481,11 @@ def _plots(results: dict[str, Any], stem: Path, cdf_names: list[str] | None = No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="c=1 and c=16 only, 2 s each")
+    parser.add_argument("--quick", action="store_true", help="c=1 and c=16 only, 1 s a round")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--rates", type=float, nargs="*", default=[250, 500, 1000])
+    parser.add_argument("--rounds", type=int, default=3, help="closed-loop rounds (medians)")
     parser.add_argument(
         "--peers",
         nargs="*",
@@ -466,7 +495,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        args.seconds, args.concurrency, args.rates = 2.0, [1, 16], []
+        args.seconds, args.concurrency, args.rates = 1.0, [1, 16], []
     args.concurrency = sorted(args.concurrency)
     peers = _select_peers(parser, args)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -475,24 +504,23 @@ def main() -> None:
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_mlp_onnx(Path(tmp) / "repo" / MODEL)
-        floor = FloorProcess(folder, Path(tmp) / "floor.log")
-        try:
-            results["floor"] = run_server("floor", floor.url, floor.process.pid, args)
-        finally:
-            floor.stop()
-        floor = FloorProcess(folder, Path(tmp) / "floor-hop.log", hop=True)
-        try:
-            results["floor-hop"] = run_server("floor-hop", floor.url, floor.process.pid, args)
-        finally:
-            floor.stop()
-        server = ServerProcess(Path(tmp) / "warmserve.log", Path(tmp) / "repo")
-        try:
+        with contextlib.ExitStack() as running:
+            floor = FloorProcess(folder, Path(tmp) / "floor.log")
+            running.callback(floor.stop)
+            hop = FloorProcess(folder, Path(tmp) / "floor-hop.log", hop=True)
+            running.callback(hop.stop)
+            server = ServerProcess(Path(tmp) / "warmserve.log", Path(tmp) / "repo")
+            running.callback(server.stop)
             server.wait_ready()
-            results["warmserve"] = run_server("warmserve", server.url, server.process.pid, args)
+            servers = {
+                "floor": (floor.url, floor.process.pid),
+                "floor-hop": (hop.url, hop.process.pid),
+                "warmserve": (server.url, server.process.pid),
+            }
+            print(f"closed loop: medians of {args.rounds} alternated rounds of {args.seconds:g} s")
+            results.update(run_servers(servers, args))
             breakdown = server.http_json(f"/warmserve/models/{MODEL}/latency")[1]["breakdown_us"]
             breakdown["rows_per_batch"] = _rows_per_batch(server.http_text("/metrics")[1])
-        finally:
-            server.stop()
         versions = {peer: _peer_version(peer) for peer in dict.fromkeys(s.peer for s in peers)}
         for setting in peers:
             info = {"peer": setting.peer, "version": versions[setting.peer]}
@@ -501,7 +529,8 @@ def main() -> None:
             peer = PeerProcess(setting, folder / "model.onnx", Path(tmp) / f"{setting.name}.log")
             try:
                 peer.wait_ready()
-                results[setting.name] = run_server(setting.name, peer.url, peer.process.pid, args)
+                served = {setting.name: (peer.url, peer.process.pid)}
+                results.update(run_servers(served, args))
             except (RuntimeError, TimeoutError, grpc.RpcError) as error:
                 failed[setting.name] = str(error)
                 print(f"  {setting.name} FAILED: {error}")
@@ -517,6 +546,9 @@ def main() -> None:
         + ", ".join(f"{k} {v:.{2 if k == 'rows_per_batch' else 0}f}" for k, v in breakdown.items())
     )
     print("\nratios (warmserve / floor): " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    by_round = _ratios_by_round(results)
+    for key, values in by_round.items():
+        print(f"  {key} round by round: " + " ".join(f"{v:.2f}" for v in values))
     ran = [s.name for s in peers if s.name in results]
     best = _best_by_peer(results, peers)
     peer_ratios = _peer_ratios(results, ["floor", "floor-hop", *ran], best) if ran else {}
@@ -540,6 +572,8 @@ def main() -> None:
     cdf_names = ["floor", "warmserve", *best.values()]
     plots = _plots(results, stem, cdf_names)
     record = {"machine": _machine(), "ratios": ratios, "breakdown_us": breakdown}
+    record["ratios_by_round"] = by_round
+    record["rounds"] = {"count": args.rounds, "seconds_each": args.seconds}
     record["peers"] = {"settings": peer_info, "best": best, "failed": failed}
     record["ratios_to_warmserve"] = peer_ratios
     for name, data in results.items():

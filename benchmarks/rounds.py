@@ -1,0 +1,58 @@
+"""Alternated rounds: servers that stay up side by side take turns, round after round, and each
+figure is the median over the rounds.
+
+One measurement of a few seconds per server, one server after the other, is at the mercy of
+whatever else the machine does at that moment: on the 2-vCPU dev VM the c=1 ratio to the floor
+moved between 1.17 and 1.59 from one quick run to the next. Servers measured in turn see the
+same machine, and the median with its spread (kept per round) is what a ratio should rest on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+MEDIAN_KEYS = ("throughput", "p50_ms", "p95_ms", "p99_ms", "server_cpu_us_per_call")
+
+Row = dict[str, Any]
+
+
+def median_row(rows: Sequence[Row]) -> Row:
+    """One row from the same load level's rows of several rounds: the median of each figure in
+    MEDIAN_KEYS (the values per round under "rounds"), the worst max, the sum of counts and
+    errors, and every latency (for CDFs)."""
+    if not rows:
+        raise ValueError("no rounds to combine")
+    out = dict(rows[0])
+    for key in MEDIAN_KEYS:
+        out[key] = float(np.median([row[key] for row in rows]))
+    out["max_ms"] = max(row["max_ms"] for row in rows)
+    for key in ("count", "errors", "seconds"):
+        out[key] = sum(row[key] for row in rows)
+    out["latencies_ms"] = [v for row in rows for v in row.get("latencies_ms", [])]
+    out["rounds"] = {key: [row[key] for row in rows] for key in MEDIAN_KEYS}
+    return out
+
+
+def alternate(
+    names: Sequence[str], levels: Sequence[int], rounds: int, measure: Callable[[str, int], Row]
+) -> dict[str, list[Row]]:
+    """``measure(name, level)`` for every server and level, ``rounds`` times; who goes first
+    rotates from round to round. Per server, one median row per level."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {rounds}")
+    samples: dict[str, dict[int, list[Row]]] = {n: {c: [] for c in levels} for n in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in [*names[shift:], *names[:shift]]:
+            for level in levels:
+                samples[name][level].append(measure(name, level))
+    return {name: [median_row(samples[name][c]) for c in levels] for name in names}
+
+
+def paired_ratios(numerator: Row, denominator: Row, key: str) -> list[float]:
+    """The ratio of ``key`` round by round (the same round of two servers ran back to back)."""
+    top, bottom = numerator["rounds"][key], denominator["rounds"][key]
+    return [a / b for a, b in zip(top, bottom, strict=True)]
