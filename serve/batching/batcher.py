@@ -19,10 +19,14 @@ worker) are paid per request by the busiest thread. Then a lone request is held 
 arrives or ``HOLD_CAP_S`` passes, which divides those costs by the batch's size at the price of a
 few inter-arrival gaps. How much company a hold waits for adapts: it starts at ``HOLD_ROWS``,
 doubles each time a hold fills up within the cap (up to ``HOLD_ROWS_MAX`` and max_batch_size),
-and halves when the cap passes with only some company. A request is held only while a worker has
-a free slot (otherwise it waits, and batches, in any case). An idle or lightly loaded server never
-holds, and ``HOLD_MISSES`` holds in a row that catch nobody (a single closed-loop caller) switch
-holding off for ``HOLD_BACKOFF_S``.
+and halves when the cap passes with only some company. When holds that waited for more gather,
+``HOLD_GATHERED`` times in a row, exactly as many rows as the last one that filled, those are
+all the callers there are (a few closed-loop callers, whose next requests come only after this
+batch's replies): the target then stays at that many instead of doubling into the cap every
+other hold, and probes one row higher after ``HOLD_PROBE_FILLS`` holds that fill. A request is
+held only while a worker has a free slot (otherwise it waits, and batches, in any case). An idle
+or lightly loaded server never holds, and ``HOLD_MISSES`` holds in a row that catch nobody (a
+single closed-loop caller) switch holding off for ``HOLD_BACKOFF_S``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ HOLD_ROWS_MAX = 8  # ... doubling up to this many while holds fill up within the
 HOLD_CAP_S = 0.002  # longest hold (the event loop's timers have millisecond resolution)
 HOLD_MISSES = 3  # holds in a row that catch no second request switch holding off ...
 HOLD_BACKOFF_S = 0.5  # ... for this long
+HOLD_PROBE_FILLS = 8  # holds that fill in a row before a lowered ceiling rises by one row
+HOLD_GATHERED = 2  # timed-out holds in a row with exactly the last fill's rows: all callers
 LOAD_WINDOW_S = 0.05  # the loop's busy fraction is measured over windows this long
 
 
@@ -188,6 +194,10 @@ class DynamicBatcher:
         self._may_hold = hold_when_saturated
         self._holding = False  # a lone request is held for company
         self._hold_rows = HOLD_ROWS  # rows a hold waits for (adapts, HOLD_ROWS..._MAX)
+        self._hold_ceiling = HOLD_ROWS_MAX  # lowered to the rows the callers can fill
+        self._last_fill = 0  # rows of the last hold that filled up
+        self._fills = 0  # holds filled since the ceiling last moved
+        self._gathered = 0  # timed-out holds in a row that got exactly the last fill's rows
         self._no_hold_until = 0.0
         self._missed = 0  # holds in a row that caught no second request
 
@@ -347,10 +357,23 @@ class DynamicBatcher:
             waiting = sum(i.rows for i in self._queue)
             if waiting >= self._hold_rows:  # filled within the cap: wait for more next time
                 self._missed = 0
-                self._hold_rows = min(self._hold_rows * 2, HOLD_ROWS_MAX, self._max_rows)
+                self._last_fill = waiting
+                self._fills += 1
+                if self._fills >= HOLD_PROBE_FILLS:  # perhaps more callers came: probe
+                    self._fills = 0
+                    self._hold_ceiling = min(self._hold_ceiling + 1, HOLD_ROWS_MAX)
+                self._hold_rows = min(self._hold_rows * 2, self._hold_ceiling, self._max_rows)
             elif waiting > 1:  # some company, not enough: wait for less
                 self._missed = 0
-                self._hold_rows = max(HOLD_ROWS, self._hold_rows // 2)
+                self._gathered = self._gathered + 1 if waiting == self._last_fill else 0
+                lowered = self._hold_ceiling < HOLD_ROWS_MAX  # (then this was a probe)
+                if self._gathered >= HOLD_GATHERED or (self._gathered and lowered):
+                    # The same rows as the last fill, again: every caller there is. Wait for
+                    # that many, not for more (that only waits out the cap).
+                    self._fills = self._gathered = 0
+                    self._hold_ceiling = self._hold_rows = waiting
+                else:
+                    self._hold_rows = max(HOLD_ROWS, self._hold_rows // 2)
             else:  # nobody came; several in a row: a single caller waits on itself
                 self._hold_rows = HOLD_ROWS
                 self._missed += 1

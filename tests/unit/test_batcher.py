@@ -372,6 +372,33 @@ def test_holds_that_fill_up_wait_for_more_company_and_ones_that_do_not_for_less(
     assert targets == [4, 8, 8, 8, 4]
 
 
+def test_a_hold_that_gathers_every_caller_stops_the_target_doubling_past_them():
+    """Four closed-loop callers: once holds waiting for 8 gather the same 4 rows as the last hold
+    that filled, twice in a row, the target stays at 4 instead of doubling into the cap every
+    other hold, probes one row higher after HOLD_PROBE_FILLS holds that fill, and comes back
+    to 4 when the probe times out with the 4."""
+    fills = batcher_module.HOLD_PROBE_FILLS
+
+    async def main():
+        pool = FakePool(slots=4)
+        batcher = make(pool, max_batch_size=8)
+        batcher.start()
+        targets = []
+        for size in (2, 4, 4, 4, 4, *[4] * fills, 4):
+            _loaded(batcher)
+            first = asyncio.ensure_future(batcher.submit([np.zeros((1, 1))], 1, None))
+            await asyncio.sleep(0)  # the lone request is held
+            rest = [batcher.submit([np.ones((1, 1))], 1, None) for _ in range(size - 1)]
+            await asyncio.gather(first, *rest)  # a hold for more than 4 waits out the cap
+            targets.append(batcher._hold_rows)
+        await batcher.stop()
+        return pool, targets
+
+    pool, targets = run(main())
+    assert [b[0].shape[0] for b in pool.batches] == [2, 4, 4, 4, 4, *[4] * fills, 4]
+    assert targets == [4, 8, 4, 8, 4, *[4] * (fills - 1), 5, 4]
+
+
 def _sent_at_once(*, loaded: bool, **options) -> bool:
     """Whether a lone request leaves for the worker from its own submit() call (not held)."""
 
