@@ -20,12 +20,11 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc
-import msgspec
 
 from serve.frontend.relay_wire import (
     FRAME_MARGIN,
     RELAY_VERSION,
-    FrameDecoder,
+    FramedProtocol,
     FrameWriter,
     Hello,
     RelayCall,
@@ -57,41 +56,38 @@ class RelayError(Exception):
 StreamItem = bytes | RelayReply | HubGoneError
 
 
-class HubLink(asyncio.Protocol):
+class HubLink(FramedProtocol[RelayReply | RelayStream]):
     """Calls to the hub, matched to replies by id, over one Unix socket."""
 
     def __init__(self, path: str, relay: int, max_frame: int) -> None:
+        super().__init__(from_hub_decoder, max_frame)
         self._path = path
         self._relay = relay
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[RelayReply]] = {}
         self._streams: dict[int, asyncio.Queue[StreamItem]] = {}  # streaming calls' messages
-        self._frames = FrameDecoder(from_hub_decoder, max_frame)
-        self._writer: FrameWriter | None = None
-        self._transport: asyncio.Transport | None = None
         self.lost = asyncio.Event()
 
     async def connect(self) -> None:
         await asyncio.get_running_loop().create_unix_connection(lambda: self, self._path)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self._writer = FrameWriter(self._transport)  # type: ignore[arg-type]
-        self._writer.write(Hello(RELAY_VERSION, self._relay))
+    def connected(self, writer: FrameWriter) -> None:
+        writer.write(Hello(RELAY_VERSION, self._relay))
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
     async def call(self, method: str, payload: bytes, timeout_s: float | None) -> RelayReply:
-        if self.lost.is_set() or self._writer is None:
+        writer = self.writer
+        if self.lost.is_set() or writer is None:
             raise HubGoneError("the serving process is gone")
         call_id = next(self._ids)
         future: asyncio.Future[RelayReply] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         try:
-            self._writer.write(RelayCall(call_id, method, timeout_s, payload))
-            await self._writer.backpressure()  # the serving process is behind: wait for it
+            writer.write(RelayCall(call_id, method, timeout_s, payload))
+            await writer.backpressure()  # the serving process is behind: wait for it
             return await future
         except asyncio.CancelledError:
             # The caller cancelled, or gRPC ended the call at its deadline: the hub drops the
@@ -107,14 +103,15 @@ class HubLink(asyncio.Protocol):
     ) -> AsyncIterator[bytes]:
         """A server-streaming call: its messages as they come. Raises RelayError when the hub
         ends it with a status other than OK, HubGoneError when the hub goes away."""
-        if self.lost.is_set() or self._writer is None:
+        writer = self.writer
+        if self.lost.is_set() or writer is None:
             raise HubGoneError("the serving process is gone")
         call_id = next(self._ids)
         queue: asyncio.Queue[StreamItem] = asyncio.Queue()
         self._streams[call_id] = queue
         ended = False
         try:
-            self._writer.write(RelayCall(call_id, method, timeout_s, payload))
+            writer.write(RelayCall(call_id, method, timeout_s, payload))
             while True:
                 item = await queue.get()
                 if isinstance(item, bytes):
@@ -134,18 +131,15 @@ class HubLink(asyncio.Protocol):
             self._streams.pop(call_id, None)
 
     def _give_up(self, call_id: int, method: str) -> None:
-        if self._writer is not None and not self.lost.is_set() and not self._writer.closing:
+        writer = self.writer
+        if writer is not None and not self.lost.is_set() and not writer.closing:
             log.debug("call %d to %s given up by its caller; telling the hub", call_id, method)
-            self._writer.write(RelayCancel(call_id))
+            writer.write(RelayCancel(call_id))
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            replies = self._frames.feed(data)
-        except (msgspec.DecodeError, ValueError) as exc:
-            log.error("the serving process sent a malformed reply (%s); dropping the link", exc)
-            if self._transport is not None:
-                self._transport.abort()
-            return
+    def malformed(self, reason: str) -> None:
+        log.error("the serving process sent a malformed reply (%s); dropping the link", reason)
+
+    def received(self, replies: list[RelayReply | RelayStream]) -> None:
         pending = self._pending
         for reply in replies:
             future = pending.get(reply.id)
@@ -157,14 +151,6 @@ class HubLink(asyncio.Protocol):
             if stream is not None:
                 stream.put_nowait(reply.payload if isinstance(reply, RelayStream) else reply)
 
-    def pause_writing(self) -> None:
-        if self._writer is not None:
-            self._writer.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._writer is not None:
-            self._writer.resume_writing()
-
     def connection_lost(self, exc: Exception | None) -> None:
         if self._pending:
             log.warning(
@@ -173,8 +159,7 @@ class HubLink(asyncio.Protocol):
                 len(self._pending),
             )
         self.lost.set()
-        if self._writer is not None:
-            self._writer.resume_writing()
+        self.resume_writing()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(HubGoneError("the serving process is gone"))

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import msgspec
 from google.protobuf.message import DecodeError
 
 from serve.frontend.relay_wire import (
@@ -32,7 +31,7 @@ from serve.frontend.relay_wire import (
     HEALTH_WATCH,
     OK,
     RELAY_VERSION,
-    FrameDecoder,
+    FramedProtocol,
     FrameWriter,
     Hello,
     RelayCall,
@@ -162,29 +161,25 @@ class RelayHub:
         return RelayReply(call.id, OK, "", payload)
 
 
-class RelayConnection(asyncio.Protocol):
+class RelayConnection(FramedProtocol[Hello | RelayCall | RelayCancel]):
     """One relay's connection to the hub: its calls run as tasks, their replies go back."""
 
     def __init__(self, hub: RelayHub) -> None:
+        super().__init__(to_hub_decoder, hub.max_frame)
         self._hub = hub
-        self._frames = FrameDecoder(to_hub_decoder, hub.max_frame)
-        self._transport: asyncio.Transport | None = None
-        self._replies: FrameWriter | None = None
         self._loop = asyncio.get_running_loop()
         self.relay = -1  # its index, once it said Hello
         self._running: dict[int, asyncio.Task[None]] = {}  # call id → its task, while it runs
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self._replies = FrameWriter(self._transport)  # type: ignore[arg-type]
+    def connected(self, writer: FrameWriter) -> None:
         self._hub.opened(self)
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            messages = self._frames.feed(data)
-        except (msgspec.DecodeError, ValueError) as exc:
-            self._drop(f"sent a malformed message: {exc}")
-            return
+    def malformed(self, reason: str) -> None:
+        log.error(
+            "relay %d sent a malformed message: %s; dropping its connection", self.relay, reason
+        )
+
+    def received(self, messages: list[Hello | RelayCall | RelayCancel]) -> None:
         for message in messages:
             if isinstance(message, RelayCall) and self.relay >= 0:
                 self._start(message)
@@ -207,7 +202,7 @@ class RelayConnection(asyncio.Protocol):
         task.add_done_callback(lambda _: self._running.pop(call.id, None))
 
     async def _answer(self, call: RelayCall) -> None:
-        replies = self._replies
+        replies = self.writer
         reply = await self._hub.dispatch(call, replies)
         calls = self._hub.calls
         calls[self.relay] = calls.get(self.relay, 0) + 1
@@ -221,14 +216,6 @@ class RelayConnection(asyncio.Protocol):
             log.debug("relay %d: call %d cancelled by its caller", self.relay, call_id)
             task.cancel()
 
-    def pause_writing(self) -> None:
-        if self._replies is not None:
-            self._replies.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._replies is not None:
-            self._replies.resume_writing()
-
     def connection_lost(self, exc: Exception | None) -> None:
         log.info("relay %d disconnected%s", self.relay, f" ({exc})" if exc else "")
         self._hub.closed(self)
@@ -237,8 +224,8 @@ class RelayConnection(asyncio.Protocol):
     def close(self) -> list[asyncio.Task[None]]:
         """Close the connection and cancel its calls in progress (nobody waits for them any
         more); the cancelled tasks."""
-        if self._replies is not None:
-            self._replies.close()
+        if self.writer is not None:
+            self.writer.close()
         running = list(self._running.values())
         self._running.clear()
         if running:
@@ -249,5 +236,4 @@ class RelayConnection(asyncio.Protocol):
 
     def _drop(self, reason: str) -> None:
         log.error("relay %d %s; dropping its connection", self.relay, reason)
-        if self._transport is not None:
-            self._transport.abort()
+        self.abort()

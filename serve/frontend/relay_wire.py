@@ -154,6 +154,52 @@ class FrameWriter:
         self.resume_writing()  # nobody waits on a closed connection
 
 
+class FramedProtocol(asyncio.Protocol, Generic[M]):
+    """One end of a relay connection: frames in, decoded (``received``), a FrameWriter out
+    (``writer``, once connected), with the transport's back-pressure wired to it. A stream that
+    cannot be decoded is beyond repair: ``malformed`` is told why and the connection aborts."""
+
+    def __init__(self, decoder: msgspec.msgpack.Decoder[M], max_frame: int) -> None:
+        self._frames = FrameDecoder(decoder, max_frame)
+        self._transport: asyncio.Transport | None = None
+        self.writer: FrameWriter | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.writer = FrameWriter(self._transport)  # type: ignore[arg-type]
+        self.connected(self.writer)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._frames.feed(data)
+        except (msgspec.DecodeError, ValueError) as exc:
+            self.malformed(str(exc))
+            self.abort()
+            return
+        self.received(messages)
+
+    def connected(self, writer: FrameWriter) -> None:
+        """The connection is up; ``writer`` sends frames on it."""
+
+    def received(self, messages: list[M]) -> None:
+        raise NotImplementedError
+
+    def malformed(self, reason: str) -> None:
+        """Log why; the connection is aborted next."""
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def pause_writing(self) -> None:
+        if self.writer is not None:
+            self.writer.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.writer is not None:
+            self.writer.resume_writing()
+
+
 def unary_methods() -> dict[str, type[Any]]:
     """Every unary-unary method a relay passes on, with its request type."""
     from serve.frontend.pb import grpc_service_pb2 as pb  # generated: imported where used
