@@ -101,11 +101,11 @@ class RelayHub:
         self.path = folder / "hub.sock"
         self.max_frame = max_message + FRAME_MARGIN
         self._handlers: dict[str, tuple[Handler, type[Any]]] = {}
-        methods = {**unary_methods(), **stream_methods()}
-        for method, request_type in methods.items():
+        streaming = stream_methods()
+        for method, request_type in {**unary_methods(), **streaming}.items():
             owner: Any = health if method in (HEALTH_CHECK, HEALTH_WATCH) else servicer
             self._handlers[method] = (getattr(owner, method.rsplit("/", 1)[1]), request_type)
-        self._streaming = set(stream_methods())
+        self._streaming = set(streaming)
         self._server: asyncio.Server | None = None
         self._connections: set[RelayConnection] = set()
         self.calls: dict[int, int] = {}  # relay index → calls answered
