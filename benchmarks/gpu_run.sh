@@ -10,6 +10,9 @@
 # onnxruntime are already there) into /tmp/site, runs the GPU benchmark and then the GPU tests,
 # and leaves everything in $OUT (at most 8 files) for benchmarks/RESULTS.md. Each step has its
 # own timeout, so the whole script ends inside 8 minutes.
+# GPU_SECOND_ARGS, if set, are the arguments of a second, shorter gpu_bench run after the tests
+# (e.g. "--frontends-only --frontends 1,2,4 --levels 32,64 --workers 1 --slots 1"). It gets
+# what is left of SCRIPT_LIMIT_S (default 570 s) and comes back as $OUT/second.tgz.
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
@@ -31,5 +34,15 @@ timeout 60 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gpu-tests te
     | tee "$OUT/gpu_tests.txt" | tail -25
 find /tmp/gpu-tests -name '*.log' -print0 2>/dev/null \
     | tar czf "$OUT/gpu_test_logs.tgz" --null -T - 2>/dev/null
+if [ -n "${GPU_SECOND_ARGS:-}" ]; then
+    left=$(( ${SCRIPT_LIMIT_S:-570} - SECONDS ))
+    echo "== second run, ${left} s left: gpu_bench ${GPU_SECOND_ARGS}"
+    if [ "$left" -gt 30 ]; then
+        mkdir -p "$OUT/second"
+        timeout "$left" python3 -m benchmarks.gpu_bench --out "$OUT/second" ${GPU_SECOND_ARGS} 2>&1 \
+            | tee "$OUT/second/gpu_bench.txt"
+        (cd "$OUT" && tar czf second.tgz second && rm -rf second)
+    fi
+fi
 (cd "$OUT" && tar czf server_logs.tgz ./*.log && rm -f ./*.log)  # files back: at most 8
 ls -la "$OUT"
