@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from serve.config import ModelConfig
@@ -30,6 +31,18 @@ class Backend(abc.ABC):
     def run(self, inputs: Arrays) -> Arrays:
         """Compute one batch. Inputs and outputs are keyed by the model config's tensor names."""
 
+    def run_bucket(self, inputs: Arrays, bucket: int) -> Arrays:
+        """Compute a batch of fewer rows than (or as many as) ``bucket`` on the shape warmed for
+        ``bucket`` rows. Outputs may hold padding rows after the batch's own: the caller keeps
+        the first rows. This default pads each input by repeating its last row."""
+        return self.run({name: pad_rows(array, bucket) for name, array in inputs.items()})
+
+    def pin_host_memory(self, address: int, size: int) -> bool:
+        """Offer ``size`` bytes of host memory at ``address`` (the worker's shared input arena)
+        to the device for direct copies; True when the backend took it. Default: no device to
+        copy to."""
+        return False
+
     def warm(self, inputs: Arrays, repeats: int = 3) -> None:
         """Run a batch shape until it is fast (allocations, autotuning, graph capture)."""
         for _ in range(repeats):
@@ -41,6 +54,14 @@ class Backend(abc.ABC):
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"
+
+
+def pad_rows(array: npt.NDArray[Any], rows: int) -> npt.NDArray[Any]:
+    """Repeat the last row so the batch has ``rows`` rows (padding rows are dropped later)."""
+    extra = rows - array.shape[0]
+    if extra <= 0:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], extra, axis=0)], axis=0)
 
 
 def sample_inputs(model: ModelConfig, rows: int | None, seed: int = 0) -> Arrays:

@@ -39,19 +39,37 @@ class _Graph:
         self.host_input_arrays = [t.numpy() for t in self.host_inputs]
         self.done = torch.cuda.Event()
 
-    def run(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
-        for host, host_array, static, array in zip(
-            self.host_inputs, self.host_input_arrays, self.inputs, arrays, strict=True
+    def run(
+        self, arrays: list[np.ndarray[Any, Any]], rows: int, locked: tuple[int, int] | None
+    ) -> list[np.ndarray[Any, Any]]:
+        """The batch's ``rows`` rows through the graph of this bucket. Only those rows are copied
+        each way: the rows after them keep an earlier batch's values, which only their own
+        (dropped) outputs see. An input inside ``locked`` (page-locked host memory: the worker's
+        arena) goes to the device straight from there; any other is staged in this bucket's
+        page-locked buffer first."""
+        for static, host, host_array, array in zip(
+            self.inputs, self.host_inputs, self.host_input_arrays, arrays, strict=True
         ):
-            np.copyto(host_array, array, casting="same_kind")
-            static.copy_(host, non_blocking=True)
+            if _inside(array, locked) and array.dtype == host_array.dtype:
+                source = torch.from_numpy(array)
+            else:
+                np.copyto(host_array[:rows], array, casting="same_kind")
+                source = host[:rows]
+            static[:rows].copy_(source, non_blocking=True)
         self.graph.replay()
         for host, out in zip(self.host_outputs, self.outputs, strict=True):
-            host.copy_(out, non_blocking=True)
+            host[:rows].copy_(out[:rows], non_blocking=True)
         self.done.record()
-        self.done.synchronize()
+        self.done.synchronize()  # the inputs are read and the outputs written: buffers are free
         # copies: the page-locked buffers are this bucket's, written again by its next batch
-        return [host.numpy().copy() for host in self.host_outputs]
+        return [host[:rows].numpy().copy() for host in self.host_outputs]
+
+
+def _inside(array: np.ndarray[Any, Any], span: tuple[int, int] | None) -> bool:
+    if span is None or not array.flags.c_contiguous:
+        return False
+    start: int = array.ctypes.data
+    return span[0] <= start and start + array.nbytes <= span[0] + span[1]
 
 
 class TorchBackend(Backend):
@@ -82,6 +100,7 @@ class TorchBackend(Backend):
         self._input_names = list(model.model_inputs) or [s.name for s in model.inputs]
         self._output_names = list(model.model_outputs) or [s.name for s in model.outputs]
         self._graphs: dict[tuple[tuple[int, ...], ...], _Graph] = {}
+        self._locked: tuple[int, int] | None = None  # page-locked host memory (the arena)
 
     def _load(self, model: ModelConfig) -> Any:
         path = model.model_path
@@ -120,13 +139,43 @@ class TorchBackend(Backend):
             )
         return tensors
 
+    def pin_host_memory(self, address: int, size: int) -> bool:
+        if self._torch_device.type != "cuda":
+            return False
+        try:
+            error = int(torch.cuda.cudart().cudaHostRegister(address, size, 0))
+        except Exception as exc:  # an optimisation: staged copies still work
+            log.warning(
+                "cannot page-lock %d bytes of host memory (%s); copies are staged", size, exc
+            )
+            return False
+        if error != 0:
+            log.warning(
+                "cudaHostRegister of %d bytes failed (error %d); copies are staged", size, error
+            )
+            return False
+        self._locked = (address, size)
+        return True
+
+    def run_bucket(self, inputs: Arrays, bucket: int) -> Arrays:
+        arrays = [inputs[name] for name in self._input_names]
+        key = tuple((bucket, *a.shape[1:]) for a in arrays)
+        graph = self._graphs.get(key)
+        rows = arrays[0].shape[0] if arrays else 0
+        if graph is None or any(a.shape[0] != rows for a in arrays):
+            return super().run_bucket(inputs, bucket)
+        with torch.inference_mode():
+            outputs = graph.run(arrays, rows, self._locked)
+        return dict(zip(self._output_names, outputs, strict=True))
+
     def run(self, inputs: Arrays) -> Arrays:
         arrays = [inputs[name] for name in self._input_names]
         key = tuple(tuple(a.shape) for a in arrays)
         with torch.inference_mode():
             graph = self._graphs.get(key)
             if graph is not None:
-                return dict(zip(self._output_names, graph.run(arrays), strict=True))
+                rows = arrays[0].shape[0]
+                return dict(zip(self._output_names, graph.run(arrays, rows, None), strict=True))
             outputs = self._outputs(self._module(*[self._to_device(a) for a in arrays]))
             return {
                 name: out.detach().to("cpu").numpy()

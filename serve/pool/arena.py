@@ -40,11 +40,20 @@ class Arena:
     def __init__(self, fd: int, slots: int, slot_bytes: int) -> None:
         self.slots = slots
         self.slot_bytes = slot_bytes
-        self._map = mmap.mmap(fd, slots * slot_bytes)
+        self.size = slots * slot_bytes
+        self._map = mmap.mmap(fd, self.size)
         self._buffer = memoryview(self._map)
+        self._whole: npt.NDArray[np.uint8] | None = None  # a view for the address, once asked
+
+    def address_range(self) -> tuple[int, int]:
+        """(address, size) of the mapping in this process, e.g. to page-lock it for a GPU."""
+        if self._whole is None:
+            self._whole = np.frombuffer(self._buffer, dtype=np.uint8)
+        return self._whole.ctypes.data, self.size
 
     def close(self) -> None:
         """Unmap now if no array still views the arena; otherwise the last view's release does."""
+        self._whole = None
         try:
             self._buffer.release()
             self._map.close()

@@ -79,14 +79,6 @@ def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
     return rows
 
 
-def pad_rows(array: np.ndarray[Any, Any], rows: int) -> np.ndarray[Any, Any]:
-    """Repeat the last row so the batch has ``rows`` rows (padding rows are dropped later)."""
-    extra = rows - array.shape[0]
-    if extra <= 0:
-        return array
-    return np.concatenate([array, np.repeat(array[-1:], extra, axis=0)], axis=0)
-
-
 class Worker:
     def __init__(self, channel: Channel, init: Init, in_fd: int, out_fd: int) -> None:
         from serve.backends import load_backend
@@ -112,6 +104,10 @@ class Worker:
         self.pad = fixed and bool(self.buckets)
         self.output_types = {s.name: Datatype(s.datatype) for s in self.model.outputs}
         self.output_dtypes = {name: numpy_dtype(t) for name, t in self.output_types.items()}
+        # Inputs are read in place from the arena: a backend with a device may page-lock it, so
+        # a batch's rows go to the device by DMA straight from shared memory.
+        if self.backend.pin_host_memory(*self.inputs.address_range()):
+            log.info("input arena (%d bytes) page-locked for device copies", self.inputs.size)
 
     def warm_up(self) -> float:
         """Run every bucket the worker will serve; check outputs match the config."""
@@ -155,16 +151,16 @@ class Worker:
             arrays = {
                 ref.name: self.inputs.read(message.slot, ref, copy=False) for ref in message.inputs
             }
-            if self.pad:
-                target = bucket_for(message.rows, self.buckets)
-                arrays = {name: pad_rows(a, target) for name, a in arrays.items()}
         except Exception as exc:
             return BatchFailed(message.batch_id, "invalid_input", f"cannot read inputs: {exc}")
         t1 = time.perf_counter_ns()
         try:
-            outputs = self.processing.postprocess(
-                self.backend.run(self.processing.preprocess(arrays))
-            )
+            inputs = self.processing.preprocess(arrays)
+            if self.pad:  # on the warmed shape of the smallest bucket that holds the batch
+                result = self.backend.run_bucket(inputs, bucket_for(message.rows, self.buckets))
+            else:
+                result = self.backend.run(inputs)
+            outputs = self.processing.postprocess(result)
             self._check_outputs(outputs, None)
         except Exception as exc:
             if self.backend.is_fatal(exc):

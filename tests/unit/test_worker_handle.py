@@ -61,6 +61,9 @@ def test_the_worker_turns_a_fatal_backend_error_into_a_fatal_for_that_batch(monk
         def is_fatal(self, exc):
             return True
 
+        def pin_host_memory(self, address, size):
+            return False
+
     monkeypatch.setattr(serve.backends, "load_backend", lambda *args: Poisoned())
     in_fd, out_fd = create_memfd("in", 1 << 20), create_memfd("out", 1 << 20)
     model = _model()
