@@ -1,6 +1,11 @@
 """What the serving process spends per call with and without relay processes (``--frontends``).
 
     python -m benchmarks.relay_cost [--model mlp_onnx] [--concurrency 16] [--rounds 2]
+    python -m benchmarks.relay_cost --image [--concurrency 64]
+
+``--image`` serves a model with ResNet-50's request and reply sizes (uint8 224×224×3 in, 1,000
+FP32 out) that computes next to nothing (the first 1,000 bytes, as floats), so what is measured
+is the cost of moving a 150 KB call through the serving process, as on the GPU host.
 
 Serves the demo models with ``--frontends 1`` (the serving process terminates gRPC itself) and
 ``--frontends N`` (N relays terminate gRPC and pass calls on), alternating, under the same closed
@@ -17,16 +22,69 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks import loadgen, proctree
+from serve.frontend.pb import grpc_service_pb2 as pb
+from serve.testing.models import write_config
 from tests.integration.harness import ServerProcess, wait_until
 
+IMAGE_SHAPE = (224, 224, 3)
 
-def measure(frontends: int, model: str, concurrency: int, seconds: float, log: Path) -> Any:
+
+def build_image_passthrough(folder: Path, name: str = "image_passthrough") -> Path:
+    """ONNX: IMAGE uint8 [B, 224, 224, 3] → LOGITS fp32 [B, 1000], the first 1,000 bytes of each
+    image as floats. ResNet-50's sizes each way, next to no compute."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    row = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
+    consts = [
+        helper.make_tensor(n, TensorProto.INT64, [len(v)], v)
+        for n, v in (("shape", [-1, row]), ("starts", [0]), ("ends", [1000]), ("axes", [1]))
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["IMAGE", "shape"], ["flat"]),
+        helper.make_node("Slice", ["flat", "starts", "ends", "axes"], ["head"]),
+        helper.make_node("Cast", ["head"], ["LOGITS"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("IMAGE", TensorProto.UINT8, ["batch", *IMAGE_SHAPE])],
+        [helper.make_tensor_value_info("LOGITS", TensorProto.FLOAT, ["batch", 1000])],
+        initializer=consts,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    return write_config(folder, {
+        "name": name, "backend": "onnx", "model_file": "model.onnx", "max_batch_size": 64,
+        "inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": list(IMAGE_SHAPE)}],
+        "outputs": [{"name": "LOGITS", "datatype": "FP32", "shape": [1000]}],
+        "pool": {"workers": 1, "threads": 1},
+    })  # fmt: skip
+
+
+def image_request(model: str) -> bytes:
+    image = np.random.default_rng(0).integers(0, 256, (1, *IMAGE_SHAPE), dtype=np.uint8)
+    message = pb.ModelInferRequest(model_name=model)
+    message.inputs.add(name="IMAGE", datatype="UINT8", shape=list(image.shape))
+    message.raw_input_contents.append(image.tobytes())
+    return bytes(message.SerializeToString())
+
+
+def measure(
+    frontends: int, model: str, concurrency: int, seconds: float, log: Path,
+    repo: Path | None = None, payload: bytes = b"",
+) -> Any:  # fmt: skip
     args = ("--frontends", str(frontends)) if frontends > 1 else ()
-    server = ServerProcess(log, None, args=args)
+    server = ServerProcess(log, repo, args=args)
     try:
         wait_until(server.ready_over_http, 300, "server ready")
-        load = {"concurrency": concurrency, "processes": 2, "connections": 4}
+        load = {"concurrency": concurrency, "processes": 2, "connections": 4, "payload": payload}
         loadgen.run(server.url, model, seconds=1.0, **load)  # warm the path and the clients
         pid = server.process.pid
         threads0, tree0 = proctree.thread_cpu_seconds(pid), proctree.tree_cpu_seconds(pid)
@@ -53,13 +111,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument(
+        "--image", action="store_true", help="a model with ResNet-50's request size (150 KB)"
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        repo, payload, model = None, b"", args.model
+        if args.image:
+            model = "image_passthrough"
+            repo = Path(tmp) / "repo"
+            build_image_passthrough(repo / model, model)
+            payload = image_request(model)
         for round_ in range(args.rounds):
             for frontends in (1, args.frontends):
                 log = Path(tmp) / f"server-{round_}-{frontends}.log"
-                row = measure(frontends, args.model, args.concurrency, args.seconds, log)
+                row = measure(frontends, model, args.concurrency, args.seconds, log, repo, payload)
                 rows.append(row)
                 print(
                     f"frontends={frontends} c={args.concurrency}: {row['throughput']:.0f}/s "

@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        from serve.memory import keep_large_buffers_in_heap
+
+        keep_large_buffers_in_heap()  # before the first request's buffers (serve/memory.py)
         repository = Path(args.repository or default_repository_from_env() or demo_repository())
         if not repository.is_dir():
             raise ConfigError(f"model repository {repository} is not a directory")

@@ -277,6 +277,9 @@ def relay_main(
     import uvloop
 
     from serve.frontend.relay import run_relay
+    from serve.memory import keep_large_buffers_in_heap
+
+    keep_large_buffers_in_heap()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         code = runner.run(run_relay(index, hub_path, address, max_message_bytes, grace_s, conn))

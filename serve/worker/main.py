@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from serve.config import ModelConfig
+from serve.memory import keep_large_buffers_in_heap
 from serve.pool.arena import Arena
 from serve.pool.messages import (
     FRAME_HEADER,
@@ -196,6 +197,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     ignore_group_signals()
+    keep_large_buffers_in_heap()
     return run(args.fd, args.in_fd, args.out_fd, args.log_level)
 
 

@@ -47,9 +47,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fd", type=int, required=True, help="inherited socket to the pool")
     parser.add_argument("--preload", nargs="*", default=[], help="modules to import up front")
     args = parser.parse_args(argv)
+    from serve.memory import keep_large_buffers_in_heap
     from serve.worker.main import ignore_group_signals
 
     ignore_group_signals()
+    keep_large_buffers_in_heap()  # forked workers inherit it
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps forked workers
     for module in ("numpy", "serve.backends.base", *args.preload):
         try:
