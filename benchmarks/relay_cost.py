@@ -1,7 +1,7 @@
 """What the serving process spends per call with and without relay processes (``--frontends``).
 
     python -m benchmarks.relay_cost [--model mlp_onnx] [--concurrency 16] [--rounds 2]
-    python -m benchmarks.relay_cost --image [--concurrency 64]
+    python -m benchmarks.relay_cost --image [--concurrency 64] [--perf DIR]
 
 ``--image`` serves a model with ResNet-50's request and reply sizes (uint8 224×224×3 in, 1,000
 FP32 out) that computes next to nothing (the first 1,000 bytes, as floats), so what is measured
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from benchmarks import loadgen, proctree
-from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.testing.models import write_config
 from tests.integration.harness import ServerProcess, wait_until
 
@@ -69,6 +69,8 @@ def build_image_passthrough(folder: Path, name: str = "image_passthrough") -> Pa
 
 
 def image_request(model: str) -> bytes:
+    from serve.frontend.pb import grpc_service_pb2 as pb  # not beside tritonclient's in tests
+
     image = np.random.default_rng(0).integers(0, 256, (1, *IMAGE_SHAPE), dtype=np.uint8)
     message = pb.ModelInferRequest(model_name=model)
     message.inputs.add(name="IMAGE", datatype="UINT8", shape=list(image.shape))
@@ -78,19 +80,30 @@ def image_request(model: str) -> bytes:
 
 def measure(
     frontends: int, model: str, concurrency: int, seconds: float, log: Path,
-    repo: Path | None = None, payload: bytes = b"",
+    repo: Path | None = None, payload: bytes = b"", perf: Path | None = None,
 ) -> Any:  # fmt: skip
+    """One set-up under load; with ``perf``, Linux perf samples the serving process's event-loop
+    thread (its main thread) into that file while the load runs."""
     args = ("--frontends", str(frontends)) if frontends > 1 else ()
     server = ServerProcess(log, repo, args=args)
+    recorder = None
     try:
         wait_until(server.ready_over_http, 300, "server ready")
         load = {"concurrency": concurrency, "processes": 2, "connections": 4, "payload": payload}
         loadgen.run(server.url, model, seconds=1.0, **load)  # warm the path and the clients
         pid = server.process.pid
+        if perf is not None:
+            window = str(max(1.0, seconds - 1.0))  # inside the load, whose clients start first
+            command = ["perf", "record", "-q", "-F", "2000", "-t", str(pid), "-o", str(perf)]
+            recorder = subprocess.Popen([*command, "--", "sleep", window])
         threads0, tree0 = proctree.thread_cpu_seconds(pid), proctree.tree_cpu_seconds(pid)
         result = loadgen.run(server.url, model, seconds=seconds, **load)
         threads1, tree1 = proctree.thread_cpu_seconds(pid), proctree.tree_cpu_seconds(pid)
+        if recorder is not None:
+            recorder.wait(timeout=30)
     finally:
+        if recorder is not None and recorder.poll() is None:
+            recorder.kill()
         server.stop()
     busiest = max(v - threads0.get(k, 0.0) for k, v in threads1.items())
     calls = max(1, result.count)
@@ -114,6 +127,11 @@ def main() -> None:
     parser.add_argument(
         "--image", action="store_true", help="a model with ResNet-50's request size (150 KB)"
     )
+    parser.add_argument(
+        "--perf",
+        type=Path,
+        help="record the serving process's loop thread with Linux perf into DIR/*.data",
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +144,13 @@ def main() -> None:
         for round_ in range(args.rounds):
             for frontends in (1, args.frontends):
                 log = Path(tmp) / f"server-{round_}-{frontends}.log"
-                row = measure(frontends, model, args.concurrency, args.seconds, log, repo, payload)
+                perf = None
+                if args.perf:
+                    args.perf.mkdir(parents=True, exist_ok=True)
+                    perf = args.perf / f"serving-frontends{frontends}-round{round_}.data"
+                row = measure(
+                    frontends, model, args.concurrency, args.seconds, log, repo, payload, perf
+                )
                 rows.append(row)
                 print(
                     f"frontends={frontends} c={args.concurrency}: {row['throughput']:.0f}/s "

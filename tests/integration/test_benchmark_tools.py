@@ -63,3 +63,19 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
         assert rows and all(r["count"] > 0 and r["errors"] == 0 for r in rows), rows
         assert all(r["rows_per_batch"] >= 1 for r in rows), rows
     assert [t["frontends"] for t in results["frontend_targets"]] == [1, 2]
+
+
+def test_the_image_sized_model_of_relay_cost_returns_each_images_first_bytes(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from benchmarks.relay_cost import IMAGE_SHAPE, build_image_passthrough
+
+    build_image_passthrough(tmp_path / "image_passthrough")
+    session = ort.InferenceSession(
+        str(tmp_path / "image_passthrough" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    images = np.random.default_rng(3).integers(0, 256, (3, *IMAGE_SHAPE), dtype=np.uint8)
+    (logits,) = session.run(None, {"IMAGE": images})
+    assert logits.dtype == np.float32 and logits.shape == (3, 1000)
+    np.testing.assert_array_equal(logits, images.reshape(3, -1)[:, :1000].astype(np.float32))
