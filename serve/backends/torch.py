@@ -9,6 +9,7 @@ runs eagerly.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -140,7 +141,8 @@ class TorchBackend(Backend):
         return tensors
 
     def pin_host_memory(self, address: int, size: int) -> bool:
-        if self._torch_device.type != "cuda":
+        # WARMSERVE_PAGE_LOCK=0: copies are staged instead (to compare the two on one machine)
+        if self._torch_device.type != "cuda" or os.environ.get("WARMSERVE_PAGE_LOCK") == "0":
             return False
         try:
             error = int(torch.cuda.cudart().cudaHostRegister(address, size, 0))
