@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ from typing import Any
 from serve.config import ServerConfig
 from serve.errors import ConfigError
 from serve.frontend.relay_hub import RelayHub
+from serve.frontend.relay_wire import RING_SLOT_BYTES, RING_SLOTS_DEFAULT, RelayRing
 from serve.frontend.server import GrpcFrontend
 from serve.telemetry.metrics import RelayCollector
 
@@ -50,12 +52,49 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return holder
 
 
+class InheritedFd:
+    """A file descriptor for a spawned process. Pickled while the process starts, it goes
+    through multiprocessing's spawning Popen, which passes it on as it does the Pipe's."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing.reduction import DupFd
+
+        return _inherited, (DupFd(self.fd),)
+
+
+def _inherited(dup: Any) -> InheritedFd:
+    return InheritedFd(dup.detach())
+
+
+def ring_slots_from_env() -> int:
+    """Slots of each relay's ring (WARMSERVE_RELAY_RING_SLOTS; 0: calls go inline)."""
+    text = os.environ.get("WARMSERVE_RELAY_RING_SLOTS", str(RING_SLOTS_DEFAULT))
+    try:
+        slots = int(text)
+    except ValueError:
+        slots = -1
+    if slots < 0:
+        raise ConfigError(f"WARMSERVE_RELAY_RING_SLOTS={text!r} is not a count of slots (>= 0)")
+    return slots
+
+
 class RelayProcess:
     """The serving process's handle on one relay process."""
 
-    def __init__(self, index: int, args: tuple[Any, ...]) -> None:
+    def __init__(
+        self,
+        index: int,
+        args: tuple[Any, ...],
+        rings: dict[int, RelayRing] | None = None,
+        ring_slots: int = 0,
+    ) -> None:
         self.index = index
         self._args = args
+        self._rings = rings if rings is not None else {}
+        self._ring_slots = ring_slots
         self._process: Any = None
         self._conn: Connection | None = None
         self.started_at = 0.0
@@ -71,12 +110,22 @@ class RelayProcess:
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe(duplex=False)
+        ring_fd = -1
+        if self._ring_slots:  # a fresh ring per start: the last one's calls may still hold views
+            ring_fd = os.memfd_create(f"warmserve-relay-{self.index}-ring")
+            os.ftruncate(ring_fd, self._ring_slots * RING_SLOT_BYTES)
+            self._rings[self.index] = RelayRing(ring_fd, self._ring_slots, RING_SLOT_BYTES)
+        ring = (self._ring_slots, InheritedFd(ring_fd)) if ring_fd >= 0 else None
         self._process = context.Process(
             target=relay_main,
-            args=(self.index, *self._args, theirs),
+            args=(self.index, *self._args, ring, theirs),
             name=f"warmserve-relay-{self.index}",
         )
-        self._process.start()
+        try:
+            self._process.start()
+        finally:
+            if ring_fd >= 0:
+                os.close(ring_fd)  # mapped here; the relay has its own copy
         theirs.close()
         self._conn = ours
         self.started_at = time.monotonic()
@@ -124,9 +173,12 @@ async def _readable(fd: int) -> None:
 class Relays:
     """N relay processes on the configured gRPC address, kept running until stop()."""
 
-    def __init__(self, config: ServerConfig, hub_path: Path) -> None:
+    def __init__(
+        self, config: ServerConfig, hub_path: Path, rings: dict[int, RelayRing] | None = None
+    ) -> None:
         self._config = config
         self._hub_path = hub_path
+        self._rings = rings if rings is not None else {}
         self._holder: socket.socket | None = None
         self.members: list[RelayProcess] = []
         self.restarts = [0] * config.frontends
@@ -152,7 +204,8 @@ class Relays:
             config.grace_period_s,
             config.log_level,
         )
-        self.members = [RelayProcess(i, args) for i in range(config.frontends)]
+        slots = ring_slots_from_env()
+        self.members = [RelayProcess(i, args, self._rings, slots) for i in range(config.frontends)]
         self._keepers = [
             asyncio.create_task(self._keep(m), name=f"keep-relay-{m.index}") for m in self.members
         ]
@@ -227,7 +280,7 @@ class RelayPort:
         self._folder = Path(tempfile.mkdtemp(prefix="warmserve-"))
         frontend, config = self._frontend, self._config
         hub = RelayHub(frontend.servicer, frontend.health, self._folder, config.max_message_bytes)
-        relays = Relays(config, hub.path)
+        relays = Relays(config, hub.path, hub.rings)
         try:
             await hub.start()
             relays.start()
@@ -236,7 +289,7 @@ class RelayPort:
             shutil.rmtree(self._folder, ignore_errors=True)
             raise
         self._hub, self._relays = hub, relays
-        self._registry.register(RelayCollector(hub.calls, relays.restarts))
+        self._registry.register(RelayCollector(hub.calls, relays.restarts, hub.ring_calls))
 
     async def wait_listening(self) -> None:
         if self._relays is not None:
@@ -264,9 +317,10 @@ def relay_main(
     max_message_bytes: int,
     grace_s: float,
     log_level: str,
+    ring: tuple[int, InheritedFd] | None,
     conn: Connection,
 ) -> None:
-    """Entry point of a relay process (spawned)."""
+    """Entry point of a relay process (spawned). ``ring``: its slots and memory file."""
     signal.signal(
         signal.SIGINT, signal.SIG_IGN
     )  # Ctrl-C reaches the serving process, which decides
@@ -280,7 +334,14 @@ def relay_main(
     from serve.memory import keep_large_buffers_in_heap
 
     keep_large_buffers_in_heap()
+    relay_ring = None
+    if ring is not None:
+        slots, inherited = ring
+        relay_ring = RelayRing(inherited.fd, slots, RING_SLOT_BYTES)
+        os.close(inherited.fd)  # the mapping stays
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        code = runner.run(run_relay(index, hub_path, address, max_message_bytes, grace_s, conn))
+        code = runner.run(
+            run_relay(index, hub_path, address, max_message_bytes, grace_s, conn, relay_ring)
+        )
     sys.exit(code)

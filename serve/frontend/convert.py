@@ -4,6 +4,7 @@ byte sizes, typed-content fields."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,7 @@ def _parameters(params: Any) -> dict[str, Any]:
     return out
 
 
-def _decode_input(tensor: Any, raw: bytes | None) -> Tensor:
+def _decode_input(tensor: Any, raw: bytes | memoryview | None) -> Tensor:
     name = tensor.name
     datatype = _DATATYPES.get(tensor.datatype)
     if datatype is None:
@@ -96,7 +97,9 @@ def _decode_input(tensor: Any, raw: bytes | None) -> Tensor:
     return Tensor(name, datatype, array.reshape(shape))
 
 
-def _from_raw(name: str, datatype: Datatype, shape: tuple[int, ...], count: int, raw: bytes) -> Any:
+def _from_raw(
+    name: str, datatype: Datatype, shape: tuple[int, ...], count: int, raw: bytes | memoryview
+) -> Any:
     dtype = _FIXED_DTYPES.get(datatype)
     if dtype is None:  # BYTES
         try:
@@ -117,8 +120,13 @@ def repository_parameters(params: Any) -> dict[str, Any]:
     return _parameters(params)
 
 
-def infer_request_from_pb(request: Any, time_remaining: float | None) -> InferRequest:
-    raw = request.raw_input_contents
+def infer_request_from_pb(
+    request: Any,
+    time_remaining: float | None,
+    raw_inputs: Sequence[bytes | memoryview] | None = None,
+) -> InferRequest:
+    """``raw_inputs``, when given, stand for the request's raw_input_contents."""
+    raw = request.raw_input_contents if raw_inputs is None else raw_inputs
     tensors = request.inputs
     if raw:
         if len(raw) != len(tensors):

@@ -3,7 +3,9 @@ unary call and each Health/Watch stream, as bytes, to the serving process's hub 
 over the relay wire (relay_wire.py).
 
 It binds the port with SO_REUSEPORT beside its sibling relays, so the kernel spreads connections
-over them. It parses nothing: the serving process answers readiness, errors and results. When
+over them. The serving process answers readiness, errors and results. The relay parses only a
+large ModelInfer request, to put its raw tensors into its ring (relay_wire.RelayRing) and pass
+the rest of the request; a request it cannot parse or place goes on whole. When
 the hub goes away (the serving process died or is stopping) every call in flight fails with
 UNAVAILABLE and the relay stops; SIGTERM stops it gracefully.
 """
@@ -23,13 +25,16 @@ import grpc
 
 from serve.frontend.relay_wire import (
     FRAME_MARGIN,
+    MODEL_INFER,
     RELAY_VERSION,
+    RING_MIN_BYTES,
     FramedProtocol,
     FrameWriter,
     Hello,
     RelayCall,
     RelayCancel,
     RelayReply,
+    RelayRing,
     RelayStream,
     from_hub_decoder,
     stream_methods,
@@ -59,10 +64,14 @@ StreamItem = bytes | RelayReply | HubGoneError
 class HubLink(FramedProtocol[RelayReply | RelayStream]):
     """Calls to the hub, matched to replies by id, over one Unix socket."""
 
-    def __init__(self, path: str, relay: int, max_frame: int) -> None:
+    def __init__(
+        self, path: str, relay: int, max_frame: int, ring: RelayRing | None = None
+    ) -> None:
         super().__init__(from_hub_decoder, max_frame)
         self._path = path
         self._relay = relay
+        self._ring = ring
+        self._ring_slots: dict[int, int] = {}  # call id → its ring slot, until the call's reply
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[RelayReply]] = {}
         self._streams: dict[int, asyncio.Queue[StreamItem]] = {}  # streaming calls' messages
@@ -85,8 +94,13 @@ class HubLink(FramedProtocol[RelayReply | RelayStream]):
         call_id = next(self._ids)
         future: asyncio.Future[RelayReply] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
+        places = None
+        if method == MODEL_INFER and self._ring is not None and len(payload) >= RING_MIN_BYTES:
+            placed = self._place(payload)
+            if placed is not None:
+                payload, places, self._ring_slots[call_id] = placed
         try:
-            writer.write(RelayCall(call_id, method, timeout_s, payload))
+            writer.write(RelayCall(call_id, method, timeout_s, payload, places))
             await writer.backpressure()  # the serving process is behind: wait for it
             return await future
         except asyncio.CancelledError:
@@ -130,6 +144,30 @@ class HubLink(FramedProtocol[RelayReply | RelayStream]):
         finally:
             self._streams.pop(call_id, None)
 
+    def _place(self, payload: bytes) -> tuple[bytes, list[tuple[int, int]], int] | None:
+        """A ModelInfer request's raw tensors put into the ring: (the request without them,
+        their places, the slot); None to send it whole (no free slot, too large, no raw
+        tensors, or not a request the relay can parse: the serving process says what is
+        wrong with it)."""
+        from google.protobuf.message import DecodeError
+
+        from serve.frontend.pb import grpc_service_pb2 as pb  # generated: imported where used
+
+        assert self._ring is not None
+        try:
+            request = pb.ModelInferRequest.FromString(payload)
+        except DecodeError:
+            return None
+        raw = request.raw_input_contents
+        if not raw:
+            return None
+        placed = self._ring.put(list(raw))
+        if placed is None:
+            return None
+        slot, places = placed
+        del raw[:]
+        return request.SerializeToString(), places, slot
+
     def _give_up(self, call_id: int, method: str) -> None:
         writer = self.writer
         if writer is not None and not self.lost.is_set() and not writer.closing:
@@ -142,6 +180,10 @@ class HubLink(FramedProtocol[RelayReply | RelayStream]):
     def received(self, replies: list[RelayReply | RelayStream]) -> None:
         pending = self._pending
         for reply in replies:
+            if self._ring_slots and isinstance(reply, RelayReply):
+                slot = self._ring_slots.pop(reply.id, None)
+                if slot is not None and self._ring is not None:  # the hub is done with it
+                    self._ring.release(slot)
             future = pending.get(reply.id)
             if future is not None:
                 if not future.done() and isinstance(reply, RelayReply):
@@ -214,9 +256,10 @@ async def run_relay(
     max_message_bytes: int,
     grace_s: float,
     conn: Connection,
+    ring: RelayRing | None = None,
 ) -> int:
     """Serve until SIGTERM (graceful) or until the hub goes away."""
-    link = HubLink(hub_path, index, max_message_bytes + FRAME_MARGIN)
+    link = HubLink(hub_path, index, max_message_bytes + FRAME_MARGIN, ring)
     await link.connect()
     server = grpc.aio.server(
         options=[

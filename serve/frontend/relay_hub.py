@@ -16,6 +16,7 @@ cancelled too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,7 @@ from serve.frontend.relay_wire import (
     FRAME_MARGIN,
     HEALTH_CHECK,
     HEALTH_WATCH,
+    MODEL_INFER,
     OK,
     RELAY_VERSION,
     FramedProtocol,
@@ -37,6 +39,7 @@ from serve.frontend.relay_wire import (
     RelayCall,
     RelayCancel,
     RelayReply,
+    RelayRing,
     RelayStream,
     stream_methods,
     to_hub_decoder,
@@ -50,7 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Any, Any], Awaitable[Any]]
+Handler = Callable[..., Awaitable[Any]]
+CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
 
 class RelayAbort(grpc.aio.AbortError):
@@ -109,6 +113,8 @@ class RelayHub:
         self._server: asyncio.Server | None = None
         self._connections: set[RelayConnection] = set()
         self.calls: dict[int, int] = {}  # relay index → calls answered
+        self.ring_calls: dict[int, int] = {}  # relay index → calls whose tensors were in its ring
+        self.rings: dict[int, RelayRing] = {}  # relay index → its ring, mapped (set by Relays)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,10 +138,12 @@ class RelayHub:
     def closed(self, connection: RelayConnection) -> None:
         self._connections.discard(connection)
 
-    async def dispatch(self, call: RelayCall, replies: FrameWriter | None = None) -> RelayReply:
+    async def dispatch(
+        self, call: RelayCall, replies: FrameWriter | None = None, ring: RelayRing | None = None
+    ) -> RelayReply:
         """Run one relayed call through the servicer (a streaming call's messages go to
         ``replies`` first); never raises (a cancelled call is cancelled: nobody waits for its
-        reply)."""
+        reply). ``ring``: the relay's, where a ModelInfer's tensors may be."""
         entry = self._handlers.get(call.method)
         if entry is None:
             code = grpc.StatusCode.UNIMPLEMENTED
@@ -144,11 +152,19 @@ class RelayHub:
         context = RelayedContext(call, replies, call.method in self._streaming)
         try:
             request = request_type.FromString(call.payload)
-        except DecodeError as exc:
+            raw = None
+            if call.ring is not None:
+                if ring is None or call.method != MODEL_INFER:
+                    raise ValueError(f"{call.method} sent with ring places the hub cannot read")
+                raw = ring.parts(call.ring)
+        except (DecodeError, ValueError) as exc:
             code = grpc.StatusCode.INVALID_ARGUMENT
             return RelayReply(call.id, code.value[0], f"malformed request message: {exc}", b"")
         try:
-            response = await handler(request, context)
+            if raw is None:
+                response = await handler(request, context)
+            else:
+                response = await handler(request, context, raw)
         except RelayAbort as abort:
             return RelayReply(call.id, abort.code.value[0], abort.details, b"")
         except NotImplementedError:
@@ -169,6 +185,7 @@ class RelayConnection(FramedProtocol[Hello | RelayCall | RelayCancel]):
         self._hub = hub
         self._loop = asyncio.get_running_loop()
         self.relay = -1  # its index, once it said Hello
+        self._ring: RelayRing | None = None  # its ring, from then on
         self._running: dict[int, asyncio.Task[None]] = {}  # call id → its task, while it runs
 
     def connected(self, writer: FrameWriter) -> None:
@@ -190,6 +207,7 @@ class RelayConnection(FramedProtocol[Hello | RelayCall | RelayCancel]):
                     self._drop(f"spoke relay protocol {message.version}, not {RELAY_VERSION}")
                     return
                 self.relay = message.relay
+                self._ring = self._hub.rings.get(self.relay)
                 self._hub.calls.setdefault(self.relay, 0)
                 log.info("relay %d connected", self.relay)
             else:
@@ -199,13 +217,26 @@ class RelayConnection(FramedProtocol[Hello | RelayCall | RelayCancel]):
     def _start(self, call: RelayCall) -> None:
         task = self._loop.create_task(self._answer(call))
         self._running[call.id] = task
-        task.add_done_callback(lambda _: self._running.pop(call.id, None))
+        if call.ring is None:
+            task.add_done_callback(lambda _: self._running.pop(call.id, None))
+        else:
+            task.add_done_callback(functools.partial(self._ring_call_done, call.id))
+
+    def _ring_call_done(self, call_id: int, task: asyncio.Task[None]) -> None:
+        """The relay keeps a call's ring space until the call's reply: a cancelled call (even
+        one cancelled before it started) is answered too, so that the space comes back."""
+        self._running.pop(call_id, None)
+        replies = self.writer
+        if task.cancelled() and replies is not None and not replies.closing:
+            replies.write(RelayReply(call_id, CANCELLED, "cancelled by its caller", b""))
 
     async def _answer(self, call: RelayCall) -> None:
         replies = self.writer
-        reply = await self._hub.dispatch(call, replies)
-        calls = self._hub.calls
-        calls[self.relay] = calls.get(self.relay, 0) + 1
+        reply = await self._hub.dispatch(call, replies, self._ring)
+        hub = self._hub
+        hub.calls[self.relay] = hub.calls.get(self.relay, 0) + 1
+        if call.ring is not None:
+            hub.ring_calls[self.relay] = hub.ring_calls.get(self.relay, 0) + 1
         if replies is not None and not replies.closing:
             replies.write(reply)
             await replies.backpressure()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -97,12 +98,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._control.unload(request.model_name, str(params.get("version", "")))
         return pb.RepositoryModelUnloadResponse()
 
-    async def ModelInfer(self, request: Any, context: Context) -> Any:
+    async def ModelInfer(
+        self, request: Any, context: Context, raw_inputs: Sequence[bytes | memoryview] | None = None
+    ) -> Any:
+        """``raw_inputs``: the raw input contents, when a relay passed them apart from the
+        request (its ring; relay_wire.RelayRing)."""
         # The hot path: errors are translated inline rather than by the decorator (one coroutine
         # frame less per call).
         try:
             started = time.perf_counter_ns()
-            infer_request = infer_request_from_pb(request, context.time_remaining())
+            infer_request = infer_request_from_pb(request, context.time_remaining(), raw_inputs)
             decoded = time.perf_counter_ns()
             service = self._runtime.service(infer_request.model_name, infer_request.model_version)
             response = await service.infer(infer_request)

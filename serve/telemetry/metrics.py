@@ -156,9 +156,12 @@ class Metrics:
 class RelayCollector(Collector):
     """Calls answered per relay (how evenly connections spread) and relay restarts."""
 
-    def __init__(self, calls: dict[int, int], restarts: list[int]) -> None:
+    def __init__(
+        self, calls: dict[int, int], restarts: list[int], ring_calls: dict[int, int] | None = None
+    ) -> None:
         self._calls = calls
         self._restarts = restarts
+        self._ring_calls = ring_calls if ring_calls is not None else {}
 
     def collect(self) -> Iterable[Metric]:
         calls = CounterMetricFamily(
@@ -171,4 +174,11 @@ class RelayCollector(Collector):
         )
         for relay, count in enumerate(self._restarts):
             restarts.add_metric([str(relay)], count)
-        return [calls, restarts]
+        ring = CounterMetricFamily(
+            "warmserve_relay_ring_calls",
+            "ModelInfer calls whose tensors came through the relay's shared memory",
+            labels=["relay"],
+        )
+        for relay, count in sorted(self._ring_calls.items()):
+            ring.add_metric([str(relay)], count)
+        return [calls, restarts, ring]

@@ -4,6 +4,7 @@ coalescing and back-pressure."""
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import msgspec
@@ -15,12 +16,13 @@ from serve.frontend.relay_wire import (
     Hello,
     RelayCall,
     RelayCancel,
+    RelayRing,
     frame,
     to_hub_decoder,
 )
 
 MESSAGES = [
-    Hello(2, 0),
+    Hello(3, 0),
     RelayCall(1, "/inference.GRPCInferenceService/ModelInfer", 1.5, b"x" * 300),
     RelayCancel(1),
     RelayCall(2, "/grpc.health.v1.Health/Check", None, b""),
@@ -118,3 +120,43 @@ def test_closing_the_writer_releases_its_waiters():
         return writer.closing
 
     assert asyncio.run(main()) is True
+
+
+def _ring(slots: int = 3, slot_bytes: int = 1000) -> RelayRing:
+    fd = os.memfd_create("test-ring")
+    os.ftruncate(fd, slots * slot_bytes)
+    try:
+        return RelayRing(fd, slots, slot_bytes)
+    finally:
+        os.close(fd)
+
+
+def test_the_ring_places_parts_in_a_slot_and_the_other_side_reads_them_back():
+    ring = _ring()
+    parts = [b"a" * 10, b"", b"b" * 990]
+    slot, places = ring.put(parts)  # type: ignore[misc]
+    assert [bytes(view) for view in ring.parts(places)] == parts
+    assert all(slot * 1000 <= offset <= (slot + 1) * 1000 for offset, _ in places)
+
+
+def test_slots_are_handed_out_most_recently_freed_first_and_run_out():
+    ring = _ring(slots=3)
+    taken = [ring.put([b"x"]) for _ in range(3)]
+    assert [t[0] for t in taken if t] == [0, 1, 2]
+    assert ring.put([b"x"]) is None and ring.free == 0  # every slot taken: the call goes inline
+    ring.release(1)
+    again = ring.put([b"y"])
+    assert again is not None and again[0] == 1  # reused first: few pages are ever touched
+    assert bytes(ring.parts(again[1])[0]) == b"y"
+
+
+def test_parts_larger_than_a_slot_go_inline():
+    ring = _ring(slot_bytes=1000)
+    assert ring.put([b"x" * 600, b"y" * 401]) is None
+    assert ring.free == 3
+
+
+@pytest.mark.parametrize("place", [(2990, 20), (-1, 5), (0, -1), (3000, 1)])
+def test_places_outside_the_ring_are_refused(place: tuple[int, int]):
+    with pytest.raises(ValueError, match="outside the 3000-byte ring"):
+        _ring().parts([place])
