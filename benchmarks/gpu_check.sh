@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# A short device check (about 4 minutes): the GPU tests, then ResNet-50 through one worker with
-# one batch in flight, 1 and 4 gRPC processes, c=1 and c=64, with the workers' input arenas
-# page-locked and then not (WARMSERVE_PAGE_LOCK=0), on the same machine. Run it through the
-# device tool with carry=["serve/frontend/pb", "benchmarks/.wheels"]; results under $OUT.
-# Locally, on CPU:  SKIP_WHEELS=1 X="--smoke --device cpu" LV=1,4 OUT=/tmp/o \
-#   PATH=.venv/bin:$PATH bash benchmarks/gpu_check.sh
+# A short device check (about 4 minutes): the GPU tests, then ResNet-50 through 4 relays and one
+# worker with one batch in flight, at c=1 and c=64, three times on the same machine:
+#   base     input arenas page-locked, tensors through the relays' rings (the defaults)
+#   noring   WARMSERVE_RELAY_RING_SLOTS=0: tensors inline on the relay socket
+#   nolock   WARMSERVE_PAGE_LOCK=0: copies to the GPU staged
+# Run it through the device tool with carry=["serve/frontend/pb", "benchmarks/.wheels"];
+# results under $OUT. Locally, on CPU:
+#   SKIP_WHEELS=1 X="--smoke --device cpu" LV=1,4 OUT=/tmp/o PATH=.venv/bin:$PATH \
+#   bash benchmarks/gpu_check.sh
 set -u; OUT=${OUT:-/tmp/o}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 [ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --upgrade --target /tmp/site benchmarks/.wheels/*.whl 2>&1 | tail -2
@@ -12,11 +15,17 @@ export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH"
 timeout 45 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gt tests/gpu 2>&1 \
     | tee "$OUT/gpu_tests.txt" | tail -4
 find /tmp/gt -name '*.log' -print0 | tar czf "$OUT/gpu_test_logs.tgz" --null -T - 2>/dev/null
-for lock in 1 0; do
-    mkdir -p "$OUT/lock$lock"
-    WARMSERVE_PAGE_LOCK=$lock timeout "${T:-100}" python3 -m benchmarks.gpu_bench \
-        --out "$OUT/lock$lock" --frontends-only --frontends 1,4 --levels "${LV:-1,64}" \
-        --workers 1 --slots 1 ${X:-} 2>&1 | tee "$OUT/lock$lock/gpu_bench.txt" | grep -v "floor batch"
-    (cd "$OUT" && tar czf "lock$lock.tgz" "lock$lock" && rm -rf "lock$lock")
+for run in base noring nolock; do
+    case $run in
+        base) env=() ;;
+        noring) env=(WARMSERVE_RELAY_RING_SLOTS=0) ;;
+        nolock) env=(WARMSERVE_PAGE_LOCK=0) ;;
+    esac
+    mkdir -p "$OUT/$run"
+    echo "== $run ${env[*]:-}"
+    env "${env[@]}" timeout "${T:-75}" python3 -m benchmarks.gpu_bench --out "$OUT/$run" \
+        --frontends-only --frontends 4 --levels "${LV:-1,64}" --workers 1 --slots 1 ${X:-} 2>&1 \
+        | tee "$OUT/$run/gpu_bench.txt" | grep -v "floor batch"
+    (cd "$OUT" && tar czf "$run.tgz" "$run" && rm -rf "$run")
 done
 ls "$OUT"
