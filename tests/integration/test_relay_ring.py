@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -93,6 +94,23 @@ def test_large_requests_come_through_the_ring_each_with_its_own_tensors(tmp_path
         small = np.ones((1, 5), dtype=np.float32)  # under the threshold: inline
         assert np.array_equal(echo(server.client, small), small)
         assert ring_calls(server) - before == 10
+        # A bad large request gets the same clear error through the ring as inline.
+        bad = pb.ModelInferRequest(model_name="identity")
+        bad.inputs.add(name="IN_FP32", datatype="FP32", shape=[1, FLOATS])
+        bad.raw_input_contents.append(b"\0" * (4 * FLOATS - 4))
+        with grpc.insecure_channel(server.url) as channel:
+            infer = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                infer(bad, timeout=30)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert f"raw data has {4 * FLOATS - 4} bytes, expected {4 * FLOATS}" in (
+            caught.value.details() or ""
+        )
+        assert ring_calls(server) - before == 11  # it came through the ring
     finally:
         assert server.stop() == 0
 
