@@ -26,7 +26,7 @@ from typing import Any
 from serve.config import ServerConfig
 from serve.errors import ConfigError
 from serve.frontend.relay_hub import RelayHub
-from serve.frontend.relay_wire import RING_SLOT_BYTES, RING_SLOTS_DEFAULT, RelayRing
+from serve.frontend.relay_wire import RING_SLOT_KIB_DEFAULT, RING_SLOTS_DEFAULT, RelayRing
 from serve.frontend.server import GrpcFrontend
 from serve.telemetry.metrics import RelayCollector
 
@@ -69,16 +69,24 @@ def _inherited(dup: Any) -> InheritedFd:
     return InheritedFd(dup.detach())
 
 
-def ring_slots_from_env() -> int:
-    """Slots of each relay's ring (WARMSERVE_RELAY_RING_SLOTS; 0: calls go inline)."""
-    text = os.environ.get("WARMSERVE_RELAY_RING_SLOTS", str(RING_SLOTS_DEFAULT))
+def _count_from_env(name: str, default: int, least: int) -> int:
+    text = os.environ.get(name, str(default))
     try:
-        slots = int(text)
+        value = int(text)
     except ValueError:
-        slots = -1
-    if slots < 0:
-        raise ConfigError(f"WARMSERVE_RELAY_RING_SLOTS={text!r} is not a count of slots (>= 0)")
-    return slots
+        value = least - 1
+    if value < least:
+        raise ConfigError(f"{name}={text!r} is not a whole number >= {least}")
+    return value
+
+
+def ring_from_env() -> tuple[int, int]:
+    """(slots, bytes per slot) of each relay's ring: WARMSERVE_RELAY_RING_SLOTS (0: every call
+    goes inline) and WARMSERVE_RELAY_RING_SLOT_KIB (a request whose raw tensors are larger
+    goes inline)."""
+    slots = _count_from_env("WARMSERVE_RELAY_RING_SLOTS", RING_SLOTS_DEFAULT, 0)
+    slot_kib = _count_from_env("WARMSERVE_RELAY_RING_SLOT_KIB", RING_SLOT_KIB_DEFAULT, 1)
+    return slots, slot_kib * 1024
 
 
 class RelayProcess:
@@ -89,12 +97,12 @@ class RelayProcess:
         index: int,
         args: tuple[Any, ...],
         rings: dict[int, RelayRing] | None = None,
-        ring_slots: int = 0,
+        ring: tuple[int, int] = (0, 0),
     ) -> None:
         self.index = index
         self._args = args
         self._rings = rings if rings is not None else {}
-        self._ring_slots = ring_slots
+        self._ring_slots, self._ring_slot_bytes = ring
         self._process: Any = None
         self._conn: Connection | None = None
         self.started_at = 0.0
@@ -113,9 +121,10 @@ class RelayProcess:
         ring_fd = -1
         if self._ring_slots:  # a fresh ring per start: the last one's calls may still hold views
             ring_fd = os.memfd_create(f"warmserve-relay-{self.index}-ring")
-            os.ftruncate(ring_fd, self._ring_slots * RING_SLOT_BYTES)
-            self._rings[self.index] = RelayRing(ring_fd, self._ring_slots, RING_SLOT_BYTES)
-        ring = (self._ring_slots, InheritedFd(ring_fd)) if ring_fd >= 0 else None
+            slots, slot_bytes = self._ring_slots, self._ring_slot_bytes
+            os.ftruncate(ring_fd, slots * slot_bytes)
+            self._rings[self.index] = RelayRing(ring_fd, slots, slot_bytes)
+        ring = (slots, slot_bytes, InheritedFd(ring_fd)) if ring_fd >= 0 else None
         self._process = context.Process(
             target=relay_main,
             args=(self.index, *self._args, ring, theirs),
@@ -204,8 +213,8 @@ class Relays:
             config.grace_period_s,
             config.log_level,
         )
-        slots = ring_slots_from_env()
-        self.members = [RelayProcess(i, args, self._rings, slots) for i in range(config.frontends)]
+        ring = ring_from_env()
+        self.members = [RelayProcess(i, args, self._rings, ring) for i in range(config.frontends)]
         self._keepers = [
             asyncio.create_task(self._keep(m), name=f"keep-relay-{m.index}") for m in self.members
         ]
@@ -317,7 +326,7 @@ def relay_main(
     max_message_bytes: int,
     grace_s: float,
     log_level: str,
-    ring: tuple[int, InheritedFd] | None,
+    ring: tuple[int, int, InheritedFd] | None,
     conn: Connection,
 ) -> None:
     """Entry point of a relay process (spawned). ``ring``: its slots and memory file."""
@@ -336,8 +345,8 @@ def relay_main(
     keep_large_buffers_in_heap()
     relay_ring = None
     if ring is not None:
-        slots, inherited = ring
-        relay_ring = RelayRing(inherited.fd, slots, RING_SLOT_BYTES)
+        slots, slot_bytes, inherited = ring
+        relay_ring = RelayRing(inherited.fd, slots, slot_bytes)
         os.close(inherited.fd)  # the mapping stays
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -217,3 +217,43 @@ def test_the_hub_answers_a_ring_call_cancelled_before_it_started(tmp_path: Path)
     by_id = {r.id: r for r in replies}
     assert sorted((r.id, r.code) for r in replies) == [(7, CANCELLED), (8, 0)]
     assert pb.ModelInferResponse.FromString(by_id[8].payload).id == "1"  # its ring part
+
+
+def test_a_request_larger_than_a_slot_goes_inline(tmp_path: Path):
+    repository = tmp_path / "repository"
+    build_identity_onnx(repository / "identity", types=("FP32",))
+    env = {"WARMSERVE_RELAY_RING_SLOT_KIB": "24"}  # under the 32 KiB requests
+    server = ServerProcess(tmp_path / "server.log", repository, args=("--frontends", "2"), env=env)
+    try:
+        wait_until(server.ready_over_http, 120, "ready through the relays")
+        x = np.arange(FLOATS, dtype=np.float32).reshape(1, -1)
+        assert np.array_equal(echo(server.client, x), x)
+        assert ring_calls(server) == 0
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"WARMSERVE_RELAY_RING_SLOTS": "-1"}, "WARMSERVE_RELAY_RING_SLOTS='-1'"),
+        ({"WARMSERVE_RELAY_RING_SLOT_KIB": "0"}, "WARMSERVE_RELAY_RING_SLOT_KIB='0'"),
+        ({"WARMSERVE_RELAY_RING_SLOT_KIB": "lots"}, "is not a whole number >= 1"),
+    ],
+)
+def test_ring_settings_that_make_no_sense_are_refused_by_name(monkeypatch, env, message):
+    from serve.errors import ConfigError
+    from serve.supervisor import ring_from_env
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        ring_from_env()
+
+
+def test_the_default_ring_is_64_slots_of_1_mib(monkeypatch):
+    from serve.supervisor import ring_from_env
+
+    monkeypatch.delenv("WARMSERVE_RELAY_RING_SLOTS", raising=False)
+    monkeypatch.delenv("WARMSERVE_RELAY_RING_SLOT_KIB", raising=False)
+    assert ring_from_env() == (64, 1 << 20)
