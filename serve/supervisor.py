@@ -28,6 +28,7 @@ from serve.errors import ConfigError
 from serve.frontend.relay_hub import RelayHub
 from serve.frontend.relay_wire import RING_SLOT_KIB_DEFAULT, RING_SLOTS_DEFAULT, RelayRing
 from serve.frontend.server import GrpcFrontend
+from serve.pool.arena import create_memfd
 from serve.telemetry.metrics import RelayCollector
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,8 @@ class RelayProcess:
         ours, theirs = context.Pipe(duplex=False)
         ring_fd = -1
         if self._ring_slots:  # a fresh ring per start: the last one's calls may still hold views
-            ring_fd = os.memfd_create(f"warmserve-relay-{self.index}-ring")
             slots, slot_bytes = self._ring_slots, self._ring_slot_bytes
-            os.ftruncate(ring_fd, slots * slot_bytes)
+            ring_fd = create_memfd(f"warmserve-relay-{self.index}-ring", slots * slot_bytes)
             self._rings[self.index] = RelayRing(ring_fd, slots, slot_bytes)
         ring = (slots, slot_bytes, InheritedFd(ring_fd)) if ring_fd >= 0 else None
         self._process = context.Process(

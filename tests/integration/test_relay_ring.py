@@ -31,6 +31,7 @@ from serve.frontend.relay_wire import (
     from_hub_decoder,
     to_hub_decoder,
 )
+from serve.pool.arena import create_memfd
 from serve.testing.models import build_identity_onnx
 from tests.integration.harness import ServerProcess, wait_until
 
@@ -116,8 +117,7 @@ def test_large_requests_come_through_the_ring_each_with_its_own_tensors(tmp_path
 
 
 def _ring(slots: int = 2) -> RelayRing:
-    fd = os.memfd_create("test-ring")
-    os.ftruncate(fd, slots * (1 << 20))
+    fd = create_memfd("test-ring", slots * (1 << 20))
     try:
         return RelayRing(fd, slots, 1 << 20)
     finally:

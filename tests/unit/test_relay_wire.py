@@ -20,6 +20,7 @@ from serve.frontend.relay_wire import (
     frame,
     to_hub_decoder,
 )
+from serve.pool.arena import create_memfd
 
 MESSAGES = [
     Hello(3, 0),
@@ -123,8 +124,7 @@ def test_closing_the_writer_releases_its_waiters():
 
 
 def _ring(slots: int = 3, slot_bytes: int = 1000) -> RelayRing:
-    fd = os.memfd_create("test-ring")
-    os.ftruncate(fd, slots * slot_bytes)
+    fd = create_memfd("test-ring", slots * slot_bytes)
     try:
         return RelayRing(fd, slots, slot_bytes)
     finally:
