@@ -26,6 +26,7 @@ import grpc
 from serve.frontend.relay_wire import (
     FRAME_MARGIN,
     MODEL_INFER,
+    MODEL_STREAM_INFER,
     RELAY_VERSION,
     RING_MIN_BYTES,
     FramedProtocol,
@@ -37,9 +38,12 @@ from serve.frontend.relay_wire import (
     RelayRing,
     RelayStream,
     from_hub_decoder,
+    stream_answer,
+    stream_error,
     stream_methods,
     unary_methods,
 )
+from serve.frontend.streams import answer_concurrently
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +215,7 @@ class HubLink(FramedProtocol[RelayReply | RelayStream]):
 
 class Forwarder(grpc.GenericRpcHandler):
     """Every unary method of the inference service, Health/Check and Health/Watch, passed on
-    as bytes."""
+    as bytes; ModelStreamInfer as one ModelInfer call per request."""
 
     def __init__(self, link: HubLink) -> None:
         self._link = link
@@ -222,6 +226,9 @@ class Forwarder(grpc.GenericRpcHandler):
         for method in stream_methods():
             forward = functools.partial(self._forward_stream, method)
             self._handlers[method] = grpc.unary_stream_rpc_method_handler(forward)
+        self._handlers[MODEL_STREAM_INFER] = grpc.stream_stream_rpc_method_handler(
+            self._forward_infer_stream
+        )
 
     def service(self, handler_call_details: Any) -> Any:
         return self._handlers.get(handler_call_details.method)  # None: UNIMPLEMENTED
@@ -247,6 +254,23 @@ class Forwarder(grpc.GenericRpcHandler):
         except RelayError as error:
             code = CODES.get(error.reply.code, grpc.StatusCode.UNKNOWN)
             await context.abort(code, error.reply.details)
+
+    async def _forward_infer_stream(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Each request of the stream goes to the hub as a ModelInfer call (through the ring
+        when it is large), concurrently, and each answer comes back on the stream as it
+        completes: the hub's response, or its error for that request alone."""
+
+        async def answer(payload: bytes) -> bytes:
+            reply = await self._link.call(MODEL_INFER, payload, context.time_remaining())
+            return stream_error(reply.details) if reply.code else stream_answer(reply.payload)
+
+        try:
+            async for message in answer_concurrently(requests, answer):
+                yield message
+        except HubGoneError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the serving process is restarting")
 
 
 async def run_relay(

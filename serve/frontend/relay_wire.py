@@ -28,6 +28,7 @@ FRAME = struct.Struct("<I")
 FRAME_MARGIN = 1024 * 1024  # a frame is at most a gRPC message (max_message_bytes) + this
 INFER_SERVICE = "inference.GRPCInferenceService"
 MODEL_INFER = f"/{INFER_SERVICE}/ModelInfer"
+MODEL_STREAM_INFER = f"/{INFER_SERVICE}/ModelStreamInfer"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 OK = grpc.StatusCode.OK.value[0]
@@ -277,3 +278,25 @@ def unary_methods() -> dict[str, type[Any]]:
 def stream_methods() -> dict[str, type[Any]]:
     """Every server-streaming method a relay passes on, with its request type."""
     return {HEALTH_WATCH: health_pb2.HealthCheckRequest}
+
+
+def stream_answer(response: bytes) -> bytes:
+    """A serialised ModelStreamInferResponse carrying a serialised ModelInferResponse
+    (infer_response, field 2), without parsing it."""
+    return b"\x12" + _varint(len(response)) + response
+
+
+def stream_error(message: str) -> bytes:
+    """A serialised ModelStreamInferResponse carrying only ``message`` (error_message, field 1)."""
+    text = message.encode()
+    return b"\x0a" + _varint(len(text)) + text
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint of a length."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

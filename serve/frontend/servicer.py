@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, NoReturn, TypeAlias, cast
 
 import grpc
 
@@ -26,12 +26,37 @@ from serve.frontend.gate import ReadinessGate
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
 from serve.frontend.status import abort_with, translate_errors
+from serve.frontend.streams import answer_concurrently
 from serve.model_service import ModelService
 from serve.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext
+
+
+class _RequestFailed(Exception):
+    """One request of a stream failed (its status and message)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _StreamCall:
+    """What ModelInfer needs of its context, for one request of a stream: the stream's time
+    left, and an abort that fails that request alone."""
+
+    def __init__(self, stream: Context) -> None:
+        self._stream = stream
+
+    def time_remaining(self) -> float | None:
+        remaining: float | None = self._stream.time_remaining()
+        return remaining
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
+        raise _RequestFailed(code, details)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -137,6 +162,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         except Exception as exc:
             await abort_with(context, exc)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: Context
+    ) -> AsyncIterator[Any]:
+        """Each request on the stream is answered as ModelInfer would answer it, concurrently
+        and in the order the answers complete: a response, or an error_message for that request
+        alone (the stream goes on). The stream's deadline applies to each of its requests."""
+        call = _StreamCall(context)
+
+        async def answer(request: Any) -> Any:
+            try:
+                response = await self.ModelInfer(request, cast(Context, call))
+            except _RequestFailed as failed:
+                return pb.ModelStreamInferResponse(error_message=failed.message)
+            return pb.ModelStreamInferResponse(infer_response=response)
+
+        async for message in answer_concurrently(request_iterator, answer):
+            yield message
 
     @staticmethod
     async def _infer(

@@ -1,0 +1,80 @@
+"""Answering the requests of one bidirectional stream (ModelStreamInfer) concurrently.
+
+Each request is answered on its own, as separate calls would be, so the requests of one stream
+batch with each other and with other callers; answers go back in the order they complete. At
+most ``limit`` requests of a stream are in flight: beyond that the stream is not read, so a fast
+sender is slowed by gRPC's flow control rather than queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+STREAM_INFLIGHT = 256  # requests of one stream in flight at once
+
+Request = TypeVar("Request")
+Answer = TypeVar("Answer")
+
+
+class _End:
+    """The requests ended and every answer was queued."""
+
+
+async def answer_concurrently(
+    requests: AsyncIterable[Request],
+    answer: Callable[[Request], Awaitable[Answer]],
+    limit: int = STREAM_INFLIGHT,
+) -> AsyncIterator[Answer]:
+    """Each answer as it completes. ``answer`` must turn a request's own failure into an
+    answer; anything it raises ends the stream with that error (after the requests in flight
+    are cancelled), as does an error reading the requests. Closing the iterator (the caller
+    went away) cancels whatever is still running."""
+    answers: asyncio.Queue[Answer | _End | BaseException] = asyncio.Queue()
+    room = asyncio.Semaphore(limit)
+    running: set[asyncio.Task[None]] = set()
+
+    async def one(request: Request) -> None:
+        try:
+            answers.put_nowait(await answer(request))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # not a request's own failure: it ends the stream
+            answers.put_nowait(exc)
+        finally:
+            room.release()
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                await room.acquire()
+                task = asyncio.create_task(one(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                await asyncio.wait(set(running))
+            answers.put_nowait(_End())
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            answers.put_nowait(exc)
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            item = await answers.get()
+            if isinstance(item, _End):
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        reader.cancel()
+        for task in list(running):
+            task.cancel()
+        if running:
+            log.debug("stream closed with %d requests in flight: cancelled", len(running))

@@ -1,0 +1,144 @@
+"""answer_concurrently: a stream's requests are answered at once and side by side, each answer
+goes back as it completes, no more than the limit run at a time, and a failure of the stream (or
+the caller going away) cancels what is still running. No sleeps: answers wait on events the
+test sets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from serve.frontend.pb import grpc_service_pb2 as pb
+from serve.frontend.relay_wire import stream_answer, stream_error
+from serve.frontend.streams import answer_concurrently
+
+
+async def _requests(items: list[int]) -> AsyncIterator[int]:
+    for item in items:
+        yield item
+
+
+class Gates:
+    """An event per request: its answer returns once the test opens it."""
+
+    def __init__(self, count: int) -> None:
+        self.open = [asyncio.Event() for _ in range(count)]
+        self.started: list[int] = []
+        self.cancelled: list[int] = []
+        self.running = 0
+        self.most_running = 0
+
+    async def answer(self, request: int) -> str:
+        self.started.append(request)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await self.open[request].wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(request)
+            raise
+        finally:
+            self.running -= 1
+        if request == 99:
+            raise RuntimeError("unreachable")
+        return f"answer {request}"
+
+
+def test_answers_come_back_in_the_order_they_complete():
+    async def main() -> list[str]:
+        gates = Gates(3)
+        stream = answer_concurrently(_requests([0, 1, 2]), gates.answer)
+        got = []
+        first = asyncio.ensure_future(anext(stream))
+        while len(gates.started) < 3:  # all three start without waiting for each other
+            await asyncio.sleep(0)
+        gates.open[2].set()
+        got.append(await first)
+        gates.open[0].set()
+        got.append(await anext(stream))
+        gates.open[1].set()
+        got += [answer async for answer in stream]
+        return got
+
+    assert asyncio.run(main()) == ["answer 2", "answer 0", "answer 1"]
+
+
+def test_no_more_than_the_limit_run_at_once():
+    async def main() -> Gates:
+        gates = Gates(5)
+        stream = answer_concurrently(_requests([0, 1, 2, 3, 4]), gates.answer, limit=2)
+        pending = asyncio.ensure_future(anext(stream))
+        for index in range(5):
+            while len(gates.started) < min(index + 2, 5):
+                await asyncio.sleep(0)
+            assert gates.running <= 2
+            gates.open[index].set()
+            assert await pending == f"answer {index}"
+            pending = asyncio.ensure_future(anext(stream))
+        with pytest.raises(StopAsyncIteration):
+            await pending
+        return gates
+
+    gates = asyncio.run(main())
+    assert gates.most_running == 2
+
+
+def test_an_answer_that_raises_ends_the_stream_and_cancels_the_rest():
+    async def main() -> list[int]:
+        gates = Gates(100)
+        stream = answer_concurrently(_requests([0, 99]), gates.answer)
+        failing = asyncio.ensure_future(anext(stream))
+        while len(gates.started) < 2:
+            await asyncio.sleep(0)
+        gates.open[99].set()
+        with pytest.raises(RuntimeError, match="unreachable"):
+            await failing
+        for _ in range(3):  # let the cancellations land
+            await asyncio.sleep(0)
+        return list(gates.cancelled)  # (asyncio.run would cancel what is left on its own)
+
+    assert asyncio.run(main()) == [0]
+
+
+def test_closing_the_stream_cancels_the_answers_still_running():
+    async def main() -> list[int]:
+        gates = Gates(2)
+        stream = answer_concurrently(_requests([0, 1]), gates.answer)
+        gates.open[1].set()
+        assert await anext(stream) == "answer 1"
+        await stream.aclose()  # the caller went away
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return list(gates.cancelled)  # (asyncio.run would cancel what is left on its own)
+
+    assert asyncio.run(main()) == [0]
+
+
+def test_an_error_reading_the_requests_ends_the_stream_after_the_answers_so_far():
+    async def broken() -> AsyncIterator[int]:
+        yield 0
+        raise ConnectionError("stream reset")
+
+    async def main() -> list[str]:
+        gates = Gates(1)
+        gates.open[0].set()
+        got = []
+        with pytest.raises(ConnectionError, match="stream reset"):
+            async for answer in answer_concurrently(broken(), gates.answer):
+                got.append(answer)
+        return got
+
+    assert asyncio.run(main()) in ([], ["answer 0"])  # the error may overtake the answer
+
+
+@pytest.mark.parametrize("size", [0, 5, 127, 128, 20_000, 3_000_000])
+def test_the_relays_stream_messages_parse_as_the_protocols(size):
+    inner = pb.ModelInferResponse(model_name="m", id="x")
+    inner.raw_output_contents.append(bytes(size))
+    answer = pb.ModelStreamInferResponse.FromString(stream_answer(inner.SerializeToString()))
+    assert answer.infer_response == inner and answer.error_message == ""
+    message = "é" * size if size < 100_000 else "x" * size
+    error = pb.ModelStreamInferResponse.FromString(stream_error(message))
+    assert error.error_message == message and not error.HasField("infer_response")
