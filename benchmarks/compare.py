@@ -55,6 +55,7 @@ from tests.integration.harness import ServerProcess, free_port, wait_until
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 PERF_ANALYZER = ROOT / "benchmarks" / ".tools" / "perf_analyzer"
+STREAMED = "-stream"  # a server's row measured with streaming clients (ModelStreamInfer)
 PEERS_SRC = ROOT / "benchmarks" / "peers"
 PEERS_ENV = ROOT / "benchmarks" / ".peers"
 MODEL = "mlp_onnx"
@@ -266,10 +267,18 @@ def _machine() -> dict[str, Any]:
 
 
 def _measure(
-    url: str, pid: int, *, concurrency: int = 0, rate: float = 0, seconds: float
+    url: str,
+    pid: int,
+    *,
+    concurrency: int = 0,
+    rate: float = 0,
+    seconds: float,
+    streaming: bool = False,
 ) -> dict[str, Any]:
     before = tree_cpu_seconds(pid)
-    result = loadgen.run(url, MODEL, concurrency=concurrency, rate=rate, seconds=seconds)
+    result = loadgen.run(
+        url, MODEL, concurrency=concurrency, rate=rate, seconds=seconds, streaming=streaming
+    )
     cpu = tree_cpu_seconds(pid) - before
     row = result.summary()
     row["server_cpu_us_per_call"] = cpu / max(1, result.count) * 1e6
@@ -277,12 +286,13 @@ def _measure(
     return row
 
 
-def _perf_analyzer(url: str, concurrency: int) -> dict[str, float] | None:
+def _perf_analyzer(url: str, concurrency: int, streaming: bool = False) -> dict[str, float] | None:
     if not PERF_ANALYZER.exists():
         return None
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "pa.csv"
         command = [str(PERF_ANALYZER), "-m", MODEL, "-i", "grpc", "-u", url, "-f", str(report)]
+        command += ["--streaming"] if streaming else []
         command += ["--concurrency-range", f"{concurrency}:{concurrency}"]
         command += ["--measurement-interval", "2000", "--stability-percentage", "50"]
         run = subprocess.run(command, capture_output=True, text=True, timeout=180)
@@ -300,19 +310,25 @@ def run_servers(
     servers: dict[str, tuple[str, int]], args: argparse.Namespace
 ) -> dict[str, dict[str, Any]]:
     """Closed loop in alternated rounds over ``servers`` (name → url, pid), then each one's open
-    loop and perf_analyzer cross-check."""
-    for url, _ in servers.values():
-        loadgen.run(url, MODEL, concurrency=4, seconds=1.0)  # warm both ends before measuring
+    loop and perf_analyzer cross-check. A name ending in STREAMED is the same server driven by
+    streaming clients (ModelStreamInfer; closed loop only)."""
+    for name, (url, _) in servers.items():  # warm both ends before measuring
+        loadgen.run(url, MODEL, concurrency=4, seconds=1.0, streaming=name.endswith(STREAMED))
 
     def closed_loop(name: str, concurrency: int) -> dict[str, Any]:
         url, pid = servers[name]
-        return _measure(url, pid, concurrency=concurrency, seconds=args.seconds)
+        streaming = name.endswith(STREAMED)
+        return _measure(
+            url, pid, concurrency=concurrency, seconds=args.seconds, streaming=streaming
+        )
 
     closed = rounds.alternate(list(servers), args.concurrency, args.rounds, closed_loop)
     out: dict[str, dict[str, Any]] = {}
     for name, (url, pid) in servers.items():
-        opened = [_measure(url, pid, rate=r, seconds=args.seconds) for r in args.rates]
-        cross = {c: _perf_analyzer(url, c) for c in (1, 16)} if not args.quick else {}
+        streaming = name.endswith(STREAMED)
+        rates = [] if streaming else args.rates
+        opened = [_measure(url, pid, rate=r, seconds=args.seconds) for r in rates]
+        cross = {c: _perf_analyzer(url, c, streaming) for c in (1, 16)} if not args.quick else {}
         for row in closed[name] + opened:
             print(
                 f"  {name:17s} {row['mode']:6s} {row['level']:>6}: {row['throughput']:7.0f}/s "
@@ -359,6 +375,20 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
             )
         if 16 in h and 16 in w:
             ratios["c16_throughput_vs_hop_floor"] = w[16]["throughput"] / h[16]["throughput"]
+    streamed = ("warmserve" + STREAMED, "floor" + STREAMED)
+    if all(name in results for name in streamed):  # both driven by streaming clients
+        st, fs = (by_c(results[name]["closed"]) for name in streamed)
+        if 1 in st and 1 in fs:
+            ratios["c1_p50_streamed_vs_floor_streamed"] = st[1]["p50_ms"] / fs[1]["p50_ms"]
+            ratios["c1_cpu_streamed_vs_floor_streamed"] = (
+                st[1]["server_cpu_us_per_call"] / fs[1]["server_cpu_us_per_call"]
+            )
+        if 16 in st and 16 in fs:
+            ratios["c16_throughput_streamed_vs_floor_streamed"] = (
+                st[16]["throughput"] / fs[16]["throughput"]
+            )
+        if 16 in st and 16 in w:
+            ratios["c16_throughput_streamed_vs_unary"] = st[16]["throughput"] / w[16]["throughput"]
     return ratios
 
 
@@ -515,7 +545,9 @@ def main() -> None:
             servers = {
                 "floor": (floor.url, floor.process.pid),
                 "floor-hop": (hop.url, hop.process.pid),
+                "floor" + STREAMED: (floor.url, floor.process.pid),
                 "warmserve": (server.url, server.process.pid),
+                "warmserve" + STREAMED: (server.url, server.process.pid),
             }
             print(f"closed loop: medians of {args.rounds} alternated rounds of {args.seconds:g} s")
             results.update(run_servers(servers, args))

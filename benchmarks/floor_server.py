@@ -130,6 +130,13 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         stats = pb.ModelStatistics(name=self.model.name, version=self.model.version)
         return pb.ModelStatisticsResponse(model_stats=[stats])  # perf_analyzer asks; no counts
 
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        """Each request on the stream answered in turn, as ModelInfer answers it (what a bare
+        Python gRPC server does with streaming clients)."""
+        async for request in request_iterator:
+            response = await self.ModelInfer(request, context)
+            yield pb.ModelStreamInferResponse(infer_response=response)
+
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         tensor = request.inputs[0]
         if self.echo:

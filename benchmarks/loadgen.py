@@ -4,6 +4,10 @@ raw bytes, so the client spends as little CPU per call as a Python client can.
 
     python -m benchmarks.loadgen --url 127.0.0.1:8001 --model mlp_onnx --concurrency 16 --seconds 3
     python -m benchmarks.loadgen --url ... --rate 1000 --seconds 3
+    python -m benchmarks.loadgen --url ... --concurrency 16 --streaming
+
+``--streaming``: each closed-loop caller sends its calls on one ModelStreamInfer stream of its
+own (request, then its answer, then the next request) instead of one unary call each.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import uvloop
 from serve.frontend.pb import grpc_service_pb2 as pb
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+STREAM_ERROR = 0x0A  # a ModelStreamInferResponse starting with error_message (field 1)
 CALL_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 120.0  # client processes connecting (spawn, imports, first call)
 
@@ -74,7 +80,7 @@ def _result(
         float(p95),
         float(p99),
         float(values.max()),
-        [float(v) for v in values],
+        [float(v) for v in values] if latencies else [],  # (no call answered: none, not a 0)
     )
 
 
@@ -85,8 +91,10 @@ async def closed_loop(
     seconds: float,
     connected: Callable[[], object] | None = None,
     connections: int = 1,
+    streaming: bool = False,
 ) -> LoadResult:
-    """``concurrency`` callers, each sending its next call when the last returns, spread over
+    """``concurrency`` callers, each sending its next call when the last returns (``streaming``:
+    on a ModelStreamInfer stream of its own), spread over
     ``connections`` channels of their own TCP connection (a server whose processes share the
     port with SO_REUSEPORT balances connections, not calls). ``connected`` (if given) is called
     once the channels are up, before the clock starts: client processes wait there for each
@@ -97,8 +105,11 @@ async def closed_loop(
     channels = [grpc.aio.insecure_channel(url, options=own_connection) for _ in range(connections)]
     try:
         calls = [channel.unary_unary(METHOD) for channel in channels]
-        for call in calls:
-            await call(payload, timeout=CALL_TIMEOUT_S)  # connect first
+        for channel, call in zip(channels, calls, strict=True):  # connect first
+            if streaming:
+                await asyncio.wait_for(channel.channel_ready(), CALL_TIMEOUT_S)
+            else:
+                await call(payload, timeout=CALL_TIMEOUT_S)
         if connected is not None:
             connected()
         end = time.perf_counter() + seconds
@@ -114,8 +125,29 @@ async def closed_loop(
                     continue
                 latencies.append(time.perf_counter() - start)
 
+        async def streamer(channel: grpc.aio.Channel) -> None:
+            nonlocal errors
+            stream = channel.stream_stream(STREAM_METHOD)(timeout=seconds + CALL_TIMEOUT_S)
+            try:
+                while time.perf_counter() < end:
+                    start = time.perf_counter()
+                    await stream.write(payload)
+                    answer = await stream.read()
+                    if not isinstance(answer, bytes):  # the stream ended (its status says why)
+                        raise RuntimeError(f"stream ended: {await stream.code()}")
+                    if answer[:1] == bytes([STREAM_ERROR]):
+                        errors += 1
+                        continue
+                    latencies.append(time.perf_counter() - start)
+                await stream.done_writing()
+            finally:
+                stream.cancel()
+
         started = time.perf_counter()
-        await asyncio.gather(*(caller(calls[i % connections]) for i in range(concurrency)))
+        if streaming:
+            await asyncio.gather(*(streamer(channels[i % connections]) for i in range(concurrency)))
+        else:
+            await asyncio.gather(*(caller(calls[i % connections]) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
@@ -164,12 +196,12 @@ def _closed_share(
     barrier: multiprocessing.synchronize.Barrier,
     results: multiprocessing.Queue,  # type: ignore[type-arg]
     connections: int,
+    streaming: bool,
 ) -> None:
     """One client process's share of a closed loop; its result (or error) goes to ``results``."""
     try:
-        job = closed_loop(
-            url, payload, concurrency, seconds, lambda: barrier.wait(START_TIMEOUT_S), connections
-        )
+        connected = lambda: barrier.wait(START_TIMEOUT_S)  # noqa: E731
+        job = closed_loop(url, payload, concurrency, seconds, connected, connections, streaming)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             results.put(runner.run(job))
     except BaseException as exc:
@@ -184,6 +216,7 @@ def closed_loop_processes(
     seconds: float,
     processes: int,
     connections: int = 1,
+    streaming: bool = False,
 ) -> LoadResult:
     """A closed loop split over ``processes`` client processes (each its own channel and
     connection) that start together: one Python client process saturates near a few thousand
@@ -196,7 +229,16 @@ def closed_loop_processes(
     children = [
         context.Process(
             target=_closed_share,
-            args=(url, payload, share, seconds, barrier, results, min(connections, share)),
+            args=(
+                url,
+                payload,
+                share,
+                seconds,
+                barrier,
+                results,
+                min(connections, share),
+                streaming,
+            ),
             name=f"loadgen-{i}",
             daemon=True,
         )
@@ -244,17 +286,25 @@ def run(
     payload: bytes = b"",
     processes: int = 1,
     connections: int = 1,
+    streaming: bool = False,
 ) -> LoadResult:
     """Closed loop at ``concurrency`` or open loop at ``rate``; ``payload`` is a serialised
     ModelInferRequest (default: one row for the demo MLP). A closed loop can be split over
-    ``processes`` client processes, each with ``connections`` connections."""
+    ``processes`` client processes, each with ``connections`` connections, and its calls sent
+    on streams (``streaming``)."""
     payload = payload or request_bytes(model)
+    if rate and streaming:
+        raise ValueError("streaming is a closed-loop mode")
     if processes > 1 and not rate:
-        return closed_loop_processes(url, payload, concurrency, seconds, processes, connections)
+        return closed_loop_processes(
+            url, payload, concurrency, seconds, processes, connections, streaming
+        )
     if rate:
         job = open_loop(url, payload, rate, seconds)
     else:
-        job = closed_loop(url, payload, concurrency, seconds, connections=connections)
+        job = closed_loop(
+            url, payload, concurrency, seconds, connections=connections, streaming=streaming
+        )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(job)
 
@@ -270,6 +320,9 @@ def main() -> None:
     parser.add_argument(
         "--connections", type=int, default=1, help="connections per client process (closed loop)"
     )
+    parser.add_argument(
+        "--streaming", action="store_true", help="closed loop: each caller on a stream of its own"
+    )
     args = parser.parse_args()
     result = run(
         args.url,
@@ -279,6 +332,7 @@ def main() -> None:
         seconds=args.seconds,
         processes=args.processes,
         connections=args.connections,
+        streaming=args.streaming,
     )
     print(json.dumps(result.summary()))
 

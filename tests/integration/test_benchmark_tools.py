@@ -32,6 +32,22 @@ def test_the_load_generator_splits_a_closed_loop_over_client_processes(server):
     assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["max_ms"]
 
 
+def test_the_load_generator_can_send_its_calls_on_streams(server):
+    def streamed(model: str) -> dict:
+        run = _run(
+            "benchmarks.loadgen", "--url", server.url, "--model", model, "--streaming",
+            "--concurrency", "3", "--seconds", "0.5", "--processes", "2", timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)
+
+    good = streamed("mlp_onnx")
+    assert good["errors"] == 0 and good["count"] > 0
+    assert 0 < good["p50_ms"] <= good["p99_ms"]
+    bad = streamed("nope")  # each answer an error_message; the streams go on
+    assert bad["count"] == 0 and bad["errors"] > 3
+
+
 def test_a_client_process_that_cannot_connect_fails_the_run_with_its_reason():
     run = _run(
         "benchmarks.loadgen", "--url", f"127.0.0.1:{free_port()}", "--concurrency", "2",
