@@ -200,23 +200,26 @@ def _profile_summary(spy: subprocess.Popen[bytes], path: Path, top: int = 12) ->
 
 
 def _load_level(
-    url: str, pid: int, model: str, body: bytes, level: int, seconds: float
-) -> tuple[loadgen.LoadResult, dict[str, Any], int]:
-    """One closed-loop level (client processes of CALLERS_PER_CLIENT_PROCESS callers each) and
-    the server process's CPU over it."""
+    url: str, pid: int, model: str, body: bytes, level: int, seconds: float,
+    streaming: bool = False,
+) -> tuple[loadgen.LoadResult, dict[str, Any], int]:  # fmt: skip
+    """One closed-loop level (client processes of CALLERS_PER_CLIENT_PROCESS callers each; with
+    ``streaming``, each caller on a ModelStreamInfer stream) and the server process's CPU."""
     processes = max(1, level // CALLERS_PER_CLIENT_PROCESS)
     cpu_before = _cpu(pid)
     result = loadgen.run(
-        url, model, concurrency=level, seconds=seconds, payload=body, processes=processes
-    )
+        url, model, concurrency=level, seconds=seconds, payload=body, processes=processes,
+        streaming=streaming,
+    )  # fmt: skip
     return result, _busy(cpu_before, _cpu(pid), result.seconds), processes
 
 
 def serve_and_load(
     root: Path, models: dict[str, bytes], levels: dict[str, list[int]], seconds: float,
-    out_dir: Path, profile_at: int = 0,
+    out_dir: Path, profile_at: int = 0, streamed: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The models through warmserve at each level; with ``profile_at``, an extra pass of the
+    """The models through warmserve at each level; ``streamed``: levels per model run again
+    with streaming clients (``<model>_streamed``); with ``profile_at``, an extra pass of the
     first model at that concurrency under py-spy (not counted in the figures)."""
     started = time.monotonic()
     server = ServerProcess(root / "server.log", root / "repo")
@@ -262,6 +265,22 @@ def serve_and_load(
                     f"cores, {front_end['busiest_thread']} {front_end['busiest_share']:.0%}"
                 )
             out[model] = rows
+            streamed_rows = []
+            for level in (streamed or {}).get(model, []):
+                result, front_end, processes = _load_level(
+                    server.url, pid, model, body, level, seconds, streaming=True
+                )
+                streamed_rows.append(
+                    {**result.summary(), "client_processes": processes, "front_end": front_end}
+                )
+                print(
+                    f"  {model} c={level:3d} streaming: {result.throughput:8.0f}/s p50 "
+                    f"{result.p50_ms:.2f} p95 {result.p95_ms:.2f} p99 {result.p99_ms:.2f} ms, "
+                    f"{result.errors} errors | front end {front_end['cores']:.2f} cores, "
+                    f"{front_end['busiest_thread']} {front_end['busiest_share']:.0%}"
+                )
+            if streamed_rows:
+                out[f"{model}_streamed"] = streamed_rows
             if profile_at and model == next(iter(models)):  # a pass of its own: py-spy slows it
                 profile = out_dir / f"profile_{model}_c{profile_at}.txt"
                 spy = _profile_start(pid, seconds, profile)
@@ -485,6 +504,12 @@ def main() -> None:
         "--slots", type=int, default=0, help="batches in flight per worker in the --frontends runs"
     )
     parser.add_argument("--levels", default="", help="concurrency levels (default 1,4,16,32,64)")
+    parser.add_argument(
+        "--streaming-levels",
+        default=None,
+        help="levels run again with streaming clients, ResNet-50 and encoder (default: the "
+        "lowest and highest level; '' for none)",
+    )
     args = parser.parse_args()
     only = args.frontends_only
     device, small = args.device, args.smoke
@@ -559,8 +584,15 @@ def main() -> None:
         save()  # each section adds to the file: a run cut short by its time limit keeps the rest
         if not only:
             print("through warmserve")
+            wanted = args.streaming_levels
+            streaming_levels = (
+                [levels[0], levels[-1]]
+                if wanted is None
+                else [int(c) for c in wanted.split(",") if c]
+            )
+            streamed = {"resnet50": streaming_levels, "encoder": streaming_levels}
             results["served"] = serve_and_load(
-                root, bodies, model_levels, seconds, args.out, args.profile_at
+                root, bodies, model_levels, seconds, args.out, args.profile_at, streamed
             )
             save()
             print("the gRPC floor (no model) with the same payloads")

@@ -70,6 +70,10 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
         rows = results["served"][model]
         assert rows and all(r["count"] > 0 and r["errors"] == 0 for r in rows), rows
         assert results["served"]["first_request"][model]["first_ms"] > 0
+    for model in ("resnet50", "encoder"):  # the lowest and highest level again, streamed
+        rows = results["served"][f"{model}_streamed"]
+        assert [r["level"] for r in rows] == [1, 16]
+        assert all(r["count"] > 0 and r["errors"] == 0 for r in rows), rows
     assert {t["model"] for t in results["targets"]} == {"resnet50", "encoder", "resnet50_one_slot"}
     floor = results["grpc_floor"]
     assert all(r["count"] > 0 and r["errors"] == 0 for rows in floor.values() for r in rows)
