@@ -148,7 +148,9 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
             x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32)
             (y,) = self.session.run([self.output.name], {self.input.name: x.reshape(tensor.shape)})
             data, shape = y.tobytes(), list(y.shape)
-        response = pb.ModelInferResponse(model_name=request.model_name, model_version="1")
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version="1", id=request.id
+        )  # (perf_analyzer --streaming matches answers to requests by id)
         out = response.outputs.add()
         out.name = self.output.name
         out.datatype = "FP32"

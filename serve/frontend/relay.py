@@ -1,6 +1,7 @@
 """A gRPC relay process (``frontends > 1``): terminates gRPC on the shared port and passes each
 unary call and each Health/Watch stream, as bytes, to the serving process's hub (relay_hub.py)
-over the relay wire (relay_wire.py).
+over the relay wire (relay_wire.py); each request of a ModelStreamInfer stream goes as a
+ModelInfer call of its own.
 
 It binds the port with SO_REUSEPORT beside its sibling relays, so the kernel spreads connections
 over them. The serving process answers readiness, errors and results. The relay parses only a
