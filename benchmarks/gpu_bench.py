@@ -317,12 +317,12 @@ def _batch_rows(server: ServerProcess, model: str) -> tuple[float, float]:
 
 def serve_frontends(
     root: Path, model: str, body: bytes, counts: list[int], levels: list[int], seconds: float,
-    out_dir: Path, slots: int = 0,
+    out_dir: Path, slots: int = 0, streaming: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """``model`` through 1, 2, ... gRPC processes (``--frontends``: relays sharing the port that
     pass every call to the one serving process and its pool), every caller on a connection of
     its own: the kernel spreads connections, not calls, over the relays. ``slots``: batches in
-    flight per worker (0: the model's setting)."""
+    flight per worker (0: the model's setting); ``streaming``: each caller on a stream."""
     out: dict[str, Any] = {}
     for count in counts:
         repo = root / f"repo-frontends-{count}"
@@ -349,6 +349,7 @@ def serve_frontends(
                 result = loadgen.run(
                     server.url, model, concurrency=level, seconds=seconds, payload=body,
                     processes=processes, connections=CALLERS_PER_CLIENT_PROCESS,
+                    streaming=streaming,
                 )  # fmt: skip
                 cores = (proctree.tree_cpu_seconds(server.process.pid) - cpu0) / result.seconds
                 serving = _busy(threads0, _cpu(server.process.pid), result.seconds)
@@ -356,13 +357,15 @@ def serve_frontends(
                 row = {
                     **result.summary(),
                     "frontends": count,
+                    "streaming": streaming,
                     "serving_process": serving,
                     "rows_per_batch": (rows1 - rows0) / max(1.0, batches1 - batches0),
                     "server_cores": cores,
                 }
                 rows_out.append(row)
                 print(
-                    f"  {model}, {count} gRPC process(es), c={level:3d}: "
+                    f"  {model}, {count} gRPC process(es), c={level:3d}"
+                    f"{' streaming' if streaming else ''}: "
                     f"{result.throughput:8.0f}/s p50 {result.p50_ms:.2f} p95 {result.p95_ms:.2f} "
                     f"p99 {result.p99_ms:.2f} ms, "
                     f"{row['rows_per_batch']:.1f} rows/batch, {result.errors} errors | server "
@@ -503,6 +506,11 @@ def main() -> None:
     parser.add_argument(
         "--slots", type=int, default=0, help="batches in flight per worker in the --frontends runs"
     )
+    parser.add_argument(
+        "--frontends-streaming",
+        action="store_true",
+        help="streaming clients (ModelStreamInfer) in the --frontends runs",
+    )
     parser.add_argument("--levels", default="", help="concurrency levels (default 1,4,16,32,64)")
     parser.add_argument(
         "--streaming-levels",
@@ -609,7 +617,7 @@ def main() -> None:
         frontend_levels = levels if only else levels[-2:] if small else levels[-1:]
         results["frontends"] = serve_frontends(
             root, "resnet50", bodies["resnet50"], counts, frontend_levels, seconds, args.out,
-            args.slots,
+            args.slots, args.frontends_streaming,
         )  # fmt: skip
     print("against the targets")
     if not only:

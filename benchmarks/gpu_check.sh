@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# A short device check (about 4 minutes): the GPU tests, then ResNet-50 through 4 relays and one
+# A short device check (about 5 minutes): the GPU tests, then ResNet-50 through 4 relays and one
 # worker with one batch in flight, at c=1 and c=64, three times on the same machine:
 #   base     input arenas page-locked, tensors through the relays' rings (the defaults)
 #   noring   WARMSERVE_RELAY_RING_SLOTS=0: tensors inline on the relay socket
 #   nolock   WARMSERVE_PAGE_LOCK=0: copies to the GPU staged
+# and then (stream) one process and 4 relays at c=64 with streaming clients (ModelStreamInfer).
+# RUNS picks and orders them (default "base noring nolock stream"); timeout_s=400 covers all.
 # Run it through the device tool with carry=["serve/frontend/pb", "benchmarks/.wheels"];
 # results under $OUT. Locally, on CPU:
 #   SKIP_WHEELS=1 X="--smoke --device cpu" LV=1,4 OUT=/tmp/o PATH=.venv/bin:$PATH \
@@ -15,16 +17,20 @@ export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH"
 timeout 45 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gt tests/gpu 2>&1 \
     | tee "$OUT/gpu_tests.txt" | tail -4
 find /tmp/gt -name '*.log' -print0 | tar czf "$OUT/gpu_test_logs.tgz" --null -T - 2>/dev/null
-for run in base noring nolock; do
+lv=${LV:-1,64}
+for run in ${RUNS:-base noring nolock stream}; do
+    shape=(--frontends 4 --levels "$lv")
     case $run in
         base) env=() ;;
         noring) env=(WARMSERVE_RELAY_RING_SLOTS=0) ;;
         nolock) env=(WARMSERVE_PAGE_LOCK=0) ;;
+        stream) env=(); shape=(--frontends 1,4 --levels "${lv##*,}" --frontends-streaming) ;;
+        *) echo "unknown run $run"; continue ;;
     esac
     mkdir -p "$OUT/$run"
-    echo "== $run ${env[*]:-}"
+    echo "== $run ${env[*]:-} ${shape[*]}"
     env "${env[@]}" timeout "${T:-75}" python3 -m benchmarks.gpu_bench --out "$OUT/$run" \
-        --frontends-only --frontends 4 --levels "${LV:-1,64}" --workers 1 --slots 1 ${X:-} 2>&1 \
+        --frontends-only "${shape[@]}" --workers 1 --slots 1 ${X:-} 2>&1 \
         | tee "$OUT/$run/gpu_bench.txt" | grep -v "floor batch"
     (cd "$OUT" && tar czf "$run.tgz" "$run" && rm -rf "$run")
 done
