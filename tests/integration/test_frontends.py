@@ -362,3 +362,30 @@ def test_calls_of_relays_that_die_are_dropped_not_computed(tmp_path: Path):
         assert executions(server) - before == 2, "a call of a dead relay was computed"
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("frontends", [1, 2], ids=["direct", "relayed"])
+def test_a_stream_its_client_cancels_drops_its_queued_request(tmp_path: Path, frontends: int):
+    server = spin_server(tmp_path, frontends)
+    try:
+        iters = iterations_for(server, 1.5)
+        before = executions(server)
+        client = server.client
+        slow: queue.Queue = queue.Queue()
+        dispatched = server.count_log("model spin: dispatching")
+        client.async_infer("spin", spin_inputs(iters), lambda result, error: slow.put(error))
+        server.wait_for_log_count("model spin: dispatching", dispatched + 1)  # it computes
+        waiting = server.count_log("model spin: 1 requests wait for a worker")
+        answers: queue.Queue = queue.Queue()
+        streamer = triton.InferenceServerClient(server.url)
+        streamer.start_stream(callback=lambda result, error: answers.put((result, error)))
+        streamer.async_stream_infer("spin", spin_inputs(iters), request_id="queued")
+        server.wait_for_log_count("model spin: 1 requests wait for a worker", waiting + 1)
+        streamer.stop_stream(cancel_requests=True)
+        streamer.close()
+        server.wait_for_log("ModelInfer 'spin': cancelled by its caller")
+        assert slow.get(timeout=60) is None
+        assert client.infer("spin", spin_inputs(1, 4.0)).as_numpy("Y")[0, 0] == 4.0
+        assert executions(server) - before == 2, "the cancelled stream's request was computed"
+    finally:
+        assert server.stop() == 0
