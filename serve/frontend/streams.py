@@ -2,8 +2,9 @@
 
 Each request is answered on its own, as separate calls would be, so the requests of one stream
 batch with each other and with other callers; answers go back in the order they complete. At
-most ``limit`` requests of a stream are in flight: beyond that the stream is not read, so a fast
-sender is slowed by gRPC's flow control rather than queueing without bound.
+most ``limit`` requests of a stream are in flight, counting answers not yet sent: beyond that
+the stream is not read, so a fast sender, or a caller that does not read its answers, is held
+back by gRPC's flow control rather than queueing without bound.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ async def answer_concurrently(
             raise
         except BaseException as exc:  # not a request's own failure: it ends the stream
             answers.put_nowait(exc)
-        finally:
-            room.release()
 
     async def read() -> None:
         try:
@@ -72,6 +71,7 @@ async def answer_concurrently(
             if isinstance(item, BaseException):
                 raise item
             yield item
+            room.release()  # sent (the caller asked for the next): room for another request
     finally:
         reader.cancel()
         for task in list(running):

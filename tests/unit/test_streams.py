@@ -142,3 +142,27 @@ def test_the_relays_stream_messages_parse_as_the_protocols(size):
     message = "é" * size if size < 100_000 else "x" * size
     error = pb.ModelStreamInferResponse.FromString(stream_error(message))
     assert error.error_message == message and not error.HasField("infer_response")
+
+
+def test_answers_not_yet_taken_count_against_the_limit():
+    pulled = 0
+
+    async def endless() -> AsyncIterator[int]:
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield pulled
+
+    async def answer(request: int) -> int:
+        return request
+
+    async def main() -> int:
+        stream = answer_concurrently(endless(), answer, limit=3)
+        assert await anext(stream) == 1  # the caller takes one answer and no more
+        for _ in range(50):  # the requests read meanwhile stop at the limit
+            await asyncio.sleep(0)
+        read = pulled
+        await stream.aclose()
+        return read
+
+    assert asyncio.run(main()) <= 4  # 3 in flight or unsent, and the one being read
