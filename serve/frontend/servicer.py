@@ -34,11 +34,10 @@ Context: TypeAlias = grpc.aio.ServicerContext
 
 
 class _RequestFailed(Exception):
-    """One request of a stream failed (its status and message)."""
+    """One request of a stream failed: its message goes back as that request's answer."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.code = code
         self.message = message
 
 
@@ -54,7 +53,7 @@ class _StreamCall:
         return remaining
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
-        raise _RequestFailed(code, details)
+        raise _RequestFailed(details)  # (the protocol's stream errors carry a message only)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -63,6 +63,7 @@ async def answer_concurrently(
             answers.put_nowait(exc)
 
     reader = asyncio.create_task(read())
+    sent = 0
     try:
         while True:
             item = await answers.get()
@@ -71,10 +72,10 @@ async def answer_concurrently(
             if isinstance(item, BaseException):
                 raise item
             yield item
+            sent += 1
             room.release()  # sent (the caller asked for the next): room for another request
     finally:
         reader.cancel()
         for task in list(running):
             task.cancel()
-        if running:
-            log.debug("stream closed with %d requests in flight: cancelled", len(running))
+        log.debug("stream ended: %d answers sent, %d requests cancelled", sent, len(running))
