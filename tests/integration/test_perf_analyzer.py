@@ -15,10 +15,14 @@ PERF_ANALYZER = Path(__file__).resolve().parents[2] / "benchmarks" / ".tools" / 
     not PERF_ANALYZER.exists(),
     reason="perf_analyzer not installed: run `bash benchmarks/install_perf_analyzer.sh`",
 )
-@pytest.mark.parametrize("model", ["mlp_onnx", "image_cnn"])
-def test_perf_analyzer_runs_against_a_demo_model(server, tmp_path, model):
+@pytest.mark.parametrize(
+    ("model", "mode"),
+    [("mlp_onnx", []), ("image_cnn", []), ("mlp_onnx", ["--streaming"])],
+    ids=["mlp_onnx", "image_cnn", "mlp_onnx-streaming"],
+)
+def test_perf_analyzer_runs_against_a_demo_model(server, tmp_path, model, mode):
     report = tmp_path / "report.csv"
-    command = [str(PERF_ANALYZER), "-m", model, "-i", "grpc", "-u", server.url]
+    command = [str(PERF_ANALYZER), "-m", model, "-i", "grpc", "-u", server.url, *mode]
     command += ["--concurrency-range", "2:2", "--measurement-mode", "count_windows"]
     command += ["--measurement-request-count", "50", "--stability-percentage", "100"]
     command += ["--max-trials", "3", "-f", str(report)]
