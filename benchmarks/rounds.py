@@ -14,25 +14,33 @@ from typing import Any
 
 import numpy as np
 
-MEDIAN_KEYS = ("throughput", "p50_ms", "p95_ms", "p99_ms", "server_cpu_us_per_call")
+MEDIAN_KEYS = (
+    "throughput",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "server_cpu_us_per_call",
+    "loop_us_per_call",  # (benchmarks.ab measures it; the rows of others lack it)
+)
 
 Row = dict[str, Any]
 
 
 def median_row(rows: Sequence[Row]) -> Row:
     """One row from the same load level's rows of several rounds: the median of each figure in
-    MEDIAN_KEYS (the values per round under "rounds"), the worst max, the sum of counts and
-    errors, and every latency (for CDFs)."""
+    MEDIAN_KEYS that the rows have (the values per round under "rounds"), the worst max, the
+    sum of counts and errors, and every latency (for CDFs)."""
     if not rows:
         raise ValueError("no rounds to combine")
     out = dict(rows[0])
-    for key in MEDIAN_KEYS:
+    keys = [key for key in MEDIAN_KEYS if key in rows[0]]
+    for key in keys:
         out[key] = float(np.median([row[key] for row in rows]))
     out["max_ms"] = max(row["max_ms"] for row in rows)
     for key in ("count", "errors", "seconds"):
         out[key] = sum(row[key] for row in rows)
     out["latencies_ms"] = [v for row in rows for v in row.get("latencies_ms", [])]
-    out["rounds"] = {key: [row[key] for row in rows] for key in MEDIAN_KEYS}
+    out["rounds"] = {key: [row[key] for row in rows] for key in keys}
     return out
 
 

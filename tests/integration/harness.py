@@ -97,7 +97,10 @@ class ServerProcess:
         repository: Path | None = None,
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
+        """``cwd``: where the server runs, which is also where ``python -m serve`` imports the
+        package from (another checkout of it, for an A/B)."""
         self.port = free_port()
         self.http_port = free_port()
         self.url = f"127.0.0.1:{self.port}"
@@ -108,7 +111,11 @@ class ServerProcess:
             command += ["--repository", str(repository)]
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
         self.client = triton.InferenceServerClient(self.url)
 

@@ -1,0 +1,138 @@
+"""Old code against new, on the same machine, in alternated rounds: is a change measurable?
+
+    python -m benchmarks.ab BASE [--concurrency 1 16] [--rounds 10] [--seconds 2] [--streaming]
+
+BASE is a commit (anything ``git rev-parse`` takes); the new side is the working tree. The base
+is checked out into a temporary git worktree (with this tree's generated stubs, which git
+ignores) and both serve the demo MLP side by side. Each round starts both servers afresh,
+measures both at every level (who goes first alternates) and stops them: where the kernel
+happens to place their processes is then no bias that lasts the whole run (two instances of
+the same code kept up for ten rounds differed by 3-5 %; started afresh each round, by 0-0.3 %).
+It prints, per level and figure, both medians and the ratio new / base round by round: the
+ratio's median and its spread say whether the change shows above the machine's noise.
+Figures: throughput, p50, p99, the server tree's CPU per call, and the serving process's
+busiest thread per call (its event loop). Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import loadgen, proctree, rounds
+from benchmarks.compare import MODEL
+from serve.testing.models import build_mlp_onnx
+from tests.integration.harness import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+STUBS = Path("serve") / "frontend" / "pb"
+FIGURES = (
+    ("throughput", "calls/s", "{:.0f}"),
+    ("p50_ms", "p50 ms", "{:.3f}"),
+    ("p99_ms", "p99 ms", "{:.3f}"),
+    ("server_cpu_us_per_call", "tree µs/call", "{:.0f}"),
+    ("loop_us_per_call", "loop µs/call", "{:.0f}"),
+)
+
+
+@contextlib.contextmanager
+def worktree(commit: str, folder: Path) -> Iterator[Path]:
+    """``commit`` checked out at ``folder`` (removed afterwards), with this tree's stubs."""
+    run = lambda *args: subprocess.run(  # noqa: E731
+        ["git", *args], cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    run("worktree", "add", "--detach", str(folder), commit)
+    try:
+        shutil.copytree(ROOT / STUBS, folder / STUBS, dirs_exist_ok=True)
+        yield folder
+    finally:
+        run("worktree", "remove", "--force", str(folder))
+
+
+def measure(server: ServerProcess, level: int, seconds: float, streaming: bool) -> dict[str, Any]:
+    """One closed-loop run: loadgen's figures, the tree's CPU per call and the busiest
+    thread's (the serving process's event loop) per call."""
+    pid = server.process.pid
+    tree0, threads0 = proctree.tree_cpu_seconds(pid), proctree.thread_cpu_seconds(pid)
+    result = loadgen.run(server.url, MODEL, concurrency=level, seconds=seconds, streaming=streaming)
+    tree1, threads1 = proctree.tree_cpu_seconds(pid), proctree.thread_cpu_seconds(pid)
+    calls = max(1, result.count)
+    busiest = max(threads1[t] - threads0.get(t, 0.0) for t in threads1)
+    row = result.summary()
+    row["server_cpu_us_per_call"] = (tree1 - tree0) / calls * 1e6
+    row["loop_us_per_call"] = busiest / calls * 1e6
+    return row
+
+
+def report(results: dict[str, list[dict[str, Any]]], levels: list[int]) -> dict[str, Any]:
+    """Print and return, per level and figure: both medians and new / base round by round."""
+    out: dict[str, Any] = {}
+    for index, level in enumerate(levels):
+        base, new = results["base"][index], results["new"][index]
+        print(f"c={level}: {len(base['rounds']['throughput'])} rounds")
+        for key, label, fmt in FIGURES:
+            ratios = rounds.paired_ratios(new, base, key)
+            median = float(np.median(ratios))
+            print(
+                f"  {label:13s} base {fmt.format(base[key]):>8s}  new {fmt.format(new[key]):>8s}"
+                f"  new/base median {median:.3f} (rounds {min(ratios):.3f}–{max(ratios):.3f})"
+            )
+            out[f"c{level}_{key}"] = {"median": median, "rounds": ratios}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base", help="the commit to compare the working tree with")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--streaming", action="store_true", help="streaming clients")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as checkout:
+        root = Path(tmp)
+        trees = {"base": checkout.enter_context(worktree(args.base, root / "base")), "new": ROOT}
+        build_mlp_onnx(root / "repo" / MODEL)
+        print(f"{args.base} against the working tree: {args.rounds} rounds of {args.seconds} s")
+        samples: dict[str, dict[int, list[dict[str, Any]]]] = {
+            side: {level: [] for level in args.concurrency} for side in trees
+        }
+        for index in range(args.rounds):
+            order = ["base", "new"] if index % 2 == 0 else ["new", "base"]
+            with contextlib.ExitStack() as running:
+                servers = {}
+                for side in order:
+                    server = ServerProcess(
+                        root / f"{side}-{index}.log", root / "repo", cwd=trees[side]
+                    )
+                    running.callback(server.stop)
+                    servers[side] = server
+                for side in order:
+                    servers[side].wait_ready()
+                    loadgen.run(
+                        servers[side].url, MODEL, concurrency=4, seconds=1.0,
+                        streaming=args.streaming,
+                    )  # fmt: skip
+                for side in order:
+                    for level in args.concurrency:
+                        row = measure(servers[side], level, args.seconds, args.streaming)
+                        samples[side][level].append(row)
+        results = {
+            side: [rounds.median_row(samples[side][level]) for level in args.concurrency]
+            for side in trees
+        }
+        report(results, args.concurrency)
+
+
+if __name__ == "__main__":
+    main()
