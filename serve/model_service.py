@@ -6,8 +6,9 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from serve.batching import BatchResult, DynamicBatcher
 from serve.batching.merge import Array
@@ -89,6 +90,13 @@ class ModelService:
         self._output_names = [s.name for s in config.outputs]
         self._output_types = [(s.name, Datatype(s.datatype)) for s in config.outputs]
         self._parameters: Parameters = {"bundle_id": bundle_id} if bundle_id else {}
+        # The front end's codec for this version's common requests, made on first use.
+        self.codec: Any = None
+
+    @property
+    def parameters(self) -> Parameters:
+        """What every response of this version carries in its parameters (a copy)."""
+        return dict(self._parameters)
 
     def _pool_changed(self) -> None:
         self.controller.kick()  # probe a newly warm worker now, not at the next period
@@ -267,28 +275,43 @@ class ModelService:
             )
         return data
 
+    def submit(
+        self, inputs: list[Array], rows: int, deadline: float | None, timed: bool = False
+    ) -> Awaitable[list[Array]]:
+        """Queue checked inputs (prepare()'s, or a front end's own equivalent check); what to
+        await for this request's rows of every output. The caller reports the outcome with
+        request_ok() or request_failed()."""
+        if not self.can_serve:
+            raise ModelNotReadyError(
+                f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
+            )
+        if timed and deadline is not None:
+            return self.batcher.submit(inputs, rows, deadline)
+        # no deadline, or the transport enforces it: no timer, no extra coroutine frame
+        return self.batcher.enqueue(inputs, rows, deadline)
+
+    def request_ok(self, started_ns: int, rows: int) -> None:
+        """Count one answered request (``started_ns``: time.monotonic_ns() at its arrival)."""
+        elapsed_ns = time.monotonic_ns() - started_ns
+        self.stats.request_done(True, rows, elapsed_ns)
+        elapsed = elapsed_ns / 1e9
+        self.latency.end_to_end.add(elapsed)
+        self._counters.request_ok(elapsed)
+
+    def request_failed(self, started_ns: int, rows: int, exc: ServeError) -> None:
+        self.stats.request_done(False, rows, time.monotonic_ns() - started_ns)
+        self._counters.request_failed(outcome(exc))
+
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic_ns()
         rows = 0
         try:
             inputs, rows = self.prepare(request)
-            if not self.can_serve:
-                raise ModelNotReadyError(
-                    f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
-                )
-            if request.timed and request.deadline is not None:
-                outputs = await self.batcher.submit(inputs, rows, request.deadline)
-            else:  # no deadline, or the transport enforces it: no timer, no extra frame
-                outputs = await self.batcher.enqueue(inputs, rows, request.deadline)
+            outputs = await self.submit(inputs, rows, request.deadline, request.timed)
         except ServeError as exc:
-            self.stats.request_done(False, rows, time.monotonic_ns() - started)
-            self._counters.request_failed(outcome(exc))
+            self.request_failed(started, rows, exc)
             raise
-        elapsed_ns = time.monotonic_ns() - started
-        self.stats.request_done(True, rows, elapsed_ns)
-        elapsed = elapsed_ns / 1e9
-        self.latency.end_to_end.add(elapsed)
-        self._counters.request_ok(elapsed)
+        self.request_ok(started, rows)
         wanted = request.outputs
         if wanted is None and len(outputs) == 1:
             ((name, datatype),) = self._output_types

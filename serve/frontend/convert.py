@@ -171,8 +171,15 @@ def infer_response_to_pb(response: InferResponse) -> Any:
             raw.append(bytes_tensor_to_raw(data))
         else:
             raw.append(data.tobytes())  # C order, whatever the array's layout
-    for key, value in response.parameters.items():
-        param = message.parameters[key]
+    if response.parameters:
+        _set_parameters(message.parameters, response.parameters)
+    return message
+
+
+def _set_parameters(target: Any, parameters: dict[str, Any]) -> None:
+    """Plain values → an InferParameter map."""
+    for key, value in parameters.items():
+        param = target[key]
         if isinstance(value, bool):
             param.bool_param = value
         elif isinstance(value, int):
@@ -181,7 +188,90 @@ def infer_response_to_pb(response: InferResponse) -> Any:
             param.double_param = value
         else:
             param.string_param = value
-    return message
+
+
+class PlainCodec:
+    """The common request of one model version, decoded and answered without intermediate
+    objects: every input in raw_input_contents, in the model's order, of its datatypes and
+    shapes, with no parameters and no outputs named. decode() checks exactly what the general
+    path (infer_request_from_pb, then ModelService.prepare) checks, and returns None for any
+    other request, which then takes the general path and gets its errors from there."""
+
+    __slots__ = ("_batched", "_inputs", "_max_rows", "_outputs", "_parameters", "_version")
+
+    def __init__(self, model: ModelConfig, parameters: dict[str, Any]) -> None:
+        self._batched = model.max_batch_size > 0
+        self._max_rows = model.max_batch_size
+        self._version = model.version
+        self._parameters = parameters
+        # name, datatype, dtype, shape after the batch axis (None where a dimension varies)
+        self._inputs: list[tuple[str, str, np.dtype[Any], tuple[int, ...] | None]] = []
+        for spec in model.inputs:
+            datatype = Datatype(spec.datatype)
+            if datatype is Datatype.BYTES:  # variable-size elements: the general path
+                self._inputs = []
+                break
+            fixed = None if any(d < 0 for d in spec.shape) else tuple(spec.shape)
+            self._inputs.append((spec.name, spec.datatype, _FIXED_DTYPES[datatype], fixed))
+        self._outputs = [(s.name, Datatype(s.datatype).value) for s in model.outputs]
+
+    def decode(
+        self, request: Any, raw: Sequence[bytes | memoryview]
+    ) -> tuple[list[Any], int] | None:
+        """The inputs in model order and the row count, or None: not this shape of request, or
+        not valid (the general path says why)."""
+        specs = self._inputs
+        tensors = request.inputs
+        if (
+            not specs
+            or len(raw) != len(specs)
+            or len(tensors) != len(specs)
+            or request.outputs
+            or request.parameters
+        ):
+            return None
+        arrays: list[Any] = []
+        rows = -1
+        batched = self._batched
+        for (name, datatype, dtype, fixed), tensor, data in zip(specs, tensors, raw, strict=True):
+            if tensor.name != name or tensor.datatype != datatype or tensor.HasField("contents"):
+                return None
+            shape = tuple(tensor.shape)
+            if batched:
+                if not shape or shape[1:] != fixed:  # (None, a varying shape, equals none)
+                    return None
+                if rows < 0:
+                    rows = shape[0]
+                    if not 1 <= rows <= self._max_rows:
+                        return None
+                elif shape[0] != rows:
+                    return None
+            elif shape != fixed:
+                return None
+            count = 1
+            for d in shape:
+                count *= d
+            if len(data) != count * dtype.itemsize:  # (no dimension is 0: rows ≥ 1, config)
+                return None
+            arrays.append(np.frombuffer(data, dtype=dtype).reshape(shape))
+        return arrays, rows if batched else 1
+
+    def encode(self, request: Any, outputs: Sequence[Any]) -> Any:
+        """The response to ``request``: every output, in the model's order."""
+        message = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=self._version, id=request.id
+        )
+        add_output = message.outputs.add
+        raw = message.raw_output_contents
+        for (name, datatype), data in zip(self._outputs, outputs, strict=True):
+            add_output(name=name, datatype=datatype, shape=data.shape)
+            if datatype == "BYTES":
+                raw.append(bytes_tensor_to_raw(data))
+            else:
+                raw.append(data.tobytes())  # C order, whatever the array's layout
+        if self._parameters:
+            _set_parameters(message.parameters, self._parameters)
+        return message
 
 
 def loopback_request(model: ModelConfig, inputs: list[Any]) -> Any:
