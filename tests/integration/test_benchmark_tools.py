@@ -48,6 +48,21 @@ def test_the_load_generator_can_send_its_calls_on_streams(server):
     assert bad["count"] == 0 and bad["errors"] > 3
 
 
+def test_the_ab_tool_serves_a_commit_beside_the_working_tree_and_compares_them():
+    run = _run(
+        "benchmarks.ab", "HEAD", "--rounds", "1", "--seconds", "0.3", "--concurrency", "1",
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if "new/base median" in line]
+    assert len(lines) == 5  # calls/s, p50, p99, tree and loop CPU per call
+    assert all(float(line.split("median ")[1].split()[0]) > 0 for line in lines)
+    worktrees = subprocess.run(
+        ["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "/base " not in worktrees  # the base's checkout is gone again
+
+
 def test_a_client_process_that_cannot_connect_fails_the_run_with_its_reason():
     run = _run(
         "benchmarks.loadgen", "--url", f"127.0.0.1:{free_port()}", "--concurrency", "2",
