@@ -327,7 +327,8 @@ class WorkerPool:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(w.stop() for w in self._workers), return_exceptions=True)
+        workers = list(self._workers)  # (a worker that exits leaves the list)
+        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
         if self._template is not None:
             await self._template.stop()
-        log.info("model %s: %d workers stopped", self.model.name, len(self._workers))
+        log.info("model %s: %d workers stopped", self.model.name, len(workers))
