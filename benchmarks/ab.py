@@ -1,6 +1,11 @@
 """Old code against new, on the same machine, in alternated rounds: is a change measurable?
 
     python -m benchmarks.ab BASE [--concurrency 1 16] [--rounds 10] [--seconds 2] [--streaming]
+    python -m benchmarks.ab BASE --image --frontends 2 --concurrency 64
+
+``--image``: relay_cost's model with ResNet-50's request size (150 KB) that computes next to
+nothing, driven by 2 client processes of 4 connections each; ``--frontends N``: both servers
+behind N relays. The serving loop's figure is then the one that limits a GPU host.
 
 BASE is a commit (anything ``git rev-parse`` takes); the new side is the working tree. The base
 is checked out into a temporary git worktree (with this tree's generated stubs, which git
@@ -29,8 +34,9 @@ import numpy as np
 
 from benchmarks import loadgen, proctree, rounds
 from benchmarks.compare import MODEL
+from benchmarks.relay_cost import build_image_passthrough, image_request
 from serve.testing.models import build_mlp_onnx
-from tests.integration.harness import ServerProcess
+from tests.integration.harness import ServerProcess, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 STUBS = Path("serve") / "frontend" / "pb"
@@ -57,12 +63,14 @@ def worktree(commit: str, folder: Path) -> Iterator[Path]:
         run("worktree", "remove", "--force", str(folder))
 
 
-def measure(server: ServerProcess, level: int, seconds: float, streaming: bool) -> dict[str, Any]:
-    """One closed-loop run: loadgen's figures, the tree's CPU per call and the busiest
-    thread's (the serving process's event loop) per call."""
+def measure(
+    server: ServerProcess, level: int, seconds: float, load: dict[str, Any]
+) -> dict[str, Any]:
+    """One closed-loop run (``load``: loadgen.run's model and options): loadgen's figures, the
+    tree's CPU per call and the busiest thread's (the serving process's event loop) per call."""
     pid = server.process.pid
     tree0, threads0 = proctree.tree_cpu_seconds(pid), proctree.thread_cpu_seconds(pid)
-    result = loadgen.run(server.url, MODEL, concurrency=level, seconds=seconds, streaming=streaming)
+    result = loadgen.run(server.url, concurrency=level, seconds=seconds, **load)
     tree1, threads1 = proctree.tree_cpu_seconds(pid), proctree.thread_cpu_seconds(pid)
     calls = max(1, result.count)
     busiest = max(threads1[t] - threads0.get(t, 0.0) for t in threads1)
@@ -96,13 +104,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--streaming", action="store_true", help="streaming clients")
+    parser.add_argument("--frontends", type=int, default=1, help="relay processes (1: none)")
+    parser.add_argument("--image", action="store_true", help="150 KB requests (relay_cost's)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as checkout:
         root = Path(tmp)
         trees = {"base": checkout.enter_context(worktree(args.base, root / "base")), "new": ROOT}
-        build_mlp_onnx(root / "repo" / MODEL)
+        load: dict[str, Any] = {"model": MODEL, "streaming": args.streaming}
+        if args.image:
+            model = build_image_passthrough(root / "repo" / "image_passthrough").name
+            load = {**load, "model": model, "payload": image_request(model)}
+            load |= {"processes": 2, "connections": 4}
+        else:
+            build_mlp_onnx(root / "repo" / MODEL)
+        options = ("--frontends", str(args.frontends)) if args.frontends > 1 else ()
         print(f"{args.base} against the working tree: {args.rounds} rounds of {args.seconds} s")
         samples: dict[str, dict[int, list[dict[str, Any]]]] = {
             side: {level: [] for level in args.concurrency} for side in trees
@@ -113,19 +130,16 @@ def main() -> None:
                 servers = {}
                 for side in order:
                     server = ServerProcess(
-                        root / f"{side}-{index}.log", root / "repo", cwd=trees[side]
+                        root / f"{side}-{index}.log", root / "repo", options, cwd=trees[side]
                     )
                     running.callback(server.stop)
                     servers[side] = server
                 for side in order:
-                    servers[side].wait_ready()
-                    loadgen.run(
-                        servers[side].url, MODEL, concurrency=4, seconds=1.0,
-                        streaming=args.streaming,
-                    )  # fmt: skip
+                    wait_until(servers[side].ready_over_http, 300, f"the {side} server ready")
+                    loadgen.run(servers[side].url, concurrency=4, seconds=1.0, **load)
                 for side in order:
                     for level in args.concurrency:
-                        row = measure(servers[side], level, args.seconds, args.streaming)
+                        row = measure(servers[side], level, args.seconds, load)
                         samples[side][level].append(row)
         results = {
             side: [rounds.median_row(samples[side][level]) for level in args.concurrency]
