@@ -52,9 +52,10 @@ FIGURES = (
 @contextlib.contextmanager
 def worktree(commit: str, folder: Path) -> Iterator[Path]:
     """``commit`` checked out at ``folder`` (removed afterwards), with this tree's stubs."""
-    run = lambda *args: subprocess.run(  # noqa: E731
-        ["git", *args], cwd=ROOT, check=True, capture_output=True, text=True
-    )
+
+    def run(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True)
+
     run("worktree", "add", "--detach", str(folder), commit)
     try:
         shutil.copytree(ROOT / STUBS, folder / STUBS, dirs_exist_ok=True)

@@ -89,7 +89,12 @@ def measure(
     recorder = None
     try:
         wait_until(server.ready_over_http, 300, "server ready")
-        load = {"concurrency": concurrency, "processes": 2, "connections": 4, "payload": payload}
+        load: dict[str, Any] = {
+            "concurrency": concurrency,
+            "processes": 2,
+            "connections": 4,
+            "payload": payload,
+        }
         loadgen.run(server.url, model, seconds=1.0, **load)  # warm the path and the clients
         pid = server.process.pid
         if perf is not None:
