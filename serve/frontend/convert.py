@@ -4,7 +4,7 @@ byte sizes, typed-content fields."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -159,20 +159,33 @@ def infer_request_from_pb(
 
 
 def infer_response_to_pb(response: InferResponse) -> Any:
+    outputs = ((t.name, t.datatype.value, t.data) for t in response.outputs)
+    return _response(
+        response.model_name, response.model_version, response.id, outputs, response.parameters
+    )
+
+
+def _response(
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    outputs: Iterable[tuple[str, str, Any]],
+    parameters: dict[str, Any],
+) -> Any:
+    """A ModelInferResponse of raw outputs, each (name, datatype, array)."""
     message = pb.ModelInferResponse(
-        model_name=response.model_name, model_version=response.model_version, id=response.id
+        model_name=model_name, model_version=model_version, id=request_id
     )
     add_output = message.outputs.add
     raw = message.raw_output_contents
-    for tensor in response.outputs:
-        data = tensor.data
-        add_output(name=tensor.name, datatype=tensor.datatype.value, shape=data.shape)
-        if tensor.datatype is Datatype.BYTES:
+    for name, datatype, data in outputs:
+        add_output(name=name, datatype=datatype, shape=data.shape)
+        if datatype == "BYTES":
             raw.append(bytes_tensor_to_raw(data))
         else:
             raw.append(data.tobytes())  # C order, whatever the array's layout
-    if response.parameters:
-        _set_parameters(message.parameters, response.parameters)
+    if parameters:
+        _set_parameters(message.parameters, parameters)
     return message
 
 
@@ -258,20 +271,8 @@ class PlainCodec:
 
     def encode(self, request: Any, outputs: Sequence[Any]) -> Any:
         """The response to ``request``: every output, in the model's order."""
-        message = pb.ModelInferResponse(
-            model_name=request.model_name, model_version=self._version, id=request.id
-        )
-        add_output = message.outputs.add
-        raw = message.raw_output_contents
-        for (name, datatype), data in zip(self._outputs, outputs, strict=True):
-            add_output(name=name, datatype=datatype, shape=data.shape)
-            if datatype == "BYTES":
-                raw.append(bytes_tensor_to_raw(data))
-            else:
-                raw.append(data.tobytes())  # C order, whatever the array's layout
-        if self._parameters:
-            _set_parameters(message.parameters, self._parameters)
-        return message
+        named = ((n, t, data) for (n, t), data in zip(self._outputs, outputs, strict=True))
+        return _response(request.model_name, self._version, request.id, named, self._parameters)
 
 
 def loopback_request(model: ModelConfig, inputs: list[Any]) -> Any:

@@ -14,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -310,16 +312,21 @@ def iterations_for(server: ServerProcess, seconds: float) -> int:
     return int(2000 * seconds / max(time.monotonic() - started, 1e-3))
 
 
-def queue_behind_a_slow_call(server: ServerProcess, iters: int) -> tuple[queue.Queue, object]:
+def queue_behind_a_slow_call(
+    server: ServerProcess, iters: int, send: Callable[[], Any] | None = None
+) -> tuple[queue.Queue, Any]:
     """A call computing ``iters`` (its outcome comes into the returned queue) and a second call
-    queued behind it (its call context is returned)."""
+    queued behind it: ``send()``'s (default: a call of ``iters``), whose result is returned."""
     client = server.client
     slow: queue.Queue = queue.Queue()
     dispatched = server.count_log("model spin: dispatching")
     client.async_infer("spin", spin_inputs(iters), lambda result, error: slow.put((result, error)))
     server.wait_for_log_count("model spin: dispatching", dispatched + 1)  # it computes
     waiting = server.count_log("model spin: 1 requests wait for a worker")
-    queued = client.async_infer("spin", spin_inputs(iters), lambda result, error: None)
+    if send is None:
+        queued = client.async_infer("spin", spin_inputs(iters), lambda result, error: None)
+    else:
+        queued = send()
     server.wait_for_log_count("model spin: 1 requests wait for a worker", waiting + 1)
     return slow, queued
 
@@ -370,22 +377,18 @@ def test_a_stream_its_client_cancels_drops_its_queued_request(tmp_path: Path, fr
     try:
         iters = iterations_for(server, 1.5)
         before = executions(server)
-        client = server.client
-        slow: queue.Queue = queue.Queue()
-        dispatched = server.count_log("model spin: dispatching")
-        client.async_infer("spin", spin_inputs(iters), lambda result, error: slow.put(error))
-        server.wait_for_log_count("model spin: dispatching", dispatched + 1)  # it computes
-        waiting = server.count_log("model spin: 1 requests wait for a worker")
-        answers: queue.Queue = queue.Queue()
         streamer = triton.InferenceServerClient(server.url)
-        streamer.start_stream(callback=lambda result, error: answers.put((result, error)))
-        streamer.async_stream_infer("spin", spin_inputs(iters), request_id="queued")
-        server.wait_for_log_count("model spin: 1 requests wait for a worker", waiting + 1)
+
+        def send() -> None:
+            streamer.start_stream(callback=lambda result, error: None)
+            streamer.async_stream_infer("spin", spin_inputs(iters), request_id="queued")
+
+        slow, _ = queue_behind_a_slow_call(server, iters, send)
         streamer.stop_stream(cancel_requests=True)
         streamer.close()
         server.wait_for_log("ModelInfer 'spin': cancelled by its caller")
-        assert slow.get(timeout=60) is None
-        assert client.infer("spin", spin_inputs(1, 4.0)).as_numpy("Y")[0, 0] == 4.0
+        assert slow.get(timeout=60)[1] is None
+        assert server.client.infer("spin", spin_inputs(1, 4.0)).as_numpy("Y")[0, 0] == 4.0
         assert executions(server) - before == 2, "the cancelled stream's request was computed"
     finally:
         assert server.stop() == 0
