@@ -338,7 +338,7 @@ def test_a_call_its_client_cancels_while_queued_is_never_computed(tmp_path: Path
         iters = iterations_for(server, 1.5)
         before = executions(server)
         slow, queued = queue_behind_a_slow_call(server, iters)
-        queued.cancel()  # type: ignore[attr-defined]
+        queued.cancel()
         server.wait_for_log("ModelInfer 'spin': cancelled by its caller")
         assert slow.get(timeout=60)[1] is None
         assert server.client.infer("spin", spin_inputs(1, 4.0)).as_numpy("Y")[0, 0] == 4.0
