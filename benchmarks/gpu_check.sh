@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A short device check (about 5 minutes): the GPU tests, then ResNet-50 through 4 relays and one
+# A short device check (about 5 minutes): what waking an idle process costs on the host
+# (benchmarks/wakeup.py), the GPU tests, then ResNet-50 through 4 relays and one
 # worker with one batch in flight, at c=1 and c=64, three times on the same machine:
 #   base     input arenas page-locked, tensors through the relays' rings (the defaults)
 #   noring   WARMSERVE_RELAY_RING_SLOTS=0: tensors inline on the relay socket
@@ -14,6 +15,8 @@ set -u; OUT=${OUT:-/tmp/o}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 [ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --upgrade --target /tmp/site benchmarks/.wheels/*.whl 2>&1 | tail -2
 export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH"
+{ nproc; nvidia-smi --query-gpu=name --format=csv,noheader; timeout 30 python3 -m \
+    benchmarks.wakeup; } 2>&1 | tee "$OUT/wakeup.txt"  # what waking an idle process costs here
 timeout 45 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gt tests/gpu 2>&1 \
     | tee "$OUT/gpu_tests.txt" | tail -4
 find /tmp/gt -name '*.log' -print0 | tar czf "$OUT/gpu_test_logs.tgz" --null -T - 2>/dev/null

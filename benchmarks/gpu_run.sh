@@ -26,6 +26,7 @@ export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH"  # carried py-spy 
   nproc; python3 -c "import torch, grpc, google.protobuf as p, sys; print('torch', \
 torch.__version__, 'cuda', torch.version.cuda, 'grpcio', grpc.__version__, 'protobuf', \
 p.__version__, sys.version.split()[0])"; } > "$OUT/machine.txt" 2>&1
+timeout 30 python3 -m benchmarks.wakeup >> "$OUT/machine.txt" 2>&1  # idle wake-up cost
 cat "$OUT/machine.txt"
 echo "== GPU benchmark"
 timeout 400 python3 -m benchmarks.gpu_bench --out "$OUT" ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.txt"

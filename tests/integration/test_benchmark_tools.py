@@ -114,3 +114,20 @@ def test_the_image_sized_model_of_relay_cost_returns_each_images_first_bytes(tmp
     (logits,) = session.run(None, {"IMAGE": images})
     assert logits.dtype == np.float32 and logits.shape == (3, 1000)
     np.testing.assert_array_equal(logits, images.reshape(3, -1)[:, :1000].astype(np.float32))
+
+
+def test_the_wake_up_probe_times_round_trips_after_each_idle_gap(tmp_path):
+    out = tmp_path / "wakeup.json"
+    run = _run(
+        "benchmarks.wakeup", "--gaps-us", "0,100", "--count", "20", "--out", str(out), timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["gap_us"] for r in rows] == [0, 100]
+    for r in rows:
+        for mode in ("sleeps", "spins"):
+            assert 0 < r[f"{mode}_p50_us"] <= r[f"{mode}_p95_us"], r
+        assert r["wake_cost_p50_us"] == r["sleeps_p50_us"] - r["spins_p50_us"]
+    assert "wake-up cost" in run.stdout
+    refused = _run("benchmarks.wakeup", "--gaps-us", "-5", timeout=60)
+    assert refused.returncode == 2 and "zero or more" in refused.stderr
