@@ -101,7 +101,7 @@ def measure(gaps_us: list[int], count: int) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gaps-us", default="0,50,200,1000,2000", help="idle gaps, comma-separated")
+    parser.add_argument("--gaps-us", default="0,50,200,1000,2000", help="idle gaps (µs), a,b,c")
     parser.add_argument("--count", type=int, default=500, help="round trips per gap and mode")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
