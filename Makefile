@@ -37,7 +37,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check serve tests benchmarks scripts
 
 typecheck: venv
-	$(VENV)/bin/mypy serve
+	$(VENV)/bin/mypy serve benchmarks
 
 unit: venv
 	$(PY) -m pytest -q tests/unit

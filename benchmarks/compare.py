@@ -280,7 +280,7 @@ def _measure(
         url, MODEL, concurrency=concurrency, rate=rate, seconds=seconds, streaming=streaming
     )
     cpu = tree_cpu_seconds(pid) - before
-    row = result.summary()
+    row: dict[str, Any] = result.summary()
     row["server_cpu_us_per_call"] = cpu / max(1, result.count) * 1e6
     row["latencies_ms"] = result.latencies_ms
     return row
@@ -352,8 +352,10 @@ def _rows_per_batch(metrics: str) -> float:
 
 
 def _ratios(results: dict[str, Any]) -> dict[str, float]:
+    def by_c(rows: list[dict[str, Any]]) -> dict[float, dict[str, Any]]:
+        return {r["level"]: r for r in rows}
+
     ws, floor = results["warmserve"]["closed"], results["floor"]["closed"]
-    by_c = lambda rows: {r["level"]: r for r in rows}  # noqa: E731
     w, f = by_c(ws), by_c(floor)
     ratios: dict[str, float] = {}
     if 1 in w and 1 in f:
@@ -584,8 +586,8 @@ def main() -> None:
     ran = [s.name for s in peers if s.name in results]
     best = _best_by_peer(results, peers)
     peer_ratios = _peer_ratios(results, ["floor", "floor-hop", *ran], best) if ran else {}
-    for peer, name in best.items():
-        print(f"best {peer} setting: {name} ({peer_info[name]['note']})")
+    for peer_name, name in best.items():
+        print(f"best {peer_name} setting: {name} ({peer_info[name]['note']})")
     if failed:
         print("\nFAILED peer settings: " + ", ".join(failed))
     if args.quick:

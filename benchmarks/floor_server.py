@@ -90,7 +90,7 @@ class _HopLink(asyncio.Protocol):
             self.waiting.popleft().set_result(reply)
 
     async def call(self, data: bytes) -> bytes:
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.waiting.append(future)
         self.transport.write(LENGTH.pack(len(data)) + data)
         return await future

@@ -26,7 +26,7 @@ import time
 import tomllib
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -93,7 +93,7 @@ def payload(model: str, name: str, array: np.ndarray, datatype: str) -> bytes:
     message = pb.ModelInferRequest(model_name=model)
     message.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
     message.raw_input_contents.append(array.tobytes())
-    return message.SerializeToString()
+    return cast(bytes, message.SerializeToString())
 
 
 def first_requests(url: str, bodies: dict[str, bytes], warm_calls: int) -> dict[str, Any]:
@@ -131,7 +131,9 @@ def _per_call_us(after: Any, before: Any, name: str) -> float:
     """Average µs per request of one statistics Duration between two ModelStatistics snapshots
     (the protocol counts compute durations per request, like queue time)."""
     a, b = getattr(after, name), getattr(before, name)
-    return (a.ns - b.ns) / max(1, a.count - b.count) / 1e3
+    ns: int = a.ns - b.ns
+    calls: int = a.count - b.count
+    return ns / max(1, calls) / 1e3
 
 
 def _cpu(pid: int) -> tuple[float, dict[str, float]]:
@@ -192,11 +194,11 @@ def _profile_summary(spy: subprocess.Popen[bytes], path: Path, top: int = 12) ->
         print("  (no event-loop samples)")
         return
     print(f"  event-loop thread profile ({total} samples), leaf frames:")
-    for frame, count in leaves.most_common(top):
-        print(f"    {count / total:6.1%} {frame[:110]}")
+    for frame, samples in leaves.most_common(top):
+        print(f"    {samples / total:6.1%} {frame[:110]}")
     print("  warmserve functions, inclusive:")
-    for frame, count in ours.most_common(top):
-        print(f"    {count / total:6.1%} {frame[:110]}")
+    for frame, samples in ours.most_common(top):
+        print(f"    {samples / total:6.1%} {frame[:110]}")
 
 
 def _load_level(

@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import grpc
 import numpy as np
@@ -61,7 +62,7 @@ def request_bytes(model: str, rows: int = 1, width: int = 64, seed: int = 0) -> 
     message = pb.ModelInferRequest(model_name=model)
     message.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, width])
     message.raw_input_contents.append(x.tobytes())
-    return message.SerializeToString()
+    return cast(bytes, message.SerializeToString())
 
 
 def _result(

@@ -12,7 +12,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import tritonclient.grpc as triton
@@ -27,7 +29,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
     """Poll ``predicate`` until true; fail the test naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -119,7 +121,7 @@ class ServerProcess:
         )
         self.client = triton.InferenceServerClient(self.url)
 
-    def _answers(self, check) -> bool:
+    def _answers(self, check: Callable[[], object]) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
         try:
@@ -194,7 +196,7 @@ class ServerProcess:
         """The status code of GET ``path`` on the HTTP health port."""
         return self.http_json(path)[0]
 
-    def http_json(self, path: str) -> tuple[int, dict]:
+    def http_json(self, path: str) -> tuple[int, dict[str, Any]]:
         status, body = self.http_text(path)
         return status, json.loads(body or "{}")
 

@@ -55,7 +55,7 @@ def onnx_infer(path: Path, batching: bool) -> Any:
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
 
-    @batch  # type: ignore[misc]
+    @batch  # type: ignore[untyped-decorator]
     def infer_batch(**inputs: np.ndarray) -> dict[str, np.ndarray]:
         (y,) = session.run([name_out], {name_in: inputs["INPUT0"]})
         return {"OUTPUT0": y}
@@ -93,6 +93,8 @@ def main() -> None:
         allow_cpu_metrics=False,
         exit_timeout_secs=5,
     )
+    shape_in: tuple[int, ...]
+    shape_out: tuple[int, ...]
     if args.no_batching:  # no batch dimension in the config: the shapes carry it, as -1
         model_config = ModelConfig(batching=False)
         shape_in, shape_out = (-1, 64), (-1, 10)

@@ -79,7 +79,7 @@ class OnnxMLP:
         (y,) = self._session.run([self._output.name], {self._input.name: x})
         return y  # type: ignore[no-any-return]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)  # type: ignore[untyped-decorator]
     async def _infer_batch(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         """Stack the queued requests' rows, run once, hand each request its own rows back."""
         y = self._run(np.concatenate(xs) if len(xs) > 1 else xs[0])
@@ -193,7 +193,8 @@ def main() -> None:
             ),
             logging_config=LoggingConfig(log_level="WARNING", enable_access_log=False),
         )
-        app = OnnxMLP.options(max_ongoing_requests=args.max_ongoing).bind(
+        # @serve.deployment made OnnxMLP a Deployment; mypy still sees the class
+        app = OnnxMLP.options(max_ongoing_requests=args.max_ongoing).bind(  # type: ignore[attr-defined]
             str(args.onnx.resolve()), args.name, args.batch, args.batch_wait_ms / 1e3
         )
         serve.run(app, name="mlp")
