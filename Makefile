@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[cpu,torch,dev]'
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[cpu,torch,dev,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP) protos

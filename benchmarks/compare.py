@@ -467,6 +467,15 @@ def _peer_ratios(
     return ratios
 
 
+def _without_latencies(data: dict[str, Any]) -> dict[str, Any]:
+    """A server's results for the JSON record: the rows without each call's latency (which only
+    the CDF plot needs)."""
+    out = dict(data)
+    for kind in ("closed", "open"):
+        out[kind] = [{k: v for k, v in row.items() if k != "latencies_ms"} for row in data[kind]]
+    return out
+
+
 def _plots(results: dict[str, Any], stem: Path, cdf_names: list[str] | None = None) -> list[Path]:
     import matplotlib
 
@@ -603,19 +612,19 @@ def main() -> None:
                 )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stem = OUT / f"compare-{stamp}"
-    cdf_names = ["floor", "warmserve", *best.values()]
-    plots = _plots(results, stem, cdf_names)
-    record = {"machine": _machine(), "ratios": ratios, "breakdown_us": breakdown}
+    record: dict[str, Any] = {"machine": _machine(), "ratios": ratios, "breakdown_us": breakdown}
     record["ratios_by_round"] = by_round
     record["rounds"] = {"count": args.rounds, "seconds_each": args.seconds}
     record["peers"] = {"settings": peer_info, "best": best, "failed": failed}
     record["ratios_to_warmserve"] = peer_ratios
     for name, data in results.items():
-        for row in data["closed"] + data["open"]:
-            row.pop("latencies_ms", None)
-        record[name] = data
+        record[name] = _without_latencies(data)
+    # the figures first: a run's measurements outlive a failure to draw them
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    print(f"\nwrote {stem.with_suffix('.json')} and {', '.join(str(p) for p in plots)}")
+    print(f"\nwrote {stem.with_suffix('.json')}")
+    cdf_names = ["floor", "warmserve", *best.values()]
+    plots = _plots(results, stem, cdf_names)
+    print(f"wrote {', '.join(str(p) for p in plots)}")
     if failed:
         sys.exit(1)
 
