@@ -8,7 +8,7 @@ PB_DIR := serve/frontend/pb
 PROTOS := $(wildcard protos/*.proto)
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test venv protos lint typecheck unit integration bench bench-quick perf-analyzer clean
+.PHONY: serve test venv protos lint typecheck unit integration bench bench-quick peers perf-analyzer clean
 
 # Create the virtual environment from the project's own files when it is missing or stale.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -81,8 +81,15 @@ image: venv $(BUNDLES_DIR)
 perf-analyzer:
 	bash benchmarks/install_perf_analyzer.sh
 
-# warmserve against the in-process floor server: tables, JSON and plots in benchmarks/out/.
-bench: venv perf-analyzer
+# The peers (MLServer, PyTriton, Ray Serve), each in its own venv under benchmarks/.peers/
+# (idempotent: seconds when they are installed). One that fails to install is reported and left
+# out of the comparison; the others are measured.
+peers:
+	bash benchmarks/peers/setup.sh || echo "make peers: some peers did not install (see above); make bench compares the others"
+
+# warmserve against the in-process floor server and the peers: tables, JSON and plots in
+# benchmarks/out/.
+bench: venv perf-analyzer peers
 	$(PY) -m benchmarks.compare
 	$(PY) -m benchmarks.perf_analyzer_run --model mlp_onnx --concurrency 1 4 16
 
