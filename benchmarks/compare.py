@@ -492,6 +492,7 @@ def _plots(results: dict[str, Any], stem: Path, cdf_names: list[str] | None = No
         ax.plot(throughput, [r["p50_ms"] for r in rows], "o-", color=color, label=f"{name} p50")
         ax.plot(throughput, [r["p99_ms"] for r in rows], "x--", color=color, label=f"{name} p99")
     ax.set(
+        yscale="log",  # the slowest peers' tails are 10-20x the fastest servers' p50
         xlabel="throughput (inferences/s)",
         ylabel="latency (ms)",
         title="Latency vs throughput (closed loop)",
