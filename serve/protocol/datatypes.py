@@ -95,6 +95,10 @@ def bytes_tensor_to_raw(array: npt.NDArray[np.generic]) -> bytes:
 def bytes_tensor_from_raw(raw: bytes | memoryview, count: int) -> npt.NDArray[np.object_]:
     """Parse ``count`` length-prefixed elements; ValueError unless the buffer holds exactly them."""
     view = memoryview(raw)
+    if len(view) < 4 * count:  # before allocating: the shape is the client's word, not the data
+        raise ValueError(
+            f"{len(view)} bytes cannot hold {count} elements (each needs a 4-byte length first)"
+        )
     out = np.empty(count, dtype=np.object_)
     pos = 0
     for i in range(count):

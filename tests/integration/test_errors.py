@@ -80,6 +80,11 @@ def test_malformed_bytes_and_unknown_datatype_are_refused(server):
     request.raw_input_contents.append(b"\x09\x00\x00\x00abc")
     error = _raw_call(server, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "IN_BYTES" in error.details()
+    request = service_pb2.ModelInferRequest(model_name="identity")  # 2**40 elements claimed
+    request.inputs.add(name="IN_BYTES", datatype="BYTES", shape=[1, 2**40])
+    request.raw_input_contents.append(b"\x00" * 8)
+    error = _raw_call(server, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot hold" in error.details()
     request = service_pb2.ModelInferRequest(model_name="mlp_onnx")
     request.inputs.add(name="INPUT0", datatype="FLOAT32", shape=[1, 64])
     request.raw_input_contents.append(b"\x00" * 256)

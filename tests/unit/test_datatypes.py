@@ -24,13 +24,19 @@ def test_bytes_round_trip_keeps_every_element_and_shape():
     ("raw", "count", "message"),
     [
         (b"\x05\x00\x00\x00abc", 1, "claims 5 bytes"),
-        (b"\x01\x00\x00\x00a", 2, "ends after 1 of 2"),
+        (b"\x02\x00\x00\x00abcd", 2, "ends after 1 of 2"),
         (b"\x01\x00\x00\x00ab", 1, "1 bytes left over"),
     ],
 )
 def test_malformed_bytes_are_rejected_with_a_reason(raw, count, message):
     with pytest.raises(ValueError, match=message):
         bytes_tensor_from_raw(raw, count)
+
+
+def test_a_shape_the_data_cannot_hold_is_refused_before_anything_is_allocated():
+    # 2**40 elements would need 8 TiB of object pointers: refused from the data's size first
+    with pytest.raises(ValueError, match="8 bytes cannot hold 1099511627776 elements"):
+        bytes_tensor_from_raw(b"\x00" * 8, 2**40)
 
 
 @pytest.mark.parametrize("datatype", list(Datatype))
