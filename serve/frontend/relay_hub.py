@@ -103,6 +103,7 @@ class RelayHub:
         self, servicer: InferenceServicer, health: HealthService, folder: Path, max_message: int
     ) -> None:
         self.path = folder / "hub.sock"
+        self.max_message = max_message
         self.max_frame = max_message + FRAME_MARGIN
         self._handlers: dict[str, tuple[Handler, type[Any]]] = {}
         streaming = stream_methods()
@@ -174,6 +175,15 @@ class RelayHub:
             code, message = status_for(exc)  # INTERNAL, with a trace id in the log
             return RelayReply(call.id, code.value[0], message, b"")
         payload = b"" if response is None else response.SerializeToString()  # None: streamed
+        if len(payload) > self.max_message:  # as gRPC answers it on a direct connection; a
+            # frame over the relay's limit would cost the relay its link and every call on it
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            details = (
+                f"the response is {len(payload)} bytes, over the server's {self.max_message}-byte "
+                "message limit (max_message_bytes)"
+            )
+            log.warning("%s: %s", call.method, details)
+            return RelayReply(call.id, code.value[0], details, b"")
         return RelayReply(call.id, OK, "", payload)
 
 
