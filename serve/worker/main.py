@@ -177,7 +177,17 @@ class Worker:
             )
             for name, datatype in self.output_types.items()
         ]
-        refs = self.outputs.write(message.slot, tensors)
+        try:  # e.g. a BYTES output holding None: this batch's failure, not the worker's
+            refs = self.outputs.write(message.slot, tensors)
+        except Exception as exc:
+            log.warning(
+                "batch %d: cannot write its outputs: %s: %s",
+                message.batch_id,
+                type(exc).__name__,
+                exc,
+            )
+            detail = f"cannot write the outputs: {type(exc).__name__}: {exc}"
+            return BatchFailed(message.batch_id, "execution", detail)
         t3 = time.perf_counter_ns()
         return BatchDone(message.batch_id, refs, t1 - t0, t2 - t1, t3 - t2)
 

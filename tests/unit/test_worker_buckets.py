@@ -12,7 +12,7 @@ import pytest
 import serve.backends
 from serve.backends.base import Arrays, Backend, pad_rows
 from serve.pool.arena import Arena, create_memfd
-from serve.pool.messages import IPC_VERSION, BatchDone, Init, RunBatch
+from serve.pool.messages import IPC_VERSION, BatchDone, BatchFailed, Init, RunBatch
 from serve.protocol.datatypes import Datatype
 from serve.worker.main import Worker
 from tests.unit.test_controller import _model
@@ -93,3 +93,25 @@ def test_the_worker_offers_its_input_arena_to_the_backend(worker):
     ((address, size),) = backend.offered
     assert size == worker.inputs.size == 1 << 20
     assert address == worker.inputs.address_range()[0]
+
+
+def test_outputs_that_cannot_be_written_fail_that_batch_and_the_worker_serves_the_next(worker):
+    worker, _, parent_in, parent_out = worker
+    worker.output_types = {**worker.output_types, "LABEL": Datatype.BYTES}
+    worker.output_dtypes = {**worker.output_dtypes, "LABEL": np.dtype(object)}
+    labels = {1: "one"}  # a post-processing look-up that misses gives None
+
+    def postprocess(outputs: Arrays) -> Arrays:
+        rows = outputs["Y"].shape[0]
+        return {**outputs, "LABEL": np.array([labels.get(rows)] * rows, dtype=object)}
+
+    worker.processing.postprocess = postprocess
+    x = np.ones((2, 4), np.float32)
+    failed = worker.run_batch(RunBatch(5, 0, 2, parent_in.write(0, [("X", Datatype.FP32, [x])])))
+    assert isinstance(failed, BatchFailed)
+    assert (failed.batch_id, failed.kind) == (5, "execution")
+    assert "cannot write the outputs" in failed.message and "NoneType" in failed.message
+    done = worker.run_batch(RunBatch(6, 0, 1, parent_in.write(0, [("X", Datatype.FP32, [x[:1]])])))
+    assert isinstance(done, BatchDone)
+    label = next(ref for ref in done.outputs if ref.name == "LABEL")
+    assert parent_out.read(0, label, copy=True).tolist() == [b"one"]
