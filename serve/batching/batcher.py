@@ -221,7 +221,9 @@ class DynamicBatcher:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        self._fail_queue(QueueFullError(f"model {self._name!r} is shutting down"))
+        self._fail_queue(
+            ModelNotReadyError(f"model {self._name!r} is shutting down")
+        )  # UNAVAILABLE
         try:
             async with asyncio.timeout(STOP_WAIT_S):
                 await self._idle.wait()
