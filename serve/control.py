@@ -6,6 +6,7 @@ unless its operator asked for that mode.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class ModelControl:
         self._config = config
         self._repository = repository
         self._cache = cache
+        self._scanning = asyncio.Lock()  # one scan at a time: they share the unpacking cache
 
     def _check_enabled(self) -> None:
         if not self._config.model_control:
@@ -36,7 +38,8 @@ class ModelControl:
     async def load(self, name: str, version: str = "") -> str:
         """Roll out ``version`` of ``name`` (default: its newest) from the repository."""
         self._check_enabled()
-        sources, refused = scan(self._repository, self._cache)
+        async with self._scanning:  # hashing every bundle takes a while: off the event loop
+            sources, refused = await asyncio.to_thread(scan, self._repository, self._cache)
         candidates = [s for s in sources if s.model.name == name]
         if version:
             candidates = [s for s in candidates if s.model.version == version]

@@ -15,6 +15,7 @@ switches the active version in one step, watches it, and rolls back on its own i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,10 @@ class Runtime:
         self._log_level = log_level
         self._listeners: list[Callable[[], None]] = []
         self._entries: dict[str, ModelEntry] = {}
+        # Model control: one change at a time per model, each run as a task of this runtime's,
+        # so a caller that goes away (a deadline, a disconnect) leaves no half-made change
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._control_tasks: set[asyncio.Task[Any]] = set()
         for item in models:
             source = item if isinstance(item, ModelSource) else ModelSource(item)
             entry = self._entries.setdefault(source.model.name, ModelEntry(source.model.name))
@@ -103,6 +108,9 @@ class Runtime:
         self._changed()
 
     async def stop(self) -> None:
+        for task in list(self._control_tasks):
+            task.cancel()
+        await asyncio.gather(*self._control_tasks, return_exceptions=True)
         for entry in self._entries.values():
             for task in list(entry.tasks):
                 task.cancel()
@@ -115,8 +123,12 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        """Every model's active version is ready, and there is at least one model."""
-        return bool(self._entries) and all(self.model_ready(name) for name in self._entries)
+        """Every model's active version is ready, and there is at least one. A model loaded for
+        the first time by model control has no active version until it is ready: it is not
+        served yet and does not hold back the server's readiness (nor does one whose active
+        version was unloaded)."""
+        served = [name for name, entry in self._entries.items() if entry.active]
+        return bool(served) and all(self.model_ready(name) for name in served)
 
     def model_names(self) -> list[str]:
         return list(self._entries)
@@ -179,8 +191,34 @@ class Runtime:
 
         Raises (and keeps serving the old version) when the new one fails to warm or pass its
         probes. During ``watch_s`` after the switch a failing probe or a P95 over the latency
-        budget switches back; the old version stays warm ``keep_previous_s`` for that.
+        budget switches back; the old version stays warm ``keep_previous_s`` for that. A caller
+        that stops waiting does not stop the rollout.
         """
+        work = self._rollout(source, watch_s=watch_s, keep_previous_s=keep_previous_s)
+        await self._control(source.model.name, "rollout", work)
+
+    async def _control(self, name: str, what: str, work: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``work`` after any other change to model ``name``, as this runtime's task."""
+
+        async def locked() -> Any:
+            async with self._locks.setdefault(name, asyncio.Lock()):
+                return await work
+
+        task = asyncio.create_task(locked())
+        self._control_tasks.add(task)
+        task.add_done_callback(functools.partial(self._control_done, name, what))
+        return await asyncio.shield(task)
+
+    def _control_done(self, name: str, what: str, task: asyncio.Task[Any]) -> None:
+        self._control_tasks.discard(task)
+        if task.cancelled():
+            log.warning("model %s: %s cancelled (the server is stopping)", name, what)
+        elif (exc := task.exception()) is not None:  # (its caller, if still there, gets it too)
+            log.warning("model %s: %s failed: %s: %s", name, what, type(exc).__name__, exc)
+
+    async def _rollout(
+        self, source: ModelSource, *, watch_s: float, keep_previous_s: float
+    ) -> None:
         name, version = source.key
         entry = self._entries.setdefault(name, ModelEntry(name))
         loaded = entry.sources.get(version)
@@ -195,14 +233,19 @@ class Runtime:
             return
         service = entry.versions.get(version)
         if service is None or service.state is not ModelState.READY:
-            service = self._service(source)
+            stale, service = service, self._service(source)
             entry.versions[version], entry.sources[version] = service, source
             await service.start()
+            if stale is not None:  # a version that was no longer ready, replaced
+                await stale.drain()
         if not service.ready:
             reason = service.readiness_reason() or "not ready"
             if version != entry.active:
                 del entry.versions[version], entry.sources[version]
                 await service.stop()
+                if not entry.versions:  # a model loaded for the first time: not there at all
+                    del self._entries[name]
+                    self._changed()
             log.error("rollout of %s version %s refused: %s", name, version, reason)
             raise ModelNotReadyError(
                 f"model {name!r} version {version!r} did not become ready ({reason}); "
@@ -214,6 +257,12 @@ class Runtime:
 
     async def rollback(self, name: str, *, keep_previous_s: float) -> str:
         """Return to the previous version: at once if it is still warm, else by a rollout."""
+        target: str = await self._control(
+            name, "rollback", self._rollback(name, keep_previous_s=keep_previous_s)
+        )
+        return target
+
+    async def _rollback(self, name: str, *, keep_previous_s: float) -> str:
         entry = self._entries.get(name)
         if entry is None or not entry.previous:
             raise ModelNotFoundError(f"model {name!r} has no previous version to roll back to")
@@ -223,10 +272,13 @@ class Runtime:
             self._switch(entry, target, "rollback")
             self._spawn(entry, self._retire_later(entry, entry.previous, keep_previous_s))
         else:
-            await self.rollout(entry.sources[target], watch_s=0, keep_previous_s=keep_previous_s)
+            await self._rollout(entry.sources[target], watch_s=0, keep_previous_s=keep_previous_s)
         return target
 
     async def unload(self, name: str, version: str = "") -> None:
+        await self._control(name, "unload", self._unload(name, version))
+
+    async def _unload(self, name: str, version: str) -> None:
         entry = self._entries.get(name)
         if entry is None:
             raise ModelNotFoundError(f"unknown model {name!r}")

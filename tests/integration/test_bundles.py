@@ -299,3 +299,72 @@ def test_a_bundle_of_safetensors_weights_with_its_architecture_in_code_serves(tm
         np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
     finally:
         assert server.stop() == 0
+
+
+SLOW_IMPORT = "import time\ntime.sleep(1.0)\n" + OFFSET_POST.format(offset=0.0)
+
+
+def model_bundle(tmp: Path, repo: Path, name: str, version: str, code: str) -> None:
+    """The demo MLP as bundle ``name`` ``version`` with ``code`` as its process module."""
+    folder = build_mlp_onnx(
+        tmp / f"src-{name}-{version}", name=name, version=version, process="process.py",
+        probe=FAST_PROBES,
+    )  # fmt: skip
+    (folder / "process.py").write_text(code)
+    build_bundle(folder, repo / name / version)
+
+
+def test_a_new_model_keeps_the_server_ready_while_it_warms_and_a_failed_one_leaves_no_trace(
+    tmp_path,
+):
+    repo = tmp_path / "repo"
+    mlp_bundle(tmp_path, repo, "1", 0.0)
+    server = _control_server(tmp_path, repo)
+    try:
+        model_bundle(tmp_path, repo, "other", "1", SLOW_IMPORT)  # warms for over a second
+        command = [sys.executable, "-m", "serve", "load", "other", "--url", server.url]
+        loading = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        seen, give_up = [], time.monotonic() + 120
+        while loading.poll() is None and time.monotonic() < give_up:
+            seen.append(server.health(""))
+        assert loading.wait(timeout=60) == 0, loading.stderr.read() if loading.stderr else ""
+        assert len(seen) > 1 and set(seen) == {"SERVING"}
+        assert server.health("other") == "SERVING"
+        model_bundle(tmp_path, repo, "broken", "1", "raise ImportError('broken on purpose')\n")
+        broken = _cli("load", "broken", "--url", server.url)
+        assert broken.returncode != 0 and "did not become ready" in broken.stderr
+        assert server.health("") == "SERVING"
+        listed = _cli("index", "--url", server.url)
+        assert listed.returncode == 0 and "broken" not in listed.stdout, listed.stdout
+        _, inputs = _input()
+        with pytest.raises(triton.InferenceServerException, match="unknown model 'broken'"):
+            server.client.infer("broken", inputs)
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_load_whose_caller_gives_up_completes_and_two_loads_of_a_version_make_one_pool(
+    tmp_path,
+):
+    repo = tmp_path / "repo"
+    mlp_bundle(tmp_path, repo, "1", 0.0)
+    server = _control_server(tmp_path, repo)
+    try:
+        model_bundle(tmp_path, repo, "other", "1", SLOW_IMPORT)
+        with pytest.raises(triton.InferenceServerException, match="Deadline"):
+            server.client.load_model("other", client_timeout=0.3)
+        wait_until(lambda: server.health("other") == "SERVING", 60, "the load to complete")
+        _, inputs = _input()
+        assert server.client.infer("other", inputs).get_response().model_version == "1"
+        mlp_bundle(tmp_path, repo, "2", 0.0, code=SLOW_IMPORT)
+        command = [sys.executable, "-m", "serve", "load", "mlp", "--version", "2"]
+        loads = [
+            subprocess.Popen([*command, "--url", server.url], stderr=subprocess.PIPE)
+            for _ in range(2)
+        ]
+        assert [load.wait(timeout=120) for load in loads] == [0, 0]
+        # mlp 1 (kept warm for a rollback), mlp 2 and other: one worker each, none left over
+        assert len(server.worker_pids()) == 3
+        assert "model mlp: version 1 → 2 (rollout" in server.log()
+    finally:
+        assert server.stop() == 0
