@@ -28,6 +28,7 @@ REASONS = {
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -70,6 +71,8 @@ class HttpHealth:
                 service = self._runtime.service(parts[2])
             except ModelNotFoundError as exc:
                 return 404, {"error": str(exc)}
+            except ModelNotReadyError as exc:  # known, with no active version (yet)
+                return 503, {"error": str(exc)}
             report = service.latency.report()
             report["breakdown_us"] = service.stats.breakdown_us()
             report.update(
@@ -105,6 +108,9 @@ class HttpHealth:
         except ConnectionError:
             writer.close()
             return
+        except Exception:  # a bug: the caller gets a 500, the log the traceback
+            log.exception("HTTP health endpoint failed")
+            code, body, method = 500, {"error": "internal error; see the server log"}, "GET"
         if isinstance(body, bytes):
             payload, content_type = body, CONTENT_TYPE_LATEST
         else:

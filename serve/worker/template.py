@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import traceback
 
 from serve.pool.messages import FORK_PID, FORK_REQUEST_BYTES
 
@@ -33,6 +34,8 @@ def _fork_worker(sock: socket.socket, fds: list[int], log_level: str) -> int:
             from serve.worker.main import run
 
             code = run(fds[0], fds[1], fds[2], log_level)
+        except BaseException:  # (SystemExit from a bundle's code, say): os._exit prints nothing
+            traceback.print_exc()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
