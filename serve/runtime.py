@@ -289,7 +289,7 @@ class Runtime:
                 raise ModelNotFoundError(f"model {name!r} has no version {v!r} loaded")
             if v == entry.active:
                 entry.active = ""
-            await service.drain()
+            await _drain_removed(service)
         if not entry.versions:
             del self._entries[name]
         self._changed()
@@ -304,7 +304,17 @@ class Runtime:
     def _spawn(self, entry: ModelEntry, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         entry.tasks.add(task)
-        task.add_done_callback(entry.tasks.discard)
+        task.add_done_callback(functools.partial(self._spawned_done, entry))
+
+    @staticmethod
+    def _spawned_done(entry: ModelEntry, task: asyncio.Task[None]) -> None:
+        entry.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error(
+                "model %s: watching or retiring a version failed",
+                entry.name,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
 
     async def _watch(self, entry: ModelEntry, version: str, watch_s: float, keep_s: float) -> None:
         service, old = entry.versions[version], entry.previous
@@ -338,5 +348,15 @@ class Runtime:
         service = entry.versions.pop(version, None)
         if service is not None:
             log.info("model %s: retiring version %s", entry.name, version)
-            await service.drain()
+            await _drain_removed(service)
             self._changed()
+
+
+async def _drain_removed(service: ModelService) -> None:
+    """Drain a version already taken out of its model's versions; if the server stops meanwhile
+    (this task cancelled), stop it anyway: Runtime.stop no longer sees it."""
+    try:
+        await service.drain()
+    except asyncio.CancelledError:
+        await service.stop()
+        raise
