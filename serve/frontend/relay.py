@@ -265,13 +265,27 @@ class Forwarder(grpc.GenericRpcHandler):
 
         async def answer(payload: bytes) -> bytes:
             reply = await self._link.call(MODEL_INFER, payload, context.time_remaining())
-            return stream_error(reply.details) if reply.code else stream_answer(reply.payload)
+            if reply.code:
+                return stream_error(reply.details, _request_id(payload))
+            return stream_answer(reply.payload)
 
         try:
             async for message in answer_concurrently(requests, answer):
                 yield message
         except HubGoneError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the serving process is restarting")
+
+
+def _request_id(payload: bytes) -> str:
+    """A serialised ModelInferRequest's id ("" if it has none or does not parse)."""
+    from google.protobuf.message import DecodeError
+
+    from serve.frontend.pb import grpc_service_pb2 as pb  # generated: imported where used
+
+    try:
+        return str(pb.ModelInferRequest.FromString(payload).id)
+    except DecodeError:
+        return ""
 
 
 async def run_relay(

@@ -286,10 +286,17 @@ def stream_answer(response: bytes) -> bytes:
     return b"\x12" + _varint(len(response)) + response
 
 
-def stream_error(message: str) -> bytes:
-    """A serialised ModelStreamInferResponse carrying only ``message`` (error_message, field 1)."""
+def stream_error(message: str, request_id: str = "") -> bytes:
+    """A serialised ModelStreamInferResponse carrying ``message`` (error_message, field 1) and,
+    for a request that had an id, that id (infer_response, field 2: its id, field 3), so that
+    a client can tell which of its requests failed."""
     text = message.encode()
-    return b"\x0a" + _varint(len(text)) + text
+    out = b"\x0a" + _varint(len(text)) + text
+    if request_id:
+        name = request_id.encode()
+        inner = b"\x1a" + _varint(len(name)) + name
+        out += b"\x12" + _varint(len(inner)) + inner
+    return out
 
 
 def _varint(value: int) -> bytes:

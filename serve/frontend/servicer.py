@@ -55,7 +55,7 @@ class _StreamCall:
         return remaining
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
-        raise _RequestFailed(details)  # (the protocol's stream errors carry a message only)
+        raise _RequestFailed(details)  # (a stream error carries a message, no status code)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -173,8 +173,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def answer(request: Any) -> Any:
             try:
                 response = await self.ModelInfer(request, cast(Context, call))
-            except _RequestFailed as failed:
-                return pb.ModelStreamInferResponse(error_message=failed.message)
+            except _RequestFailed as failed:  # with the request's id, to say which one failed
+                if not request.id:
+                    return pb.ModelStreamInferResponse(error_message=failed.message)
+                return pb.ModelStreamInferResponse(
+                    error_message=failed.message,
+                    infer_response=pb.ModelInferResponse(id=request.id),
+                )
             return pb.ModelStreamInferResponse(infer_response=response)
 
         async for message in answer_concurrently(request_iterator, answer):

@@ -8,9 +8,11 @@ import queue
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from serve.testing.models import build_identity_onnx, mlp_reference
 from tests.integration.harness import ServerProcess, wait_until
@@ -98,3 +100,36 @@ def test_a_stream_through_a_relay_answers_small_and_ring_sized_requests(relayed)
         if line.startswith("warmserve_relay_ring_calls_total{")
     ]
     assert sum(ring_calls) >= 3  # the two large good requests and the large bad one
+
+
+def _raw_stream(url: str, requests: list[Any]) -> list[Any]:
+    """Every ModelStreamInferResponse for ``requests`` (raw protocol messages, one stream)."""
+    with grpc.insecure_channel(url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answers = stub.ModelStreamInfer(iter(requests), timeout=ANSWER_TIMEOUT_S)
+        return list(answers)
+
+
+def _bad_request(model: str, name: str, request_id: str) -> Any:
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    request.inputs.add(name=name, datatype="INT32", shape=[1, 4])
+    request.raw_input_contents.append(bytes(16))
+    return request
+
+
+@pytest.mark.parametrize("frontends", [1, 2], ids=["direct", "relayed"])
+def test_a_failed_request_on_a_stream_is_named_by_its_id(tmp_path: Path, frontends: int):
+    repository = tmp_path / "repository"
+    build_identity_onnx(repository / "identity", types=("FP32",))
+    args = ("--frontends", "2") if frontends > 1 else ()
+    server = ServerProcess(tmp_path / "server.log", repository, args=args)
+    try:
+        wait_until(server.ready_over_http, 120, "ready")
+        requests = [_bad_request("identity", "IN_FP32", "req-7"), _bad_request("nope", "X", "")]
+        answers = _raw_stream(server.url, requests)
+        assert len(answers) == 2
+        named = {a.infer_response.id: a.error_message for a in answers}
+        assert "INT32" in named["req-7"] and "unknown model 'nope'" in named[""]
+        assert all(not a.infer_response.outputs for a in answers)
+    finally:
+        server.stop()

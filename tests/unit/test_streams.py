@@ -142,6 +142,9 @@ def test_the_relays_stream_messages_parse_as_the_protocols(size):
     message = "é" * size if size < 100_000 else "x" * size
     error = pb.ModelStreamInferResponse.FromString(stream_error(message))
     assert error.error_message == message and not error.HasField("infer_response")
+    request_id = "r" * size if size < 100_000 else "r"
+    error = pb.ModelStreamInferResponse.FromString(stream_error(message, request_id))
+    assert error.error_message == message and error.infer_response.id == request_id
 
 
 def test_answers_not_yet_taken_count_against_the_limit():
