@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TypeAlias, cast
 import grpc
 
 from serve.control import ModelControl
-from serve.errors import ModelNotReadyError, ServeError
+from serve.errors import InvalidInputError, ModelNotReadyError, ServeError
 from serve.frontend import metadata
 from serve.frontend.convert import (
     PlainCodec,
@@ -33,6 +33,38 @@ from serve.runtime import Runtime
 log = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext
+
+
+LOAD_PARAMETERS = ("version", "rollback")
+UNLOAD_PARAMETERS = ("version", "unload_dependents")  # (the last: tritonclient always sends it)
+
+
+def _control_parameters(params: Any, known: Sequence[str]) -> dict[str, Any]:
+    """A load or unload request's parameters; InvalidInputError for any this server does not
+    act on (a silently ignored 'config' would load something other than what was asked)."""
+    values = repository_parameters(params)
+    if "config" in values or any(key.startswith("file:") for key in values):
+        raise InvalidInputError(
+            "loading a model from a configuration or files sent with the request ('config', "
+            "'file:...') is not supported: warmserve loads immutable bundles from its "
+            "repository; put the bundle there and load it by name (and 'version')"
+        )
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InvalidInputError(
+            f"unknown parameters {unknown}; this call takes {', '.join(map(repr, known))}"
+        )
+    return values
+
+
+def _flag(params: dict[str, Any], key: str) -> bool:
+    """A boolean parameter, sent as a bool or as the string 'true' / 'false'."""
+    value = params.get(key, False)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"parameter {key!r} must be true or false, not {value!r}")
+    return value
 
 
 class _RequestFailed(Exception):
@@ -111,8 +143,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors
     async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
-        params = repository_parameters(request.parameters)
-        if params.get("rollback") is True:
+        params = _control_parameters(request.parameters, LOAD_PARAMETERS)
+        if _flag(params, "rollback"):
             await self._control.rollback(request.model_name)
         else:
             await self._control.load(request.model_name, str(params.get("version", "")))
@@ -120,7 +152,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors
     async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
-        params = repository_parameters(request.parameters)
+        params = _control_parameters(request.parameters, UNLOAD_PARAMETERS)
         await self._control.unload(request.model_name, str(params.get("version", "")))
         return pb.RepositoryModelUnloadResponse()
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -366,5 +367,35 @@ def test_a_load_whose_caller_gives_up_completes_and_two_loads_of_a_version_make_
         # mlp 1 (kept warm for a rollback), mlp 2 and other: one worker each, none left over
         assert len(server.worker_pids()) == 3
         assert "model mlp: version 1 → 2 (rollout" in server.log()
+    finally:
+        assert server.stop() == 0
+
+
+def test_load_parameters_are_acted_on_or_refused_never_ignored(tmp_path):
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    repo = tmp_path / "repo"
+    mlp_bundle(tmp_path, repo, "1", 0.0)
+    server = _control_server(tmp_path, repo)
+    try:
+        with pytest.raises(triton.InferenceServerException, match="load it by name") as caught:
+            server.client.load_model("mlp", config='{"max_batch_size": 2}')
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        with grpc.insecure_channel(server.url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            request = service_pb2.RepositoryModelLoadRequest(model_name="mlp")
+            request.parameters["rollback"].string_param = "true"  # a string, as some tools send
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.RepositoryModelLoad(request, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "no previous version to roll back to" in str(refused.value.details())
+            request = service_pb2.RepositoryModelLoadRequest(model_name="mlp")
+            request.parameters["versoin"].string_param = "1"
+            with pytest.raises(grpc.RpcError) as unknown:
+                stub.RepositoryModelLoad(request, timeout=60)
+            assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "unknown parameters ['versoin']" in str(unknown.value.details())
+        server.client.unload_model("mlp")  # (tritonclient sends unload_dependents)
+        assert server.client.get_model_repository_index().models == []
     finally:
         assert server.stop() == 0
