@@ -101,7 +101,8 @@ class WorkerPool:
         self._changed = asyncio.Event()
         self._stopping = False
         self._serial = 0
-        self._failures = 0
+        self._failures = 0  # worker starts in a row that failed
+        self._last_start_error = ""
         self._tasks: set[asyncio.Task[None]] = set()
         self._template: WorkerTemplate | None = None
         self._seen_warm: set[str] = set()
@@ -188,11 +189,19 @@ class WorkerPool:
         self._listeners.append(callback)
 
     def unavailable(self) -> str:
-        """Why no worker can ever take a batch, or "" when one is warm or on its way."""
+        """Why no worker can take a batch now, or "" when one is warm or on its way. Between
+        failed starts (a back-off) none is on its way: requests then fail UNAVAILABLE instead of
+        queueing for as long as the starts keep failing (a caller without a deadline forever)."""
         if self._stopping:
             return "its workers are stopping"
-        if self._counted() == 0 and not self._tasks:
-            return "no warm worker and none starting"
+        if self._counted() == 0:
+            if self._failures:
+                return (
+                    f"no warm worker: the last {self._failures} worker start(s) failed "
+                    f"({self._last_start_error}); the pool keeps retrying"
+                )
+            if not self._tasks:
+                return "no warm worker and none starting"
         return ""
 
     def check_watchdog(self) -> None:
@@ -314,9 +323,11 @@ class WorkerPool:
             await handle.start()
         except Exception as exc:
             self._failures += 1
+            self._last_start_error = str(exc)
             log.error("model %s: worker start failed: %s", self.model.name, exc)
             if handle in self._workers:
                 self._workers.remove(handle)
+            self._slot_freed()  # the batcher looks again: requests waiting for it now fail
         else:
             self._failures = 0
         self._notify()

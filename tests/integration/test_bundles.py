@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -397,5 +398,46 @@ def test_load_parameters_are_acted_on_or_refused_never_ignored(tmp_path):
             assert "unknown parameters ['versoin']" in str(unknown.value.details())
         server.client.unload_model("mlp")  # (tritonclient sends unload_dependents)
         assert server.client.get_model_repository_index().models == []
+    finally:
+        assert server.stop() == 0
+
+
+def test_queued_calls_fail_unavailable_while_replacement_workers_fail_to_start(tmp_path):
+    repo = tmp_path / "repo"
+    busy, slow = tmp_path / "busy", tmp_path / "slow"
+    code = (  # slow calls once the test says so (not the warm-up's)
+        "import pathlib, time\n"
+        "def postprocess(outputs):\n"
+        f"    if pathlib.Path({str(slow)!r}).exists():\n"
+        f"        pathlib.Path({str(busy)!r}).touch()\n"
+        "        time.sleep(2.0)\n"
+        "    return outputs\n"
+    )
+    pool = {"workers": 1, "threads": 1, "max_inflight_per_worker": 1}
+    bundle = mlp_bundle(tmp_path, repo, "1", code=code, pool=pool, probe={"interval_s": 60})
+    server = ServerProcess(tmp_path / "server.log", repo)
+    try:
+        server.wait_ready()
+        slow.touch()
+        outcomes: list[Any] = []
+        client = triton.InferenceServerClient(server.url)
+        _, inputs = _input()
+        for _ in range(2):  # the first computes, the second queues behind it
+            client.async_infer(
+                "mlp", inputs, lambda result, error: outcomes.append(error), client_timeout=60
+            )
+            if not busy.exists():
+                wait_until(busy.exists, 30, "the first call computing")
+        queued = lambda: server.http_json("/warmserve/models/mlp/latency")[1]["queue_depth"]  # noqa: E731
+        wait_until(lambda: queued() == 1, 30, "the second call queued")
+        (bundle.path / "process.py").write_text("# changed on disk: new workers refuse it\n")
+        (victim,) = server.worker_pids()
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(outcomes) == 2, 60, "both calls answered")
+        client.close()
+        for error in outcomes:  # (the one computing was retried once, then failed the same way)
+            assert error is not None and error.status() == "StatusCode.UNAVAILABLE"
+            assert "worker start(s) failed" in error.message()
+            assert "does not match its sha256" in error.message()
     finally:
         assert server.stop() == 0
