@@ -129,16 +129,25 @@ class WorkerHandle:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         size = self.settings.slots * self.settings.slot_bytes
-        in_fd = create_memfd(f"warmserve-in-{self.worker_id}", size)
-        out_fd = create_memfd(f"warmserve-out-{self.worker_id}", size)
+        fds: list[int] = []
         try:
+            fds.append(create_memfd(f"warmserve-in-{self.worker_id}", size))
+            fds.append(create_memfd(f"warmserve-out-{self.worker_id}", size))
+            in_fd, out_fd = fds
             self._inputs = Arena(in_fd, self.settings.slots, self.settings.slot_bytes)
             self._outputs = Arena(out_fd, self.settings.slots, self.settings.slot_bytes)
             self._process = await self._launch(theirs.fileno(), in_fd, out_fd)
+        except BaseException as exc:  # (out of file descriptors or memory, say): nothing leaks
+            ours.close()
+            for arena in (self._inputs, self._outputs):
+                if arena is not None:
+                    arena.close()
+            self._die(f"could not be started: {type(exc).__name__}: {exc}")  # the pool forgets it
+            raise
         finally:
             theirs.close()
-            os.close(in_fd)
-            os.close(out_fd)
+            for fd in fds:
+                os.close(fd)
         how = "forked from the template" if isinstance(self._process, ForkedProcess) else "spawned"
         log.info("worker %s %s (pid %d)", self.worker_id, how, self._process.pid)
         self._ready_future = loop.create_future()

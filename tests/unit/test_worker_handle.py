@@ -132,3 +132,23 @@ def _arena():
         return Arena(fd, 2, 1 << 20)
     finally:
         os.close(fd)
+
+
+def test_a_worker_that_cannot_be_launched_is_dead_and_leaves_no_descriptor_open(monkeypatch):
+    import os
+
+    changes: list[WorkerState] = []
+    settings = WorkerSettings(
+        device="cpu", threads=1, slots=2, slot_bytes=1 << 20, startup_timeout_s=5
+    )
+    handle = WorkerHandle(_model(), "m#1", settings, lambda w: changes.append(w.state))
+
+    async def no_more_processes(*args: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(handle, "_launch", no_more_processes)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="Too many open files"):
+        asyncio.run(handle.start())
+    assert handle.state is WorkerState.DEAD and changes == [WorkerState.DEAD]  # the pool is told
+    assert set(os.listdir("/proc/self/fd")) <= before  # socketpair, memory files, mappings
