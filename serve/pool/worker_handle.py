@@ -261,6 +261,9 @@ class WorkerHandle:
             # retried batch must not be routed back to this worker in the meantime.
             self._die("its channel closed")
             raise WorkerLostError(f"worker {self.worker_id} closed its channel") from None
+        except BaseException:  # (a message that cannot be encoded, say): the slot comes back
+            self.release(slot)
+            raise
         sent = time.perf_counter_ns()
         self._pending[batch_id] = _InFlight(slot, done, time.monotonic(), sent, sent - start)
 

@@ -152,3 +152,26 @@ def test_a_worker_that_cannot_be_launched_is_dead_and_leaves_no_descriptor_open(
         asyncio.run(handle.start())
     assert handle.state is WorkerState.DEAD and changes == [WorkerState.DEAD]  # the pool is told
     assert set(os.listdir("/proc/self/fd")) <= before  # socketpair, memory files, mappings
+
+
+def test_a_batch_that_cannot_be_sent_gives_its_slot_back():
+    import os
+
+    import numpy as np
+
+    from serve.pool.arena import Arena, create_memfd
+
+    class BrokenLink:
+        def send(self, message: object) -> None:
+            raise ValueError("cannot encode")
+
+    handle = _handle()
+    fd = create_memfd("in", 2 << 20)
+    handle._inputs = Arena(fd, 2, 1 << 20)
+    os.close(fd)
+    handle._link = BrokenLink()  # type: ignore[assignment]
+    slot = handle.reserve()
+    with pytest.raises(ValueError, match="cannot encode"):
+        handle.submit(slot, [[np.zeros((1, 4), np.float32)]], 1, lambda outcome: None)
+    assert handle.free_slots == 2 and not handle.busy
+    handle._inputs.close()
