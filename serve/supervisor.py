@@ -244,7 +244,19 @@ class Relays:
         exiting soon after it starts)."""
         delay = BACKOFF_S[0]
         while True:
-            member.start()
+            try:
+                member.start()
+            except Exception as exc:  # (out of processes or file descriptors, say): try again
+                log.error(
+                    "relay %d could not be started: %s: %s; trying again in %.2g s",
+                    member.index,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_S[1])
+                continue
             try:
                 port = await member.reported(START_TIMEOUT_S)
                 log.info("relay %d (pid %s) listening on port %d", member.index, member.pid, port)

@@ -1,0 +1,56 @@
+"""The serving process keeps its relays running: a relay that cannot be started is tried again
+(no process: a stand-in relay)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import serve.supervisor
+from serve.config import ServerConfig
+from serve.supervisor import Relays
+
+
+class _Relay:
+    """Cannot be started the first time (out of processes); listens the second."""
+
+    index, pid, started_at = 0, 4242, 0.0
+
+    def __init__(self) -> None:
+        self.starts = 0
+        self.gone = asyncio.Event()
+
+    def start(self) -> None:
+        self.starts += 1
+        if self.starts == 1:
+            raise OSError(11, "Resource temporarily unavailable")
+
+    async def reported(self, timeout: float) -> int:
+        return 8001
+
+    async def exited(self) -> int:
+        await self.gone.wait()
+        return 0
+
+    def kill(self) -> None:
+        self.gone.set()
+
+
+def test_a_relay_that_cannot_be_started_is_tried_again(monkeypatch, caplog, tmp_path: Path):
+    monkeypatch.setattr(serve.supervisor, "BACKOFF_S", (0.01, 0.02))
+
+    async def main() -> tuple[Relays, _Relay]:
+        relays, relay = Relays(ServerConfig(frontends=1), tmp_path / "hub.sock"), _Relay()
+        relays.members = [relay]  # type: ignore[list-item]
+        keeper = asyncio.create_task(relays._keep(relay))  # type: ignore[arg-type]
+        try:
+            async with asyncio.timeout(10):
+                await relays.wait_listening()
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        return relays, relay
+
+    relays, relay = asyncio.run(main())
+    assert relay.starts == 2 and relays.listening == {0}
+    assert "relay 0 could not be started: BlockingIOError" in caplog.text
