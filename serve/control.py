@@ -45,12 +45,15 @@ class ModelControl:
             candidates = [s for s in candidates if s.model.version == version]
         if not candidates:
             wanted = f"{name!r} version {version!r}" if version else repr(name)
-            if refused:  # most likely the one asked for: say why each was refused
+            folder = str(self._repository / name)
+            mine = [r for r in refused if f"{folder}/" in r or f"{folder}:" in r]
+            if mine:  # the one asked for is there but broken: say why
                 raise InvalidBundleError(
                     f"no valid bundle of {wanted} in {self._repository}; refused: "
-                    + " | ".join(refused)
+                    + " | ".join(mine)
                 )
-            raise ModelNotFoundError(f"no bundle of {wanted} in {self._repository}")
+            others = f" ({len(refused)} other bundle(s) refused: see the log)" if refused else ""
+            raise ModelNotFoundError(f"no bundle of {wanted} in {self._repository}{others}")
         source = newest(candidates)
         await self._runtime.rollout(
             source,
