@@ -51,7 +51,13 @@ class HealthService(health_pb2_grpc.HealthServicer):
         return statuses
 
     def refresh(self) -> None:
-        for service, status in self.statuses().items():
+        current = self.statuses()
+        for service in [s for s in self._status if s not in current]:  # a model unloaded
+            del self._status[service]
+            log.info("health %r: unknown now (its model was unloaded)", service)
+            for queue in self._watchers.get(service, ()):
+                queue.put_nowait(SERVICE_UNKNOWN)
+        for service, status in current.items():
             if self._status.get(service) != status:
                 if service in self._status or status != SERVING:
                     log.info(
