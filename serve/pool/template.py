@@ -130,8 +130,15 @@ class WorkerTemplate:
                         if not chunk:
                             raise TemplateError("the worker template closed its socket")
                         reply += chunk
-            except (OSError, TimeoutError) as exc:
-                raise TemplateError(f"fork request failed: {exc}") from exc
+            except BaseException as exc:
+                # Out of step from here on (a late reply would be read as the next fork's pid):
+                # close the socket, which ends the template; workers are spawned from now on.
+                self._sock.close()
+                self._sock = None
+                log.warning("worker template for %s given up: fork request failed", self._name)
+                if isinstance(exc, OSError | TimeoutError):
+                    raise TemplateError(f"fork request failed: {exc}") from exc
+                raise
         (pid,) = FORK_PID.unpack(reply)
         if pid <= 0:
             raise TemplateError("the worker template could not fork")

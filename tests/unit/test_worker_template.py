@@ -1,0 +1,42 @@
+"""The worker template's fork requests (a stand-in template on a socketpair, no process)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+import serve.pool.template
+from serve.pool.template import TemplateError, WorkerTemplate
+
+
+class _Running:
+    returncode = None
+
+
+def test_a_fork_request_that_times_out_retires_the_template(monkeypatch):
+    monkeypatch.setattr(serve.pool.template, "FORK_TIMEOUT_S", 0.05)
+
+    async def main() -> tuple[WorkerTemplate, bytes]:
+        template = WorkerTemplate("onnx", "m", 5.0)
+        ours, silent = socket.socketpair()  # the template side never answers
+        ours.setblocking(False)
+        template._sock, template._process = ours, _Running()  # type: ignore[assignment]
+        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+        try:
+            with pytest.raises(TemplateError, match="fork request failed"):
+                await template.fork(fds[0], fds[1], fds[2], "INFO")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        silent.settimeout(1)
+        request = silent.recv(64)  # it was asked...
+        closed = silent.recv(64)  # ...and then let go: a late pid can never be misread
+        silent.close()
+        return template, request + b"|" + closed
+
+    template, seen = asyncio.run(main())
+    assert not template.alive  # the next worker is spawned instead
+    assert seen.startswith(b"INFO") and seen.endswith(b"|")
