@@ -19,6 +19,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,7 @@ class Relays:
         self._keepers: list[asyncio.Task[None]] = []
         self._all_listened = asyncio.Event()
         self.listening: set[int] = set()
+        self.on_listening: Callable[[], None] = lambda: None  # told when ``listening`` changes
         self.port = 0
 
     async def wait_listening(self) -> None:
@@ -261,6 +263,7 @@ class Relays:
                 port = await member.reported(START_TIMEOUT_S)
                 log.info("relay %d (pid %s) listening on port %d", member.index, member.pid, port)
                 self.listening.add(member.index)
+                self.on_listening()
                 if len(self.listening) == len(self.members):
                     self._all_listened.set()
             except TimeoutError:
@@ -270,6 +273,7 @@ class Relays:
                 pass  # it exited before reporting; exited() says how
             code = await member.exited()
             self.listening.discard(member.index)
+            self.on_listening()
             ran_s = time.monotonic() - member.started_at
             if ran_s >= STABLE_AFTER_S:
                 delay = BACKOFF_S[0]
@@ -310,6 +314,9 @@ class RelayPort:
             shutil.rmtree(self._folder, ignore_errors=True)
             raise
         self._hub, self._relays = hub, relays
+        # ready only while one relay at least takes calls on the port (one restarting is fine)
+        frontend.gate.require(lambda: bool(relays.listening))
+        relays.on_listening = frontend.gate.changed
         self._registry.register(RelayCollector(hub.calls, relays.restarts, hub.ring_calls))
 
     async def wait_listening(self) -> None:

@@ -54,3 +54,32 @@ def test_a_relay_that_cannot_be_started_is_tried_again(monkeypatch, caplog, tmp_
     relays, relay = asyncio.run(main())
     assert relay.starts == 2 and relays.listening == {0}
     assert "relay 0 could not be started: BlockingIOError" in caplog.text
+
+
+def test_readiness_is_shut_while_no_relay_listens(monkeypatch, tmp_path: Path):
+    from serve.frontend.gate import ReadinessGate
+
+    monkeypatch.setattr(serve.supervisor, "BACKOFF_S", (30.0, 30.0))  # it stays down meanwhile
+
+    async def main() -> list[bool]:
+        relays, relay = Relays(ServerConfig(frontends=1), tmp_path / "hub.sock"), _Relay()
+        relay.starts = 1  # (it starts at once)
+        relays.members = [relay]  # type: ignore[list-item]
+        gate, seen = ReadinessGate(), []
+        gate.require(lambda: bool(relays.listening))  # as RelayPort wires it
+        relays.on_listening = gate.changed
+        gate.add_listener(lambda: seen.append(gate.open))
+        gate.set(True)  # warmed up: open as far as the front end goes
+        keeper = asyncio.create_task(relays._keep(relay))  # type: ignore[arg-type]
+        try:
+            async with asyncio.timeout(10):
+                await relays.wait_listening()
+                relay.kill()  # the relay exits: nothing listens until it is back
+                while relays.listening:
+                    await asyncio.sleep(0)
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        return seen
+
+    assert asyncio.run(main()) == [False, True, False]  # opened, relay up, relay gone
