@@ -130,6 +130,10 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Processes that terminate gRPC on the port (relays sharing it with SO_REUSEPORT) and pass
     # each call to this process, which batches and serves them all. 1: this process alone.
     frontends: int = 1
+    # Each relay's ring, shared memory that large requests' tensors take past the socket: its
+    # slots (0: no ring, every call inline) and their size (larger requests go inline).
+    relay_ring_slots: int = 64
+    relay_ring_slot_kib: int = 1024
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -226,6 +230,8 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
         "grace_period_s": "WARMSERVE_GRACE_PERIOD_S",
         "log_level": "WARMSERVE_LOG_LEVEL",
         "frontends": "WARMSERVE_FRONTENDS",
+        "relay_ring_slots": "WARMSERVE_RELAY_RING_SLOTS",
+        "relay_ring_slot_kib": "WARMSERVE_RELAY_RING_SLOT_KIB",
     }
     for field, var in env.items():
         if var in os.environ:
@@ -243,6 +249,16 @@ def validate_server(server: ServerConfig) -> None:
     """Raise ConfigError for settings that cannot work."""
     if server.frontends < 1:
         raise ConfigError(f"frontends must be >= 1, got {server.frontends}")
+    if server.relay_ring_slots < 0:
+        raise ConfigError(
+            f"relay_ring_slots (WARMSERVE_RELAY_RING_SLOTS) must be >= 0 (0: no ring), "
+            f"got {server.relay_ring_slots}"
+        )
+    if server.relay_ring_slot_kib < 1:
+        raise ConfigError(
+            f"relay_ring_slot_kib (WARMSERVE_RELAY_RING_SLOT_KIB) must be >= 1, "
+            f"got {server.relay_ring_slot_kib}"
+        )
 
 
 def default_repository_from_env() -> str:

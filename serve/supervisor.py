@@ -27,7 +27,7 @@ from typing import Any
 from serve.config import ServerConfig
 from serve.errors import ConfigError
 from serve.frontend.relay_hub import RelayHub
-from serve.frontend.relay_wire import RING_SLOT_KIB_DEFAULT, RING_SLOTS_DEFAULT, RelayRing
+from serve.frontend.relay_wire import RelayRing
 from serve.frontend.server import GrpcFrontend
 from serve.pool.arena import create_memfd
 from serve.telemetry.metrics import RelayCollector
@@ -69,26 +69,6 @@ class InheritedFd:
 
 def _inherited(dup: Any) -> InheritedFd:
     return InheritedFd(dup.detach())
-
-
-def _count_from_env(name: str, default: int, least: int) -> int:
-    text = os.environ.get(name, str(default))
-    try:
-        value = int(text)
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise ConfigError(f"{name}={text!r} is not a whole number >= {least}")
-    return value
-
-
-def ring_from_env() -> tuple[int, int]:
-    """(slots, bytes per slot) of each relay's ring: WARMSERVE_RELAY_RING_SLOTS (0: every call
-    goes inline) and WARMSERVE_RELAY_RING_SLOT_KIB (a request whose raw tensors are larger
-    goes inline)."""
-    slots = _count_from_env("WARMSERVE_RELAY_RING_SLOTS", RING_SLOTS_DEFAULT, 0)
-    slot_kib = _count_from_env("WARMSERVE_RELAY_RING_SLOT_KIB", RING_SLOT_KIB_DEFAULT, 1)
-    return slots, slot_kib * 1024
 
 
 class RelayProcess:
@@ -215,7 +195,7 @@ class Relays:
             config.grace_period_s,
             config.log_level,
         )
-        ring = ring_from_env()
+        ring = (config.relay_ring_slots, config.relay_ring_slot_kib * 1024)
         self.members = [RelayProcess(i, args, self._rings, ring) for i in range(config.frontends)]
         self._keepers = [
             asyncio.create_task(self._keep(m), name=f"keep-relay-{m.index}") for m in self.members

@@ -33,9 +33,7 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 OK = grpc.StatusCode.OK.value[0]
 WRITE_HIGH_WATER = 64 * 1024 * 1024  # bytes queued for the peer before writers wait
-RING_SLOT_KIB_DEFAULT = 1024  # a ModelInfer whose raw tensors fit in a slot goes through the ring
 RING_MIN_BYTES = 16 * 1024  # smaller requests are cheaper inline
-RING_SLOTS_DEFAULT = 64  # per relay (WARMSERVE_RELAY_RING_SLOTS, 0: no ring; ..._SLOT_KIB)
 
 
 class Hello(msgspec.Struct, frozen=True, tag=True, array_like=True):

@@ -236,24 +236,25 @@ def test_a_request_larger_than_a_slot_goes_inline(tmp_path: Path):
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"WARMSERVE_RELAY_RING_SLOTS": "-1"}, "WARMSERVE_RELAY_RING_SLOTS='-1'"),
-        ({"WARMSERVE_RELAY_RING_SLOT_KIB": "0"}, "WARMSERVE_RELAY_RING_SLOT_KIB='0'"),
-        ({"WARMSERVE_RELAY_RING_SLOT_KIB": "lots"}, "is not a whole number >= 1"),
+        ({"WARMSERVE_RELAY_RING_SLOTS": "-1"}, "WARMSERVE_RELAY_RING_SLOTS\\) must be >= 0"),
+        ({"WARMSERVE_RELAY_RING_SLOT_KIB": "0"}, "WARMSERVE_RELAY_RING_SLOT_KIB\\) must be >= 1"),
+        ({"WARMSERVE_RELAY_RING_SLOT_KIB": "lots"}, "relay_ring_slot_kib"),
     ],
 )
 def test_ring_settings_that_make_no_sense_are_refused_by_name(monkeypatch, env, message):
+    from serve.config import server_config_from_env
     from serve.errors import ConfigError
-    from serve.supervisor import ring_from_env
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=message):
-        ring_from_env()
+        server_config_from_env()
 
 
 def test_the_default_ring_is_64_slots_of_1_mib(monkeypatch):
-    from serve.supervisor import ring_from_env
+    from serve.config import server_config_from_env
 
     monkeypatch.delenv("WARMSERVE_RELAY_RING_SLOTS", raising=False)
     monkeypatch.delenv("WARMSERVE_RELAY_RING_SLOT_KIB", raising=False)
-    assert ring_from_env() == (64, 1 << 20)
+    config = server_config_from_env()
+    assert (config.relay_ring_slots, config.relay_ring_slot_kib) == (64, 1024)
