@@ -52,6 +52,8 @@ test: venv lint typecheck deploy-check
 .PHONY: deploy-check image-tag image
 BUNDLES_DIR ?= build/bundles
 IMAGE_REPO ?= registry.example.com/ml/warmserve
+BASE_IMAGE ?=
+TAG_ARGS := $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE))
 DEPLOY_OUT := build/deploy
 
 # Offline: render the example overlay (kubectl kustomize; deploy/render.py when kubectl is
@@ -72,11 +74,11 @@ build/bundles: | venv
 
 # The immutable tag for BUNDLES_DIR and this source tree: `make -s image-tag`.
 image-tag: venv $(BUNDLES_DIR)
-	@$(PY) deploy/image_tag.py $(BUNDLES_DIR)
+	@$(PY) deploy/image_tag.py $(TAG_ARGS) $(BUNDLES_DIR)
 
 # Prints the docker build command for that tag; it does not run it (no Docker engine here).
 image: venv $(BUNDLES_DIR)
-	@$(PY) deploy/image_tag.py --docker-build --repo $(IMAGE_REPO) $(BUNDLES_DIR)
+	@$(PY) deploy/image_tag.py --docker-build --repo $(IMAGE_REPO) $(TAG_ARGS) $(BUNDLES_DIR)
 
 perf-analyzer:
 	bash benchmarks/install_perf_analyzer.sh

@@ -1,17 +1,19 @@
 """The immutable image tag: ``<warmserve version>-<12 hex>``, so that one tag never names two
 contents.
 
-The 12 hex digits are a SHA-256 over (a) the model folders baked into ``/models`` and (b) the
-build inputs the Dockerfile copies from this repository (server code, protos, pins, the
-Dockerfile itself). Each tree is hashed over its files in sorted relative-path order: the path,
-the byte length and the bytes of every file; file times, creation order and permissions do not
-count. ``__pycache__`` folders and ``*.pyc`` files are left out (deploy/Dockerfile.dockerignore
-keeps them out of the image too). A symbolic link is an error: ``COPY`` would copy the link, not
-what it points at.
+The 12 hex digits are a SHA-256 over (a) the model folders baked into ``/models``, (b) the build
+inputs the Dockerfile copies from this repository (server code, protos, pins, the Dockerfile
+itself) and (c) the base image when ``--base-image`` names another than the Dockerfile's default
+(the default is part of the Dockerfile's bytes already). Each tree is hashed over its files in
+sorted relative-path order: the path, the byte length and the bytes of every file; file times,
+creation order and permissions do not count. ``__pycache__`` folders and ``*.pyc`` files are
+left out (deploy/Dockerfile.dockerignore keeps them out of the image too). A symbolic link is an
+error: ``COPY`` would copy the link, not what it points at.
 
     python deploy/image_tag.py BUNDLES_DIR              # the tag, e.g. 0.1.0-3f9c2a41b7de
     python deploy/image_tag.py --bundles-digest DIR     # sha256 of the model folders alone
     python deploy/image_tag.py --docker-build --repo REGISTRY/warmserve BUNDLES_DIR
+    python deploy/image_tag.py --base-image nvidia/cuda:12.8.1-...@sha256:... BUNDLES_DIR
 
 ``--docker-build`` prints the ``docker build`` command for that tag; it does not run it. The
 Dockerfile recomputes the bundles digest inside the build and fails when it differs from the one
@@ -47,6 +49,7 @@ SOURCE_PATHS = (
     "serve",
 )
 SOURCE_EXCLUDED = ("serve/frontend/pb",)
+DOCKERFILE = "deploy/Dockerfile"
 
 
 class TagError(Exception):
@@ -103,12 +106,30 @@ def source_digest(repo_root: Path = REPO_ROOT) -> str:
     return digest_entries(sorted(entries))
 
 
-def image_tag(version: str, bundles_digest: str, build_digest: str | None = None) -> str:
-    """``version-<12 hex>`` over the bundles digest and, when given, the build-input digest."""
+def default_base_image(repo_root: Path = REPO_ROOT) -> str:
+    """The Dockerfile's ``ARG BASE_IMAGE=...`` default."""
+    dockerfile = repo_root / DOCKERFILE
+    for line in dockerfile.read_text().splitlines():
+        name, _, value = line.removeprefix("ARG ").partition("=")
+        if line.startswith("ARG ") and name.strip() == "BASE_IMAGE" and value.strip():
+            return value.strip()
+    raise TagError(f"{dockerfile} has no ARG BASE_IMAGE=<default>")
+
+
+def image_tag(
+    version: str,
+    bundles_digest: str,
+    build_digest: str | None = None,
+    base_image: str | None = None,
+) -> str:
+    """``version-<12 hex>`` over the bundles digest and, when given, the build-input digest and
+    a base image other than the Dockerfile's default."""
     sha = hashlib.sha256(TAG_SCHEME)
     sha.update(b"\0" + version.encode() + b"\0" + bundles_digest.encode())
     if build_digest is not None:
         sha.update(b"\0" + build_digest.encode())
+    if base_image is not None:
+        sha.update(b"\0base\0" + base_image.encode())
     return f"{version}-{sha.hexdigest()[:HEX_LENGTH]}"
 
 
@@ -119,7 +140,11 @@ def server_version() -> str:
     return __version__
 
 
-def docker_build_command(repo: str, tag: str, bundles: Path, bundles_digest: str) -> str:
+def docker_build_command(
+    repo: str, tag: str, bundles: Path, bundles_digest: str, base_image: str | None = None
+) -> str:
+    """The ``docker build`` command for ``tag``; ``base_image``: the one the tag was computed
+    with, when it is not the Dockerfile's default."""
     try:
         context_relative = bundles.resolve().relative_to(REPO_ROOT).as_posix()
     except ValueError:
@@ -127,12 +152,14 @@ def docker_build_command(repo: str, tag: str, bundles: Path, bundles_digest: str
             f"{bundles} lies outside the build context {REPO_ROOT}; copy the model folders "
             "under it (for example build/bundles) first"
         ) from None
+    base = ["--build-arg", f"BASE_IMAGE={base_image}"] if base_image is not None else []
     return shlex.join(
         [
             "docker",
             "build",
             "-f",
-            "deploy/Dockerfile",
+            DOCKERFILE,
+            *base,
             "--build-arg",
             f"BUNDLES_DIR={context_relative}",
             "--build-arg",
@@ -154,15 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--docker-build", action="store_true", help="print the docker command")
     parser.add_argument("--repo", default="warmserve", help="image repository for --docker-build")
     parser.add_argument("--version", help="override the warmserve version (serve.__version__)")
+    parser.add_argument(
+        "--base-image",
+        help="the BASE_IMAGE build argument, when not the Dockerfile's default (part of the tag)",
+    )
     args = parser.parse_args(argv)
     try:
         bundles = tree_digest(args.bundles)
         if args.bundles_digest:
             print(bundles)
             return 0
-        tag = image_tag(args.version or server_version(), bundles, source_digest())
+        base = args.base_image or None
+        if base == default_base_image():
+            base = None  # already hashed: it is in the Dockerfile's bytes
+        tag = image_tag(args.version or server_version(), bundles, source_digest(), base)
         if args.docker_build:
-            print(docker_build_command(args.repo, tag, args.bundles, bundles))
+            print(docker_build_command(args.repo, tag, args.bundles, bundles, base))
             print(f"# not run here (no Docker engine); then: docker push {args.repo}:{tag}")
         else:
             print(tag)

@@ -140,3 +140,31 @@ def test_the_docker_command_names_the_tag_the_digest_and_the_bundles():
 
 def test_the_build_inputs_exist_and_hash(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{64}", image_tag.source_digest())
+
+
+def test_another_base_image_gives_another_tag_and_the_command_builds_on_it(tmp_path, capsys):
+    bundles = write_tree(tmp_path, FILES)
+    default = image_tag.default_base_image()
+    assert default.startswith("nvidia/cuda:")
+    assert image_tag.main([str(bundles)]) == 0
+    plain = capsys.readouterr().out.strip()
+    # the Dockerfile's own default is already in the hashed Dockerfile: the same tag
+    assert image_tag.main(["--base-image", default, str(bundles)]) == 0
+    assert capsys.readouterr().out.strip() == plain
+    cuda12 = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04"
+    assert image_tag.main(["--base-image", cuda12, str(bundles)]) == 0
+    other = capsys.readouterr().out.strip()
+    assert other != plain and other.split("-")[0] == plain.split("-")[0]
+    command = image_tag.docker_build_command(
+        "r/warmserve", other, ROOT / "build/bundles", "d" * 64, cuda12
+    )
+    assert f"--build-arg BASE_IMAGE={cuda12} " in command and command.endswith(
+        f"r/warmserve:{other} ."
+    )
+
+
+def test_a_dockerfile_without_a_default_base_image_is_refused(tmp_path):
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy/Dockerfile").write_text("ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\n")
+    with pytest.raises(image_tag.TagError, match="no ARG BASE_IMAGE"):
+        image_tag.default_base_image(tmp_path)
