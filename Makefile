@@ -7,6 +7,9 @@ CONSTRAINTS := requirements/constraints.txt
 PB_DIR := serve/frontend/pb
 PROTOS := $(wildcard protos/*.proto)
 STAMP := $(VENV)/.installed
+# Extra pip options for the environment, e.g. where PyPI's Linux torch wheel would be the CUDA
+# build (several GB): PIP_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu'
+PIP_ARGS ?=
 
 .PHONY: serve test venv protos lint typecheck unit integration bench bench-quick peers perf-analyzer clean
 
@@ -14,7 +17,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[cpu,torch,dev,bench]'
+	$(PIP) install --quiet $(PIP_ARGS) -c $(CONSTRAINTS) -e '.[cpu,torch,dev,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP) protos
