@@ -29,7 +29,9 @@ async def serve(config: Config) -> int:
     sources, _refused = scan(Path(config.repository), Path(config.cache_dir) / "bundles")
     if not sources:
         log.warning("no models in %s: the server will never be ready", config.repository)
-    runtime = Runtime(sources, log_level=config.server.log_level)
+    runtime = Runtime(
+        sources, log_level=config.server.log_level, require_gpu=config.server.require_gpu
+    )
     control = ModelControl(
         runtime, config.server, Path(config.repository), Path(config.cache_dir) / "bundles"
     )

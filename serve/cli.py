@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="allow repository load/unload RPCs (rollouts and rollbacks)",
     )
+    serve.add_argument(
+        "--require-gpu",
+        action="store_true",
+        default=None,
+        help='models with device "auto" must run on CUDA; a worker on CPU fails its start',
+    )
     demo = commands.add_parser("demo", help="write the built-in demo models to a folder")
     demo.add_argument("directory")
     demo.add_argument(
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             max_message_bytes=args.max_message_bytes,
             grace_period_s=args.grace_period,
             log_level=args.log_level,
+            require_gpu=args.require_gpu,
             frontends=args.frontends,
         )
         logging.basicConfig(

@@ -45,7 +45,7 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workers: int = 1
     max_inflight_per_worker: int = 2  # batches queued on one worker (hides the IPC round trip)
     startup_timeout_s: float = 300.0  # spawn → warm; a worker slower than this is killed
-    threads: int = 0  # intra-op threads per worker; 0 = cores / workers
+    threads: int = 0  # intra-op threads per worker; 0 = available CPUs / workers (serve/cpus.py)
     shm_slot_bytes: int = 0  # shared memory per in-flight batch and direction; 0 = derived
     # "template": fork workers from a process that has imported the framework (fast
     # replacement); "spawn": a fresh interpreter per worker
@@ -127,6 +127,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rollout_watch_s: float = 30.0  # after a switch, a failing new version is rolled back
     keep_previous_s: float = 60.0  # the previous version stays warm this long (instant rollback)
     log_level: str = "INFO"
+    # Every model whose device is "auto" must run on CUDA: a worker that would fall back to the
+    # CPU (no GPU, no CUDA provider, a broken driver) fails its start. "cpu" models stay on CPU.
+    require_gpu: bool = False
     # Processes that terminate gRPC on the port (relays sharing it with SO_REUSEPORT) and pass
     # each call to this process, which batches and serves them all. 1: this process alone.
     frontends: int = 1
@@ -229,6 +232,7 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
         "max_message_bytes": "WARMSERVE_MAX_MESSAGE_BYTES",
         "grace_period_s": "WARMSERVE_GRACE_PERIOD_S",
         "log_level": "WARMSERVE_LOG_LEVEL",
+        "require_gpu": "WARMSERVE_REQUIRE_GPU",
         "frontends": "WARMSERVE_FRONTENDS",
         "relay_ring_slots": "WARMSERVE_RELAY_RING_SLOTS",
         "relay_ring_slot_kib": "WARMSERVE_RELAY_RING_SLOT_KIB",

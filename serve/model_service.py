@@ -54,6 +54,7 @@ class ModelService:
         config: ModelConfig,
         *,
         log_level: str = "INFO",
+        require_gpu: bool = False,
         on_change: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
         bundle_id: str = "",
@@ -68,7 +69,11 @@ class ModelService:
         self.reason = "loading"
         self._notify = on_change or (lambda: None)
         self.pool = WorkerPool(
-            config, log_level=log_level, on_change=self._pool_changed, bundle_id=bundle_id
+            config,
+            log_level=log_level,
+            require_gpu=require_gpu,
+            on_change=self._pool_changed,
+            bundle_id=bundle_id,
         )
         self.batcher = DynamicBatcher(
             config.name,

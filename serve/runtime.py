@@ -53,10 +53,12 @@ class Runtime:
         models: Sequence[ModelSource | ModelConfig],
         *,
         log_level: str = "INFO",
+        require_gpu: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self._log_level = log_level
+        self._require_gpu = require_gpu  # every "auto" model must get a GPU (ServerConfig)
         self._listeners: list[Callable[[], None]] = []
         self._entries: dict[str, ModelEntry] = {}
         # Model control: one change at a time per model, each run as a task of this runtime's,
@@ -74,6 +76,7 @@ class Runtime:
         return ModelService(
             source.model,
             log_level=self._log_level,
+            require_gpu=self._require_gpu,
             on_change=self._changed,
             metrics=self.metrics,
             bundle_id=source.bundle_id,

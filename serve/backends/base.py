@@ -69,19 +69,45 @@ def sample_inputs(model: ModelConfig, rows: int | None, seed: int = 0) -> Arrays
     return sample_arrays([(s.name, s.datatype, s.shape) for s in model.inputs], rows, seed)
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The CUDA device a model must run on is not there (no device, no CUDA provider, or the
+    provider failed to initialise). The worker's start fails: it never runs on CPU instead."""
+
+
 def resolve_device(requested: str, cuda_available: bool) -> str:
+    """``auto``: the first GPU when there is one, else the CPU. ``cpu`` and ``cuda:N`` stand:
+    a backend refuses ``cuda:N`` it cannot have (DeviceUnavailableError)."""
     if requested == "auto":
         return "cuda:0" if cuda_available else "cpu"
     return requested
 
 
 def load_backend(
-    model: ModelConfig, device: str, threads: int, build_model: Any | None = None
+    model: ModelConfig,
+    device: str,
+    threads: int,
+    build_model: Any | None = None,
+    *,
+    require_gpu: bool = False,
 ) -> Backend:
     """Construct and load the backend the model config names (imports its framework now).
 
     ``build_model`` (from the model's process module) builds a torch module from safetensors
-    weights."""
+    weights. With ``require_gpu`` (the server's WARMSERVE_REQUIRE_GPU) device ``auto`` must be
+    CUDA: the backend is asked for ``cuda:0``, what ``auto`` picks when there is a GPU, and
+    refuses it loudly when there is none."""
+    if require_gpu and device == "auto":
+        try:
+            return _load(model, "cuda:0", threads, build_model)
+        except DeviceUnavailableError as exc:
+            raise DeviceUnavailableError(
+                f"model {model.name!r} must run on a GPU (WARMSERVE_REQUIRE_GPU is set and its "
+                f"device is 'auto'), but {exc}"
+            ) from None
+    return _load(model, device, threads, build_model)
+
+
+def _load(model: ModelConfig, device: str, threads: int, build_model: Any | None) -> Backend:
     if model.backend == "onnx":
         from serve.backends.onnx import OnnxBackend
 

@@ -1,35 +1,46 @@
-"""ONNX Runtime backend: CUDA execution provider where present, CPU otherwise."""
+"""ONNX Runtime backend: the CUDA execution provider for a CUDA device, else the CPU's.
+
+A CUDA device (``cuda:N``, or ``auto`` on a build with the CUDA provider) is CUDA or nothing:
+onnxruntime quietly runs a session on CPU when the CUDA provider is missing or fails to start (a
+broken driver), and a GPU pod would serve, ready, many times slower. The load fails instead."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from serve.backends.base import Arrays, Backend, resolve_device
+from serve.backends.base import Arrays, Backend, DeviceUnavailableError, resolve_device
 from serve.config import ModelConfig
-
-log = logging.getLogger(__name__)
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 def choose_providers(device: str, available: list[str]) -> tuple[str, list[Any]]:
-    """The device actually used and the provider list for it; CPU when CUDA's is not installed."""
+    """The device used and the provider list for it (``auto``: CUDA when its provider is
+    installed, else CPU). A CUDA device without the CUDA provider raises DeviceUnavailableError."""
     device = resolve_device(device, CUDA_PROVIDER in available)
-    if device.startswith("cuda"):
-        if CUDA_PROVIDER in available:
-            index = int(device.partition(":")[2] or 0)
-            return device, [(CUDA_PROVIDER, {"device_id": index}), "CPUExecutionProvider"]
-        log.warning(
-            "device %s requested but this onnxruntime has no %s (providers: %s); running on CPU",
-            device,
-            CUDA_PROVIDER,
-            ", ".join(available),
+    if not device.startswith("cuda"):
+        return "cpu", ["CPUExecutionProvider"]
+    if CUDA_PROVIDER not in available:
+        raise DeviceUnavailableError(
+            f"device {device} is not available: this onnxruntime has no {CUDA_PROVIDER} "
+            f"(its providers: {', '.join(available)}); install onnxruntime-gpu"
         )
-    return "cpu", ["CPUExecutionProvider"]
+    index = int(device.partition(":")[2] or 0)
+    return device, [(CUDA_PROVIDER, {"device_id": index}), "CPUExecutionProvider"]
+
+
+def check_session_device(device: str, session_providers: list[str]) -> None:
+    """Raise DeviceUnavailableError when a session meant for CUDA got no CUDA provider:
+    onnxruntime falls back to CPU (with only a log line) when the provider fails to start."""
+    if device.startswith("cuda") and CUDA_PROVIDER not in session_providers:
+        raise DeviceUnavailableError(
+            f"device {device} is not available: onnxruntime's {CUDA_PROVIDER} did not start "
+            f"(a driver or CUDA library problem; onnxruntime logged why) and the session would "
+            f"run on {', '.join(session_providers)}"
+        )
 
 
 class OnnxBackend(Backend):
@@ -46,6 +57,7 @@ class OnnxBackend(Backend):
         # Spinning threads burn cores that other workers and the front end need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(model.model_path), options, providers=providers)
+        check_session_device(device, self._session.get_providers())
         graph_inputs = {i.name for i in self._session.get_inputs()}
         graph_outputs = {o.name for o in self._session.get_outputs()}
         input_names = list(model.model_inputs) or [s.name for s in model.inputs]

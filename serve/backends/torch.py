@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from serve.backends.base import Arrays, Backend, resolve_device
+from serve.backends.base import Arrays, Backend, DeviceUnavailableError, resolve_device
 from serve.config import ModelConfig
 from serve.protocol.datatypes import Datatype
 
@@ -87,7 +87,9 @@ class TorchBackend(Backend):
         self._build_model = build_model
         device = resolve_device(device, torch.cuda.is_available())
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device} requested but torch sees no CUDA device")
+            raise DeviceUnavailableError(
+                f"device {device} is not available: torch sees no CUDA device"
+            )
         super().__init__(model, device, threads)
         torch.set_num_threads(threads)
         if not model.process and any(

@@ -43,6 +43,7 @@ class Init(msgspec.Struct, frozen=True, tag=True):
     slot_bytes: int
     fixed_shapes: bool | None
     bundle_id: str = ""  # verify the model's directory against this id before loading
+    require_gpu: bool = False  # device "auto" must resolve to CUDA (WARMSERVE_REQUIRE_GPU)
 
 
 class RunBatch(msgspec.Struct, frozen=True, tag=True):

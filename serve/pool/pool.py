@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from serve.batching import BatchResult
 from serve.batching.batcher import BatchCallback
 from serve.batching.merge import Array
 from serve.config import ModelConfig
+from serve.cpus import available_cpus
 from serve.errors import ModelNotReadyError
 from serve.pool.template import TemplateError, WorkerTemplate
 from serve.pool.worker_handle import WorkerHandle, WorkerSettings, WorkerState
@@ -80,14 +80,17 @@ class WorkerPool:
         model: ModelConfig,
         *,
         log_level: str = "INFO",
+        require_gpu: bool = False,
         on_change: Callable[[], None] | None = None,
         bundle_id: str = "",
     ) -> None:
         self.model = model
         self.target = model.pool.workers
-        threads = model.pool.threads or max(1, (os.cpu_count() or 1) // model.pool.workers)
+        # the CPUs this process may use (affinity, the container's CPU limit), not the node's
+        threads = model.pool.threads or max(1, available_cpus() // model.pool.workers)
         self._settings = WorkerSettings(
             device=model.device,
+            require_gpu=require_gpu,
             threads=threads,
             slots=model.pool.max_inflight_per_worker,
             slot_bytes=slot_bytes_for(model),
@@ -109,6 +112,11 @@ class WorkerPool:
         self._states: dict[str, tuple[WorkerState, bool]] = {}
         self._retire_scheduled: set[WorkerHandle] = set()
         self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def settings(self) -> WorkerSettings:
+        """What each worker of this pool starts with (device, intra-op threads, slots)."""
+        return self._settings
 
     @property
     def workers(self) -> list[WorkerHandle]:

@@ -49,7 +49,7 @@ class WorkerState(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    device: str
+    device: str  # the model's: "auto", "cpu" or "cuda:N"
     threads: int
     slots: int
     slot_bytes: int
@@ -58,6 +58,7 @@ class WorkerSettings:
     stop_timeout_s: float = 10.0
     log_level: str = "INFO"
     bundle_id: str = ""  # the worker verifies the bundle against it before loading anything
+    require_gpu: bool = False  # device "auto" must resolve to CUDA, else the start fails
 
 
 @dataclass(slots=True)
@@ -167,6 +168,7 @@ class WorkerHandle:
                 self.settings.slot_bytes,
                 self.model.batching.pad_to_bucket,
                 self.settings.bundle_id,
+                self.settings.require_gpu,
             )
         )
         started = time.monotonic()

@@ -97,7 +97,11 @@ class Worker:
         module = f"warmserve_bundle_{(init.bundle_id or 'source')[:12]}_{self.model.name}"
         self.processing = Processing(self.model, module)
         self.backend = load_backend(
-            self.model, init.device, init.threads, self.processing.build_model
+            self.model,
+            init.device,
+            init.threads,
+            self.processing.build_model,
+            require_gpu=init.require_gpu,
         )
         self.load_s = time.monotonic() - start
         fixed = init.fixed_shapes if init.fixed_shapes is not None else self.backend.fixed_shapes

@@ -81,3 +81,38 @@ def test_frontends_must_be_at_least_one():
 def test_frontends_come_from_env(monkeypatch):
     monkeypatch.setenv("WARMSERVE_FRONTENDS", "4")
     assert server_config_from_env().frontends == 4
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False), ("true", True)])
+def test_require_gpu_comes_from_env(monkeypatch, value, expected):
+    monkeypatch.setenv("WARMSERVE_REQUIRE_GPU", value)
+    assert server_config_from_env().require_gpu is expected
+
+
+def test_require_gpu_is_off_by_default_and_a_flag_wins_over_env(monkeypatch):
+    monkeypatch.delenv("WARMSERVE_REQUIRE_GPU", raising=False)
+    assert server_config_from_env().require_gpu is False
+    monkeypatch.setenv("WARMSERVE_REQUIRE_GPU", "0")
+    assert server_config_from_env(require_gpu=True).require_gpu is True
+
+
+def test_a_require_gpu_that_is_not_a_bool_is_refused(monkeypatch):
+    monkeypatch.setenv("WARMSERVE_REQUIRE_GPU", "sometimes")
+    with pytest.raises(ConfigError, match="require_gpu"):
+        server_config_from_env()
+
+
+def test_the_require_gpu_flag_reaches_the_server_config(monkeypatch):
+    from serve import cli
+
+    monkeypatch.setenv("WARMSERVE_REQUIRE_GPU", "0")
+    seen: list[bool] = []
+
+    def stop_at_the_config(**values):
+        seen.append(values["require_gpu"])
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(cli, "server_config_from_env", stop_at_the_config)
+    assert cli.main(["serve", "--require-gpu"]) == 2
+    assert cli.main(["serve"]) == 2
+    assert seen == [True, None]  # None: the environment decides

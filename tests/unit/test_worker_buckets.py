@@ -52,7 +52,7 @@ def test_the_default_bucket_run_pads_with_the_last_row_and_keeps_the_rows_first(
 @pytest.fixture
 def worker(monkeypatch):
     backend = Doubling()
-    monkeypatch.setattr(serve.backends, "load_backend", lambda *args: backend)
+    monkeypatch.setattr(serve.backends, "load_backend", lambda *args, **kwargs: backend)
     in_fd, out_fd = create_memfd("in", 1 << 20), create_memfd("out", 1 << 20)
     init = Init(IPC_VERSION, _model(), "m#1", "cpu", 1, 1, 1 << 20, None)
     worker = Worker(None, init, in_fd, out_fd)  # type: ignore[arg-type]

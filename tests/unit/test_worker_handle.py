@@ -64,7 +64,7 @@ def test_the_worker_turns_a_fatal_backend_error_into_a_fatal_for_that_batch(monk
         def pin_host_memory(self, address, size):
             return False
 
-    monkeypatch.setattr(serve.backends, "load_backend", lambda *args: Poisoned())
+    monkeypatch.setattr(serve.backends, "load_backend", lambda *args, **kwargs: Poisoned())
     in_fd, out_fd = create_memfd("in", 1 << 20), create_memfd("out", 1 << 20)
     model = _model()
     init = Init(IPC_VERSION, model, "m#1", "cuda:0", 1, 1, 1 << 20, None)
