@@ -8,14 +8,30 @@ import signal
 from pathlib import Path
 
 from serve.bundles.repository import scan
-from serve.config import Config
+from serve.config import Config, ServerConfig
 from serve.control import ModelControl
 from serve.frontend.http_health import HttpHealth
 from serve.frontend.server import GrpcFrontend
+from serve.pool import template, worker_handle
 from serve.runtime import Runtime
-from serve.supervisor import RelayPort
+from serve.supervisor import STOP_MARGIN_S, RelayPort
 
 log = logging.getLogger(__name__)
+
+
+def shutdown_budget_s(server: ServerConfig) -> float:
+    """The longest SIGTERM → exit can take: the drain delay, the grace period for calls in flight
+    (+ the relays' margin before they are killed), then the workers' stop timeout (all at once;
+    running batches are not waited for, their callers are gone) and the worker template's.
+    A pod's terminationGracePeriodSeconds must exceed it (tests/unit/test_deploy.py checks)."""
+    relays = STOP_MARGIN_S if server.frontends > 1 else 0.0
+    return (
+        server.drain_delay_s
+        + server.grace_period_s
+        + relays
+        + worker_handle.STOP_TIMEOUT_S
+        + template.STOP_TIMEOUT_S
+    )
 
 
 async def serve(config: Config) -> int:
@@ -61,7 +77,11 @@ async def serve(config: Config) -> int:
         await stop.wait()
     finally:
         grace = config.server.grace_period_s
-        log.info("shutting down: refusing new calls, in-flight calls get %.1f s", grace)
+        log.info(
+            "shutting down within %.0f s: in-flight calls get %.1f s",
+            shutdown_budget_s(config.server),
+            grace,
+        )
         frontend.begin_drain()
         if config.server.drain_delay_s > 0:
             log.info("readiness is NOT_SERVING; draining for %.1f s", config.server.drain_delay_s)

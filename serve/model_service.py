@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve.batching import BatchResult, DynamicBatcher
+from serve.batching.batcher import STOP_WAIT_S
 from serve.batching.merge import Array
 from serve.config import ModelConfig, TensorSpec
 from serve.errors import InvalidInputError, ModelNotReadyError, ServeError
@@ -167,13 +168,15 @@ class ModelService:
             log.warning(
                 "model %s version %s: drain timed out", self.config.name, self.config.version
             )
-        await self.stop()
+        await self.stop(batch_wait_s=0)  # the drain was the wait
 
-    async def stop(self) -> None:
+    async def stop(self, batch_wait_s: float = STOP_WAIT_S) -> None:
+        """Stop taking requests (queued ones fail UNAVAILABLE), wait up to ``batch_wait_s`` for
+        running batches, then stop the workers."""
         self.state = ModelState.UNAVAILABLE
         self.reason = "stopped"
         await self.controller.stop()
-        await self.batcher.stop()
+        await self.batcher.stop(batch_wait_s)
         await self.pool.stop()
         self._notify()
 

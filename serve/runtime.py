@@ -111,6 +111,8 @@ class Runtime:
         self._changed()
 
     async def stop(self) -> None:
+        """The server stops: its calls are answered or cancelled already (the gRPC grace period
+        is over), so running batches are not waited for; workers get their stop timeout."""
         for task in list(self._control_tasks):
             task.cancel()
         await asyncio.gather(*self._control_tasks, return_exceptions=True)
@@ -118,7 +120,9 @@ class Runtime:
             for task in list(entry.tasks):
                 task.cancel()
             await asyncio.gather(*entry.tasks, return_exceptions=True)
-        await asyncio.gather(*(s.stop() for s in self.services()), return_exceptions=True)
+        await asyncio.gather(
+            *(s.stop(batch_wait_s=0) for s in self.services()), return_exceptions=True
+        )
 
     @property
     def live(self) -> bool:
@@ -361,5 +365,5 @@ async def _drain_removed(service: ModelService) -> None:
     try:
         await service.drain()
     except asyncio.CancelledError:
-        await service.stop()
+        await service.stop(batch_wait_s=0)
         raise

@@ -214,9 +214,10 @@ class DynamicBatcher:
         self._running = True
         self._executor.on_slot_free(self._kick)
 
-    async def stop(self) -> None:
-        """Stop dispatching; fail what is still queued; wait for batches already running (they
-        end with their reply, or with WorkerLostError when the pool stops their worker)."""
+    async def stop(self, wait_s: float = STOP_WAIT_S) -> None:
+        """Stop dispatching; fail what is still queued; wait up to ``wait_s`` for batches already
+        running (they end with their reply, or with WorkerLostError when the pool stops their
+        worker). 0 when nobody waits for them any more (the server's grace period is over)."""
         self._running = False
         if self._flush_handle is not None:
             self._flush_handle.cancel()
@@ -224,15 +225,24 @@ class DynamicBatcher:
         self._fail_queue(
             ModelNotReadyError(f"model {self._name!r} is shutting down")
         )  # UNAVAILABLE
+        if self._idle.is_set():
+            return
+        if wait_s <= 0:
+            log.info(
+                "model %s: %d batches still running at stop; their workers are stopped with them",
+                self._name,
+                len(self._inflight),
+            )
+            return
         try:
-            async with asyncio.timeout(STOP_WAIT_S):
+            async with asyncio.timeout(wait_s):
                 await self._idle.wait()
         except TimeoutError:
             log.warning(
                 "model %s: %d batches still running %g s after stop; leaving them to the pool",
                 self._name,
                 len(self._inflight),
-                STOP_WAIT_S,
+                wait_s,
             )
 
     async def drain(self) -> None:

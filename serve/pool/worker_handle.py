@@ -47,6 +47,9 @@ class WorkerState(enum.Enum):
     DEAD = "dead"
 
 
+STOP_TIMEOUT_S = 10.0  # a stopping worker that has not exited by then is killed
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     device: str  # the model's: "auto", "cpu" or "cuda:N"
@@ -55,7 +58,7 @@ class WorkerSettings:
     slot_bytes: int
     startup_timeout_s: float
     watchdog_s: float = 30.0
-    stop_timeout_s: float = 10.0
+    stop_timeout_s: float = STOP_TIMEOUT_S
     log_level: str = "INFO"
     bundle_id: str = ""  # the worker verifies the bundle against it before loading anything
     require_gpu: bool = False  # device "auto" must resolve to CUDA, else the start fails

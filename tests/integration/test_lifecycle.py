@@ -172,3 +172,38 @@ def test_sigterm_with_a_drain_delay_goes_not_serving_first_and_keeps_serving(tmp
     finally:
         server.process.kill()  # not waiting out the 30 s drain
         server.stop()
+
+
+def test_sigterm_with_a_batch_that_outlasts_the_grace_period_exits_within_the_budget(
+    tmp_path, small_repository
+):
+    # A batch that will not finish (a hung GPU, say) must not hold the shutdown past the
+    # server's budget: its caller is cancelled after the grace period and its worker is stopped
+    # (killed after the stop timeout). The kubelet's SIGKILL comes at the budget + 10 s.
+    from serve.app import shutdown_budget_s
+    from serve.config import ServerConfig
+
+    server = ServerProcess(
+        tmp_path / "server.log",
+        small_repository,
+        args=("--grace-period", "1", "--log-level", "DEBUG"),
+    )
+    try:
+        server.wait_ready()
+        results: queue.Queue = queue.Queue()
+        server.client.async_infer(
+            "spin", spin_inputs(10**9), lambda result, error: results.put((result, error))
+        )
+        server.wait_for_log("model spin: dispatching")
+        server.terminate()
+        # (a timeout, not a timing: before the fix the batcher held the shutdown for 60 s)
+        server.process.wait(shutdown_budget_s(ServerConfig(grace_period_s=1.0)) + 5)
+        assert server.process.returncode == 0
+        _, error = results.get(timeout=10)
+        assert error is not None  # the call was cancelled, not left hanging
+        log = server.log()
+        assert "shutting down within 16 s" in log
+        assert "model spin: 1 batches still running at stop" in log
+        assert "did not exit within 10 s; killing it" in log
+    finally:
+        server.stop()

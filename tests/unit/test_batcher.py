@@ -325,6 +325,29 @@ def test_stop_fails_queued_requests_and_waits_for_running_batches():
     assert run(main())[0].tolist() == [[2.0]]
 
 
+def test_stop_without_a_wait_leaves_running_batches_to_the_pool():
+    # the server's grace period is over: nobody waits for a running batch, so stop() must not
+    # hold the shutdown up for it (its worker is stopped next)
+    async def main():
+        pool = FakePool()
+        pool.gate.clear()
+        batcher = make(pool, max_batch_size=1)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
+        await pool.started.wait()
+        queued = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
+        while batcher.queue_depth < 1:
+            await asyncio.sleep(0)
+        await batcher.stop(wait_s=0)
+        assert batcher.inflight_batches == 1 and not running.done()
+        with pytest.raises(ModelNotReadyError, match="shutting down"):
+            await queued
+        pool.gate.set()
+        return await running
+
+    assert run(main())[0].tolist() == [[2.0]]
+
+
 def _loaded(batcher: DynamicBatcher) -> None:
     """Make the batcher see a saturated event loop (its thread busy all the time)."""
     batcher._load.busy = 1.0
