@@ -27,9 +27,11 @@ import pytest
 import yaml
 
 from serve import __version__
+from serve.app import shutdown_budget_s
 from serve.config import (
     LIVENESS_SERVICE,
     READINESS_SERVICE,
+    PoolConfig,
     ServerConfig,
     cache_dir_from_env,
     default_repository_from_env,
@@ -44,14 +46,10 @@ OVERLAY = K8S / "overlays" / "example"
 TARGETS = {"base": K8S / "base", "overlay": OVERLAY}
 K8S_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 
-# Stopping the workers after the grace period: each worker gets 10 s to exit before it is killed
-# (WorkerSettings.stop_timeout_s, all workers in parallel), then the worker template 5 s
-# (pool/template.py STOP_TIMEOUT_S).
-WORKER_STOP_S = 15.0
-# A GPU ResNet-50 worker is ~19 s from process start to fully warm on a fresh machine
-# (MEASURED.md); a startup budget under 3× that kills pods that are only slow.
-MEASURED_COLD_START_S = 19.0
-STARTUP_FLOOR_S = 3 * MEASURED_COLD_START_S
+# Beyond the server's own shutdown budget, before the kubelet's SIGKILL (process exit, logs).
+SHUTDOWN_MARGIN_S = 5.0
+# Beyond a worker's startup timeout: server start and the first probe.
+STARTUP_MARGIN_S = 15.0
 HEALTH_SERVICES = {LIVENESS_SERVICE, READINESS_SERVICE, ""}
 # flag → ServerConfig field, for flags a manifest may pass in command/args (flags win over env)
 FLAGS = {
@@ -210,12 +208,13 @@ def check_deployment(objects: list[Obj]) -> list[str]:
             )
     if config.health_port <= 0:
         found.append("the health port is off (WARMSERVE_HEALTH_PORT / --health-port)")
-    needed = config.drain_delay_s + config.grace_period_s + WORKER_STOP_S
+    needed = shutdown_budget_s(config) + SHUTDOWN_MARGIN_S
     grace = pod.get("terminationGracePeriodSeconds", 30)
     if grace < needed:
         found.append(
-            f"terminationGracePeriodSeconds {grace} < drain delay {config.drain_delay_s} + grace "
-            f"period {config.grace_period_s} + worker stop {WORKER_STOP_S} = {needed}"
+            f"terminationGracePeriodSeconds {grace} < the server's shutdown budget "
+            f"{shutdown_budget_s(config):g} s (drain delay {config.drain_delay_s:g} + grace period "
+            f"{config.grace_period_s:g} + stopping workers) + {SHUTDOWN_MARGIN_S:g} s margin"
         )
     for variable in manifest_env(c):
         if variable.startswith("WARMSERVE_") and not read_by_server(variable):
@@ -283,8 +282,13 @@ def check_probes(objects: list[Obj]) -> list[str]:
             found.append(f"{kind} must ask for readiness, not {LIVENESS_SERVICE!r}")
     startup = c.get("startupProbe", {})
     budget = startup.get("failureThreshold", 3) * startup.get("periodSeconds", 10)
-    if budget < STARTUP_FLOOR_S:
-        found.append(f"startup budget {budget} s < {STARTUP_FLOOR_S} s (3× measured cold start)")
+    floor = PoolConfig().startup_timeout_s + STARTUP_MARGIN_S
+    if budget < floor:
+        found.append(
+            f"startup budget {budget} s < {floor:g} s (a worker's startup timeout "
+            f"{PoolConfig().startup_timeout_s:g} s + {STARTUP_MARGIN_S:g} s): the kubelet would "
+            "restart a pod whose worker is only slow before the server gives up on it"
+        )
     deadline = deployment["spec"].get("progressDeadlineSeconds", 600)
     if deadline <= budget:
         found.append(f"progressDeadlineSeconds {deadline} <= startup budget {budget} s")
@@ -304,8 +308,11 @@ def check_autoscaling(objects: list[Obj]) -> list[str]:
     if (ref["kind"], ref["name"]) != ("Deployment", deployment["metadata"]["name"]):
         found.append(f"HPA scales {ref['kind']}/{ref['name']}, not the Deployment")
     replicas = deployment["spec"].get("replicas")
-    if replicas is not None and not low <= replicas <= high:
-        found.append(f"Deployment replicas {replicas} outside the HPA's [{low}, {high}]")
+    if replicas is not None:
+        found.append(
+            f"Deployment sets replicas: {replicas} while the HPA owns the count: every apply "
+            "would reset a scaled-up Deployment to it"
+        )
     for metric in hpa["spec"].get("metrics", []):
         if metric["type"] == "Pods" and not exported_by_server(metric["pods"]["metric"]["name"]):
             found.append(f"HPA metric {metric['pods']['metric']['name']} is not exported")
@@ -313,8 +320,13 @@ def check_autoscaling(objects: list[Obj]) -> list[str]:
     spec = pdb["spec"]
     if ("minAvailable" in spec) == ("maxUnavailable" in spec):
         found.append("PodDisruptionBudget must set exactly one of minAvailable, maxUnavailable")
-    if isinstance(spec.get("minAvailable"), int) and spec["minAvailable"] >= low:
-        found.append(f"PDB minAvailable {spec['minAvailable']} >= minReplicas {low}: drains block")
+    if "maxUnavailable" not in spec:
+        found.append(
+            f"PDB minAvailable {spec.get('minAvailable')}: with the HPA's replica count changing, "
+            "only maxUnavailable bounds how many pods a drain takes at once"
+        )
+    elif spec["maxUnavailable"] != 1:
+        found.append(f"PDB maxUnavailable {spec['maxUnavailable']}: a drain takes more than 1 pod")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     if not _selects(spec["selector"]["matchLabels"], labels):
         found.append("PodDisruptionBudget selector does not select the pods")
@@ -504,8 +516,30 @@ MUTATIONS: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
         "> maxReplicas",
     ),
     "PDB with both bounds": (
-        lambda o: one(o, "PodDisruptionBudget")["spec"].update(maxUnavailable=1),
+        lambda o: one(o, "PodDisruptionBudget")["spec"].update(minAvailable=1),
         "exactly one of minAvailable",
+    ),
+    "PDB by minAvailable": (
+        lambda o: (
+            one(o, "PodDisruptionBudget")["spec"].pop("maxUnavailable"),
+            one(o, "PodDisruptionBudget")["spec"].update(minAvailable=1),
+        ),
+        "PDB minAvailable 1",
+    ),
+    "PDB lets a drain take half the pods": (
+        lambda o: one(o, "PodDisruptionBudget")["spec"].update(maxUnavailable="50%"),
+        "PDB maxUnavailable 50%",
+    ),
+    "replica count in the manifest": (
+        lambda o: _deployment(o)["spec"].update(replicas=2),
+        "Deployment sets replicas: 2",
+    ),
+    "relays without room to stop": (
+        lambda o: (
+            container(_deployment(o))["env"].append({"name": "WARMSERVE_FRONTENDS", "value": "4"})
+            or _deployment(o)["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=40)
+        ),
+        "terminationGracePeriodSeconds 40 < the server's shutdown budget 40 s",
     ),
     "startup budget too short": (
         lambda o: container(_deployment(o))["startupProbe"].update(failureThreshold=2),
