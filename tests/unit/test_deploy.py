@@ -190,6 +190,12 @@ def check_deployment(objects: list[Obj]) -> list[str]:
     if strategy.get("type") != "RollingUpdate" or unavailable not in (0, "0%"):
         found.append(f"Deployment rolling update must have maxUnavailable 0, has {unavailable!r}")
     config = effective_server_config(c)
+    gpus = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)
+    if gpus and not config.require_gpu:
+        found.append(
+            f"the container takes nvidia.com/gpu: {gpus} without WARMSERVE_REQUIRE_GPU: a pod "
+            "that cannot reach its GPU would serve from the CPU and report ready"
+        )
     ports = named_ports(c)
     defaults = ServerConfig()
     for name, field in (("grpc", "grpc_port"), ("http", "http_port"), ("health", "health_port")):
@@ -544,6 +550,12 @@ MUTATIONS: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
     "startup budget too short": (
         lambda o: container(_deployment(o))["startupProbe"].update(failureThreshold=2),
         "startup budget 10 s",
+    ),
+    "GPU pod allowed to fall back to the CPU": (
+        lambda o: container(_deployment(o))["env"].remove(
+            {"name": "WARMSERVE_REQUIRE_GPU", "value": "1"}
+        ),
+        "without WARMSERVE_REQUIRE_GPU",
     ),
     "writable root filesystem": (
         lambda o: container(_deployment(o))["securityContext"].update(readOnlyRootFilesystem=False),
