@@ -192,6 +192,13 @@ class WorkerPool:
             return None
         return Lease(best, best.reserve())
 
+    async def acquire_next(self, worker: WorkerHandle, timeout_s: float) -> Lease | None:
+        """A lease on ``worker``'s next free slot, ahead of the live batches waiting for one
+        (a probe of a worker whose live batches fail); None if no slot frees within
+        ``timeout_s``. Raises WorkerLostError if the worker dies first."""
+        slot = await worker.next_slot(timeout_s)
+        return None if slot is None else Lease(worker, slot)
+
     def on_slot_free(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever a slot frees or a worker's state changes."""
         self._listeners.append(callback)

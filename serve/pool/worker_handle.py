@@ -73,6 +73,11 @@ class _InFlight:
     write_ns: int  # copying the inputs into shared memory
 
 
+def _settle(future: asyncio.Future[int | None], value: int | None) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 class WorkerHandle:
     def __init__(
         self,
@@ -103,6 +108,12 @@ class WorkerHandle:
         self.probed_ok = False  # passed its latest probe
         self.probe_failures = 0  # consecutive failed probes
         self.last_success = 0.0  # monotonic time of the last successful batch
+        # Batches in a row that failed in the model (execution errors, unreadable outputs; not
+        # invalid input): a success resets it. The controller probes a worker whose count
+        # grows, and the probe (known-good inputs) decides whether the worker is broken.
+        self.failed_in_a_row = 0
+        self.last_batch_error = ""
+        self._slot_waiter: asyncio.Future[int | None] | None = None  # next_slot()'s
         self._ready_future: asyncio.Future[Ready] | None = None
         self._ids = itertools.count()
         self._reaper: asyncio.Task[None] | None = None
@@ -156,7 +167,7 @@ class WorkerHandle:
         log.info("worker %s %s (pid %d)", self.worker_id, how, self._process.pid)
         self._ready_future = loop.create_future()
         _, link = await loop.connect_accepted_socket(
-            lambda: WorkerLink(self._on_message, self._on_lost), sock=ours
+            lambda: WorkerLink(self._on_message, self._on_lost, self.worker_id), sock=ours
         )
         self._link = link
         self._reaper = asyncio.create_task(self._reap(), name=f"reap:{self.worker_id}")
@@ -227,8 +238,40 @@ class WorkerHandle:
         return self._free_slots.pop()
 
     def release(self, slot: int) -> None:
+        waiter = self._slot_waiter
+        if waiter is not None and not waiter.done():  # a probe waits: it goes first
+            self._slot_waiter = None
+            waiter.set_result(slot)
+            return
         self._free_slots.append(slot)
         self._on_slot_free()
+
+    async def next_slot(self, timeout_s: float) -> int | None:
+        """A free slot now, or the next one an answered batch frees, ahead of the live batches
+        waiting for one: a probe of a worker whose live batches fail must not starve behind
+        them. None when no slot frees within ``timeout_s``; WorkerLostError if it dies first."""
+        if self.state is not WorkerState.WARM:
+            raise WorkerLostError(f"worker {self.worker_id} is {self.state.value}")
+        if self._free_slots:
+            return self._free_slots.pop()
+        if self._slot_waiter is not None:
+            raise RuntimeError(f"worker {self.worker_id}: a probe already waits for a slot")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[int | None] = loop.create_future()
+        self._slot_waiter = waiter
+        timer = loop.call_later(timeout_s, _settle, waiter, None)
+        try:
+            return await waiter
+        except BaseException:  # cancelled (the controller stops): a slot handed over goes back
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                slot = waiter.result()
+                if slot is not None:
+                    self.release(slot)
+            raise
+        finally:
+            timer.cancel()
+            if self._slot_waiter is waiter:
+                self._slot_waiter = None
 
     def submit(
         self, slot: int, parts: Sequence[Sequence[Array]], rows: int, done: BatchCallback
@@ -287,13 +330,15 @@ class WorkerHandle:
         self.submit(slot, [inputs], rows, done)
         return await future
 
-    def _answered(self, entry: _InFlight, reply: BatchDone | BatchFailed) -> None:
+    def _answered(self, batch_id: int, entry: _InFlight, reply: BatchDone | BatchFailed) -> None:
         received = time.perf_counter_ns()
         outcome: BatchResult | BaseException
         try:
             if isinstance(reply, BatchFailed):
                 error = InvalidInputError if reply.kind == "invalid_input" else ModelExecutionError
                 outcome = error(f"model {self.model.name!r}: {reply.message}")
+                if error is ModelExecutionError:  # the client's input is not the worker's fault
+                    self._model_failed(reply.message)
             else:
                 arena = self._outputs
                 assert arena is not None
@@ -312,11 +357,35 @@ class WorkerHandle:
                     self.worker_id,
                 )
                 self.last_success = time.monotonic()
+                self.failed_in_a_row = 0
         except Exception as exc:  # unreadable outputs: this batch fails, the worker goes on
             log.exception("worker %s: reading batch outputs failed", self.worker_id)
             outcome = ModelExecutionError(f"model {self.model.name!r}: bad outputs: {exc}")
-        self.release(entry.slot)
-        entry.done(outcome)
+            self._model_failed(f"bad outputs: {exc}")
+        try:
+            self.release(entry.slot)  # (listeners may dispatch the next batch from here)
+        finally:  # whatever they raise (the link logs it), this batch gets its answer
+            self._tell(batch_id, entry, type(reply).__name__, outcome)
+
+    def _model_failed(self, error: str) -> None:
+        self.failed_in_a_row += 1
+        self.last_batch_error = error
+
+    def _tell(
+        self, batch_id: int, entry: _InFlight, cause: str, outcome: BatchResult | BaseException
+    ) -> None:
+        """Hand a batch its outcome. A callback that raises is a bug where it leads (the
+        batcher, say): logged with its traceback, it costs that batch only, never the worker."""
+        try:
+            entry.done(outcome)
+        except Exception:
+            log.exception(
+                "worker %s: the callback of batch %d raised on its %s (%s); the worker goes on",
+                self.worker_id,
+                batch_id,
+                cause,
+                "result" if isinstance(outcome, BatchResult) else type(outcome).__name__,
+            )
 
     def check_watchdog(self, now: float) -> None:
         """Kill the worker if a batch has been out longer than the watchdog allows."""
@@ -342,7 +411,7 @@ class WorkerHandle:
         if isinstance(message, BatchDone | BatchFailed):
             entry = self._pending.pop(message.batch_id, None)
             if entry is not None:
-                self._answered(entry, message)
+                self._answered(message.batch_id, entry, message)
         elif isinstance(message, Ready):
             if self._ready_future is not None and not self._ready_future.done():
                 self._ready_future.set_result(message)
@@ -351,16 +420,28 @@ class WorkerHandle:
             culprit = self._pending.pop(message.batch_id, None)
             if culprit is not None:
                 # Not retried elsewhere: the same batch would poison the next worker too.
-                culprit.done(
+                self._tell(
+                    message.batch_id,
+                    culprit,
+                    "Fatal",
                     ModelExecutionError(
                         f"model {self.model.name!r}: this batch broke worker {self.worker_id} "
                         f"(it is being replaced): {message.message}"
-                    )
+                    ),
                 )
             self._die(message.message)
 
     def _on_lost(self, reason: str) -> None:
         self._die(reason)
+        process = self._process
+        cut = self._link is not None and self._link.protocol_error
+        if cut and process is not None and process.returncode is None:
+            # We cut the channel of a live process: one busy in a batch would not see the EOF
+            # until the batch ends, and once the pool forgets it no watchdog looks at it (it
+            # may hold a GPU the replacement needs).
+            log.error("worker %s (pid %s): channel cut; killing it", self.worker_id, self.pid)
+            with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+                process.kill()  # the reaper collects it
 
     def _die(self, reason: str) -> None:
         if self.state is WorkerState.DEAD:
@@ -376,9 +457,12 @@ class WorkerHandle:
             self._ready_future.set_exception(
                 ModelNotReadyError(f"worker {self.worker_id} failed to start: {reason}")
             )
+        waiter, self._slot_waiter = self._slot_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(lost)
         pending, self._pending = self._pending, {}
-        for entry in pending.values():  # their slots died with the worker
-            entry.done(lost)
+        for batch_id, entry in pending.items():  # their slots died with the worker
+            self._tell(batch_id, entry, "loss", lost)
         if self._link is not None:
             self._link.close()
         self._on_change(self)

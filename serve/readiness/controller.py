@@ -81,7 +81,11 @@ class WarmPoolController:
         self.pool.check_watchdog()
         now = time.monotonic()
         due = now - self._last_probe >= self.model.probe.interval_s
-        unprobed = [w for w in self.pool.warm_workers() if not w.probed_ok and not w.retiring]
+        unprobed = [
+            w
+            for w in self.pool.warm_workers()
+            if not w.retiring and (not w.probed_ok or self._failing_live(w))
+        ]
         if due or unprobed:
             await self.probe_all(only=None if due else unprobed)
         self._check_slow_workers()
@@ -89,6 +93,22 @@ class WarmPoolController:
         if now - self._last_log >= LATENCY_LOG_S:
             self._last_log = now
             log.info("model %s: %s", self.model.name, self.latency.summary())
+
+    def _failing_live(self, worker: WorkerHandle) -> bool:
+        """Whether ``worker``'s live batches failed in the model ``failures_to_replace`` times in
+        a row: it is probed now, not at the next period, and the probe (known-good inputs)
+        decides. Failures alone never replace it: bad client data that the model chokes on
+        fails batches on a healthy worker too, and its probe passes."""
+        count = worker.failed_in_a_row
+        if count < self.model.probe.failures_to_replace:
+            return False
+        log.warning(
+            "worker %s: its last %d batches failed in the model (latest: %s); probing it now",
+            worker.worker_id,
+            count,
+            worker.last_batch_error,
+        )
+        return True
 
     async def probe_all(self, only: list[WorkerHandle] | None = None) -> None:
         """Probe every warm worker (or ``only`` these) concurrently and act on the results."""

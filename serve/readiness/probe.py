@@ -3,8 +3,10 @@ shared-memory batch path as live traffic, and the answer is checked.
 
 A probe passes when the outputs have the configured names, shapes and datatypes, are finite,
 match the expected outputs within tolerance (when configured), and came back within the model's
-latency budget. A worker whose slots are all busy with live traffic is not probed that round:
-live traffic is not delayed for a probe, and a batch that never returns is the watchdog's case.
+latency budget. A worker whose slots are all busy with live traffic is not probed that round
+while that traffic succeeds: live traffic is not delayed for a probe, and a batch that never
+returns is the watchdog's case. Once its live batches fail in the model, the probe takes the
+next slot that frees, ahead of them: a busy worker cannot dodge its probe.
 """
 
 from __future__ import annotations
@@ -71,16 +73,29 @@ class Prober:
         return given[name].astype(numpy_dtype(Datatype(datatype)), copy=False)
 
     async def probe(self, worker: WorkerHandle) -> ProbeResult | None:
-        """Probe one worker; None when it has no free slot (busy with live traffic)."""
+        """Probe one worker; None when it has no free slot (busy with live traffic that
+        succeeds). A busy worker whose latest live batch failed in the model is probed on the
+        next slot it frees."""
+        start = time.monotonic()
+        timeout_s = self.model.probe.timeout_s
         lease = self.pool.acquire_now(worker)
         if lease is None:
-            return None
-        start = time.monotonic()
+            if not worker.failed_in_a_row:
+                return None
+            try:
+                lease = await self.pool.acquire_next(worker, timeout_s)
+            except ServeError as exc:  # it died meanwhile
+                return self._result(worker, start, str(exc))
+            if lease is None:
+                return self._result(
+                    worker, start, f"busy, its batches failing, no slot free within {timeout_s:g} s"
+                )
+            start = time.monotonic()
         try:
-            async with asyncio.timeout(self.model.probe.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 result = await lease.run(self.inputs, self.rows)
         except TimeoutError:
-            return self._result(worker, start, f"no answer within {self.model.probe.timeout_s:g} s")
+            return self._result(worker, start, f"no answer within {timeout_s:g} s")
         except ServeError as exc:
             return self._result(worker, start, str(exc))
         latency = time.monotonic() - start

@@ -14,7 +14,8 @@ import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serve.testing.models import build_mlp_onnx, build_mlp_torch, mlp_reference
+from serve.testing.models import build_mlp_onnx, build_mlp_torch, build_spin_torch, mlp_reference
+from tests.integration.conftest import spin_inputs
 from tests.integration.harness import CallerThreads, ServerProcess, wait_until
 
 FAST_PROBES = {"interval_s": 0.3, "timeout_s": 1.0, "failures_to_replace": 1}
@@ -217,5 +218,41 @@ def test_the_pool_scales_up_under_latency_pressure_and_back_down_when_quiet(tmp_
         wait_until(lambda: len(server.worker_pids()) == 1, 60, "back to min_warm when quiet")
         assert server.health("mlp") == "SERVING"
         assert "1 → 2 workers" in server.log() and "2 → 1 workers" in server.log()
+    finally:
+        assert server.stop() == 0
+
+
+class RejectedLoad(CallerThreads):
+    """Threads sending requests the model itself raises on (a negative ITERS): every one must
+    fail as a model error (or find the queue full), never reach a replaced or missing worker."""
+
+    def call(self, client: triton.InferenceServerClient, seed: int, n: int) -> None:
+        try:
+            client.infer("spin", spin_inputs(-1), client_timeout=30)
+        except triton.InferenceServerException as exc:
+            if exc.status() in ("StatusCode.INTERNAL", "StatusCode.RESOURCE_EXHAUSTED"):
+                return
+            raise
+        raise AssertionError("a request with a negative ITERS succeeded")
+
+
+def test_a_flood_of_requests_the_model_rejects_never_gets_its_healthy_worker_replaced(tmp_path):
+    # Every live batch fails in the model while the one worker is kept busy: the controller
+    # probes it at once (on the next slot, ahead of the flood) and the probe clears it.
+    build_spin_torch(tmp_path / "repo" / "spin", probe=FAST_PROBES)
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    try:
+        server.wait_ready()
+        (worker,) = server.worker_pids()
+        with RejectedLoad(server.url, threads=3) as flood:
+            flood.wait_for(100)
+            server.wait_for_log_count("batches failed in the model", 3)
+            flood.wait_for(100)
+        assert flood.errors == []
+        assert server.worker_pids() == [worker]
+        log = server.log()
+        assert "failed its probe" not in log and "replacing worker" not in log
+        assert server.health("spin") == "SERVING"
+        server.client.infer("spin", spin_inputs(1))  # and it still computes
     finally:
         assert server.stop() == 0

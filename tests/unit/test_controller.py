@@ -18,6 +18,8 @@ class FakeWorker:
     probed_ok: bool = True
     probe_failures: int = 0
     last_success: float = 0.0
+    failed_in_a_row: int = 0
+    last_batch_error: str = ""
 
 
 @dataclass
@@ -116,3 +118,150 @@ def test_a_busy_worker_with_recent_live_successes_counts_as_probed():
     control = _controller(_model(), pool)
     asyncio.run(control.probe_all())
     assert worker.probed_ok
+
+
+# A busy worker whose live batches fail: a real WorkerHandle in a real WorkerPool, its process
+# replaced by an in-process twin that answers each batch on the next turn of the event loop, and
+# a stand-in batcher that keeps every slot busy (it sends a new batch whenever one frees).
+
+LIVE_ROWS = 2  # the probe sends one row: that is how the twin tells them apart
+
+
+class WorkerTwin:
+    """The worker's side of the channel: live batches fail with ``live_error`` (kind, message),
+    probes succeed unless ``broken``."""
+
+    def __init__(self, handle: object, live_error: tuple[str, str], broken: bool) -> None:
+        self.handle = handle
+        self.live_error = live_error
+        self.broken = broken
+        self.probes = 0
+
+    def send(self, message: object) -> None:
+        from serve.pool.messages import RunBatch
+
+        assert isinstance(message, RunBatch)
+        asyncio.get_running_loop().call_soon(self._answer, message)
+
+    def _answer(self, batch: object) -> None:
+        import numpy as np
+
+        from serve.pool.messages import BatchDone, BatchFailed
+        from serve.protocol.datatypes import Datatype
+
+        handle = self.handle
+        if batch.rows == LIVE_ROWS:  # type: ignore[attr-defined]
+            kind, message = self.live_error
+            handle._on_message(BatchFailed(batch.batch_id, kind, message))  # type: ignore[attr-defined]
+            return
+        self.probes += 1
+        if self.broken:
+            failed = BatchFailed(batch.batch_id, "execution", "CUDA error: launch failure")  # type: ignore[attr-defined]
+            handle._on_message(failed)  # type: ignore[attr-defined]
+            return
+        y = np.zeros((batch.rows, 1), np.float32)  # type: ignore[attr-defined]
+        refs = handle._outputs.write(batch.slot, [("Y", Datatype.FP32, [y])])  # type: ignore[attr-defined]
+        handle._on_message(BatchDone(batch.batch_id, refs, 0, 0, 0))  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        pass
+
+
+def _arena() -> object:
+    import os
+
+    from serve.pool.arena import Arena, create_memfd
+
+    fd = create_memfd("test", 2 << 20)
+    try:
+        return Arena(fd, 2, 1 << 20)
+    finally:
+        os.close(fd)
+
+
+def _saturated_worker(
+    live_error: tuple[str, str], *, broken: bool, ticks: int
+) -> dict[str, object]:
+    """Run ``ticks`` controller ticks against one busy worker; what became of it."""
+    import msgspec
+    import numpy as np
+
+    from serve.pool.pool import WorkerPool
+    from serve.pool.worker_handle import WorkerState
+
+    model = msgspec.structs.replace(_model(), latency_budget_ms=0.0)  # no timing in the verdict
+
+    async def main() -> dict[str, object]:
+        pool = WorkerPool(model)
+        pool.target = 0  # a replacement would spawn a process: the test only looks at the decision
+        handle = pool._new_handle()
+        twin = WorkerTwin(handle, live_error, broken)
+        handle._link, handle._inputs, handle._outputs = twin, _arena(), _arena()  # type: ignore[assignment]
+        handle.state = WorkerState.WARM
+        handle.probed_ok = True  # passed its probes until its batches began to fail
+        live_outcomes: list[object] = []
+        enough = asyncio.get_running_loop().create_future()  # a streak of live answers came
+        traffic = True
+
+        def answered(outcome: object) -> None:
+            live_outcomes.append(outcome)
+            if len(live_outcomes) >= model.probe.failures_to_replace and not enough.done():
+                enough.set_result(None)
+
+        def dispatch() -> None:  # the batcher with a deep queue: every free slot is used at once
+            while traffic and (lease := pool.acquire_now()) is not None:
+                lease.start([[np.zeros((LIVE_ROWS, 4), np.float32)]], LIVE_ROWS, answered)
+
+        pool.on_slot_free(dispatch)
+        dispatch()
+        async with asyncio.timeout(10):  # only bounds a broken test
+            await enough
+        control = WarmPoolController(model, pool, ModelLatency(), lambda: 0, lambda: None)
+        control._last_probe = float("inf")  # no periodic probe: only what the failures trigger
+        try:
+            for _ in range(ticks):
+                assert handle.free_slots == 0  # busy: live traffic never leaves a slot free
+                await control.tick()
+        finally:
+            traffic = False
+        return {
+            "retiring": handle.retiring,
+            "draining": handle.draining,
+            "probed_ok": handle.probed_ok,
+            "probes": twin.probes,
+            "live": live_outcomes,
+            "last_failure": control.last_failure,
+        }
+
+    return asyncio.run(main())
+
+
+def test_a_busy_worker_whose_live_batches_all_fail_is_probed_at_once_and_replaced():
+    failures = _model().probe.failures_to_replace
+    seen = _saturated_worker(
+        ("execution", "CUDA error: launch failure"), broken=True, ticks=failures
+    )
+    assert seen["live"], "the worker was busy"
+    assert seen["probes"] == failures  # probed on each tick although every slot was busy
+    assert not seen["probed_ok"]  # out of the healthy workers: readiness counts it no more
+    assert seen["retiring"] and seen["draining"]  # replaced, no new batches meanwhile
+    assert "CUDA error" in str(seen["last_failure"])
+
+
+def test_live_batches_that_fail_on_bad_client_data_never_get_a_healthy_worker_replaced():
+    # The model raised on the data (a non-image sent to an image model, a negative count...):
+    # an "execution" failure that says nothing about the worker. Its probe passes.
+    seen = _saturated_worker(
+        ("execution", "RuntimeError: ITERS must be non-negative"), broken=False, ticks=5
+    )
+    assert len(seen["live"]) > 5  # type: ignore[arg-type]
+    assert seen["probes"] >= 1  # the failures had it probed ...
+    assert seen["probed_ok"] and not seen["retiring"]  # ... and the probe cleared it
+
+
+def test_invalid_input_does_not_even_get_the_worker_probed():
+    seen = _saturated_worker(
+        ("invalid_input", "cannot read inputs: bad shape"), broken=True, ticks=3
+    )
+    assert len(seen["live"]) > 3  # type: ignore[arg-type]
+    assert seen["probes"] == 0 and seen["probed_ok"] and not seen["retiring"]

@@ -175,3 +175,152 @@ def test_a_batch_that_cannot_be_sent_gives_its_slot_back():
         handle.submit(slot, [[np.zeros((1, 4), np.float32)]], 1, lambda outcome: None)
     assert handle.free_slots == 2 and not handle.busy
     handle._inputs.close()
+
+
+def _linked_handle(**kwargs: object) -> tuple[WorkerHandle, object]:
+    """A warm handle and the link its messages arrive through (no socket: frames are fed in)."""
+    from serve.pool.link import WorkerLink
+
+    settings = WorkerSettings(
+        device="cpu", threads=1, slots=2, slot_bytes=1 << 20, startup_timeout_s=5
+    )
+    handle = WorkerHandle(_model(), "m#1", settings, **kwargs)  # type: ignore[arg-type]
+    handle.state = WorkerState.WARM
+    return handle, WorkerLink(handle._on_message, handle._on_lost, handle.worker_id)
+
+
+def _in_flight(handle: WorkerHandle, batch_id: int, done) -> None:
+    handle._pending[batch_id] = _InFlight(handle.reserve(), done, 0.0, 0, 0)
+
+
+def test_a_batch_callback_that_raises_costs_that_batch_only(caplog):
+    from serve.pool.messages import BatchFailed
+
+    def buggy(outcome: object) -> None:
+        raise KeyError("a bug where the result goes")
+
+    async def main():
+        handle, link = _linked_handle(on_change=lambda w: None)
+        other: list[object] = []
+        _in_flight(handle, 7, buggy)
+        _in_flight(handle, 8, other.append)
+        link.data_received(  # type: ignore[attr-defined]
+            frame(BatchFailed(7, "execution", "x")) + frame(BatchFailed(8, "execution", "y"))
+        )
+        return handle, other
+
+    handle, other = asyncio.run(main())
+    assert handle.state is WorkerState.WARM and handle.free_slots == 2  # both slots are back
+    (outcome,) = other
+    assert isinstance(outcome, ModelExecutionError) and "y" in str(outcome)
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.exc_info is not None
+    assert "worker m#1" in record.getMessage() and "batch 7" in record.getMessage()
+    assert "BatchFailed" in record.getMessage()
+
+
+def test_a_slot_listener_that_raises_does_not_keep_its_answer_from_the_batch(caplog):
+    from serve.pool.messages import BatchFailed
+
+    def broken_listener() -> None:
+        raise RuntimeError("a bug in whoever listens for free slots")
+
+    handle, link = _linked_handle(on_change=lambda w: None, on_slot_free=broken_listener)
+    got: list[object] = []
+    _in_flight(handle, 7, got.append)
+    link.data_received(frame(BatchFailed(7, "execution", "x")))  # type: ignore[attr-defined]
+    assert len(got) == 1 and isinstance(got[0], ModelExecutionError)
+    assert handle.state is WorkerState.WARM
+    assert any(
+        "m#1" in r.getMessage() and "BatchFailed for batch 7" in r.getMessage() and r.exc_info
+        for r in caplog.records
+    )
+
+
+def test_a_dying_worker_tells_every_batch_and_the_pool_even_if_one_callback_raises():
+    def buggy(outcome: object) -> None:
+        raise KeyError("a bug where the result goes")
+
+    changes: list[WorkerState] = []
+    handle, _ = _linked_handle(on_change=lambda w: changes.append(w.state))
+    told: list[object] = []
+    _in_flight(handle, 7, buggy)
+    _in_flight(handle, 8, told.append)
+    handle._on_lost("channel closed")
+    assert [type(o) for o in told] == [WorkerLostError]  # the batcher retries it elsewhere
+    assert changes == [WorkerState.DEAD]  # the pool forgets it and starts a replacement
+
+
+class _Process:
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.returncode: int | None = None
+        self.killed = False
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+class _Transport:
+    """Enough of a transport for the link to cut: abort() reports the loss as the loop would."""
+
+    def __init__(self) -> None:
+        self.link: object = None
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        self.link.connection_lost(None)  # type: ignore[attr-defined]
+
+    close = abort
+
+
+def test_a_worker_whose_channel_the_link_cuts_is_killed_not_left_running():
+    from serve.pool.messages import FRAME_HEADER
+
+    handle, link = _linked_handle(on_change=lambda w: None)
+    handle._link = link  # type: ignore[assignment]
+    process = handle._process = _Process()  # type: ignore[assignment]
+    transport = _Transport()
+    transport.link = link
+    link.connection_made(transport)  # type: ignore[attr-defined]
+    link.data_received(FRAME_HEADER.pack(3) + b"\xc1\xc1\xc1")  # type: ignore[attr-defined]
+    assert handle.state is WorkerState.DEAD
+    assert process.killed  # it may sit in a batch for ever: no channel, no watchdog
+
+
+def test_a_worker_that_closes_its_own_channel_is_left_to_exit():
+    handle, link = _linked_handle(on_change=lambda w: None)
+    handle._link = link  # type: ignore[assignment]
+    process = handle._process = _Process()  # type: ignore[assignment]
+    link.connection_lost(None)  # type: ignore[attr-defined]  # its end closed: it is exiting
+    assert handle.state is WorkerState.DEAD and not process.killed
+
+
+def test_a_probe_waiting_for_a_slot_gets_the_next_one_ahead_of_live_traffic():
+    from serve.pool.messages import BatchFailed
+
+    async def main():
+        notified: list[None] = []
+        handle, link = _linked_handle(
+            on_change=lambda w: None, on_slot_free=lambda: notified.append(None)
+        )
+        _in_flight(handle, 7, lambda outcome: None)
+        _in_flight(handle, 8, lambda outcome: None)
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(handle.next_slot(timeout_s=10))  # both slots are busy
+        # (callbacks run in order: the task has begun to wait when the answer arrives)
+        loop.call_soon(link.data_received, frame(BatchFailed(7, "execution", "x")))
+        slot = await waiting
+        late = await handle.next_slot(timeout_s=0)  # none free, none frees: gives up
+        dying = asyncio.ensure_future(handle.next_slot(timeout_s=10))
+        loop.call_soon(handle._on_lost, "channel closed")
+        with pytest.raises(WorkerLostError):
+            await dying
+        return slot, late, notified
+
+    slot, late, notified = asyncio.run(main())
+    assert slot is not None and late is None
+    assert notified == []  # the freed slot went to the probe: live traffic was not offered it
