@@ -42,9 +42,11 @@ from typing import Protocol
 from serve.batching.merge import Array, Signature, signature, split
 from serve.errors import (
     DeadlineExceededError,
+    InvalidInputError,
     ModelExecutionError,
     ModelNotReadyError,
     QueueFullError,
+    ServeError,
     WorkerLostError,
 )
 
@@ -123,6 +125,7 @@ class _Pending:
     future: asyncio.Future[list[Array]]
     lost: WorkerLostError | None = None  # set once the request's batch died with its worker
     retry_until: float = 0.0  # a retried request waits for a worker at most until then
+    alone: bool = False  # its merged batch failed: it runs in a batch of its own
 
 
 class _Batch:
@@ -335,7 +338,7 @@ class DynamicBatcher:
             if head.future.done() or self._expired(head, time.monotonic()):
                 queue.popleft()  # a caller that gave up, or one past its deadline: never run
                 continue
-            if self._delay_s and self._batching:
+            if self._delay_s and self._batching and not head.alone:
                 rows = sum(i.rows for i in queue if i.signature == head.signature)
                 wait = head.enqueued + self._delay_s - time.monotonic()
                 if rows < self._max_rows and wait > 0:
@@ -354,7 +357,11 @@ class DynamicBatcher:
             if (self._holding or self._load.busy >= HOLD_LOAD) and self._should_hold(head):
                 lease.release()  # its notice finds the hold's timer set: no flush now
                 return
-            if not self._batching or (len(queue) == 1 and head.rows <= self._max_rows):
+            if (
+                head.alone
+                or not self._batching
+                or (len(queue) == 1 and head.rows <= self._max_rows)
+            ):
                 items = [queue.popleft()]
             else:
                 items = self._take(head)
@@ -398,6 +405,7 @@ class DynamicBatcher:
             or not self._batching
             or self._delay_s
             or head.lost is not None
+            or head.alone
             or sum(i.rows for i in self._queue) >= self._hold_rows
             or self._load.busy < HOLD_LOAD
             or time.monotonic() < self._no_hold_until
@@ -443,6 +451,10 @@ class DynamicBatcher:
                         item.future.set_result(part)
         elif isinstance(outcome, WorkerLostError):
             self._retry(batch.items, outcome)
+        elif isinstance(outcome, InvalidInputError | ModelExecutionError) and self._isolate(
+            batch.items, outcome
+        ):
+            pass  # each of its requests runs again on its own
         else:
             assert isinstance(outcome, BaseException)
             self._fail(batch.items, outcome)
@@ -471,6 +483,29 @@ class DynamicBatcher:
         if self._loop is not None:  # expire them if no worker takes them in time
             self._loop.call_later(RETRY_WAIT_S, self._kick)
 
+    def _isolate(self, items: list[_Pending], error: ServeError) -> bool:
+        """A merged batch failed in the worker (one request's bad data, say, that passed the
+        front end's checks but not the preprocessing or the model): run each of its requests
+        again in a batch of its own, at the front of the queue, so that only the request at fault
+        gets the error and the others their results. False (fail them all) for a batch of one."""
+        if len(items) < 2 or not self._running:
+            return False
+        live = [i for i in items if not i.future.done()]
+        log.warning(
+            "model %s: a batch of %d requests failed (%s); running each on its own so that only "
+            "the one at fault fails",
+            self._name,
+            len(items),
+            error,
+        )
+        for item in reversed(live):
+            item.alone = True
+            self._queue.appendleft(item)
+        if live:
+            self._is_idle = False
+            self._idle.clear()
+        return True
+
     def _expired(self, item: _Pending, now: float) -> bool:
         """Fail ``item`` if its deadline has passed or, retried, it found no worker in time."""
         if item.deadline is not None and item.deadline <= now:
@@ -494,7 +529,12 @@ class DynamicBatcher:
         for item in self._queue:
             if item.future.done() or self._expired(item, now):
                 continue  # dropped: never computed
-            if not full and item.signature == sig and rows + item.rows <= self._max_rows:
+            if (
+                not full
+                and not item.alone
+                and item.signature == sig
+                and rows + item.rows <= self._max_rows
+            ):
                 taken.append(item)
                 rows += item.rows
             else:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import queue
+
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from serve.testing.models import build_mlp_onnx, mlp_reference
+from serve.testing.models import build_mlp_onnx, build_spin_torch, mlp_reference
 from tests.integration.conftest import spin_inputs
 from tests.integration.harness import ServerProcess, wait_until
 
@@ -139,5 +141,46 @@ def test_a_model_that_cannot_load_is_unavailable_while_others_serve(tmp_path):
         index = {m.name: (m.state, m.reason) for m in client.get_model_repository_index().models}
         assert index["good"] == ("READY", "")
         assert index["broken"][0] == "UNAVAILABLE" and "start-up failed" in index["broken"][1]
+    finally:
+        assert server.stop() == 0
+
+
+def test_one_bad_request_merged_with_good_ones_fails_alone(tmp_path):
+    # Requests queued behind a busy worker leave as one batch; one of them the model rejects
+    # (negative ITERS). Only that caller gets the error: the batcher runs the failed batch's
+    # requests again one by one, and the others get their own results.
+    build_spin_torch(tmp_path / "repo" / "spin", max_batch_size=8, batching={"max_queue_size": 16})
+    server = ServerProcess(
+        tmp_path / "server.log", tmp_path / "repo", args=("--log-level", "DEBUG")
+    )
+    try:
+        server.wait_ready()
+        client = server.client
+        results: queue.Queue = queue.Queue()
+
+        def send(iters: int, value: float) -> None:
+            client.async_infer(
+                "spin",
+                spin_inputs(iters, value),
+                lambda result, error, value=value: results.put((value, result, error)),
+            )
+
+        send(20000, 1.0)  # keeps the only worker busy while the next three queue
+        server.wait_for_log_count("model spin: dispatching 1 rows from 1 requests", 1)
+        for iters, value in ((1, 2.0), (-1, 3.0), (1, 4.0)):
+            send(iters, value)
+        server.wait_for_log("model spin: 3 requests wait for a worker")
+        outcomes = {}
+        for _ in range(4):
+            value, result, error = results.get(timeout=60)
+            outcomes[value] = (result, error)
+        assert "dispatching 3 rows from 3 requests" in server.log()  # they did merge
+        for value in (1.0, 2.0, 4.0):
+            result, error = outcomes[value]
+            assert error is None, f"{value}: {error}"
+            assert result.as_numpy("Y").tolist() == [[value]]
+        _, error = outcomes[3.0]
+        assert error is not None and "ITERS must be non-negative" in error.message()
+        assert "running each on its own" in server.log()
     finally:
         assert server.stop() == 0

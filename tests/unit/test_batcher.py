@@ -12,6 +12,7 @@ from serve.batching import BatchResult, DynamicBatcher
 from serve.batching import batcher as batcher_module
 from serve.errors import (
     DeadlineExceededError,
+    InvalidInputError,
     ModelExecutionError,
     ModelNotReadyError,
     QueueFullError,
@@ -35,6 +36,8 @@ class FakeLease:
         for listener in self.pool.listeners:
             listener()
         error = self.pool.errors.pop(0) if self.pool.errors else self.pool.error
+        if error is None and (inputs[0] < 0).any():  # a negative value is bad data to the model
+            error = self.pool.bad_data_error
         done(error if error is not None else BatchResult([inputs[0] * 2.0]))
 
     def release(self) -> None:
@@ -52,6 +55,7 @@ class FakePool:
         self.slots = slots
         self.error: Exception | None = None
         self.errors: list[Exception] = []  # one per batch, before ``error``
+        self.bad_data_error: Exception = ModelExecutionError("negative input")
         self.listeners = []
         self.gone = ""
 
@@ -235,6 +239,69 @@ def test_requests_that_queue_behind_a_busy_worker_leave_together_when_it_frees()
     assert [b[0].shape[0] for b in pool.batches] == [1, 3]
     for i, (out,) in enumerate(results):
         np.testing.assert_array_equal(out, np.full((1, 2), 2.0 * i))
+
+
+def _merged_behind_a_busy_worker(pool: FakePool, values: list[float]):
+    """Submit one request that takes the only slot, then ``values`` (one request each) that
+    queue behind it and leave together as one batch when it finishes."""
+
+    async def main():
+        batcher = make(pool, max_batch_size=8)
+        batcher.start()
+        pool.gate.clear()
+        first = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
+        await pool.started.wait()
+        rest = [
+            asyncio.ensure_future(batcher.submit([np.full((1, 1), v)], 1, None)) for v in values
+        ]
+        while batcher.queue_depth < len(values):
+            await asyncio.sleep(0)
+        pool.gate.set()
+        outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+        await batcher.stop()
+        return outcomes
+
+    return run(main())
+
+
+@pytest.mark.parametrize(
+    "error", [ModelExecutionError("negative input"), InvalidInputError("negative input")]
+)
+def test_one_bad_request_in_a_merged_batch_fails_alone_and_the_others_get_their_results(error):
+    pool = FakePool()
+    pool.bad_data_error = error
+    first, good1, bad, good2 = _merged_behind_a_busy_worker(pool, [3.0, -1.0, 5.0])
+    assert first[0].tolist() == [[2.0]]
+    assert good1[0].tolist() == [[6.0]] and good2[0].tolist() == [[10.0]]
+    assert isinstance(bad, type(error)) and "negative input" in str(bad)
+    # the merged batch, then each of its requests once on its own
+    assert [b[0].ravel().tolist() for b in pool.batches] == [
+        [1.0],
+        [3.0, -1.0, 5.0],
+        [3.0],
+        [-1.0],
+        [5.0],
+    ]
+
+
+def test_a_merged_batch_of_bad_requests_runs_each_once_more_and_fails_each():
+    pool = FakePool()
+    outcomes = _merged_behind_a_busy_worker(pool, [-1.0, -2.0])
+    assert all(isinstance(o, ModelExecutionError) for o in outcomes[1:])
+    assert len(pool.batches) == 4  # [1], [-1, -2], [-1], [-2]: no third run
+
+
+def test_a_failing_batch_of_one_request_is_not_run_again():
+    async def main():
+        pool = FakePool()
+        batcher = make(pool)
+        batcher.start()
+        with pytest.raises(ModelExecutionError):
+            await batcher.submit([np.full((1, 1), -1.0)], 1, None)
+        await batcher.stop()
+        return len(pool.batches)
+
+    assert run(main()) == 1
 
 
 def test_a_batch_lost_with_its_worker_is_retried_once():
