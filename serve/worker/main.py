@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from serve.config import ModelConfig
+from serve.errors import InvalidInputError
 from serve.memory import keep_large_buffers_in_heap
 from serve.pool.arena import Arena
 from serve.pool.messages import (
@@ -167,6 +168,9 @@ class Worker:
                 result = self.backend.run(inputs)
             outputs = self.processing.postprocess(result)
             self._check_outputs(outputs, None)
+        except InvalidInputError as exc:  # the model's own code refused the data: the client's
+            log.info("batch %d: invalid input: %s", message.batch_id, exc)
+            return BatchFailed(message.batch_id, "invalid_input", str(exc))
         except Exception as exc:
             if self.backend.is_fatal(exc):
                 raise FatalBatchError(message.batch_id) from exc

@@ -4,6 +4,10 @@ The module may define ``preprocess(inputs) -> dict`` (wire inputs → the model'
 ``postprocess(outputs) -> dict`` (the model's outputs → wire outputs); both take and return
 dicts of numpy arrays keyed by tensor name, and run inside the worker, in the same process as
 the model, so code and weights of one bundle always run together.
+
+Data the code cannot take (an image that does not decode, say) should raise
+``serve.errors.InvalidInputError``: the caller gets INVALID_ARGUMENT with its message and the
+worker is not suspected of being broken. Any other exception is the model's failure (INTERNAL).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import pytest
 
 import serve.backends
 from serve.backends.base import Arrays, Backend, pad_rows
+from serve.errors import InvalidInputError
 from serve.pool.arena import Arena, create_memfd
 from serve.pool.messages import IPC_VERSION, BatchDone, BatchFailed, Init, RunBatch
 from serve.protocol.datatypes import Datatype
@@ -115,3 +116,27 @@ def test_outputs_that_cannot_be_written_fail_that_batch_and_the_worker_serves_th
     assert isinstance(done, BatchDone)
     label = next(ref for ref in done.outputs if ref.name == "LABEL")
     assert parent_out.read(0, label, copy=True).tolist() == [b"one"]
+
+
+def test_data_the_preprocessing_refuses_is_the_callers_fault_not_the_workers(worker):
+    worker, _, parent_in, _ = worker
+
+    def preprocess(arrays: Arrays) -> Arrays:
+        if (arrays["X"] < 0).any():
+            raise InvalidInputError("X must be non-negative (an undecodable image, say)")
+        if (arrays["X"] > 100).any():
+            raise ValueError("a bug in the preprocessing")
+        return arrays
+
+    worker.processing.preprocess = preprocess
+    x = np.ones((1, 4), np.float32)
+    for batch_id, value, kind, text in (
+        (1, -1.0, "invalid_input", "X must be non-negative (an undecodable image, say)"),
+        (2, 101.0, "execution", "ValueError: a bug in the preprocessing"),
+    ):
+        refs = parent_in.write(0, [("X", Datatype.FP32, [x * value])])
+        failed = worker.run_batch(RunBatch(batch_id, 0, 1, refs))
+        assert isinstance(failed, BatchFailed)
+        assert (failed.kind, failed.message) == (kind, text)
+    done = worker.run_batch(RunBatch(3, 0, 1, parent_in.write(0, [("X", Datatype.FP32, [x])])))
+    assert isinstance(done, BatchDone)
