@@ -71,7 +71,9 @@ class ProbeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     interval_s: float = 5.0
     timeout_s: float = 5.0
-    failures_to_replace: int = 2  # consecutive failed probes before the worker is replaced
+    # consecutive failed probes before the worker is replaced; as many live batches failing in
+    # the model in a row get the worker probed at once (the probe decides, not the failures)
+    failures_to_replace: int = 2
     inputs_file: str = ""  # .npz, one array per input (batch dim included); "" = generated
     expected_file: str = ""  # .npz of expected outputs; "" = check names, shapes, types, finite
     rtol: float = 1e-3

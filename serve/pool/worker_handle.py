@@ -405,7 +405,8 @@ class WorkerHandle:
         )
         self._die(f"hung (watchdog {self.settings.watchdog_s:g} s)")
         if self._process is not None and self._process.returncode is None:
-            self._process.kill()  # SIGKILL works on a stopped process too; the reaper collects it
+            with contextlib.suppress(ProcessLookupError):  # exited meanwhile: nothing to kill
+                self._process.kill()  # SIGKILL works on a stopped process too; the reaper reaps
 
     def _on_message(self, message: FromWorker) -> None:
         if isinstance(message, BatchDone | BatchFailed):
@@ -499,5 +500,6 @@ class WorkerHandle:
 
     async def kill(self) -> None:
         if self._process is not None and self._process.returncode is None:
-            self._process.kill()
+            with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                self._process.kill()
             await self._process.wait()
