@@ -48,7 +48,7 @@ class GrpcFrontend:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         host = "127.0.0.1" if private else self._config.host
-        self.port = _bind(server, f"{host}:{0 if private else self._config.grpc_port}")
+        self.port = _bind(server, _address(host, 0 if private else self._config.grpc_port))
         await server.start()
         self._server = server
         if self._config.health_port >= 0:
@@ -59,7 +59,7 @@ class GrpcFrontend:
         """Health alone on its own plaintext port (probes keep working if the main port has TLS)."""
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        port = _bind(server, f"{self._config.host}:{self._config.health_port}")
+        port = _bind(server, _address(self._config.host, self._config.health_port))
         await server.start()
         self._health_server = server
         log.info("gRPC health listening on %s:%d", self._config.host, port)
@@ -110,6 +110,11 @@ def _loopback(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
+
+
+def _address(host: str, port: int) -> str:
+    """``host:port`` as gRPC takes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _bind(server: grpc.aio.Server, address: str) -> int:

@@ -100,14 +100,16 @@ class ServerProcess:
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         """``cwd``: where the server runs, which is also where ``python -m serve`` imports the
-        package from (another checkout of it, for an A/B)."""
+        package from (another checkout of it, for an A/B). ``host``: a loopback address."""
         self.port = free_port()
         self.http_port = free_port()
-        self.url = f"127.0.0.1:{self.port}"
+        self.host = host
+        self.url = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "serve", "serve", "--host", "127.0.0.1"]
+        command = [sys.executable, "-m", "serve", "serve", "--host", host]
         command += ["--grpc-port", str(self.port), "--http-port", str(self.http_port), *args]
         if repository is not None:
             command += ["--repository", str(repository)]
@@ -201,7 +203,7 @@ class ServerProcess:
         return status, json.loads(body or "{}")
 
     def http_text(self, path: str) -> tuple[int, str]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        connection = http.client.HTTPConnection(self.host, self.http_port, timeout=10)
         try:
             connection.request("GET", path)
             response = connection.getresponse()
