@@ -141,7 +141,10 @@ class _Batch:
         self.queue_ns = [int((start - i.enqueued) * 1e9) for i in items]
 
     def __call__(self, outcome: BatchResult | BaseException) -> None:
-        self.batcher._finished(self, outcome)
+        try:
+            self.batcher._finished(self, outcome)
+        except Exception as exc:  # a bug of ours: these callers get INTERNAL, not a hang
+            self.batcher._abandon(self, exc)
 
 
 class LoopLoad:
@@ -482,6 +485,20 @@ class DynamicBatcher:
         self._idle.clear()
         if self._loop is not None:  # expire them if no worker takes them in time
             self._loop.call_later(RETRY_WAIT_S, self._kick)
+
+    def _abandon(self, batch: _Batch, exc: Exception) -> None:
+        """Handling ``batch``'s outcome raised: fail its callers still waiting with that error
+        (INTERNAL, with a trace id in the log) and go on serving the others."""
+        log.error(
+            "model %s: handling the outcome of a batch of %d requests failed",
+            self._name,
+            len(batch.items),
+            exc_info=exc,
+        )
+        self._inflight.discard(batch)
+        self._fail(batch.items, exc)
+        self._kick()
+        self._check_idle()
 
     def _isolate(self, items: list[_Pending], error: ServeError) -> bool:
         """A merged batch failed in the worker (one request's bad data, say, that passed the

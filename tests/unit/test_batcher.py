@@ -415,6 +415,35 @@ def test_stop_without_a_wait_leaves_running_batches_to_the_pool():
     assert run(main())[0].tolist() == [[2.0]]
 
 
+def test_a_bug_handling_a_batch_outcome_fails_its_callers_instead_of_leaving_them_waiting(
+    monkeypatch,
+):
+    real_split = batcher_module.split
+    calls = []
+
+    def split_with_a_bug(outputs, row_counts):
+        calls.append(row_counts)
+        if len(calls) == 1:
+            raise RuntimeError("a bug splitting the outputs")
+        return real_split(outputs, row_counts)
+
+    monkeypatch.setattr(batcher_module, "split", split_with_a_bug)
+
+    async def main():
+        pool = FakePool()
+        batcher = make(pool)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="a bug splitting the outputs"):
+            # (a timeout, not a timing: without the fix the caller waits for ever)
+            await asyncio.wait_for(batcher.submit([np.ones((1, 1))], 1, None), 10)
+        assert batcher.inflight_batches == 0
+        (out,) = await asyncio.wait_for(batcher.submit([np.ones((1, 1))], 1, None), 10)
+        await asyncio.wait_for(batcher.stop(), 10)
+        return out
+
+    assert run(main()).tolist() == [[2.0]]
+
+
 def _loaded(batcher: DynamicBatcher) -> None:
     """Make the batcher see a saturated event loop (its thread busy all the time)."""
     batcher._load.busy = 1.0
