@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from serve.bundles.archive import extract_archive, write_archive
 from serve.bundles.build import build_bundle
 from serve.bundles.manifest import MANIFEST_FILE, decode, encode
 from serve.bundles.repository import scan, version_order
-from serve.bundles.verify import verify_bundle
+from serve.bundles.verify import list_files, verify_bundle
 from serve.errors import InvalidBundleError
 from serve.testing.models import build_mlp_onnx
 
@@ -126,3 +127,16 @@ def test_a_repository_scan_keeps_good_bundles_and_reports_bad_ones(source, tmp_p
 
 def test_version_labels_sort_numerically():
     assert sorted(["10", "9", "1.10", "1.2"], key=version_order) == ["1.2", "1.10", "9", "10"]
+
+
+def test_importing_a_bundles_code_leaves_the_bundle_as_it_was(bundle, monkeypatch):
+    """A worker imports process.py from the bundle: no __pycache__ may appear beside it (outside
+    an image with PYTHONDONTWRITEBYTECODE, that extra file made every later worker, restart and
+    rollback refuse the bundle), and no cached bytecode is run instead of the verified source."""
+    from serve.worker.process import Processing
+
+    verified = verify_bundle(bundle)
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    Processing(verified.model, "warmserve_bundle_test_import")
+    assert list_files(bundle) == ["model.onnx", "process.py"]
+    assert verify_bundle(bundle, verified.id).id == verified.id
