@@ -39,6 +39,9 @@ CONTENTS_FIELD: dict[Datatype, str] = {
 }
 
 
+# The most dimensions a tensor may have: numpy's limit (32 before numpy 2, which allows 64).
+MAX_DIMS = 32
+
 _DATATYPES = {d.value: d for d in Datatype}
 _FIXED_DTYPES: dict[Datatype, np.dtype[Any]] = {
     d: numpy_dtype(d) for d in Datatype if d is not Datatype.BYTES
@@ -65,6 +68,10 @@ def _decode_input(tensor: Any, raw: bytes | memoryview | None) -> Tensor:
         except ValueError as exc:
             raise InvalidInputError(f"input {name!r}: {exc}") from None
     shape = tuple(tensor.shape)
+    if len(shape) > MAX_DIMS:  # (numpy cannot make such an array: an internal error otherwise)
+        raise InvalidInputError(
+            f"input {name!r}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are supported"
+        )
     count = 1
     for d in shape:
         if d < 0:
