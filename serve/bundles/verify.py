@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 
 from serve.bundles.manifest import FORMAT, MANIFEST_FILE, Manifest, bundle_id, decode, encode
-from serve.config import ModelConfig, validate_model
+from serve.config import ModelConfig, model_files, validate_model
 from serve.errors import InvalidBundleError
 
 CHUNK = 1 << 20
@@ -88,6 +88,9 @@ def verify_bundle(root: Path, expected_id: str = "") -> VerifiedBundle:
         file = root / path
         if file.stat().st_size != entry.size or sha256_file(file) != entry.sha256:
             raise InvalidBundleError(f"bundle {root}: file {path} does not match its sha256")
+    for label, name in model_files(manifest.model).items():
+        if name and Path(name).as_posix() not in listed:  # "../x.py": no hash would cover it
+            raise InvalidBundleError(f"bundle {root}: {label} {name!r} is not a file of the bundle")
     bundle = VerifiedBundle(root, identity, manifest)
     validate_model(bundle.model)
     return bundle

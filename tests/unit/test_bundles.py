@@ -140,3 +140,21 @@ def test_importing_a_bundles_code_leaves_the_bundle_as_it_was(bundle, monkeypatc
     Processing(verified.model, "warmserve_bundle_test_import")
     assert list_files(bundle) == ["model.onnx", "process.py"]
     assert verify_bundle(bundle, verified.id).id == verified.id
+
+
+@pytest.mark.parametrize("where", ["../shared_process.py", "ABSOLUTE"])
+def test_a_manifest_naming_code_outside_the_bundle_is_refused(bundle, tmp_path, where):
+    """The hash covers only the bundle's own files: code or weights the configuration names
+    elsewhere could change while the bundle id stays the same."""
+    outside = tmp_path / "shared_process.py"
+    outside.write_text("def postprocess(outputs):\n    return outputs\n")
+    name = str(outside) if where == "ABSOLUTE" else where
+    manifest = decode((bundle / MANIFEST_FILE).read_bytes())
+    model = manifest.model.__class__(**{**_fields(manifest.model), "process": name})
+    files = tuple(f for f in manifest.files if f.path != "process.py")
+    (bundle / "process.py").unlink()
+    (bundle / MANIFEST_FILE).write_bytes(
+        encode(manifest.__class__(manifest.format, model, files, manifest.frameworks))
+    )
+    with pytest.raises(InvalidBundleError, match=rf"process {name!r} is not a file of the bundle"):
+        verify_bundle(bundle)
