@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import shutil
 import tarfile
 import tempfile
@@ -19,6 +20,8 @@ from serve.bundles.verify import VerifiedBundle, list_files, verify_bundle
 from serve.errors import InvalidBundleError
 
 SUFFIX = ".wsb"
+
+log = logging.getLogger(__name__)
 
 
 def write_archive(bundle: Path, archive: Path) -> Path:
@@ -41,31 +44,51 @@ def write_archive(bundle: Path, archive: Path) -> Path:
 
 
 def extract_archive(archive: Path, cache: Path) -> VerifiedBundle:
-    """Unpack into ``cache/<bundle id>`` (once) and verify it."""
+    """Unpack into ``cache/<bundle id>`` (once) and verify it. A copy there that no longer
+    verifies (changed on disk) is replaced by a fresh one from the archive."""
     try:
         with tarfile.open(archive, mode="r:gz") as tar:
-            members = tar.getmembers()
-            for member in members:
-                path = Path(member.name)
-                if (
-                    not (member.isfile() or member.isdir())
-                    or path.is_absolute()
-                    or ".." in path.parts
-                ):
-                    raise InvalidBundleError(f"{archive}: unsafe entry {member.name!r}")
-            manifest = tar.extractfile(MANIFEST_FILE)
-            if manifest is None:
-                raise InvalidBundleError(f"{archive}: no {MANIFEST_FILE}")
-            identity = bundle_id(manifest.read())
+            identity = _identity(tar, archive)
             target = cache / identity
-            if not target.is_dir():
-                cache.mkdir(parents=True, exist_ok=True)
-                staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))
+            if target.is_dir():
                 try:
-                    tar.extractall(staging, filter="data")
-                    staging.rename(target)
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
+                    return verify_bundle(target, identity)
+                except InvalidBundleError as exc:
+                    log.warning(
+                        "%s: unpacking it again: the cached copy is refused: %s", archive, exc
+                    )
+            _unpack(tar, cache, target)
     except (tarfile.TarError, OSError, KeyError) as exc:
         raise InvalidBundleError(f"{archive}: not a readable bundle archive: {exc}") from None
     return verify_bundle(target, identity)
+
+
+def _identity(tar: tarfile.TarFile, archive: Path) -> str:
+    """The bundle id, once every entry is known to be a plain file or directory under the root."""
+    for member in tar.getmembers():
+        path = Path(member.name)
+        if not (member.isfile() or member.isdir()) or path.is_absolute() or ".." in path.parts:
+            raise InvalidBundleError(f"{archive}: unsafe entry {member.name!r}")
+    manifest = tar.extractfile(MANIFEST_FILE)
+    if manifest is None:
+        raise InvalidBundleError(f"{archive}: no {MANIFEST_FILE}")
+    return bundle_id(manifest.read())
+
+
+def _unpack(tar: tarfile.TarFile, cache: Path, target: Path) -> None:
+    """Unpack beside ``target`` and rename into place, so no one sees a half-written bundle."""
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))
+    try:
+        tar.extractall(staging / "bundle", filter="data")
+        if target.is_dir():  # a copy that failed verification: set aside in one step
+            target.rename(staging / "refused")
+        try:
+            (staging / "bundle").rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # another process (a second server, `warmserve bundle verify`) unpacked it first;
+            # the caller verifies that copy like its own
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -158,3 +158,35 @@ def test_a_manifest_naming_code_outside_the_bundle_is_refused(bundle, tmp_path, 
     )
     with pytest.raises(InvalidBundleError, match=rf"process {name!r} is not a file of the bundle"):
         verify_bundle(bundle)
+
+
+def test_two_processes_unpacking_the_same_archive_into_one_cache_both_succeed(
+    bundle, tmp_path, monkeypatch
+):
+    """Two servers (or a server and `warmserve bundle verify`) sharing a cache: the one that
+    finishes second finds the bundle already in place, which is not a broken archive."""
+    archive, cache = write_archive(bundle, tmp_path / "m.wsb"), tmp_path / "cache"
+    rename, raced = Path.rename, []
+
+    def other_process_first(self: Path, target: Path) -> Path:
+        if not raced:
+            raced.append(True)
+            extract_archive(archive, cache)  # the other one finishes while this one unpacks
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", other_process_first)
+    assert extract_archive(archive, cache).id == verify_bundle(bundle).id
+    assert raced and [p.name for p in cache.iterdir()] == [verify_bundle(bundle).id]
+
+
+def test_a_cached_copy_changed_on_disk_is_unpacked_again_from_its_archive(bundle, tmp_path):
+    """The archive is good; only the unpacked copy changed (an edit, a tool writing beside the
+    code, a bad disk): refusing the archive for ever would need someone to clear the cache."""
+    archive, cache = write_archive(bundle, tmp_path / "m.wsb"), tmp_path / "cache"
+    first = extract_archive(archive, cache)
+    (first.path / "process.py").write_text("raise SystemExit('changed in the cache')\n")
+    (first.path / "extra.txt").write_text("x")
+    again = extract_archive(archive, cache)
+    assert again.id == first.id and again.path == first.path
+    assert (again.path / "process.py").read_bytes() == (bundle / "process.py").read_bytes()
+    assert [p.name for p in cache.iterdir()] == [first.id]
