@@ -10,7 +10,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from serve.bundles.repository import newest, scan
+from serve.bundles.repository import newest, scan, version_order
 from serve.config import ServerConfig
 from serve.errors import ConfigError, InvalidBundleError, ModelNotFoundError
 from serve.runtime import Runtime
@@ -41,12 +41,19 @@ class ModelControl:
         async with self._scanning:  # hashing every bundle takes a while: off the event loop
             sources, refused = await asyncio.to_thread(scan, self._repository, self._cache)
         candidates = [s for s in sources if s.model.name == name]
+        folder = str(self._repository / name)
+        mine = [r for r in refused if f"{folder}/" in r or f"{folder}:" in r]
+        if mine and not version:  # the broken one may be the newest: do not pick an older one
+            valid = ", ".join(sorted((s.model.version for s in candidates), key=version_order))
+            raise InvalidBundleError(
+                f"cannot tell which bundle of {name!r} is the newest in {self._repository}: "
+                + " | ".join(mine)
+                + f"; name a version to load one of the valid ones ({valid or 'none'})"
+            )
         if version:
             candidates = [s for s in candidates if s.model.version == version]
         if not candidates:
             wanted = f"{name!r} version {version!r}" if version else repr(name)
-            folder = str(self._repository / name)
-            mine = [r for r in refused if f"{folder}/" in r or f"{folder}:" in r]
             if mine:  # the one asked for is there but broken: say why
                 raise InvalidBundleError(
                     f"no valid bundle of {wanted} in {self._repository}; refused: "
