@@ -226,7 +226,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started: int,
     ) -> Any:
         """Any other request: the general types, and the errors the checks give."""
-        infer_request = infer_request_from_pb(request, context.time_remaining(), raw_inputs)
+        arrival = time.monotonic_ns()
+        try:
+            infer_request = infer_request_from_pb(request, context.time_remaining(), raw_inputs)
+        except ServeError as exc:  # malformed: counted as the signature check's refusals are
+            service.request_failed(arrival, 0, exc)
+            raise
         decoded = time.perf_counter_ns()
         response = await service.infer(infer_request)
         answered = time.perf_counter_ns()

@@ -184,3 +184,28 @@ def test_one_bad_request_merged_with_good_ones_fails_alone(tmp_path):
         assert "running each on its own" in server.log()
     finally:
         assert server.stop() == 0
+
+
+def _metric(server, sample: str) -> float:
+    _, text = server.http_text("/metrics")
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _failed(client, model: str) -> int:
+    return int(client.get_inference_statistics(model).model_stats[0].inference_stats.fail.count)
+
+
+def test_a_malformed_request_counts_as_that_models_invalid_input(server, client):
+    """A request refused by the wire-format checks (here: raw bytes that do not fit the shape)
+    is counted like one refused by the signature check: metrics and failure statistics."""
+    invalid = 'warmserve_requests_total{code="invalid_input",model="identity"}'
+    before, failed = _metric(server, invalid), _failed(client, "identity")
+    request = service_pb2.ModelInferRequest(model_name="identity")
+    request.inputs.add(name="IN_FP32", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(b"\x00" * 15)
+    assert _raw_call(server, request).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _metric(server, invalid) == before + 1
+    assert _failed(client, "identity") == failed + 1
