@@ -330,6 +330,8 @@ class Runtime:
         end = loop.time() + watch_s
         while loop.time() < end and entry.active == version:
             await asyncio.sleep(WATCH_TICK_S)  # the watch window's period
+            if entry.active != version:  # replaced meanwhile (a rollback, a newer rollout)
+                break
             p95 = service.latency.end_to_end.percentiles(last_s=DECISION_WINDOW_S)
             reason = ""
             if not service.ready:
