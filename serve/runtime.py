@@ -41,6 +41,7 @@ class ModelEntry:
     sources: dict[str, ModelSource] = field(default_factory=dict)
     active: str = ""
     previous: str = ""
+    switches: int = 0  # how many times ``active`` changed: tells a keep period it is stale
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def active_service(self) -> ModelService | None:
@@ -305,6 +306,7 @@ class Runtime:
         if entry.active == version:
             return
         entry.previous, entry.active = entry.active, version  # one step: new calls go to it
+        entry.switches += 1
         log.info("model %s: version %s → %s (%s)", entry.name, entry.previous, version, why)
         self._changed()
 
@@ -349,9 +351,13 @@ class Runtime:
         await self._retire_later(entry, old, keep_s)
 
     async def _retire_later(self, entry: ModelEntry, version: str, keep_s: float) -> None:
+        switches = entry.switches
         await asyncio.sleep(keep_s)  # kept warm for an instant rollback until then
-        if version and version != entry.active:
-            await self._retire(entry, version)
+        if not version or version == entry.active:
+            return
+        if version == entry.previous and entry.switches != switches:
+            return  # the previous version again since: that switch's own keep period counts
+        await self._retire(entry, version)
 
     async def _retire(self, entry: ModelEntry, version: str) -> None:
         service = entry.versions.pop(version, None)

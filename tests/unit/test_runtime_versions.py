@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,31 @@ class _Version:
 
     async def stop(self, batch_wait_s: float = 0.0) -> None:
         self.state, self.stopped = ModelState.UNAVAILABLE, True
+
+
+class _Timers:
+    """asyncio for serve.runtime with keep-warm periods that end when the test says so (a
+    watch tick, WATCH_TICK_S = 0 here, just yields)."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[float, list[asyncio.Future[None]]] = {}
+        self.module = types.SimpleNamespace(**vars(asyncio))
+        self.module.sleep = self.sleep
+
+    async def sleep(self, delay: float) -> None:
+        if delay <= 0:
+            return await asyncio.sleep(0)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(delay, []).append(future)
+        await future
+
+    async def end(self, delay: float) -> None:
+        """End every keep-warm period of ``delay`` seconds started so far."""
+        async with asyncio.timeout(10):
+            while not self.waiting.get(delay):
+                await asyncio.sleep(0)
+        for future in self.waiting.pop(delay):
+            future.set_result(None)
 
 
 def _runtime(monkeypatch: pytest.MonkeyPatch, **hooks: Callable[[], None]) -> tuple[Runtime, dict]:
@@ -94,3 +120,53 @@ def test_a_watch_of_a_version_already_replaced_does_not_switch_back_to_an_older_
         return active
 
     assert asyncio.run(main()) == "3"
+
+
+def test_the_previous_version_stays_warm_for_a_watch_that_began_after_an_earlier_keep_period(
+    monkeypatch,
+):
+    """1 → 2 (1 kept warm 100 s), rollback to 1, 2 again (1 kept for its watch): the first keep
+    period ending must not retire version 1, or a failing 2 could not be rolled back."""
+    timers = _Timers()
+    monkeypatch.setattr(serve.runtime, "asyncio", timers.module)
+
+    async def main() -> None:
+        runtime, made = _runtime(monkeypatch)
+        await runtime.rollout(_source("1"), watch_s=0, keep_previous_s=100)
+        await runtime.rollout(_source("2"), watch_s=0, keep_previous_s=100)
+        first_keep = set(runtime._entries["m"].tasks)
+        await runtime.rollback("m", keep_previous_s=200)
+        before = set(runtime._entries["m"].tasks)
+        await runtime.rollout(_source("2"), watch_s=1000, keep_previous_s=300)
+        watch = set(runtime._entries["m"].tasks) - before
+        try:
+            await timers.end(100)  # the keep period of the first rollout
+            await _finished(first_keep)
+            assert _loaded(runtime) == ["1", "2"] and not made["1"].stopped
+            made["2"].failing = True
+            await _finished(watch)
+            assert (_active(runtime), _loaded(runtime)) == ("1", ["1"])
+            await timers.end(200)  # the rollback's keep period of version 2, gone already
+            assert _loaded(runtime) == ["1"]
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
+
+
+def test_the_previous_version_is_retired_when_its_keep_period_ends(monkeypatch):
+    timers = _Timers()
+    monkeypatch.setattr(serve.runtime, "asyncio", timers.module)
+
+    async def main() -> tuple[list[str], list[str], bool]:
+        runtime, made = _runtime(monkeypatch)
+        await runtime.rollout(_source("1"), watch_s=0, keep_previous_s=100)
+        await runtime.rollout(_source("2"), watch_s=0, keep_previous_s=100)
+        kept = _loaded(runtime)
+        await timers.end(100)
+        await _finished(set(runtime._entries["m"].tasks))
+        result = kept, _loaded(runtime), made["1"].stopped
+        await runtime.stop()
+        return result
+
+    assert asyncio.run(main()) == (["1", "2"], ["2"], True)
