@@ -41,8 +41,8 @@ class ModelControl:
         async with self._scanning:  # hashing every bundle takes a while: off the event loop
             sources, refused = await asyncio.to_thread(scan, self._repository, self._cache)
         candidates = [s for s in sources if s.model.name == name]
-        folder = str(self._repository / name)
-        mine = [r for r in refused if f"{folder}/" in r or f"{folder}:" in r]
+        folders = {str(self._repository / name), str((self._repository / name).resolve())}
+        mine = [r for r in refused if any(f"{f}/" in r or f"{f}:" in r for f in folders)]
         if mine and not version:  # the broken one may be the newest: do not pick an older one
             valid = ", ".join(sorted((s.model.version for s in candidates), key=version_order))
             raise InvalidBundleError(

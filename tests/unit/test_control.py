@@ -48,3 +48,22 @@ def test_a_load_without_a_version_is_refused_when_a_bundle_of_the_model_is_broke
     assert runtime.rolled_out == []
     assert asyncio.run(control.load("mlp", "1")) == "1"  # a version asked for by name still loads
     assert runtime.rolled_out == ["1"]
+
+
+def test_a_broken_bundle_is_found_through_a_symlinked_repository_path(tmp_path):
+    """Mounted volumes are often reached through a symbolic link; the refusal names the
+    resolved path, and must still be recognised as this model's."""
+    repo = tmp_path / "repo"
+    _bundle(tmp_path, repo, "1")
+    (_bundle(tmp_path, repo, "2") / "model.onnx").write_bytes(b"half-written")
+    (tmp_path / "link").symlink_to(repo)
+    runtime = _Runtime()
+    control = ModelControl(
+        runtime,  # type: ignore[arg-type]
+        ServerConfig(model_control=True),
+        tmp_path / "link",
+        tmp_path / "cache",
+    )
+    with pytest.raises(InvalidBundleError, match=r"mlp/2: file model\.onnx does not match"):
+        asyncio.run(control.load("mlp"))
+    assert runtime.rolled_out == []
