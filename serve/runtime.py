@@ -38,7 +38,7 @@ WATCH_TICK_S = 0.5
 class ModelEntry:
     name: str
     versions: dict[str, ModelService] = field(default_factory=dict)
-    sources: dict[str, ModelSource] = field(default_factory=dict)
+    sources: dict[str, ModelSource] = field(default_factory=dict)  # loaded, and ``previous``
     active: str = ""
     previous: str = ""
     switches: int = 0  # how many times ``active`` changed: tells a keep period it is stale
@@ -231,8 +231,13 @@ class Runtime:
         entry = self._entries.setdefault(name, ModelEntry(name))
         loaded = entry.sources.get(version)
         if loaded is not None and loaded.bundle_id != source.bundle_id:
+            held = (
+                "is loaded"
+                if version in entry.versions
+                else "is the previous version (kept for a rollback)"
+            )
             raise InvalidBundleError(
-                f"model {name!r} version {version!r} is loaded with different content "
+                f"model {name!r} version {version!r} {held} with different content "
                 f"(bundle {loaded.bundle_id[:12] or 'unverified'}); a version label names one "
                 "bundle: give the new bundle a new version"
             )
@@ -249,7 +254,8 @@ class Runtime:
         if not service.ready:
             reason = service.readiness_reason() or "not ready"
             if version != entry.active:
-                del entry.versions[version], entry.sources[version]
+                del entry.versions[version]
+                _forget_source(entry, version)
                 await service.stop()
                 if not entry.versions:  # a model loaded for the first time: not there at all
                     del self._entries[name]
@@ -279,7 +285,7 @@ class Runtime:
         if service is not None and service.ready:
             self._switch(entry, target, "rollback")
             self._spawn(entry, self._retire_later(entry, entry.previous, keep_previous_s))
-        else:
+        else:  # retired since (its source is kept for this): warmed again, then switched to
             await self._rollout(entry.sources[target], watch_s=0, keep_previous_s=keep_previous_s)
         return target
 
@@ -297,6 +303,9 @@ class Runtime:
                 raise ModelNotFoundError(f"model {name!r} has no version {v!r} loaded")
             if v == entry.active:
                 entry.active = ""
+            if v == entry.previous:  # unloaded on purpose: not a version to roll back to
+                entry.previous = ""
+            _forget_source(entry, v)
             await _drain_removed(service)
         if not entry.versions:
             del self._entries[name]
@@ -305,8 +314,10 @@ class Runtime:
     def _switch(self, entry: ModelEntry, version: str, why: str) -> None:
         if entry.active == version:
             return
+        replaced = entry.previous
         entry.previous, entry.active = entry.active, version  # one step: new calls go to it
         entry.switches += 1
+        _forget_source(entry, replaced)  # no longer a rollback target
         log.info("model %s: version %s → %s (%s)", entry.name, entry.previous, version, why)
         self._changed()
 
@@ -361,10 +372,18 @@ class Runtime:
 
     async def _retire(self, entry: ModelEntry, version: str) -> None:
         service = entry.versions.pop(version, None)
+        _forget_source(entry, version)
         if service is not None:
             log.info("model %s: retiring version %s", entry.name, version)
             await _drain_removed(service)
             self._changed()
+
+
+def _forget_source(entry: ModelEntry, version: str) -> None:
+    """Forget the source of ``version`` once nothing needs it: it is not loaded and not the
+    previous version (a rollback to a previous version retired since rolls its source out)."""
+    if version not in entry.versions and version not in (entry.active, entry.previous):
+        entry.sources.pop(version, None)
 
 
 async def _drain_removed(service: ModelService) -> None:

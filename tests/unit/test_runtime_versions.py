@@ -12,6 +12,7 @@ import pytest
 import serve.runtime
 from serve.bundles.repository import ModelSource
 from serve.config import ModelConfig, TensorSpec
+from serve.errors import InvalidBundleError
 from serve.model_service import ModelState
 from serve.readiness.latency import ModelLatency
 from serve.runtime import Runtime
@@ -24,6 +25,7 @@ class _Version:
 
     def __init__(self, source: ModelSource, on_start: Callable[[], None] | None = None) -> None:
         self.config = source.model
+        self.bundle_id = source.bundle_id
         self.state = ModelState.LOADING
         self.latency = ModelLatency()
         self.failing = False
@@ -170,3 +172,65 @@ def test_the_previous_version_is_retired_when_its_keep_period_ends(monkeypatch):
         return result
 
     assert asyncio.run(main()) == (["1", "2"], ["2"], True)
+
+
+def _rebuilt(version: str) -> ModelSource:
+    """Version ``version`` built again from other files: another bundle under the same label."""
+    return ModelSource(_source(version).model, f"bundle-{version}-rebuilt")
+
+
+def test_a_retired_version_label_can_be_loaded_again_with_a_rebuilt_bundle(monkeypatch):
+    """1 → 2 → 3, each previous version retired: version 1 is nowhere any more, so a rebuilt
+    bundle labelled 1 is not "loaded with different content"."""
+
+    async def main() -> None:
+        runtime, made = _runtime(monkeypatch)
+        try:
+            for version in ("1", "2", "3"):
+                await runtime.rollout(_source(version), watch_s=0, keep_previous_s=0)
+            await _finished(set(runtime._entries["m"].tasks))
+            assert _loaded(runtime) == ["3"]
+            await runtime.rollout(_rebuilt("1"), watch_s=0, keep_previous_s=0)
+            assert (_active(runtime), made["1"].bundle_id) == ("1", "bundle-1-rebuilt")
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
+
+
+def test_an_unloaded_version_label_can_be_loaded_again_with_a_rebuilt_bundle(monkeypatch):
+    async def main() -> None:
+        runtime, made = _runtime(monkeypatch)
+        try:
+            await runtime.rollout(_source("1"), watch_s=0, keep_previous_s=1000)
+            await runtime.rollout(_source("2"), watch_s=0, keep_previous_s=1000)
+            await runtime.unload("m", "1")
+            await runtime.rollout(_rebuilt("1"), watch_s=0, keep_previous_s=1000)
+            assert (_active(runtime), made["1"].bundle_id) == ("1", "bundle-1-rebuilt")
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
+
+
+def test_the_retired_previous_version_stays_the_rollback_target_and_says_so(monkeypatch):
+    """Version 1's keep period ended: a rollback still warms version 1's own bundle again, so
+    a rebuilt bundle under label 1 is refused, saying why (it is not loaded)."""
+
+    async def main() -> None:
+        runtime, made = _runtime(monkeypatch)
+        try:
+            await runtime.rollout(_source("1"), watch_s=0, keep_previous_s=0)
+            await runtime.rollout(_source("2"), watch_s=0, keep_previous_s=0)
+            await _finished(set(runtime._entries["m"].tasks))
+            assert _loaded(runtime) == ["2"]
+            with pytest.raises(InvalidBundleError) as refused:
+                await runtime.rollout(_rebuilt("1"), watch_s=0, keep_previous_s=0)
+            assert "is the previous version (kept for a rollback)" in str(refused.value)
+            assert "is loaded" not in str(refused.value)
+            assert await runtime.rollback("m", keep_previous_s=0) == "1"
+            assert (_active(runtime), made["1"].bundle_id) == ("1", "bundle-1")
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
