@@ -310,6 +310,12 @@ class ModelService:
         self.stats.request_done(False, rows, time.monotonic_ns() - started_ns)
         self._counters.request_failed(outcome(exc))
 
+    def request_abandoned(self, elapsed_ns: int, expired: bool) -> None:
+        """Count a request whose call ended before its answer: at its deadline (``expired``:
+        deadline_exceeded) or cancelled by its caller (cancelled)."""
+        self.stats.request_done(False, 0, elapsed_ns)
+        self._counters.request_failed("deadline_exceeded" if expired else "cancelled")
+
     async def infer(self, request: InferRequest) -> InferResponse:
         started = time.monotonic_ns()
         rows = 0

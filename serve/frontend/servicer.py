@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
+# A call that gRPC (or a relay) ends this close to its deadline ended because of it: the
+# transport's clock and ours reach the deadline a little apart.
+DEADLINE_SLACK_S = 0.01
+
 LOAD_PARAMETERS = ("version", "rollback")
 UNLOAD_PARAMETERS = ("version", "unload_dependents")  # (the last: tritonclient always sends it)
 
@@ -163,8 +167,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request (its ring; relay_wire.RelayRing)."""
         # The hot path: errors are translated inline rather than by the decorator (one coroutine
         # frame less per call), and the common request skips the general types (PlainCodec).
+        started = time.perf_counter_ns()
+        service = None
         try:
-            started = time.perf_counter_ns()
             service = self._runtime.service(request.model_name, request.model_version)
             codec = service.codec
             if codec is None:
@@ -188,8 +193,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             message = codec.encode(request, outputs)
             service.stats.codec_done(decoded - started, time.perf_counter_ns() - answered)
             return message
-        except asyncio.CancelledError:  # the caller went away: its queued request is dropped
-            log.debug("ModelInfer %r: cancelled by its caller", request.model_name)
+        except asyncio.CancelledError:  # the call ended: its queued request is dropped
+            if service is not None:  # (not counted yet: the only awaits are before the answer)
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+                service.request_abandoned(time.perf_counter_ns() - started, expired)
+                log.debug(
+                    "ModelInfer %r: %s",
+                    request.model_name,
+                    "its deadline passed" if expired else "cancelled by its caller",
+                )
             raise
         except Exception as exc:
             await abort_with(context, exc)

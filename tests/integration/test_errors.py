@@ -209,3 +209,41 @@ def test_a_malformed_request_counts_as_that_models_invalid_input(server, client)
     assert _raw_call(server, request).code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _metric(server, invalid) == before + 1
     assert _failed(client, "identity") == failed + 1
+
+
+def test_a_call_that_runs_past_its_deadline_is_counted_as_deadline_exceeded(
+    server, client, spin_iters
+):
+    """gRPC ends a call at its deadline by cancelling its handler: it is still counted, as
+    deadline_exceeded, and in the failure statistics."""
+    expired = 'warmserve_requests_total{code="deadline_exceeded",model="spin"}'
+    before, failed = _metric(server, expired), _failed(client, "spin")
+    status, _ = _status(
+        lambda: client.infer("spin", spin_inputs(spin_iters(3.0)), client_timeout=0.5)
+    )
+    assert status == "StatusCode.DEADLINE_EXCEEDED"
+    wait_until(lambda: _metric(server, expired) >= before + 1, 30, "the expired call counted")
+    assert _metric(server, expired) == before + 1
+    assert _failed(client, "spin") == failed + 1
+
+
+def test_a_call_its_caller_cancels_is_counted_as_cancelled(server, client, spin_iters):
+    """Two slow calls to spin (one batch at a time), cancelled by their caller once one of them
+    waits in the queue: that one at least reached the server, and is counted as cancelled and
+    as a failure (the other may not have reached it yet, if spin was still busy)."""
+    cancelled = 'warmserve_requests_total{code="cancelled",model="spin"}'
+    before, failed = _metric(server, cancelled), _failed(client, "spin")
+    errors: queue.Queue[object] = queue.Queue()
+    calls = [
+        client.async_infer(
+            "spin", spin_inputs(spin_iters(2.0)), lambda result, error: errors.put(error)
+        )
+        for _ in range(2)
+    ]
+    depth = 'warmserve_queue_depth{model="spin"}'
+    wait_until(lambda: _metric(server, depth) >= 1, 30, "a call queued")
+    for call in calls:
+        call.cancel()
+    wait_until(lambda: _metric(server, cancelled) >= before + 1, 30, "the queued call counted")
+    assert _failed(client, "spin") >= failed + 1
+    assert all("CANCELLED" in str(errors.get(timeout=30)) for _ in calls)
