@@ -42,6 +42,7 @@ class ModelEntry:
     active: str = ""
     previous: str = ""
     switches: int = 0  # how many times ``active`` changed: tells a keep period it is stale
+    rolled_back: dict[str, str] = field(default_factory=dict)  # version → why its watch did
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def active_service(self) -> ModelService | None:
@@ -265,12 +266,15 @@ class Runtime:
                 f"model {name!r} version {version!r} did not become ready ({reason}); "
                 f"still serving version {entry.active or 'none'}"
             )
+        entry.rolled_back.pop(version, None)  # rolled out again on purpose: another chance
         self._switch(entry, version, f"rollout (bundle {source.bundle_id[:12] or 'unverified'})")
         if entry.previous:
             self._spawn(entry, self._watch(entry, version, watch_s, keep_previous_s))
 
     async def rollback(self, name: str, *, keep_previous_s: float) -> str:
-        """Return to the previous version: at once if it is still warm, else by a rollout."""
+        """Return to the previous version: at once if it is still warm, else by a rollout.
+        Refused (InvalidBundleError) when the previous version is one its rollout watch rolled
+        back: rolling it out again is a load by version."""
         target: str = await self._control(
             name, "rollback", self._rollback(name, keep_previous_s=keep_previous_s)
         )
@@ -281,6 +285,12 @@ class Runtime:
         if entry is None or not entry.previous:
             raise ModelNotFoundError(f"model {name!r} has no previous version to roll back to")
         target = entry.previous
+        if target in entry.rolled_back:
+            raise InvalidBundleError(
+                f"model {name!r}: not rolling back to version {target!r}: it was rolled back "
+                f"automatically during its rollout watch ({entry.rolled_back[target]}); "
+                f"load version {target!r} explicitly to try it again"
+            )
         service = entry.versions.get(target)
         if service is not None and service.ready:
             self._switch(entry, target, "rollback")
@@ -341,6 +351,7 @@ class Runtime:
         budget = service.config.latency_budget_ms
         loop = asyncio.get_running_loop()
         end = loop.time() + watch_s
+        warned = False
         while loop.time() < end and entry.active == version:
             await asyncio.sleep(WATCH_TICK_S)  # the watch window's period
             if entry.active != version:  # replaced meanwhile (a rollback, a newer rollout)
@@ -356,9 +367,18 @@ class Runtime:
                 log.error(
                     "model %s version %s rolled back to %s: %s", entry.name, version, old, reason
                 )
+                entry.rolled_back[version] = reason
                 self._switch(entry, old, f"automatic rollback: {reason}")
                 await self._retire(entry, version)
                 return
+            if reason and not warned:
+                warned = True  # once per watch: it goes on watching
+                why = "not loaded" if old_service is None else old_service.readiness_reason()
+                log.warning(
+                    "model %s version %s falters in its rollout watch (%s) but version %s is "
+                    "not ready to take over (%s): no automatic rollback, still serving %s",
+                    entry.name, version, reason, old, why or "not ready", version,
+                )  # fmt: skip
         await self._retire_later(entry, old, keep_s)
 
     async def _retire_later(self, entry: ModelEntry, version: str, keep_s: float) -> None:
@@ -384,6 +404,7 @@ def _forget_source(entry: ModelEntry, version: str) -> None:
     previous version (a rollback to a previous version retired since rolls its source out)."""
     if version not in entry.versions and version not in (entry.active, entry.previous):
         entry.sources.pop(version, None)
+        entry.rolled_back.pop(version, None)
 
 
 async def _drain_removed(service: ModelService) -> None:

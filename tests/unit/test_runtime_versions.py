@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import types
 from collections.abc import Callable
 from typing import Any
@@ -234,3 +235,61 @@ def test_the_retired_previous_version_stays_the_rollback_target_and_says_so(monk
             await runtime.stop()
 
     asyncio.run(main())
+
+
+def test_a_rollback_does_not_return_to_the_version_its_watch_rolled_back(monkeypatch):
+    """Version 2 failed its watch and was rolled back to 1, so 2 is now "the previous version":
+    an operator's rollback must not put it back (cold, and with no watch) as if it were good."""
+
+    async def main() -> None:
+        runtime, made = _runtime(monkeypatch)
+        try:
+            await runtime.rollout(_source("1"), watch_s=0, keep_previous_s=1000)
+            await runtime.rollout(_source("2"), watch_s=1000, keep_previous_s=1000)
+            watch = set(runtime._entries["m"].tasks)
+            made["2"].failing = True
+            await _finished(watch)
+            assert (_active(runtime), _loaded(runtime)) == ("1", ["1"])
+            with pytest.raises(InvalidBundleError) as refused:
+                await runtime.rollback("m", keep_previous_s=1000)
+            message = str(refused.value)
+            assert "version '2'" in message and "rolled back automatically" in message
+            assert "probes fail" in message and "load version '2' explicitly" in message
+            assert (_active(runtime), _loaded(runtime)) == ("1", ["1"])
+            made["2"].failing = False  # the operator loads it on purpose: it gets its chance
+            await runtime.rollout(_source("2"), watch_s=0, keep_previous_s=1000)
+            assert await runtime.rollback("m", keep_previous_s=1000) == "1"
+            assert _active(runtime) == "1"
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
+
+
+def test_a_version_failing_its_watch_with_no_ready_version_to_return_to_is_logged(
+    monkeypatch, caplog
+):
+    timers = _Timers()
+    monkeypatch.setattr(serve.runtime, "asyncio", timers.module)
+
+    async def main() -> None:
+        runtime, made = _runtime(monkeypatch)
+        monkeypatch.setattr(serve.runtime, "WATCH_TICK_S", 7)  # a tick ends when the test says
+        try:
+            await runtime.rollout(_source("1"), watch_s=0, keep_previous_s=0)
+            await runtime.rollout(_source("2"), watch_s=1000, keep_previous_s=0)
+            made["1"].failing = made["2"].failing = True
+            await timers.end(7)  # the first tick: version 2 fails, version 1 cannot take over
+            await timers.end(7)  # (the watch is waiting for its next tick: the first is over)
+            await timers.end(7)
+            assert _active(runtime) == "2"
+        finally:
+            await runtime.stop()
+
+    with caplog.at_level(logging.WARNING, logger="serve.runtime"):
+        asyncio.run(main())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # once per watch, not once per tick
+    assert "version 2 falters in its rollout watch (probes fail)" in warnings[0]
+    assert "version 1 is not ready to take over (probes fail)" in warnings[0]
+    assert "no automatic rollback" in warnings[0]
