@@ -7,6 +7,7 @@ import logging
 import signal
 from pathlib import Path
 
+from serve.bundles.cache import BundleCache
 from serve.bundles.repository import scan
 from serve.config import Config, ServerConfig
 from serve.control import ModelControl
@@ -42,15 +43,15 @@ async def serve(config: Config) -> int:
     stays false until every model has a warm worker. With ``frontends > 1`` the port is served
     by that many relay processes that pass each call to this process (serve/supervisor.py).
     """
-    sources, _refused = scan(Path(config.repository), Path(config.cache_dir) / "bundles")
+    cache = BundleCache(Path(config.cache_dir) / "bundles")
+    sources, _refused = scan(Path(config.repository), cache)
+    cache.collect(s.bundle_id for s in sources)  # what earlier runs left that none uses
     if not sources:
         log.warning("no models in %s: the server will never be ready", config.repository)
     runtime = Runtime(
         sources, log_level=config.server.log_level, require_gpu=config.server.require_gpu
     )
-    control = ModelControl(
-        runtime, config.server, Path(config.repository), Path(config.cache_dir) / "bundles"
-    )
+    control = ModelControl(runtime, config.server, Path(config.repository), cache)
     frontend = GrpcFrontend(config.server, runtime, control)
     http = (
         HttpHealth(runtime, frontend.gate, config.server.host, config.server.http_port)
@@ -95,6 +96,7 @@ async def serve(config: Config) -> int:
         if http is not None:
             await http.stop()
         await runtime.stop()
+        cache.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("stopped")

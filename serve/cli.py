@@ -99,6 +99,7 @@ def _bundle_commands(bundle: argparse.ArgumentParser) -> None:
 def _bundle(args: argparse.Namespace) -> int:
     from serve.bundles.archive import SUFFIX, extract_archive, write_archive
     from serve.bundles.build import build_bundle, describe
+    from serve.bundles.cache import BundleCache
     from serve.bundles.verify import verify_bundle
 
     if args.bundle_command == "build":
@@ -109,7 +110,7 @@ def _bundle(args: argparse.Namespace) -> int:
         return 0
     path = Path(args.path)
     if path.suffix == SUFFIX:
-        bundle = extract_archive(path, cache_dir_from_env() / "bundles")
+        bundle = extract_archive(path, BundleCache(cache_dir_from_env() / "bundles"))
     else:
         bundle = verify_bundle(path)
     if args.bundle_command == "verify":

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+from serve.bundles.cache import BundleCache
 from serve.bundles.repository import newest, scan, version_order
 from serve.config import ServerConfig
 from serve.errors import ConfigError, InvalidBundleError, ModelNotFoundError
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 class ModelControl:
     def __init__(
-        self, runtime: Runtime, config: ServerConfig, repository: Path, cache: Path
+        self, runtime: Runtime, config: ServerConfig, repository: Path, cache: BundleCache
     ) -> None:
         self._runtime = runtime
         self._config = config
@@ -40,6 +41,9 @@ class ModelControl:
         self._check_enabled()
         async with self._scanning:  # hashing every bundle takes a while: off the event loop
             sources, refused = await asyncio.to_thread(scan, self._repository, self._cache)
+            # unpacked bundles neither in the repository nor loaded any more: removed
+            in_use = {s.bundle_id for s in sources} | self._runtime.bundles_in_use()
+            await asyncio.to_thread(self._cache.collect, in_use)
         candidates = [s for s in sources if s.model.name == name]
         folders = {str(self._repository / name), str((self._repository / name).resolve())}
         mine = [r for r in refused if any(f"{f}/" in r or f"{f}:" in r for f in folders)]

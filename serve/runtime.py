@@ -3,7 +3,7 @@
 ``Runtime`` is what the gRPC front end adapts, and what an application can use in-process to get
 the same warm pool and batching without a network hop::
 
-    runtime = Runtime(scan(Path("models"), cache)[0])
+    runtime = Runtime(scan(Path("models"), BundleCache(cache_dir / "bundles"))[0])
     await runtime.start()
     response = await runtime.infer(InferRequest("mlp_onnx", [Tensor("INPUT0", Datatype.FP32, x)]))
 
@@ -174,6 +174,11 @@ class Runtime:
         if entry is None:
             raise ModelNotFoundError(f"unknown model {name!r}")
         return list(entry.versions.values())
+
+    def bundles_in_use(self) -> set[str]:
+        """The bundle ids of every loaded version (and of each model's previous version, which
+        a rollback warms up again)."""
+        return {s.bundle_id for e in self._entries.values() for s in e.sources.values()} - {""}
 
     def services(self) -> list[ModelService]:
         return [s for e in self._entries.values() for s in e.versions.values()]

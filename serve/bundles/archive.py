@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from serve.bundles.cache import STAGING_PREFIX, BundleCache
 from serve.bundles.manifest import MANIFEST_FILE, bundle_id
 from serve.bundles.verify import VerifiedBundle, list_files, verify_bundle
 from serve.errors import InvalidBundleError
@@ -43,13 +44,15 @@ def write_archive(bundle: Path, archive: Path) -> Path:
     return archive
 
 
-def extract_archive(archive: Path, cache: Path) -> VerifiedBundle:
+def extract_archive(archive: Path, cache: BundleCache) -> VerifiedBundle:
     """Unpack into ``cache/<bundle id>`` (once) and verify it. A copy there that no longer
-    verifies (changed on disk) is replaced by a fresh one from the archive."""
+    verifies (changed on disk) is replaced by a fresh one from the archive. The entry is held
+    for this process (see ``BundleCache``) from before it is looked at."""
     try:
         with tarfile.open(archive, mode="r:gz") as tar:
             identity = _identity(tar, archive)
-            target = cache / identity
+            cache.hold(identity)
+            target = cache.path(identity)
             if target.is_dir():
                 try:
                     return verify_bundle(target, identity)
@@ -57,7 +60,7 @@ def extract_archive(archive: Path, cache: Path) -> VerifiedBundle:
                     log.warning(
                         "%s: unpacking it again: the cached copy is refused: %s", archive, exc
                     )
-            _unpack(tar, cache, target)
+            _unpack(tar, cache.root, target)
     except (tarfile.TarError, OSError, KeyError) as exc:
         raise InvalidBundleError(f"{archive}: not a readable bundle archive: {exc}") from None
     return verify_bundle(target, identity)
@@ -78,7 +81,7 @@ def _identity(tar: tarfile.TarFile, archive: Path) -> str:
 def _unpack(tar: tarfile.TarFile, cache: Path, target: Path) -> None:
     """Unpack beside ``target`` and rename into place, so no one sees a half-written bundle."""
     cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=cache))
     try:
         tar.extractall(staging / "bundle", filter="data")
         if target.is_dir():  # a copy that failed verification: set aside in one step

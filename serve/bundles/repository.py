@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve.bundles.archive import SUFFIX, extract_archive
+from serve.bundles.cache import BundleCache
 from serve.bundles.manifest import MANIFEST_FILE
 from serve.bundles.verify import verify_bundle
 from serve.config import MODEL_CONFIG_FILE, ModelConfig, load_model_dir
@@ -28,7 +29,7 @@ class ModelSource:
         return self.model.name, self.model.version
 
 
-def load_source(path: Path, cache: Path) -> ModelSource:
+def load_source(path: Path, cache: BundleCache) -> ModelSource:
     """One bundle directory, archive or model folder, verified where it is a bundle."""
     if path.is_file() and path.suffix == SUFFIX:
         bundle = extract_archive(path, cache)
@@ -54,8 +55,9 @@ def _candidates(root: Path) -> list[Path]:
     return found
 
 
-def scan(root: Path, cache: Path) -> tuple[list[ModelSource], list[str]]:
-    """Every loadable source under ``root``, and a message for each one refused."""
+def scan(root: Path, cache: BundleCache) -> tuple[list[ModelSource], list[str]]:
+    """Every loadable source under ``root``, and a message for each one refused. The archives'
+    cache entries are held by this process until a ``cache.collect`` that does not keep them."""
     if not root.is_dir():
         raise InvalidBundleError(f"model repository {root} is not a directory")
     sources: dict[tuple[str, str], ModelSource] = {}

@@ -444,3 +444,48 @@ def test_queued_calls_fail_unavailable_while_replacement_workers_fail_to_start(t
             assert "does not match its sha256" in error.message()
     finally:
         assert server.stop() == 0
+
+
+def test_a_load_frees_the_unpacked_copy_of_a_version_gone_from_the_repository(tmp_path):
+    """A long-lived pod rolls out .wsb after .wsb into a 2 GiB emptyDir: the unpacked copy of a
+    version neither in the repository nor loaded any more is removed; the active one's stays,
+    and so does an unpacking leftover of a killed process until it is an hour old."""
+    from serve.bundles.archive import write_archive
+
+    repo, cache = tmp_path / "repo", tmp_path / "cache"
+    repo.mkdir()
+    first = mlp_bundle(tmp_path, tmp_path / "built", "1")
+    old = write_archive(first.path, repo / "mlp-1.wsb")
+    leftover, recent = cache / "bundles" / ".extract-old", cache / "bundles" / ".extract-new"
+    for folder in (leftover, recent):
+        (folder / "bundle").mkdir(parents=True)
+    os.utime(leftover, (time.time() - 7200, time.time() - 7200))
+    env = {
+        "WARMSERVE_CACHE_DIR": str(cache),
+        "WARMSERVE_KEEP_PREVIOUS_S": "300",
+        "WARMSERVE_ROLLOUT_WATCH_S": "0",
+    }
+    server = ServerProcess(tmp_path / "server.log", repo, args=("--model-control",), env=env)
+    try:
+        server.wait_ready()
+        assert not leftover.exists() and recent.exists()
+        second = mlp_bundle(tmp_path, tmp_path / "built", "2", 1000.0)
+        write_archive(second.path, repo / "mlp-2.wsb")
+        assert _cli("load", "mlp", "--url", server.url).returncode == 0
+        old.unlink()
+        kept = _cli("load", "mlp", "--url", server.url)  # version 1 is loaded (kept warm)
+        assert kept.returncode == 0, kept.stderr
+        assert (cache / "bundles" / first.id).is_dir()
+        unloaded = _cli("unload", "mlp", "--version", "1", "--url", server.url)
+        assert unloaded.returncode == 0, unloaded.stderr
+        assert _cli("load", "mlp", "--url", server.url).returncode == 0
+        entries = sorted(p.name for p in (cache / "bundles").iterdir())
+        assert entries == [".extract-new", second.id, f"{second.id}.lock"]
+        assert f"bundle cache: removed {cache / 'bundles' / first.id} (" in server.log()
+        response = server.client.infer("mlp", _input()[1]).get_response()
+        assert (response.model_version, response.parameters["bundle_id"].string_param) == (
+            "2",
+            second.id,
+        )
+    finally:
+        assert server.stop() == 0

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
+import logging
+import os
 import shutil
+import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
 from serve.bundles.archive import extract_archive, write_archive
 from serve.bundles.build import build_bundle
+from serve.bundles.cache import BundleCache
 from serve.bundles.manifest import MANIFEST_FILE, decode, encode
 from serve.bundles.repository import scan, version_order
 from serve.bundles.verify import list_files, verify_bundle
@@ -103,7 +109,7 @@ def _fields(struct) -> dict:
 
 def test_an_archive_round_trips_and_a_traversal_entry_is_refused(bundle, tmp_path):
     archive = write_archive(bundle, tmp_path / "m.wsb")
-    extracted = extract_archive(archive, tmp_path / "cache")
+    extracted = extract_archive(archive, BundleCache(tmp_path / "cache"))
     assert extracted.id == verify_bundle(bundle).id
     evil = tmp_path / "evil.wsb"
     with tarfile.open(evil, "w:gz") as tar:
@@ -111,7 +117,7 @@ def test_an_archive_round_trips_and_a_traversal_entry_is_refused(bundle, tmp_pat
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(InvalidBundleError, match="unsafe entry"):
-        extract_archive(evil, tmp_path / "cache")
+        extract_archive(evil, BundleCache(tmp_path / "cache"))
 
 
 def test_a_repository_scan_keeps_good_bundles_and_reports_bad_ones(source, tmp_path):
@@ -119,7 +125,7 @@ def test_a_repository_scan_keeps_good_bundles_and_reports_bad_ones(source, tmp_p
     build_bundle(source, repo / "mlp_onnx" / "1")
     bad = build_bundle(source, repo / "other" / "1").path
     (bad / "model.onnx").write_bytes(b"tampered")
-    sources, refused = scan(repo, tmp_path / "cache")
+    sources, refused = scan(repo, BundleCache(tmp_path / "cache"))
     assert [(s.model.name, s.model.version) for s in sources] == [("mlp_onnx", "1")]
     assert len(sources[0].bundle_id) == 64
     assert len(refused) == 1 and "model.onnx does not match" in refused[0]
@@ -165,28 +171,148 @@ def test_two_processes_unpacking_the_same_archive_into_one_cache_both_succeed(
 ):
     """Two servers (or a server and `warmserve bundle verify`) sharing a cache: the one that
     finishes second finds the bundle already in place, which is not a broken archive."""
-    archive, cache = write_archive(bundle, tmp_path / "m.wsb"), tmp_path / "cache"
+    archive, root = write_archive(bundle, tmp_path / "m.wsb"), tmp_path / "cache"
     rename, raced = Path.rename, []
 
     def other_process_first(self: Path, target: Path) -> Path:
         if not raced:
-            raced.append(True)
-            extract_archive(archive, cache)  # the other one finishes while this one unpacks
+            raced.append(True)  # the other one finishes while this one unpacks:
+            extract_archive(archive, BundleCache(root))
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", other_process_first)
-    assert extract_archive(archive, cache).id == verify_bundle(bundle).id
-    assert raced and [p.name for p in cache.iterdir()] == [verify_bundle(bundle).id]
+    assert extract_archive(archive, BundleCache(root)).id == verify_bundle(bundle).id
+    assert raced and _names(root) == _entry(verify_bundle(bundle).id)
 
 
 def test_a_cached_copy_changed_on_disk_is_unpacked_again_from_its_archive(bundle, tmp_path):
     """The archive is good; only the unpacked copy changed (an edit, a tool writing beside the
     code, a bad disk): refusing the archive for ever would need someone to clear the cache."""
-    archive, cache = write_archive(bundle, tmp_path / "m.wsb"), tmp_path / "cache"
+    archive, cache = write_archive(bundle, tmp_path / "m.wsb"), BundleCache(tmp_path / "cache")
     first = extract_archive(archive, cache)
     (first.path / "process.py").write_text("raise SystemExit('changed in the cache')\n")
     (first.path / "extra.txt").write_text("x")
     again = extract_archive(archive, cache)
     assert again.id == first.id and again.path == first.path
     assert (again.path / "process.py").read_bytes() == (bundle / "process.py").read_bytes()
-    assert [p.name for p in cache.iterdir()] == [first.id]
+    assert _names(cache.root) == _entry(first.id)
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _entry(bundle_id: str) -> list[str]:
+    """An unpacked bundle in the cache: its folder, and the lock file its users hold."""
+    return [bundle_id, f"{bundle_id}.lock"]
+
+
+def _other_version(source: Path, tmp_path: Path) -> Path:
+    changed = tmp_path / "src-2"
+    shutil.copytree(source, changed)
+    (changed / "process.py").write_text("def postprocess(outputs):\n    return dict(outputs)\n")
+    return build_bundle(changed, tmp_path / "bundle-2").path
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from serve.bundles.archive import extract_archive
+from serve.bundles.cache import BundleCache
+extract_archive(Path(sys.argv[1]), BundleCache(Path(sys.argv[2])))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_cache_entry_is_removed_once_no_process_uses_it(source, bundle, tmp_path, caplog):
+    """The cache is shared (two servers, a dev machine's ~/.cache): an entry another process
+    holds stays; once that process is gone (killed: the kernel drops its locks), it goes."""
+    root = tmp_path / "cache"
+    old, new = (
+        write_archive(path, tmp_path / f"{n}.wsb")
+        for n, path in (("1", bundle), ("2", _other_version(source, tmp_path)))
+    )
+    cache = BundleCache(root)
+    old_id, new_id = extract_archive(old, cache).id, extract_archive(new, cache).id
+    other = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(old), str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline() == "held\n"
+        cache.collect({new_id})  # version 1 left this process's repository
+        assert _names(root) == sorted(_entry(old_id) + _entry(new_id))
+    finally:
+        other.kill()
+        other.wait(timeout=60)
+    with caplog.at_level(logging.INFO, logger="serve.bundles.cache"):
+        cache.collect({new_id})
+    assert _names(root) == _entry(new_id)
+    assert verify_bundle(root / new_id, new_id).id == new_id  # the one in use is untouched
+    assert f"removed {root / old_id} (" in caplog.text and " MiB), used by no server" in caplog.text
+
+
+def test_a_cache_entry_this_process_uses_or_a_sibling_holds_stays(source, bundle, tmp_path):
+    """flock locks belong to an open file description: two BundleCache objects are two users."""
+    root = tmp_path / "cache"
+    archive = write_archive(bundle, tmp_path / "m.wsb")
+    mine, sibling = BundleCache(root), BundleCache(root)
+    bundle_id = extract_archive(archive, mine).id
+    extract_archive(archive, sibling)
+    mine.collect(set())  # no longer used here; the sibling still uses it
+    assert _names(root) == _entry(bundle_id)
+    sibling.collect({bundle_id})  # still used there: kept, and nothing else to remove
+    assert _names(root) == _entry(bundle_id) and sibling.held() == {bundle_id}
+    sibling.collect(set())
+    assert _names(root) == []
+
+
+def test_unpacking_leftovers_go_after_an_hour_and_other_files_stay(tmp_path):
+    root = tmp_path / "cache"
+    left, unpacking, other = root / ".extract-abc", root / ".extract-def", root / "notes"
+    for folder in (left, unpacking, other):
+        (folder / "bundle").mkdir(parents=True)
+        (folder / "bundle" / "model.onnx").write_bytes(b"x" * 1000)
+    two_hours_ago = time.time() - 7200
+    os.utime(left, (two_hours_ago, two_hours_ago))
+    os.utime(other, (two_hours_ago, two_hours_ago))
+    BundleCache(root).collect(set())
+    assert _names(root) == [".extract-def", "notes"]
+
+
+def test_a_lock_file_unlinked_by_a_collector_before_it_was_locked_is_not_trusted(
+    bundle, tmp_path, monkeypatch
+):
+    """This process opens the entry's lock file; another process's collector removes the entry
+    and unlinks that file; this one's shared lock is then on a file no longer there, which no
+    later collector sees: it must lock the file now at that path, or its entry can be removed
+    while it uses it."""
+    import serve.bundles.cache
+
+    root = tmp_path / "cache"
+    archive = write_archive(bundle, tmp_path / "m.wsb")
+    earlier = BundleCache(root)  # an earlier server's entry
+    bundle_id = extract_archive(archive, earlier).id
+    earlier.close()
+    flock, raced = fcntl.flock, []
+
+    def collected_meanwhile(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_SH and not raced:
+            raced.append(True)
+            BundleCache(root).collect(set())  # between this process's open and its flock
+            assert _names(root) == []
+            passing = BundleCache(root)  # and a process that came and went made a new file
+            passing.hold(bundle_id)
+            passing.close()
+        flock(fd, operation)
+
+    monkeypatch.setattr(serve.bundles.cache.fcntl, "flock", collected_meanwhile)
+    cache = BundleCache(root)
+    assert extract_archive(archive, cache).id == bundle_id and raced
+    monkeypatch.setattr(serve.bundles.cache.fcntl, "flock", flock)
+    BundleCache(root).collect(set())  # a third process collects: this one still uses it
+    assert _names(root) == _entry(bundle_id)
+    assert verify_bundle(root / bundle_id, bundle_id).id == bundle_id

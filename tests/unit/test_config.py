@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from serve.bundles.cache import BundleCache
 from serve.bundles.repository import scan
 from serve.config import load_model_dir, server_config_from_env
 from serve.errors import ConfigError, InvalidBundleError
@@ -57,7 +58,7 @@ def test_two_folders_with_one_model_name_and_version_are_refused(tmp_path):
     _repo(tmp_path)
     other = write_config(tmp_path / "other", BASE)
     (other / "model.onnx").write_bytes(b"")
-    sources, refused = scan(tmp_path, tmp_path / "cache")
+    sources, refused = scan(tmp_path, BundleCache(tmp_path / "cache"))
     assert len(sources) == 1
     assert refused == [f"{tmp_path / 'other'}: m version 1 appears twice"]
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from serve.bundles.archive import write_archive
 from serve.bundles.build import build_bundle
-from serve.bundles.repository import ModelSource
+from serve.bundles.cache import BundleCache
+from serve.bundles.repository import ModelSource, scan
 from serve.config import ServerConfig
 from serve.control import ModelControl
 from serve.errors import InvalidBundleError
@@ -20,9 +22,13 @@ class _Runtime:
 
     def __init__(self) -> None:
         self.rolled_out: list[str] = []
+        self.loaded: set[str] = set()  # bundle ids
 
     async def rollout(self, source: ModelSource, *, watch_s: float, keep_previous_s: float) -> None:
         self.rolled_out.append(source.model.version)
+
+    def bundles_in_use(self) -> set[str]:
+        return set(self.loaded)
 
 
 def _bundle(tmp: Path, repo: Path, version: str) -> Path:
@@ -41,7 +47,7 @@ def test_a_load_without_a_version_is_refused_when_a_bundle_of_the_model_is_broke
         runtime,  # type: ignore[arg-type]
         ServerConfig(model_control=True),
         repo,
-        tmp_path / "cache",
+        BundleCache(tmp_path / "cache"),
     )
     with pytest.raises(InvalidBundleError, match=r"mlp/2: file model\.onnx does not match"):
         asyncio.run(control.load("mlp"))
@@ -62,8 +68,46 @@ def test_a_broken_bundle_is_found_through_a_symlinked_repository_path(tmp_path):
         runtime,  # type: ignore[arg-type]
         ServerConfig(model_control=True),
         tmp_path / "link",
-        tmp_path / "cache",
+        BundleCache(tmp_path / "cache"),
     )
     with pytest.raises(InvalidBundleError, match=r"mlp/2: file model\.onnx does not match"):
         asyncio.run(control.load("mlp"))
     assert runtime.rolled_out == []
+
+
+def test_a_load_frees_the_cache_entries_of_archives_gone_from_the_repository(tmp_path):
+    """A long-lived pod rolls out .wsb after .wsb into a 2 GiB emptyDir: the unpacked copies
+    of versions neither in the repository nor loaded any more must not pile up."""
+    repo, root = tmp_path / "repo", tmp_path / "cache"
+    repo.mkdir()
+    archives = {}
+    for version in ("1", "2", "3"):
+        archives[version] = repo / f"mlp-{version}.wsb"
+        write_archive(_bundle(tmp_path, tmp_path / "built", version), archives[version])
+    runtime = _Runtime()
+    control = ModelControl(
+        runtime,  # type: ignore[arg-type]
+        ServerConfig(model_control=True),
+        repo,
+        BundleCache(root),
+    )
+    assert asyncio.run(control.load("mlp")) == "3"
+    ids = {s.model.version: s.bundle_id for s in control_sources(repo, root)}
+    runtime.loaded = {ids["2"]}  # version 2 still loaded (kept warm, say)
+    archives["1"].unlink()
+    archives["2"].unlink()
+    assert asyncio.run(control.load("mlp")) == "3"
+    kept = {p.name for p in root.iterdir() if not p.name.endswith(".lock")}
+    assert kept == {ids["2"], ids["3"]}
+    runtime.loaded = set()  # version 2 retired
+    asyncio.run(control.load("mlp"))
+    assert sorted(p.name for p in root.iterdir()) == [ids["3"], f"{ids['3']}.lock"]
+
+
+def control_sources(repo: Path, root: Path) -> list[ModelSource]:
+    """The sources a scan finds, through a cache object of its own (closed: holds nothing)."""
+    cache = BundleCache(root)
+    try:
+        return scan(repo, cache)[0]
+    finally:
+        cache.close()
