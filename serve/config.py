@@ -21,6 +21,7 @@ MODEL_CONFIG_FILE = "model.toml"
 LIVENESS_SERVICE = "liveness"  # gRPC health service names the server itself answers
 READINESS_SERVICE = "readiness"
 RESERVED_NAMES = (LIVENESS_SERVICE, READINESS_SERVICE)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 Backend = Literal["onnx", "torch"]
 
 
@@ -255,6 +256,11 @@ def validate_server(server: ServerConfig) -> None:
     """Raise ConfigError for settings that cannot work."""
     if server.frontends < 1:
         raise ConfigError(f"frontends must be >= 1, got {server.frontends}")
+    if server.log_level.upper() not in LOG_LEVELS:  # (logging would refuse it with a traceback)
+        raise ConfigError(
+            f"log_level (--log-level, WARMSERVE_LOG_LEVEL) must be one of {', '.join(LOG_LEVELS)}"
+            f" (any case), got {server.log_level!r}"
+        )
     if server.relay_ring_slots < 0:
         raise ConfigError(
             f"relay_ring_slots (WARMSERVE_RELAY_RING_SLOTS) must be >= 0 (0: no ring), "

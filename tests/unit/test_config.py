@@ -117,3 +117,22 @@ def test_the_require_gpu_flag_reaches_the_server_config(monkeypatch):
     assert cli.main(["serve", "--require-gpu"]) == 2
     assert cli.main(["serve"]) == 2
     assert seen == [True, None]  # None: the environment decides
+
+
+@pytest.mark.parametrize("level", ["verbose", "TRACE", ""])
+def test_an_unknown_log_level_is_refused_naming_the_levels(level):
+    with pytest.raises(ConfigError, match=r"log_level .* one of DEBUG, INFO, WARNING, ERROR"):
+        server_config_from_env(log_level=level)
+
+
+def test_an_unknown_log_level_is_a_clear_error_from_the_command_line(capsys, tmp_path):
+    from serve import cli
+
+    missing = str(tmp_path / "missing")  # (without the check, the start ends there instead)
+    assert cli.main(["serve", "--log-level", "verbose", "--repository", missing]) == 2
+    assert "WARMSERVE_LOG_LEVEL) must be one of" in capsys.readouterr().err
+
+
+def test_a_log_level_in_any_case_is_taken(monkeypatch):
+    monkeypatch.setenv("WARMSERVE_LOG_LEVEL", "debug")
+    assert server_config_from_env().log_level == "debug"
