@@ -256,6 +256,11 @@ def validate_server(server: ServerConfig) -> None:
     """Raise ConfigError for settings that cannot work."""
     if server.frontends < 1:
         raise ConfigError(f"frontends must be >= 1, got {server.frontends}")
+    if server.max_message_bytes <= 0:  # (gRPC takes -1 as no limit, 0 refuses every call)
+        raise ConfigError(
+            "max_message_bytes (--max-message-bytes, WARMSERVE_MAX_MESSAGE_BYTES) must be > 0, "
+            f"got {server.max_message_bytes}"
+        )
     if server.log_level.upper() not in LOG_LEVELS:  # (logging would refuse it with a traceback)
         raise ConfigError(
             f"log_level (--log-level, WARMSERVE_LOG_LEVEL) must be one of {', '.join(LOG_LEVELS)}"

@@ -136,3 +136,11 @@ def test_an_unknown_log_level_is_a_clear_error_from_the_command_line(capsys, tmp
 def test_a_log_level_in_any_case_is_taken(monkeypatch):
     monkeypatch.setenv("WARMSERVE_LOG_LEVEL", "debug")
     assert server_config_from_env().log_level == "debug"
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_a_max_message_size_that_is_not_positive_is_refused(value):
+    """gRPC reads -1 as no limit at all (a request of any size is read into memory), and 0
+    refuses every request."""
+    with pytest.raises(ConfigError, match=r"max_message_bytes .* must be > 0"):
+        server_config_from_env(max_message_bytes=value)
