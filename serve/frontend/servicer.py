@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TypeAlias, cast
 import grpc
 
 from serve.control import ModelControl
-from serve.errors import InvalidInputError, ModelNotReadyError, ServeError
+from serve.errors import InvalidInputError, ServeError
 from serve.frontend import metadata
 from serve.frontend.convert import (
     PlainCodec,
@@ -110,10 +110,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors
     async def ModelReady(self, request: Any, context: Context) -> Any:
-        try:
-            self._runtime.service(request.name, request.version)  # NOT_FOUND for unknown ones
-        except ModelNotReadyError:  # known, still loading (no active version yet): not ready
-            return pb.ModelReadyResponse(ready=False)
+        # Triton's contract, which its clients and KServe tooling rely on: a model (or version)
+        # that is not loaded, was unloaded or never existed is not ready (ready=false), not an
+        # error. Inference and metadata calls for it answer NOT_FOUND with the reason.
         ready = self._runtime.model_ready(request.name, request.version)
         return pb.ModelReadyResponse(ready=self._gate.open and ready)
 

@@ -269,6 +269,7 @@ def test_a_tampered_new_version_is_refused_naming_the_file_and_unload_stops_a_mo
         assert unloaded.returncode == 0, unloaded.stderr
         with pytest.raises(triton.InferenceServerException, match="NOT_FOUND"):
             server.client.infer("mlp", inputs)
+        assert not server.client.is_model_ready("mlp")  # unloaded: not ready (Triton's answer)
         assert server.client.get_model_repository_index().models == []
     finally:
         assert server.stop() == 0
