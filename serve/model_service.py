@@ -117,6 +117,15 @@ class ModelService:
         )
 
     @property
+    def device(self) -> str:
+        """Where this version runs: what its warm workers report ("cpu", "cuda:0"; a model's
+        "auto" resolved), else the configured device."""
+        for worker in self.pool.warm_workers():
+            if worker.ready is not None:
+                return worker.ready.device
+        return self.config.device
+
+    @property
     def can_serve(self) -> bool:
         """At least one warm worker (traffic is still served below the warm floor)."""
         return self.state is ModelState.READY and self.pool.has_warm()

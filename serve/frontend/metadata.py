@@ -45,14 +45,16 @@ def _data_type(datatype: str) -> str:
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
 
 
-def model_config(model: ModelConfig) -> Any:
-    """Triton's model configuration (what perf_analyzer needs to drive the model)."""
-    gpu = model.device.startswith("cuda")
+def model_config(model: ModelConfig, device: str = "") -> Any:
+    """Triton's model configuration (what perf_analyzer needs to drive the model). ``device``:
+    where the model runs (its workers' report), when known; else its configured device."""
+    device = device or model.device
+    gpu = device.startswith("cuda")
     group = mc.ModelInstanceGroup(
         name=model.name,
         count=model.pool.workers,
         kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
-        gpus=[int(model.device.partition(":")[2])] if gpu else [],
+        gpus=[int(device.partition(":")[2] or 0)] if gpu else [],
     )
     config = mc.ModelConfig(
         name=model.name,

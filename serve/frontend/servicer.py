@@ -128,7 +128,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors
     async def ModelConfig(self, request: Any, context: Context) -> Any:
-        return metadata.model_config(self._runtime.service(request.name, request.version).config)
+        service = self._runtime.service(request.name, request.version)
+        return metadata.model_config(service.config, service.device)
 
     @translate_errors
     async def ModelStatistics(self, request: Any, context: Context) -> Any:
