@@ -108,7 +108,11 @@ class BatchExecutor(Protocol):
 
 
 class BatchObserver(Protocol):
-    """Told about every dispatched batch (statistics); must not raise."""
+    """Told about every dispatched batch (statistics); must not raise. ``queue_ns``: the time
+    in the queue of each of the batch's requests that this batch ends (answered or failed for
+    good), summed over every wait of a request that ran before (a batch lost with its worker,
+    or a merged batch rerun one request at a time); a request that runs again is left out here
+    and counted with its last batch, so each request's queue time is counted once."""
 
     def batch_done(
         self, rows: int, requests: int, queue_ns: Sequence[int], result: BatchResult | None
@@ -126,19 +130,22 @@ class _Pending:
     lost: WorkerLostError | None = None  # set once the request's batch died with its worker
     retry_until: float = 0.0  # a retried request waits for a worker at most until then
     alone: bool = False  # its merged batch failed: it runs in a batch of its own
+    queued_ns: int = 0  # its time in the queue so far, over every wait (a rerun waits again)
+    requeued: float = 0.0  # when it was put back in the queue to run again (0: never)
 
 
 class _Batch:
     """One dispatched batch; its reply arrives through __call__ (the lease's callback)."""
 
-    __slots__ = ("batcher", "items", "queue_ns", "row_counts", "rows")
+    __slots__ = ("batcher", "items", "row_counts", "rows")
 
     def __init__(self, batcher: DynamicBatcher, items: list[_Pending], start: float) -> None:
         self.batcher = batcher
         self.items = items
         self.row_counts = [i.rows for i in items]
         self.rows = sum(self.row_counts)
-        self.queue_ns = [int((start - i.enqueued) * 1e9) for i in items]
+        for item in items:  # (the wait that ends now; a rerun's began when it was requeued)
+            item.queued_ns += int((start - (item.requeued or item.enqueued)) * 1e9)
 
     def __call__(self, outcome: BatchResult | BaseException) -> None:
         try:
@@ -440,6 +447,7 @@ class DynamicBatcher:
     def _finished(self, batch: _Batch, outcome: BatchResult | BaseException) -> None:
         self._inflight.discard(batch)
         result = outcome if isinstance(outcome, BatchResult) else None
+        again: list[_Pending] = []  # requests that run again: their queue time counts later
         if result is not None:
             try:
                 parts = split(result.outputs, batch.row_counts)
@@ -453,38 +461,41 @@ class DynamicBatcher:
                     if not item.future.done():
                         item.future.set_result(part)
         elif isinstance(outcome, WorkerLostError):
-            self._retry(batch.items, outcome)
-        elif isinstance(outcome, InvalidInputError | ModelExecutionError) and self._isolate(
-            batch.items, outcome
-        ):
-            pass  # each of its requests runs again on its own
+            again = self._retry(batch.items, outcome)
+        elif isinstance(outcome, InvalidInputError | ModelExecutionError) and len(batch.items) > 1:
+            again = self._isolate(batch.items, outcome)  # each runs again on its own
         else:
             assert isinstance(outcome, BaseException)
             self._fail(batch.items, outcome)
         if self._observer is not None:
-            self._observer.batch_done(batch.rows, len(batch.items), batch.queue_ns, result)
+            ended = [i for i in batch.items if i not in again] if again else batch.items
+            queue_ns = [i.queued_ns for i in ended]
+            self._observer.batch_done(batch.rows, len(batch.items), queue_ns, result)
         self._kick()
         self._check_idle()
 
-    def _retry(self, items: list[_Pending], lost: WorkerLostError) -> None:
+    def _retry(self, items: list[_Pending], lost: WorkerLostError) -> list[_Pending]:
         """Requeue a batch whose worker died, at the front, once: inference is idempotent, so a
         second run is safe; a second loss is final. A retried request waits for a worker at most
-        until its deadline, or RETRY_WAIT_S without one."""
+        until its deadline, or RETRY_WAIT_S without one. The requests requeued."""
         live = [i for i in items if not i.future.done()]
         again = [i for i in live if i.lost is None] if self._running else []
         self._fail([i for i in live if i not in again], lost)
         if not again:
-            return
+            return again
         log.warning("model %s: %s; retrying its %d requests once", self._name, lost, len(again))
-        until = time.monotonic() + RETRY_WAIT_S
+        now = time.monotonic()
+        until = now + RETRY_WAIT_S
         for item in reversed(again):
             item.lost = lost
             item.retry_until = until
+            item.requeued = now
             self._queue.appendleft(item)
         self._is_idle = False
         self._idle.clear()
         if self._loop is not None:  # expire them if no worker takes them in time
             self._loop.call_later(RETRY_WAIT_S, self._kick)
+        return again
 
     def _abandon(self, batch: _Batch, exc: Exception) -> None:
         """Handling ``batch``'s outcome raised: fail its callers still waiting with that error
@@ -500,13 +511,15 @@ class DynamicBatcher:
         self._kick()
         self._check_idle()
 
-    def _isolate(self, items: list[_Pending], error: ServeError) -> bool:
+    def _isolate(self, items: list[_Pending], error: ServeError) -> list[_Pending]:
         """A merged batch failed in the worker (one request's bad data, say, that passed the
         front end's checks but not the preprocessing or the model): run each of its requests
         again in a batch of its own, at the front of the queue, so that only the request at fault
-        gets the error and the others their results. False (fail them all) for a batch of one."""
-        if len(items) < 2 or not self._running:
-            return False
+        gets the error and the others their results. The requests requeued; stopping, none
+        (all of them fail with ``error``)."""
+        if not self._running:
+            self._fail(items, error)
+            return []
         live = [i for i in items if not i.future.done()]
         log.warning(
             "model %s: a batch of %d requests failed (%s); running each on its own so that only "
@@ -515,13 +528,15 @@ class DynamicBatcher:
             len(items),
             error,
         )
+        now = time.monotonic()
         for item in reversed(live):
             item.alone = True
+            item.requeued = now
             self._queue.appendleft(item)
         if live:
             self._is_idle = False
             self._idle.clear()
-        return True
+        return live
 
     def _expired(self, item: _Pending, now: float) -> bool:
         """Fail ``item`` if its deadline has passed or, retried, it found no worker in time."""

@@ -81,11 +81,14 @@ class ModelStats:
     def batch_done(
         self, rows: int, requests: int, queue_ns: Sequence[int], result: BatchResult | None
     ) -> None:
+        # Queue time as Triton counts it: once per request, with the batch that answered it
+        # (perf_analyzer divides it by the success count). A request of a failed batch counts
+        # in ``fail`` alone; one that runs again is not in ``queue_ns`` until its last batch.
+        if result is None:
+            return
         queue = self.queue
         queue.count += len(queue_ns)
         queue.ns += queue_ns[0] if len(queue_ns) == 1 else sum(queue_ns)
-        if result is None:
-            return
         self.execution_count += 1
         t = result.timings_ns
         if not t:

@@ -18,6 +18,7 @@ from serve.errors import (
     QueueFullError,
     WorkerLostError,
 )
+from serve.telemetry.stats import ModelStats
 
 
 class FakeLease:
@@ -241,12 +242,12 @@ def test_requests_that_queue_behind_a_busy_worker_leave_together_when_it_frees()
         np.testing.assert_array_equal(out, np.full((1, 2), 2.0 * i))
 
 
-def _merged_behind_a_busy_worker(pool: FakePool, values: list[float]):
+def _merged_behind_a_busy_worker(pool: FakePool, values: list[float], observer=None):
     """Submit one request that takes the only slot, then ``values`` (one request each) that
     queue behind it and leave together as one batch when it finishes."""
 
     async def main():
-        batcher = make(pool, max_batch_size=8)
+        batcher = make(pool, max_batch_size=8, observer=observer)
         batcher.start()
         pool.gate.clear()
         first = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
@@ -319,11 +320,11 @@ def test_a_batch_lost_with_its_worker_is_retried_once():
     assert out.tolist() == [[2.0]]
 
 
-def _submit_one(pool: FakePool) -> None:
+def _submit_one(pool: FakePool, observer=None) -> None:
     """One request through a fresh batcher on ``pool``; whatever it raises propagates."""
 
     async def main():
-        batcher = make(pool)
+        batcher = make(pool, observer=observer)
         batcher.start()
         try:
             await batcher.submit([np.ones((1, 1), np.float32)], 1, None)
@@ -642,3 +643,61 @@ def test_a_hold_ends_as_soon_as_the_rows_it_waits_for_are_there():
     held, sent, pool = run(main())
     assert held == 0 and sent == 1, "the hold waited for its timer though its rows were there"
     assert [b[0].shape[0] for b in pool.batches] == [4]
+
+
+class QueueTimes:
+    """A batch observer that records the queue times it is told, batch by batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, list[int], bool]] = []  # requests, queue_ns, succeeded
+
+    def batch_done(self, rows, requests, queue_ns, result) -> None:
+        self.batches.append((requests, list(queue_ns), result is not None))
+
+    @property
+    def counted(self) -> int:
+        return sum(len(queue_ns) for _, queue_ns, _ in self.batches)
+
+
+class Observers:
+    def __init__(self, *observers) -> None:
+        self.observers = observers
+
+    def batch_done(self, *args) -> None:
+        for observer in self.observers:
+            observer.batch_done(*args)
+
+
+def test_a_request_retried_after_its_worker_died_counts_its_queue_time_once():
+    pool = FakePool()
+    pool.errors = [WorkerLostError("worker #1 died")]
+    stats, times = ModelStats(), QueueTimes()
+    _submit_one(pool, Observers(stats, times))
+    assert len(pool.batches) == 2, "the lost batch ran again"
+    assert [(n, len(q), ok) for n, q, ok in times.batches] == [(1, 0, False), (1, 1, True)]
+    assert stats.queue.count == 1 and stats.execution_count == 1
+    assert all(ns >= 0 for ns in times.batches[1][1])
+
+
+def test_requests_of_a_merged_batch_run_again_alone_count_their_queue_time_once():
+    pool = FakePool()
+    stats, times = ModelStats(), QueueTimes()
+    outcomes = _merged_behind_a_busy_worker(pool, [3.0, -1.0, 5.0], Observers(stats, times))
+    assert isinstance(outcomes[2], ModelExecutionError)
+    assert len(pool.batches) == 5  # [1], [3, -1, 5], [3], [-1], [5]
+    # every request's queue time is told once, with the batch that ended it ...
+    assert times.counted == 4
+    assert [len(q) for _, q, _ in times.batches] == [1, 0, 1, 1, 1]
+    # ... and ModelStatistics counts it for the requests answered, as Triton does (the one
+    # that failed counts as a failure only): queue.count never exceeds the requests answered
+    assert stats.queue.count == 3 and stats.execution_count == 3
+
+
+def test_a_failed_batch_counts_its_requests_queue_time_nowhere_in_the_statistics():
+    pool = FakePool()
+    pool.error = ModelExecutionError("broken model")
+    stats, times = ModelStats(), QueueTimes()
+    with pytest.raises(ModelExecutionError):
+        _submit_one(pool, Observers(stats, times))
+    assert times.counted == 1  # (the latency windows still see its wait)
+    assert stats.queue.count == 0 and stats.execution_count == 0
