@@ -4,14 +4,18 @@
 Prometheus exposition.
 
 200 means yes, 503 no, 404 an unknown model. The server reads one request head (bounded in
-size and time), answers, and closes the connection.
+size and time), answers (bounded in time: a client that does not read its answer, a stuck
+scraper, has its connection cut), and closes the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
+import struct
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -23,6 +27,10 @@ log = logging.getLogger(__name__)
 
 HEAD_LIMIT = 8192
 READ_TIMEOUT_S = 5.0
+# How long an answer may take to be taken by its client (a /metrics page is ~100 KiB; a
+# Prometheus scrape's own timeout is 10 s by default). Past it the connection is cut: a client
+# that stopped reading would otherwise hold the connection and the answer's buffer for ever.
+WRITE_TIMEOUT_S = 10.0
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -98,6 +106,7 @@ class HttpHealth:
         return 404, {"error": f"no route {path}"}
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        method, path = "GET", "(a malformed request)"
         try:
             async with asyncio.timeout(READ_TIMEOUT_S):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -120,9 +129,32 @@ class HttpHealth:
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
         ).encode() + (payload if method != "HEAD" else b"")
         try:
-            writer.write(response)
-            await writer.drain()
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                writer.write(response)
+                writer.close()  # once every byte of the answer has left ...
+                await writer.wait_closed()  # ... which a client that does not read never lets
         except ConnectionError:
             pass
+        except TimeoutError:
+            log.warning(
+                "HTTP health: %s did not take its %d-byte answer to %s %s within %g s; "
+                "cutting the connection",
+                writer.get_extra_info("peername"),
+                len(response),
+                method,
+                path,
+                WRITE_TIMEOUT_S,
+            )
+            _cut(writer)
         finally:
             writer.close()
+
+
+def _cut(writer: asyncio.StreamWriter) -> None:
+    """Drop a connection at once with what it still has to send, in the process and in the
+    kernel: a reset (SO_LINGER 0), not a FIN queued behind bytes the client never takes."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # (already gone: the abort is all there is to do)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
