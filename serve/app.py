@@ -53,6 +53,8 @@ async def serve(config: Config) -> int:
     )
     control = ModelControl(runtime, config.server, Path(config.repository), cache)
     frontend = GrpcFrontend(config.server, runtime, control)
+    budget = frontend.budget
+    runtime.metrics.watch_inflight(lambda: (budget.held, budget.limit))
     http = (
         HttpHealth(runtime, frontend.gate, config.server.host, config.server.http_port)
         if config.server.http_port >= 0

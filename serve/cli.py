@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)"
     )
+    serve.add_argument(
+        "--max-inflight-bytes",
+        type=int,
+        help="bytes of requests held at once, server-wide; beyond: RESOURCE_EXHAUSTED (1 GiB)",
+    )
     serve.add_argument("--grace-period", type=float, help="seconds in-flight calls get on SIGTERM")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     serve.add_argument(
@@ -172,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             drain_delay_s=args.drain_delay,
             model_control=args.model_control,
             max_message_bytes=args.max_message_bytes,
+            max_inflight_bytes=args.max_inflight_bytes,
             grace_period_s=args.grace_period,
             log_level=args.log_level,
             require_gpu=args.require_gpu,

@@ -124,6 +124,12 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     http_port: int = 8000  # plain-HTTP health endpoints and /metrics; -1 disables them
     health_port: int = -1  # a separate plaintext gRPC port with only grpc.health.v1; -1: none
     max_message_bytes: int = 64 * 1024 * 1024
+    # Bytes of inference requests the serving process holds at once, server-wide, from their
+    # decoding to their answer (decoded size: BYTES elements cost several times their wire
+    # size); a request that would go over is refused RESOURCE_EXHAUSTED at once. 1 GiB: an
+    # eighth of the pod's 8 GiB limit, which also holds the workers, their shared memory and
+    # the answers; 16 requests of the largest message size.
+    max_inflight_bytes: int = 1 << 30
     grace_period_s: float = 10.0  # in-flight calls get this long to finish on SIGTERM
     drain_delay_s: float = 0.0  # on SIGTERM: NOT_SERVING first, keep serving this long, then stop
     model_control: bool = False  # allow RepositoryModelLoad / Unload (rollouts, rollbacks)
@@ -233,6 +239,7 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
         "rollout_watch_s": "WARMSERVE_ROLLOUT_WATCH_S",
         "keep_previous_s": "WARMSERVE_KEEP_PREVIOUS_S",
         "max_message_bytes": "WARMSERVE_MAX_MESSAGE_BYTES",
+        "max_inflight_bytes": "WARMSERVE_MAX_INFLIGHT_BYTES",
         "grace_period_s": "WARMSERVE_GRACE_PERIOD_S",
         "log_level": "WARMSERVE_LOG_LEVEL",
         "require_gpu": "WARMSERVE_REQUIRE_GPU",
@@ -260,6 +267,11 @@ def validate_server(server: ServerConfig) -> None:
         raise ConfigError(
             "max_message_bytes (--max-message-bytes, WARMSERVE_MAX_MESSAGE_BYTES) must be > 0, "
             f"got {server.max_message_bytes}"
+        )
+    if server.max_inflight_bytes <= 0:  # (0 would refuse every request; no "no limit" value)
+        raise ConfigError(
+            "max_inflight_bytes (--max-inflight-bytes, WARMSERVE_MAX_INFLIGHT_BYTES) must be > 0, "
+            f"got {server.max_inflight_bytes}"
         )
     if server.log_level.upper() not in LOG_LEVELS:  # (logging would refuse it with a traceback)
         raise ConfigError(

@@ -27,6 +27,11 @@ class QueueFullError(ServeError):
     """The model's queue is at capacity; the caller should back off and retry."""
 
 
+class InflightLimitError(QueueFullError):
+    """The server holds as many bytes of requests in flight as its budget allows (or this one
+    request needs more than the whole budget); the caller should back off and retry."""
+
+
 class DeadlineExceededError(ServeError):
     """The request's deadline passed before its result was ready; it was not computed."""
 

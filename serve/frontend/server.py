@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2_grpc
 from serve.config import ServerConfig
 from serve.control import ModelControl
 from serve.errors import ConfigError
+from serve.frontend.admission import InflightBudget
 from serve.frontend.convert import loopback_request
 from serve.frontend.gate import ReadinessGate
 from serve.frontend.health import HealthService
@@ -28,7 +29,8 @@ class GrpcFrontend:
         self._config = config
         self._runtime = runtime
         self.gate = ReadinessGate()
-        self.servicer = InferenceServicer(runtime, self.gate, control)
+        self.budget = InflightBudget(config.max_inflight_bytes)
+        self.servicer = InferenceServicer(runtime, self.gate, control, self.budget)
         self.health = HealthService(runtime, self.gate)
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -53,7 +55,20 @@ class GrpcFrontend:
         self._server = server
         if self._config.health_port >= 0:
             await self._start_health_server()
-        log.info("gRPC listening on %s:%d (max message %d bytes)", host, self.port, limit)
+        log.info(
+            "gRPC listening on %s:%d (max message %d bytes; requests in flight up to %d bytes)",
+            host,
+            self.port,
+            limit,
+            self.budget.limit,
+        )
+        if self.budget.limit < limit:
+            log.warning(
+                "max_inflight_bytes (%d) is below max_message_bytes (%d): requests that large "
+                "will be refused (RESOURCE_EXHAUSTED) however idle the server is",
+                self.budget.limit,
+                limit,
+            )
 
     async def _start_health_server(self) -> None:
         """Health alone on its own plaintext port (probes keep working if the main port has TLS)."""

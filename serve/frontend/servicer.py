@@ -14,8 +14,9 @@ from typing import Any, NoReturn, TypeAlias, cast
 import grpc
 
 from serve.control import ModelControl
-from serve.errors import InvalidInputError, ServeError
+from serve.errors import InflightLimitError, InvalidInputError, ServeError
 from serve.frontend import metadata
+from serve.frontend.admission import InflightBudget, Source, held_bytes
 from serve.frontend.convert import (
     PlainCodec,
     infer_request_from_pb,
@@ -95,10 +96,17 @@ class _StreamCall:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, runtime: Runtime, gate: ReadinessGate, control: ModelControl) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        gate: ReadinessGate,
+        control: ModelControl,
+        budget: InflightBudget,
+    ) -> None:
         self._runtime = runtime
         self._gate = gate
         self._control = control
+        self._budget = budget  # request bytes in flight, server-wide (every ModelInfer)
 
     @translate_errors
     async def ServerLive(self, request: Any, context: Context) -> Any:
@@ -169,6 +177,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # frame less per call), and the common request skips the general types (PlainCodec).
         started = time.perf_counter_ns()
         service = None
+        held = 0  # bytes of the in-flight budget this request holds, once admitted
         try:
             service = self._runtime.service(request.model_name, request.model_version)
             codec = service.codec
@@ -179,9 +188,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if plain is None:
                 return await self._infer(service, request, context, raw_inputs, started)
             arrival = time.monotonic_ns()
+            inputs, rows = plain
+            source = Source.RAW if raw_inputs is None else Source.RING
+            held = self._admit(service, inputs, source, arrival)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
-            inputs, rows = plain
             decoded = time.perf_counter_ns()
             try:
                 outputs = await service.submit(inputs, rows, deadline)
@@ -195,17 +206,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return message
         except asyncio.CancelledError:  # the call ended: its queued request is dropped
             if service is not None:  # (not counted yet: the only awaits are before the answer)
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-                service.request_abandoned(time.perf_counter_ns() - started, expired)
-                log.debug(
-                    "ModelInfer %r: %s",
-                    request.model_name,
-                    "its deadline passed" if expired else "cancelled by its caller",
-                )
+                self._abandoned(service, request, context, started)
             raise
         except Exception as exc:
             await abort_with(context, exc)
+        finally:
+            self._budget.release(held)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: Context
@@ -230,8 +236,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for message in answer_concurrently(request_iterator, answer):
             yield message
 
-    @staticmethod
     async def _infer(
+        self,
         service: ModelService,
         request: Any,
         context: Context,
@@ -245,9 +251,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except ServeError as exc:  # malformed: counted as the signature check's refusals are
             service.request_failed(arrival, 0, exc)
             raise
-        decoded = time.perf_counter_ns()
-        response = await service.infer(infer_request)
-        answered = time.perf_counter_ns()
-        message = infer_response_to_pb(response)
-        service.stats.codec_done(decoded - started, time.perf_counter_ns() - answered)
-        return message
+        if raw_inputs is not None:
+            source = Source.RING
+        else:
+            source = Source.RAW if request.raw_input_contents else Source.TYPED
+        held = self._admit(service, [t.data for t in infer_request.inputs], source, arrival)
+        try:
+            decoded = time.perf_counter_ns()
+            response = await service.infer(infer_request)
+            answered = time.perf_counter_ns()
+            message = infer_response_to_pb(response)
+            service.stats.codec_done(decoded - started, time.perf_counter_ns() - answered)
+            return message
+        finally:
+            self._budget.release(held)
+
+    def _admit(
+        self, service: ModelService, inputs: Sequence[Any], source: Source, arrival: int
+    ) -> int:
+        """Admit a decoded request to the in-flight budget: the bytes it holds, to release when
+        it ends. Refused (InflightLimitError, RESOURCE_EXHAUSTED), it is counted as failed."""
+        try:
+            return self._budget.admit(held_bytes(inputs, source))
+        except InflightLimitError as exc:
+            service.request_failed(arrival, 0, exc)
+            raise
+
+    @staticmethod
+    def _abandoned(service: ModelService, request: Any, context: Context, started: int) -> None:
+        """Count a call that ended before its answer: at its deadline, or cancelled."""
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+        service.request_abandoned(time.perf_counter_ns() - started, expired)
+        log.debug(
+            "ModelInfer %r: %s",
+            request.model_name,
+            "its deadline passed" if expired else "cancelled by its caller",
+        )

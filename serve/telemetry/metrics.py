@@ -28,6 +28,7 @@ OUTCOMES: tuple[tuple[type[errors.ServeError], str], ...] = (
     (errors.InvalidInputError, "invalid_input"),
     (errors.ModelNotFoundError, "not_found"),
     (errors.ModelNotReadyError, "unavailable"),
+    (errors.InflightLimitError, "inflight_bytes_full"),  # (a QueueFullError: first)
     (errors.QueueFullError, "queue_full"),
     (errors.DeadlineExceededError, "deadline_exceeded"),
     (errors.ModelExecutionError, "model_error"),
@@ -66,6 +67,28 @@ class ModelGauges(Collector):
             warm.add_metric([name], warm_count)
             passing.add_metric([name], passing_count)
         return [depth, warm, passing]
+
+
+class InflightGauges(Collector):
+    """The server-wide request bytes held in flight and their limit, read at scrape time from
+    ``source``: () → (held, limit) (serve/frontend/admission.py)."""
+
+    def __init__(self, source: Callable[[], tuple[int, int]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        held, limit = self._source()
+        inflight = GaugeMetricFamily(
+            "warmserve_inflight_request_bytes",
+            "Bytes of inference requests held in flight (decoded, not yet answered)",
+            value=held,
+        )
+        budget = GaugeMetricFamily(
+            "warmserve_inflight_request_bytes_limit",
+            "Budget of request bytes in flight; beyond it requests get RESOURCE_EXHAUSTED",
+            value=limit,
+        )
+        return [inflight, budget]
 
 
 class ModelCounters:
@@ -151,6 +174,9 @@ class Metrics:
 
     def watch(self, source: Callable[[], Iterable[tuple[str, int, int, int]]]) -> None:
         self.registry.register(ModelGauges(source))
+
+    def watch_inflight(self, source: Callable[[], tuple[int, int]]) -> None:
+        self.registry.register(InflightGauges(source))
 
 
 class RelayCollector(Collector):

@@ -144,3 +144,17 @@ def test_a_max_message_size_that_is_not_positive_is_refused(value):
     refuses every request."""
     with pytest.raises(ConfigError, match=r"max_message_bytes .* must be > 0"):
         server_config_from_env(max_message_bytes=value)
+
+
+def test_the_inflight_request_budget_comes_from_env_and_the_flag_wins(monkeypatch):
+    assert server_config_from_env().max_inflight_bytes == 1 << 30
+    monkeypatch.setenv("WARMSERVE_MAX_INFLIGHT_BYTES", "5000000")
+    assert server_config_from_env().max_inflight_bytes == 5_000_000
+    assert server_config_from_env(max_inflight_bytes=7).max_inflight_bytes == 7
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_an_inflight_request_budget_that_is_not_positive_is_refused(value):
+    """0 would refuse every request while the server reports ready; there is no 'no limit'."""
+    with pytest.raises(ConfigError, match=r"max_inflight_bytes .* must be > 0"):
+        server_config_from_env(max_inflight_bytes=value)

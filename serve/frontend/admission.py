@@ -1,0 +1,128 @@
+"""The server-wide budget of request bytes held in flight.
+
+Every inference request is counted from the moment it is decoded until its answer is sent or it
+fails (an error, its caller cancelling, its deadline): what it holds in memory, estimated from
+its decoded inputs (``held_bytes``). A request that would take the total over the budget is
+refused at once (RESOURCE_EXHAUSTED), never queued, so a burst of large requests cannot take
+the process past its memory limit and every caller with it; requests already admitted are not
+touched. Decoding runs one request at a time on the event loop, so at most one request is held
+uncounted, and only until it is refused. Everything runs on the event-loop thread: no lock.
+
+The one gate is InferenceServicer.ModelInfer, which every inference request passes through once:
+direct calls, each request of a ModelStreamInfer stream, and calls relayed from relay processes
+(the hub dispatches them to the same servicer methods).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from serve.errors import InflightLimitError
+
+log = logging.getLogger(__name__)
+
+# A BYTES element once decoded: a Python bytes object of its own (a 33-byte header besides its
+# payload) and the object array's 8-byte pointer to it.
+BYTES_ELEMENT_OVERHEAD = 33 + 8
+# A BYTES element in the message: its 4-byte length prefix in raw contents, upb's 16-byte string
+# view in typed contents.
+RAW_STRING_OVERHEAD = 4
+TYPED_STRING_OVERHEAD = 16
+
+
+class Source(enum.Enum):
+    """Where a request's decoded inputs came from, which decides what else it holds."""
+
+    RAW = "raw"  # raw_input_contents: the message holds their bytes as well
+    RING = "ring"  # a relay's ring: shared memory, held whether or not a request is there
+    TYPED = "typed"  # typed contents: the message holds its repeated fields as well
+
+
+def held_bytes(inputs: Sequence[npt.NDArray[Any]], source: Source) -> int:
+    """About how many bytes a request whose decoded inputs are ``inputs`` holds from its
+    decoding to its answer, its inputs' data only (the rest is small beside them): the arrays,
+    plus the message's own copy of their contents:
+
+    - raw contents: twice their size (the arrays view a copy of the message's bytes: reading
+      an element of a repeated bytes field copies it out); from a relay's ring, once.
+    - BYTES: the payload twice (message, decoded objects), plus BYTES_ELEMENT_OVERHEAD per
+      element decoded and the message's per-element overhead.
+    - typed contents: the array, plus the message's repeated field (4 or 8 bytes an element,
+      1 for BOOL).
+    """
+    total = 0
+    for array in inputs:
+        count = array.size
+        if array.dtype.hasobject:  # BYTES
+            payload = sum(map(len, array.flat))
+            total += payload + count * BYTES_ELEMENT_OVERHEAD
+            if source is Source.RAW:
+                total += payload + count * RAW_STRING_OVERHEAD
+            elif source is Source.TYPED:
+                total += payload + count * TYPED_STRING_OVERHEAD
+            continue
+        nbytes = array.nbytes
+        if source is Source.RAW:
+            total += 2 * nbytes
+        elif source is Source.RING:
+            total += nbytes
+        else:
+            itemsize = array.dtype.itemsize
+            total += nbytes + count * (1 if array.dtype == np.bool_ else max(4, itemsize))
+    return total
+
+
+class InflightBudget:
+    """Request bytes held in flight, server-wide, and their limit."""
+
+    __slots__ = ("_refusing", "held", "limit", "refused")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.refused = 0  # requests refused since start
+        self._refusing = False  # refusing since the last request admitted (for the log)
+
+    def admit(self, size: int) -> int:
+        """Hold ``size`` bytes for a request (``release`` them when it ends): ``size``.
+        InflightLimitError, holding nothing, when they would take the total over the limit."""
+        held, limit = self.held, self.limit
+        if held + size <= limit:
+            self.held = held + size
+            if self._refusing:
+                self._refusing = False
+                log.info(
+                    "in-flight request budget: admitting requests again (%d of %d bytes held)",
+                    self.held,
+                    limit,
+                )
+            return size
+        self.refused += 1
+        if size > limit:
+            raise InflightLimitError(
+                f"the request needs about {size} bytes in memory once decoded, more than the "
+                f"server's whole budget for requests in flight ({limit} bytes, "
+                "max_inflight_bytes): it can never be admitted; send its data in smaller requests"
+            )
+        if not self._refusing:
+            self._refusing = True
+            log.warning(
+                "in-flight request budget full: %d of %d bytes of requests held; refusing "
+                "requests (RESOURCE_EXHAUSTED) until some finish",
+                held,
+                limit,
+            )
+        raise InflightLimitError(
+            f"the server holds {held} bytes of requests in flight (limit {limit}, "
+            f"max_inflight_bytes) and this request needs about {size} more: retry later, or "
+            "add replicas"
+        )
+
+    def release(self, size: int) -> None:
+        self.held -= size
