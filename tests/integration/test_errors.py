@@ -198,6 +198,17 @@ def _failed(client, model: str) -> int:
     return int(client.get_inference_statistics(model).model_stats[0].inference_stats.fail.count)
 
 
+def _executions(client, model: str) -> int:
+    return int(client.get_inference_statistics(model).model_stats[0].execution_count)
+
+
+def _wait_for_executions(client, model: str, count: int) -> None:
+    """Until ``model`` has run ``count`` batches: a batch whose caller gave up still runs to its
+    end in the worker, and must not run into the next test's figures (the session server is
+    shared)."""
+    wait_until(lambda: _executions(client, model) >= count, 30, f"{model}'s batches done")
+
+
 def test_a_malformed_request_counts_as_that_models_invalid_input(server, client):
     """A request refused by the wire-format checks (here: raw bytes that do not fit the shape)
     is counted like one refused by the signature check: metrics and failure statistics."""
@@ -218,6 +229,7 @@ def test_a_call_that_runs_past_its_deadline_is_counted_as_deadline_exceeded(
     deadline_exceeded, and in the failure statistics."""
     expired = 'warmserve_requests_total{code="deadline_exceeded",model="spin"}'
     before, failed = _metric(server, expired), _failed(client, "spin")
+    executed = _executions(client, "spin")
     status, _ = _status(
         lambda: client.infer("spin", spin_inputs(spin_iters(3.0)), client_timeout=0.5)
     )
@@ -225,6 +237,7 @@ def test_a_call_that_runs_past_its_deadline_is_counted_as_deadline_exceeded(
     wait_until(lambda: _metric(server, expired) >= before + 1, 30, "the expired call counted")
     assert _metric(server, expired) == before + 1
     assert _failed(client, "spin") == failed + 1
+    _wait_for_executions(client, "spin", executed + 1)  # the expired call's batch ran on
 
 
 def test_a_call_its_caller_cancels_is_counted_as_cancelled(server, client, spin_iters):
@@ -233,6 +246,7 @@ def test_a_call_its_caller_cancels_is_counted_as_cancelled(server, client, spin_
     as a failure (the other may not have reached it yet, if spin was still busy)."""
     cancelled = 'warmserve_requests_total{code="cancelled",model="spin"}'
     before, failed = _metric(server, cancelled), _failed(client, "spin")
+    executed = _executions(client, "spin")
     errors: queue.Queue[object] = queue.Queue()
     calls = [
         client.async_infer(
@@ -247,3 +261,4 @@ def test_a_call_its_caller_cancels_is_counted_as_cancelled(server, client, spin_
     wait_until(lambda: _metric(server, cancelled) >= before + 1, 30, "the queued call counted")
     assert _failed(client, "spin") >= failed + 1
     assert all("CANCELLED" in str(errors.get(timeout=30)) for _ in calls)
+    _wait_for_executions(client, "spin", executed + 1)  # the one computing ran on
