@@ -290,6 +290,17 @@ def validate_server(server: ServerConfig) -> None:
         )
 
 
+def malloc_tuning_from_env() -> bool:
+    """WARMSERVE_MALLOC_TUNING=0 keeps glibc's allocation thresholds (serve/memory.py)."""
+    return os.environ.get("WARMSERVE_MALLOC_TUNING", "1") != "0"
+
+
+def page_lock_from_env() -> bool:
+    """WARMSERVE_PAGE_LOCK=0: the torch backend stages copies to the GPU instead of
+    page-locking the shared memory (to compare the two on one machine)."""
+    return os.environ.get("WARMSERVE_PAGE_LOCK", "1") != "0"
+
+
 def default_repository_from_env() -> str:
     return os.environ.get("WARMSERVE_REPOSITORY", "")
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
+
+from serve.config import malloc_tuning_from_env
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ TRIM_THRESHOLD = 128 << 20  # free memory kept at the top of the heap before it 
 
 def keep_large_buffers_in_heap() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True if they were set."""
-    if os.environ.get("WARMSERVE_MALLOC_TUNING", "1") == "0":
+    if not malloc_tuning_from_env():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

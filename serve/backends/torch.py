@@ -9,7 +9,6 @@ runs eagerly.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from serve.backends.base import Arrays, Backend, DeviceUnavailableError, resolve_device
-from serve.config import ModelConfig
+from serve.config import ModelConfig, page_lock_from_env
 from serve.protocol.datatypes import Datatype
 
 log = logging.getLogger(__name__)
@@ -143,8 +142,7 @@ class TorchBackend(Backend):
         return tensors
 
     def pin_host_memory(self, address: int, size: int) -> bool:
-        # WARMSERVE_PAGE_LOCK=0: copies are staged instead (to compare the two on one machine)
-        if self._torch_device.type != "cuda" or os.environ.get("WARMSERVE_PAGE_LOCK") == "0":
+        if self._torch_device.type != "cuda" or not page_lock_from_env():
             return False
         try:
             error = int(torch.cuda.cudart().cudaHostRegister(address, size, 0))

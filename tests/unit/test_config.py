@@ -158,3 +158,15 @@ def test_an_inflight_request_budget_that_is_not_positive_is_refused(value):
     """0 would refuse every request while the server reports ready; there is no 'no limit'."""
     with pytest.raises(ConfigError, match=r"max_inflight_bytes .* must be > 0"):
         server_config_from_env(max_inflight_bytes=value)
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, True), ("1", True), ("0", False), ("yes", True)])
+def test_the_workers_experiment_switches_are_read_here(monkeypatch, value, on):
+    from serve.config import malloc_tuning_from_env, page_lock_from_env
+
+    for name in ("WARMSERVE_MALLOC_TUNING", "WARMSERVE_PAGE_LOCK"):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert malloc_tuning_from_env() is on and page_lock_from_env() is on
