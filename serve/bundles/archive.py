@@ -10,19 +10,30 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import os
 import shutil
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 
 from serve.bundles.cache import STAGING_PREFIX, BundleCache
 from serve.bundles.manifest import MANIFEST_FILE, bundle_id
-from serve.bundles.verify import VerifiedBundle, list_files, verify_bundle
+from serve.bundles.verify import (
+    VerifiedBundle,
+    list_files,
+    verify_bundle,
+    verify_bundle_again,
+)
 from serve.errors import InvalidBundleError
 
 SUFFIX = ".wsb"
 
 log = logging.getLogger(__name__)
+
+# archive path → (its stat, its bundle id): reading an archive's id decompresses all of it
+_identities: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
+_identities_lock = threading.Lock()
 
 
 def write_archive(bundle: Path, archive: Path) -> Path:
@@ -47,15 +58,28 @@ def write_archive(bundle: Path, archive: Path) -> Path:
 def extract_archive(archive: Path, cache: BundleCache) -> VerifiedBundle:
     """Unpack into ``cache/<bundle id>`` (once) and verify it. A copy there that no longer
     verifies (changed on disk) is replaced by a fresh one from the archive. The entry is held
-    for this process (see ``BundleCache``) from before it is looked at."""
+    for this process (see ``BundleCache``) from before it is looked at. An archive this
+    process has read before, untouched since, and its unpacked copy, untouched since verified,
+    are not read again (``verify_bundle_again``)."""
+    known = _known_identity(archive)
+    if known is not None:
+        cache.hold(known)
+        if cache.path(known).is_dir():
+            try:
+                return verify_bundle_again(cache.path(known), known)
+            except InvalidBundleError as exc:
+                log.warning("%s: unpacking it again: the cached copy is refused: %s", archive, exc)
     try:
         with tarfile.open(archive, mode="r:gz") as tar:
+            stat = _stat(archive)
             identity = _identity(tar, archive)
+            with _identities_lock:
+                _identities[archive.resolve()] = (stat, identity)
             cache.hold(identity)
             target = cache.path(identity)
-            if target.is_dir():
+            if target.is_dir() and known is None:
                 try:
-                    return verify_bundle(target, identity)
+                    return verify_bundle_again(target, identity)
                 except InvalidBundleError as exc:
                     log.warning(
                         "%s: unpacking it again: the cached copy is refused: %s", archive, exc
@@ -63,7 +87,30 @@ def extract_archive(archive: Path, cache: BundleCache) -> VerifiedBundle:
             _unpack(tar, cache.root, target)
     except (tarfile.TarError, OSError, KeyError) as exc:
         raise InvalidBundleError(f"{archive}: not a readable bundle archive: {exc}") from None
-    return verify_bundle(target, identity)
+    return verify_bundle_again(target, identity)
+
+
+def _stat(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _known_identity(archive: Path) -> str | None:
+    """The bundle id of ``archive`` if this process read it and it has not changed since."""
+    try:
+        stat, path = _stat(archive), archive.resolve()
+    except OSError:
+        return None
+    with _identities_lock:
+        known = _identities.get(path)
+    return known[1] if known is not None and known[0] == stat else None
+
+
+def forget_identities(keep: set[Path]) -> None:
+    """Drop what is remembered of archives not in ``keep`` (resolved paths)."""
+    with _identities_lock:
+        for path in [p for p in _identities if p not in keep]:
+            del _identities[path]
 
 
 def _identity(tar: tarfile.TarFile, archive: Path) -> str:

@@ -9,10 +9,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.bundles.archive import SUFFIX, extract_archive
+from serve.bundles.archive import SUFFIX, extract_archive, forget_identities
 from serve.bundles.cache import BundleCache
 from serve.bundles.manifest import MANIFEST_FILE
-from serve.bundles.verify import verify_bundle
+from serve.bundles.verify import forget_verified, verify_bundle_again
 from serve.config import MODEL_CONFIG_FILE, ModelConfig, load_model_dir
 from serve.errors import InvalidBundleError
 
@@ -35,7 +35,7 @@ def load_source(path: Path, cache: BundleCache) -> ModelSource:
         bundle = extract_archive(path, cache)
         return ModelSource(bundle.model, bundle.id)
     if (path / MANIFEST_FILE).is_file():
-        bundle = verify_bundle(path)
+        bundle = verify_bundle_again(path)
         return ModelSource(bundle.model, bundle.id)
     if (path / MODEL_CONFIG_FILE).is_file():
         return ModelSource(load_model_dir(path))
@@ -62,7 +62,8 @@ def scan(root: Path, cache: BundleCache) -> tuple[list[ModelSource], list[str]]:
         raise InvalidBundleError(f"model repository {root} is not a directory")
     sources: dict[tuple[str, str], ModelSource] = {}
     problems: list[str] = []
-    for path in _candidates(root):
+    candidates = _candidates(root)
+    for path in candidates:
         try:
             source = load_source(path, cache)
         except InvalidBundleError as exc:
@@ -74,6 +75,10 @@ def scan(root: Path, cache: BundleCache) -> tuple[list[ModelSource], list[str]]:
             log.error("refused: %s", problems[-1])
             continue
         sources[source.key] = source
+    # what this process remembers of verified bundles: only what the repository still holds
+    kept = sources.values()
+    forget_verified({Path(s.model.directory).resolve() for s in kept if s.bundle_id})
+    forget_identities({p.resolve() for p in candidates if p.suffix == SUFFIX})
     return list(sources.values()), problems
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +96,52 @@ def verify_bundle(root: Path, expected_id: str = "") -> VerifiedBundle:
     bundle = VerifiedBundle(root, identity, manifest)
     validate_model(bundle.model)
     return bundle
+
+
+# (path, size, mtime, ctime, inode) of every file under a bundle: any write to a file changes
+# its ctime (which no tool can set back), so an unchanged fingerprint means unchanged bytes.
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
+_verified: dict[tuple[Path, str], tuple[Fingerprint, VerifiedBundle]] = {}
+_verified_lock = threading.Lock()
+
+
+def fingerprint(root: Path) -> Fingerprint:
+    """The stat of every entry under ``root`` (not following links), in a stable order."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]):
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            relative = os.path.relpath(path, root)
+            found.append((relative, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return tuple(found)
+
+
+def verify_bundle_again(root: Path, expected_id: str = "") -> VerifiedBundle:
+    """``verify_bundle``, without hashing again a bundle this process verified whose files have
+    not been touched since (same fingerprint): a model-control load scans the whole repository,
+    and hashing every bundle's weights each time made loads slow. For repository scans only:
+    a worker verifies its bundle in full (``verify_bundle``) before it loads anything."""
+    root = root.resolve()
+    key = (root, expected_id)
+    try:
+        before = fingerprint(root)
+    except OSError:
+        before = ()
+    with _verified_lock:
+        known = _verified.get(key)
+    if known is not None and before and known[0] == before:
+        return known[1]
+    bundle = verify_bundle(root, expected_id)  # (taken before: a change meanwhile re-verifies)
+    with _verified_lock:
+        if before:
+            _verified[key] = (before, bundle)
+    return bundle
+
+
+def forget_verified(keep: set[Path]) -> None:
+    """Drop what is remembered of bundles not under ``keep`` (gone from the repository)."""
+    with _verified_lock:
+        for key in [k for k in _verified if k[0] not in keep]:
+            del _verified[key]

@@ -316,3 +316,69 @@ def test_a_lock_file_unlinked_by_a_collector_before_it_was_locked_is_not_trusted
     BundleCache(root).collect(set())  # a third process collects: this one still uses it
     assert _names(root) == _entry(bundle_id)
     assert verify_bundle(root / bundle_id, bundle_id).id == bundle_id
+
+
+def _count_hashing(monkeypatch) -> list[str]:
+    import serve.bundles.verify as verify_module
+
+    hashed: list[str] = []
+    real = verify_module.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(verify_module, "sha256_file", counting)
+    return hashed
+
+
+def test_a_repository_scan_does_not_hash_an_untouched_bundle_again(source, tmp_path, monkeypatch):
+    """A model-control load scans the whole repository: hashing every bundle's weights each time
+    made loads slow. An untouched bundle this process verified is not hashed again; the worker
+    that loads it still verifies it in full."""
+    repo, cache = tmp_path / "repo", BundleCache(tmp_path / "cache")
+    build_bundle(source, repo / "mlp_onnx" / "1")
+    hashed = _count_hashing(monkeypatch)
+    first, _ = scan(repo, cache)
+    assert hashed and len(first) == 1
+    hashed.clear()
+    again, refused = scan(repo, cache)
+    assert hashed == [] and refused == [] and again == first
+    verify_bundle(repo / "mlp_onnx" / "1")  # the worker's check
+    assert hashed  # (hashed in full every time)
+
+
+def test_a_bundle_changed_with_its_times_set_back_is_hashed_again_and_refused(bundle, tmp_path):
+    from serve.bundles.verify import verify_bundle_again
+
+    assert verify_bundle_again(bundle).id
+    weights = bundle / "model.onnx"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime as it was (ctime is not)
+    with pytest.raises(InvalidBundleError, match=r"model\.onnx does not match its sha256"):
+        verify_bundle_again(bundle)
+
+
+def test_an_untouched_archive_is_not_read_again_and_a_rewritten_one_is(
+    bundle, tmp_path, monkeypatch
+):
+    archive, cache = write_archive(bundle, tmp_path / "m.wsb"), BundleCache(tmp_path / "cache")
+    first = extract_archive(archive, cache)
+    real_open = tarfile.open
+    opened: list[Path] = []
+
+    def counting_open(name, *args, **kwargs):
+        opened.append(Path(name))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile, "open", counting_open)
+    hashed = _count_hashing(monkeypatch)
+    assert extract_archive(archive, cache) == first
+    assert opened == [] and hashed == []
+    shutil.copyfile(archive, tmp_path / "copy.wsb")
+    os.replace(tmp_path / "copy.wsb", archive)  # the same bytes, a new file: read again
+    assert extract_archive(archive, cache).id == first.id
+    assert opened == [archive]  # its id read again (its unpacked copy is untouched: not hashed)
