@@ -16,16 +16,20 @@ from serve.config import ModelConfig, load_model_dir, model_files
 from serve.errors import InvalidBundleError
 
 FRAMEWORKS = {"onnx": ("onnxruntime", "onnx"), "torch": ("torch",)}
+# the distributions that provide a framework (the GPU build of onnxruntime is another package)
+DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu")}
 
 
 def framework_versions(backend: str) -> dict[str, str]:
     """Installed versions of what the backend runs on (read from metadata, nothing imported)."""
     versions = {"warmserve": __version__}
     for package in FRAMEWORKS.get(backend, ()):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
+        for distribution in DISTRIBUTIONS.get(package, (package,)):
+            try:
+                versions[package] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return versions
 
 

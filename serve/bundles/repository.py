@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve.bundles.archive import SUFFIX, extract_archive, forget_identities
+from serve.bundles.build import framework_versions
 from serve.bundles.cache import BundleCache
 from serve.bundles.manifest import MANIFEST_FILE
-from serve.bundles.verify import forget_verified, verify_bundle_again
+from serve.bundles.verify import VerifiedBundle, forget_verified, verify_bundle_again
 from serve.config import MODEL_CONFIG_FILE, ModelConfig, load_model_dir
 from serve.errors import InvalidBundleError
 
@@ -33,13 +34,42 @@ def load_source(path: Path, cache: BundleCache) -> ModelSource:
     """One bundle directory, archive or model folder, verified where it is a bundle."""
     if path.is_file() and path.suffix == SUFFIX:
         bundle = extract_archive(path, cache)
+        _check_frameworks(path, bundle)
         return ModelSource(bundle.model, bundle.id)
     if (path / MANIFEST_FILE).is_file():
         bundle = verify_bundle_again(path)
+        _check_frameworks(path, bundle)
         return ModelSource(bundle.model, bundle.id)
     if (path / MODEL_CONFIG_FILE).is_file():
         return ModelSource(load_model_dir(path))
     raise InvalidBundleError(f"{path} is neither a bundle nor a model folder")
+
+
+_warned: set[str] = set()  # bundle ids whose framework difference was logged
+
+
+def _check_frameworks(path: Path, bundle: VerifiedBundle) -> None:
+    """Warn (once per bundle) when the bundle was built with other framework versions than this
+    server runs: its outputs may differ from what was tested (a probe with expected outputs
+    checks them). Not refused: patch releases differ all the time."""
+    built = bundle.manifest.frameworks
+    here = framework_versions(bundle.model.backend)
+    differ = {
+        name: (version, here.get(name, "not installed"))
+        for name, version in built.items()
+        if name != "warmserve" and here.get(name) != version
+    }
+    if not differ or bundle.id in _warned:
+        return
+    _warned.add(bundle.id)
+    log.warning(
+        "%s (%s version %s) was built with %s; this server runs %s",
+        path,
+        bundle.model.name,
+        bundle.model.version,
+        ", ".join(f"{name} {built_v}" for name, (built_v, _) in sorted(differ.items())),
+        ", ".join(f"{name} {here_v}" for name, (_, here_v) in sorted(differ.items())),
+    )
 
 
 def _candidates(root: Path) -> list[Path]:

@@ -382,3 +382,43 @@ def test_an_untouched_archive_is_not_read_again_and_a_rewritten_one_is(
     os.replace(tmp_path / "copy.wsb", archive)  # the same bytes, a new file: read again
     assert extract_archive(archive, cache).id == first.id
     assert opened == [archive]  # its id read again (its unpacked copy is untouched: not hashed)
+
+
+def test_a_bundle_built_with_other_framework_versions_is_served_with_a_warning(
+    source, tmp_path, monkeypatch, caplog
+):
+    import serve.bundles.build as build_module
+
+    with monkeypatch.context() as patched:
+        patched.setattr(
+            build_module,
+            "framework_versions",
+            lambda backend: {"warmserve": "0.0.9", "onnxruntime": "0.0.1", "onnx": "0.0.2"},
+        )
+        build_bundle(source, tmp_path / "repo" / "mlp_onnx" / "1")
+    caplog.set_level(logging.WARNING, logger="serve.bundles.repository")
+    cache = BundleCache(tmp_path / "cache")
+    sources, refused = scan(tmp_path / "repo", cache)
+    assert len(sources) == 1 and refused == []  # served: patch releases differ all the time
+    warnings = [r.getMessage() for r in caplog.records if "was built with" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "onnx 0.0.2, onnxruntime 0.0.1" in warnings[0] and "warmserve" not in warnings[0]
+    scan(tmp_path / "repo", cache)  # once per bundle, not at every load
+    assert sum("was built with" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_gpu_build_of_onnxruntime_counts_as_onnxruntime(monkeypatch):
+    import importlib.metadata
+
+    from serve.bundles.build import framework_versions
+
+    installed = {"onnxruntime-gpu": "1.31.1", "onnx": "1.23.2"}
+
+    def version(name: str) -> str:
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    found = framework_versions("onnx")
+    assert (found["onnxruntime"], found["onnx"]) == ("1.31.1", "1.23.2")
