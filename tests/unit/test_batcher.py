@@ -369,17 +369,23 @@ def test_a_deadline_passing_while_the_batch_runs_fails_only_that_caller():
     assert out.tolist() == [[2.0]] and inflight == 0
 
 
+async def _one_running_one_queued():
+    """A batcher with one batch held running in its only slot and one request queued behind."""
+    pool = FakePool()
+    pool.gate.clear()
+    batcher = make(pool, max_batch_size=1)
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
+    await pool.started.wait()
+    queued = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
+    while batcher.queue_depth < 1:
+        await asyncio.sleep(0)
+    return pool, batcher, running, queued
+
+
 def test_stop_fails_queued_requests_and_waits_for_running_batches():
     async def main():
-        pool = FakePool()
-        pool.gate.clear()
-        batcher = make(pool, max_batch_size=1)
-        batcher.start()
-        running = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
-        await pool.started.wait()
-        queued = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
-        while batcher.queue_depth < 1:
-            await asyncio.sleep(0)
+        pool, batcher, running, queued = await _one_running_one_queued()
         stopping = asyncio.ensure_future(batcher.stop())
         with pytest.raises(
             ModelNotReadyError, match="shutting down"
@@ -397,15 +403,7 @@ def test_stop_without_a_wait_leaves_running_batches_to_the_pool():
     # the server's grace period is over: nobody waits for a running batch, so stop() must not
     # hold the shutdown up for it (its worker is stopped next)
     async def main():
-        pool = FakePool()
-        pool.gate.clear()
-        batcher = make(pool, max_batch_size=1)
-        batcher.start()
-        running = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
-        await pool.started.wait()
-        queued = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
-        while batcher.queue_depth < 1:
-            await asyncio.sleep(0)
+        pool, batcher, running, queued = await _one_running_one_queued()
         await batcher.stop(wait_s=0)
         assert batcher.inflight_batches == 1 and not running.done()
         with pytest.raises(ModelNotReadyError, match="shutting down"):
