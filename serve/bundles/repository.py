@@ -4,6 +4,7 @@ for development). A bundle that fails verification is refused and reported; the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ def load_source(path: Path, cache: BundleCache) -> ModelSource:
 
 
 _warned: set[str] = set()  # bundle ids whose framework difference was logged
+# what this process runs does not change while it runs: read the package metadata once
+_running_versions = functools.cache(framework_versions)
 
 
 def _check_frameworks(path: Path, bundle: VerifiedBundle) -> None:
@@ -53,7 +56,7 @@ def _check_frameworks(path: Path, bundle: VerifiedBundle) -> None:
     server runs: its outputs may differ from what was tested (a probe with expected outputs
     checks them). Not refused: patch releases differ all the time."""
     built = bundle.manifest.frameworks
-    here = framework_versions(bundle.model.backend)
+    here = _running_versions(bundle.model.backend)
     differ = {
         name: (version, here.get(name, "not installed"))
         for name, version in built.items()
