@@ -108,6 +108,7 @@ class Worker:
         fixed = init.fixed_shapes if init.fixed_shapes is not None else self.backend.fixed_shapes
         self.buckets = self.model.batch_buckets
         self.pad = fixed and bool(self.buckets)
+        self.batched = self.model.max_batch_size > 0
         self.output_types = {s.name: Datatype(s.datatype) for s in self.model.outputs}
         self.output_dtypes = {name: numpy_dtype(t) for name, t in self.output_types.items()}
         # Inputs are read in place from the arena: a backend with a device may page-lock it, so
@@ -127,7 +128,11 @@ class Worker:
             log.debug("warmed batch shape %s", rows)
         return time.monotonic() - start
 
-    def _check_outputs(self, outputs: dict[str, np.ndarray[Any, Any]], rows: int | None) -> None:
+    def _check_outputs(
+        self, outputs: dict[str, np.ndarray[Any, Any]], rows: int | None, padded: bool = False
+    ) -> None:
+        """Names and datatypes as configured and, given ``rows``, one row per batch row (at
+        least that many when ``padded``: the padding rows are cut off after)."""
         for name, datatype in self.output_types.items():
             if name not in outputs:
                 raise ValueError(f"model produced no output {name!r}")
@@ -137,7 +142,11 @@ class Worker:
                 got = datatype_of(outputs[name])
             if got is not datatype:
                 raise ValueError(f"output {name!r} is {got}, the model config says {datatype}")
-            if rows is not None and (outputs[name].ndim == 0 or outputs[name].shape[0] != rows):
+            if rows is not None and (
+                outputs[name].ndim == 0
+                or outputs[name].shape[0] < rows
+                or (outputs[name].shape[0] != rows and not padded)
+            ):
                 raise ValueError(f"output {name!r} has shape {outputs[name].shape} for {rows} rows")
 
     def serve_forever(self) -> None:
@@ -167,7 +176,9 @@ class Worker:
             else:
                 result = self.backend.run(inputs)
             outputs = self.processing.postprocess(result)
-            self._check_outputs(outputs, None)
+            # A malformed answer (no row per batch row) fails this batch here, where the merged
+            # batch's requests are run again one by one; cut below, it would end the worker.
+            self._check_outputs(outputs, message.rows if self.batched else None, self.pad)
         except InvalidInputError as exc:  # the model's own code refused the data: the client's
             log.info("batch %d: invalid input: %s", message.batch_id, exc)
             return BatchFailed(message.batch_id, "invalid_input", str(exc))

@@ -1,0 +1,97 @@
+"""Real faults on a real server: models whose code misbehaves for some inputs only, workers that
+die as soon as they serve. Each fault must cost the request at fault, never a worker's life or
+another caller's answer, and never a tight restart loop."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import tritonclient.grpc as triton
+
+from serve.testing.models import build_spin_torch
+from tests.integration.conftest import spin_inputs
+from tests.integration.harness import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+# The spin model answers Y = X[:, :1]; this postprocess returns a malformed Y for some values.
+BAD_OUTPUTS = """\
+import numpy as np
+
+
+def postprocess(outputs):
+    y = outputs["Y"]
+    if (y == 7.0).any():  # a scalar instead of one row per batch row
+        return {"Y": np.array(7.0, dtype=np.float32)}
+    if (y == 8.0).any():  # no rows at all
+        return {"Y": y[:0]}
+    return outputs
+"""
+
+
+def _status(call) -> tuple[str, str]:
+    with pytest.raises(triton.InferenceServerException) as caught:
+        call()
+    return str(caught.value.status()), caught.value.message()
+
+
+@pytest.fixture()
+def bad_outputs(tmp_path):
+    folder = build_spin_torch(
+        tmp_path / "repo" / "spin",
+        max_batch_size=8,
+        process="process.py",
+        batching={"max_queue_size": 16},
+    )
+    (folder / "process.py").write_text(BAD_OUTPUTS)
+    server = ServerProcess(
+        tmp_path / "server.log", tmp_path / "repo", args=("--log-level", "DEBUG")
+    )
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_an_output_of_the_wrong_shape_fails_that_call_and_the_worker_lives_on(bad_outputs):
+    server = bad_outputs
+    (worker,) = server.worker_pids()
+    status, message = _status(lambda: server.client.infer("spin", spin_inputs(1, value=7.0)))
+    assert status == "StatusCode.INTERNAL", message
+    assert "output 'Y'" in message
+    assert server.worker_pids() == [worker]  # not crashed, not retried onto a replacement
+    assert server.client.infer("spin", spin_inputs(1, value=3.0)).as_numpy("Y").tolist() == [[3.0]]
+    assert "lost: " not in server.log()
+
+
+def test_a_merged_batch_with_one_malformed_answer_fails_only_that_request(bad_outputs):
+    server = bad_outputs
+    client = server.client
+    results: queue.Queue = queue.Queue()
+
+    def send(iters: int, value: float) -> None:
+        client.async_infer(
+            "spin",
+            spin_inputs(iters, value),
+            lambda result, error, value=value: results.put((value, result, error)),
+        )
+
+    send(20000, 1.0)  # keeps the only worker busy while the next three queue
+    server.wait_for_log_count("model spin: dispatching 1 rows from 1 requests", 1)
+    for value in (2.0, 8.0, 4.0):
+        send(1, value)
+    server.wait_for_log("model spin: 3 requests wait for a worker")
+    outcomes = {}
+    for _ in range(4):
+        value, result, error = results.get(timeout=60)
+        outcomes[value] = (result, error)
+    assert "dispatching 3 rows from 3 requests" in server.log()  # they did merge
+    for value in (1.0, 2.0, 4.0):
+        result, error = outcomes[value]
+        assert error is None, f"{value}: {error}"
+        assert result.as_numpy("Y").tolist() == [[value]]
+    _, error = outcomes[8.0]
+    assert error is not None and error.status() == "StatusCode.INTERNAL"
+    assert "output 'Y'" in error.message()
