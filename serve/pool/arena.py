@@ -76,7 +76,8 @@ class Arena:
                 nbytes = first.nbytes
                 if offset + nbytes <= self.slot_bytes:
                     start = base + offset
-                    self._buffer[start : start + nbytes] = first.data.cast("B")
+                    if nbytes:  # (an empty array's memoryview cannot be cast)
+                        self._buffer[start : start + nbytes] = first.data.cast("B")
                     refs.append(TensorRef(name, datatype.value, first.shape, offset, nbytes))
                     offset = (offset + nbytes + ALIGN - 1) // ALIGN * ALIGN
                     continue

@@ -63,3 +63,13 @@ def test_parts_too_large_for_the_slot_travel_inline_concatenated():
     (ref,) = arena.write(0, [("BIG", Datatype.FP32, parts)])
     assert ref.offset == -1
     np.testing.assert_array_equal(arena.read(0, ref, copy=True), np.concatenate(parts))
+
+
+def test_an_empty_tensor_round_trips():
+    # (a detector that finds nothing answers a zero-length variable dimension)
+    arena = _arena()
+    empty = np.zeros((2, 0), dtype=np.float32)
+    parts = [np.zeros((1, 0, 4), np.int64), np.zeros((2, 0, 4), np.int64)]
+    refs = arena.write(0, [("E", Datatype.FP32, [empty]), ("P", Datatype.INT64, parts)])
+    assert arena.read(0, refs[0], copy=True).shape == (2, 0)
+    assert arena.read(0, refs[1], copy=False).shape == (3, 0, 4)
