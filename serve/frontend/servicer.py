@@ -1,6 +1,6 @@
 """GRPCInferenceService: a thin adapter from the Open Inference Protocol to the Runtime.
 
-RPCs not implemented here fall through to the generated base class, which answers UNIMPLEMENTED.
+RPCs not served answer UNIMPLEMENTED saying what is not supported (unserved.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
 from serve.frontend.status import abort_with, translate_errors
 from serve.frontend.streams import answer_concurrently
+from serve.frontend.unserved import UnservedRpcs
 from serve.model_service import ModelService
 from serve.runtime import Runtime
 
@@ -95,7 +96,7 @@ class _StreamCall:
         raise _RequestFailed(details)  # (a stream error carries a message, no status code)
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         runtime: Runtime,

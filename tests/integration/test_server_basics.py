@@ -87,6 +87,25 @@ def test_an_rpc_not_served_answers_unimplemented(server):
     assert server.client.is_server_live()
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.get_system_shared_memory_status(),
+        lambda c: c.register_system_shared_memory("region", "/warmserve-test", 64),
+        lambda c: c.unregister_system_shared_memory(),
+        lambda c: c.get_cuda_shared_memory_status(),
+        lambda c: c.register_cuda_shared_memory("region", b"\0" * 64, 0, 64),
+        lambda c: c.unregister_cuda_shared_memory(),
+    ],
+)
+def test_shared_memory_rpcs_say_the_extension_is_not_supported(server, client, call):
+    with pytest.raises(triton.InferenceServerException) as caught:
+        call(client)
+    assert caught.value.status() == "StatusCode.UNIMPLEMENTED"
+    assert "shared-memory extension is not supported" in caught.value.message()
+    assert "NotImplementedError" not in server.log()  # not logged as a server error
+
+
 def test_the_serving_process_imports_no_framework(server):
     maps = server.mapped_files()
     assert "libtorch" not in maps
