@@ -39,6 +39,10 @@ CONTENTS_FIELD: dict[Datatype, str] = {
 }
 
 
+# The parameter that puts an input's data, or an output's, in a registered shared-memory region.
+SHARED_MEMORY_REGION = "shared_memory_region"
+NO_SHARED_MEMORY = "the shared-memory extension is not supported by this server"
+
 # The most dimensions a tensor may have: numpy's limit (32 before numpy 2, which allows 64).
 MAX_DIMS = 32
 
@@ -135,6 +139,12 @@ def infer_request_from_pb(
     """``raw_inputs``, when given, stand for the request's raw_input_contents."""
     raw = request.raw_input_contents if raw_inputs is None else raw_inputs
     tensors = request.inputs
+    for tensor in tensors:  # (before the counts: such an input has no data in the request)
+        if SHARED_MEMORY_REGION in tensor.parameters:
+            raise UnsupportedError(
+                f"input {tensor.name!r} is in a shared-memory region: {NO_SHARED_MEMORY}; "
+                "send it in raw_input_contents"
+            )
     if raw:
         if len(raw) != len(tensors):
             raise InvalidInputError(
@@ -151,6 +161,11 @@ def infer_request_from_pb(
             if "classification" in out.parameters:
                 raise UnsupportedError(
                     f"output {out.name!r}: the classification extension is not supported"
+                )
+            if SHARED_MEMORY_REGION in out.parameters:  # it would never be written there
+                raise UnsupportedError(
+                    f"output {out.name!r} is asked for in a shared-memory region: "
+                    f"{NO_SHARED_MEMORY}; read it from the response (raw_output_contents)"
                 )
             outputs.append(out.name)
     return InferRequest(

@@ -50,6 +50,24 @@ def test_wrong_input_is_invalid_argument_naming_it(client, name, array, datatype
     assert name in message
 
 
+def test_an_input_in_shared_memory_is_refused_not_read_as_empty(client):
+    spin = spin_inputs(1)  # two inputs: the other one still sent raw
+    spin[0].set_shared_memory("region", 512 * 4)
+    status, message = _status(lambda: client.infer("spin", spin))
+    assert status == "StatusCode.UNIMPLEMENTED"
+    assert "input 'X' is in a shared-memory region" in message
+    assert "not supported" in message
+
+
+def test_an_output_asked_for_in_shared_memory_is_refused_not_answered_elsewhere(client):
+    x = _input("INPUT0", np.zeros((1, 64), np.float32), "FP32")
+    output = triton.InferRequestedOutput("OUTPUT0")
+    output.set_shared_memory("region", 10 * 4)
+    status, message = _status(lambda: client.infer("mlp_onnx", [x], outputs=[output]))
+    assert status == "StatusCode.UNIMPLEMENTED"
+    assert "output 'OUTPUT0' is asked for in a shared-memory region" in message
+
+
 def _raw_call(server, request) -> grpc.RpcError:
     with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as caught:
         service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
