@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime as dt
 import json
 import os
@@ -45,7 +44,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks import loadgen, rounds
+from benchmarks import loadgen, pa_report, rounds
 from benchmarks.proctree import tree_cpu_seconds
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
@@ -61,6 +60,7 @@ PEERS_ENV = ROOT / "benchmarks" / ".peers"
 MODEL = "mlp_onnx"
 PEER_START_TIMEOUT_S = 120.0
 PEER_STOP_TIMEOUT_S = 30.0
+PERF_ANALYZER_TIMEOUT_S = 180.0
 
 
 @dataclass(frozen=True)
@@ -281,12 +281,14 @@ def _measure(
     )
     cpu = tree_cpu_seconds(pid) - before
     row: dict[str, Any] = result.summary()
-    row["server_cpu_us_per_call"] = cpu / max(1, result.count) * 1e6
+    row["server_cpu_us_per_call"] = cpu / result.count * 1e6 if result.count else float("nan")
     row["latencies_ms"] = result.latencies_ms
     return row
 
 
-def _perf_analyzer(url: str, concurrency: int, streaming: bool = False) -> dict[str, float] | None:
+def _perf_analyzer(url: str, concurrency: int, streaming: bool = False) -> dict[str, Any] | None:
+    """perf_analyzer's throughput and percentiles at ``concurrency``; None where it is not
+    installed, {"error": why} where it failed, timed out or wrote no usable report."""
     if not PERF_ANALYZER.exists():
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -295,15 +297,25 @@ def _perf_analyzer(url: str, concurrency: int, streaming: bool = False) -> dict[
         command += ["--streaming"] if streaming else []
         command += ["--concurrency-range", f"{concurrency}:{concurrency}"]
         command += ["--measurement-interval", "2000", "--stability-percentage", "50"]
-        run = subprocess.run(command, capture_output=True, text=True, timeout=180)
-        if run.returncode != 0 or not report.exists():
-            return None
-        (row,) = list(csv.DictReader(report.open()))
-    return {
-        "throughput": float(row["Inferences/Second"]),
-        "p50_ms": float(row["p50 latency"]) / 1e3,
-        "p99_ms": float(row["p99 latency"]) / 1e3,
-    }
+        return _perf_analyzer_result(command, report, concurrency, PERF_ANALYZER_TIMEOUT_S)
+
+
+def _perf_analyzer_result(
+    command: list[str], report: Path, concurrency: int, timeout: float
+) -> dict[str, Any]:
+    """Run perf_analyzer's ``command`` and read the ``report`` it writes; {"error": why} where
+    it fails, times out or writes no usable report (a failed cross-check is kept, not dropped)."""
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"perf_analyzer timed out after {timeout:g} s"}
+    output = "\n".join((run.stdout + run.stderr).strip().splitlines()[-10:])
+    if run.returncode != 0 or not report.exists():
+        return {"error": f"perf_analyzer exited with {run.returncode}: {output}"}
+    try:
+        return dict(pa_report.parse_csv(report.read_text(), concurrency))
+    except ValueError as error:
+        return {"error": str(error)}
 
 
 def run_servers(
@@ -334,10 +346,41 @@ def run_servers(
                 f"  {name:17s} {row['mode']:6s} {row['level']:>6}: {row['throughput']:7.0f}/s "
                 f"p50 {row['p50_ms']:.3f} p95 {row['p95_ms']:.3f} p99 {row['p99_ms']:.3f} "
                 f"max {row['max_ms']:.1f} ms, errors {row['errors']}, "
-                f"server CPU {row['server_cpu_us_per_call']:.0f} µs/call"
+                f"server CPU {row['server_cpu_us_per_call']:.0f} µs/call{_warnings(row)}"
             )
         out[name] = {"closed": closed[name], "open": opened, "perf_analyzer": cross}
     return out
+
+
+def _warnings(row: dict[str, Any]) -> str:
+    """What makes a row's figures less than clean, for the end of its printed line."""
+    out = ""
+    if row["errors"]:
+        out += f"  [{row['errors']} ERRORS: figures over the {row['count']} answered calls]"
+    if row.get("generator_behind"):
+        out += f"  [GENERATOR BEHIND: sends {row['send_lag_p99_ms']:.1f} ms late at p99]"
+    if row.get("p99_few_samples"):
+        out += f"  [p99 of only {row['count']} calls]"
+    return out
+
+
+def _runs_with_errors(results: dict[str, Any]) -> list[str]:
+    """'name mode level: N errors' for every row (closed or open) that had failed calls, and
+    'name perf_analyzer c=N: reason' for every perf_analyzer run that failed."""
+    out = []
+    for name, data in results.items():
+        for row in data["closed"] + data["open"]:
+            if row["errors"]:
+                out.append(f"{name} {row['mode']} {row['level']:g}: {row['errors']} errors")
+        for c, pa in data.get("perf_analyzer", {}).items():
+            if pa is not None and "error" in pa:
+                out.append(f"{name} perf_analyzer c={c}: {pa['error'].splitlines()[-1]}")
+    return out
+
+
+def _ratio(top: float, bottom: float) -> float:
+    """top / bottom, NaN where bottom is 0 (a run without answers) rather than a crash."""
+    return top / bottom if bottom else float("nan")
 
 
 def _rows_per_batch(metrics: str) -> float:
@@ -359,38 +402,42 @@ def _ratios(results: dict[str, Any]) -> dict[str, float]:
     w, f = by_c(ws), by_c(floor)
     ratios: dict[str, float] = {}
     if 1 in w and 1 in f:
-        ratios["c1_p50_vs_floor"] = w[1]["p50_ms"] / f[1]["p50_ms"]
-        ratios["c1_cpu_vs_floor"] = w[1]["server_cpu_us_per_call"] / f[1]["server_cpu_us_per_call"]
+        ratios["c1_p50_vs_floor"] = _ratio(w[1]["p50_ms"], f[1]["p50_ms"])
+        ratios["c1_cpu_vs_floor"] = _ratio(
+            w[1]["server_cpu_us_per_call"], f[1]["server_cpu_us_per_call"]
+        )
     if 16 in w and 16 in f:
-        ratios["c16_throughput_vs_floor"] = w[16]["throughput"] / f[16]["throughput"]
-        ratios["c16_p99_vs_floor"] = w[16]["p99_ms"] / f[16]["p99_ms"]
+        ratios["c16_throughput_vs_floor"] = _ratio(w[16]["throughput"], f[16]["throughput"])
+        ratios["c16_p99_vs_floor"] = _ratio(w[16]["p99_ms"], f[16]["p99_ms"])
     if "floor-hop" in results:  # what the process hop alone costs, and warmserve beyond it
         h = by_c(results["floor-hop"]["closed"])
         if 1 in h and 1 in f:
-            ratios["c1_cpu_hop_floor_vs_floor"] = (
-                h[1]["server_cpu_us_per_call"] / f[1]["server_cpu_us_per_call"]
+            ratios["c1_cpu_hop_floor_vs_floor"] = _ratio(
+                h[1]["server_cpu_us_per_call"], f[1]["server_cpu_us_per_call"]
             )
-            ratios["c1_p50_hop_floor_vs_floor"] = h[1]["p50_ms"] / f[1]["p50_ms"]
+            ratios["c1_p50_hop_floor_vs_floor"] = _ratio(h[1]["p50_ms"], f[1]["p50_ms"])
         if 1 in h and 1 in w:
-            ratios["c1_cpu_vs_hop_floor"] = (
-                w[1]["server_cpu_us_per_call"] / h[1]["server_cpu_us_per_call"]
+            ratios["c1_cpu_vs_hop_floor"] = _ratio(
+                w[1]["server_cpu_us_per_call"], h[1]["server_cpu_us_per_call"]
             )
         if 16 in h and 16 in w:
-            ratios["c16_throughput_vs_hop_floor"] = w[16]["throughput"] / h[16]["throughput"]
+            ratios["c16_throughput_vs_hop_floor"] = _ratio(w[16]["throughput"], h[16]["throughput"])
     streamed = ("warmserve" + STREAMED, "floor" + STREAMED)
     if all(name in results for name in streamed):  # both driven by streaming clients
         st, fs = (by_c(results[name]["closed"]) for name in streamed)
         if 1 in st and 1 in fs:
-            ratios["c1_p50_streamed_vs_floor_streamed"] = st[1]["p50_ms"] / fs[1]["p50_ms"]
-            ratios["c1_cpu_streamed_vs_floor_streamed"] = (
-                st[1]["server_cpu_us_per_call"] / fs[1]["server_cpu_us_per_call"]
+            ratios["c1_p50_streamed_vs_floor_streamed"] = _ratio(st[1]["p50_ms"], fs[1]["p50_ms"])
+            ratios["c1_cpu_streamed_vs_floor_streamed"] = _ratio(
+                st[1]["server_cpu_us_per_call"], fs[1]["server_cpu_us_per_call"]
             )
         if 16 in st and 16 in fs:
-            ratios["c16_throughput_streamed_vs_floor_streamed"] = (
-                st[16]["throughput"] / fs[16]["throughput"]
+            ratios["c16_throughput_streamed_vs_floor_streamed"] = _ratio(
+                st[16]["throughput"], fs[16]["throughput"]
             )
         if 16 in st and 16 in w:
-            ratios["c16_throughput_streamed_vs_unary"] = st[16]["throughput"] / w[16]["throughput"]
+            ratios["c16_throughput_streamed_vs_unary"] = _ratio(
+                st[16]["throughput"], w[16]["throughput"]
+            )
     return ratios
 
 
@@ -600,13 +647,19 @@ def main() -> None:
         print(f"best {peer_name} setting: {name} ({peer_info[name]['note']})")
     if failed:
         print("\nFAILED peer settings: " + ", ".join(failed))
+    with_errors = _runs_with_errors(results)
+    if with_errors:
+        print("\nRUNS WITH ERRORS (their figures cover the answered calls only):")
+        print("\n".join(f"  {line}" for line in with_errors))
     if args.quick:
         if failed:
             sys.exit(1)
         return
     for name in results:
         for c, pa in results[name]["perf_analyzer"].items():
-            if pa:
+            if pa and "error" in pa:
+                print(f"perf_analyzer {name} c={c} FAILED: {pa['error']}")
+            elif pa:
                 print(
                     f"perf_analyzer {name} c={c}: {pa['throughput']:.0f}/s "
                     f"p50 {pa['p50_ms']:.3f} ms p99 {pa['p99_ms']:.3f} ms"
@@ -618,10 +671,11 @@ def main() -> None:
     record["rounds"] = {"count": args.rounds, "seconds_each": args.seconds}
     record["peers"] = {"settings": peer_info, "best": best, "failed": failed}
     record["ratios_to_warmserve"] = peer_ratios
+    record["runs_with_errors"] = with_errors
     for name, data in results.items():
         record[name] = _without_latencies(data)
     # the figures first: a run's measurements outlive a failure to draw them
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    stem.with_suffix(".json").write_text(json.dumps(loadgen.json_safe(record), indent=2))
     print(f"\nwrote {stem.with_suffix('.json')}")
     cdf_names = ["floor", "warmserve", *best.values()]
     plots = _plots(results, stem, cdf_names)

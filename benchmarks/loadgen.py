@@ -8,6 +8,14 @@ raw bytes, so the client spends as little CPU per call as a Python client can.
 
 ``--streaming``: each closed-loop caller sends its calls on one ModelStreamInfer stream of its
 own (request, then its answer, then the next request) instead of one unary call each.
+
+Percentiles are numpy's "linear" method (interpolated between the two nearest calls) over the
+calls that succeeded; failed calls are counted in ``errors`` only. A run where no call succeeded
+has NaN percentiles (JSON: null), not zeros, and ``p99_few_samples`` marks a run of fewer than
+FEW_FOR_P99 calls, where fewer than ten lie above its p99 (it is little more than the maximum).
+The open loop counts latency from each call's scheduled arrival (no coordinated omission), and
+reports how late the generator itself sent: ``send_lag_p99_ms``, and ``generator_behind`` when
+that exceeds LATE_SEND_MS (the latencies then hold the client's lag too, not only the server's).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import multiprocessing.synchronize
 import queue
@@ -22,7 +31,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import cast
+from typing import Literal, cast
 
 import grpc
 import numpy as np
@@ -35,6 +44,9 @@ STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 STREAM_ERROR = 0x0A  # a ModelStreamInferResponse starting with error_message (field 1)
 CALL_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 120.0  # client processes connecting (spawn, imports, first call)
+PERCENTILE_METHOD: Literal["linear"] = "linear"  # numpy's default, named in every result
+FEW_FOR_P99 = 1000  # fewer calls: fewer than 10 above the p99
+LATE_SEND_MS = 1.0  # open loop: a p99 send lag above this and the generator fell behind
 
 
 @dataclass
@@ -50,11 +62,26 @@ class LoadResult:
     p99_ms: float
     max_ms: float
     latencies_ms: list[float] = field(default_factory=list, repr=False)
+    percentile_method: str = PERCENTILE_METHOD
+    p99_few_samples: bool = False
+    send_lag_p99_ms: float = 0.0  # open loop: how late the generator sent, at its p99
+    generator_behind: bool = False  # open loop: send_lag_p99_ms above LATE_SEND_MS
 
     def summary(self) -> dict[str, float | int | str]:
         data = asdict(self)
         data.pop("latencies_ms")
         return data
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every NaN float (a figure of a run without answers) as None, for JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def request_bytes(model: str, rows: int = 1, width: int = 64, seed: int = 0) -> bytes:
@@ -66,22 +93,39 @@ def request_bytes(model: str, rows: int = 1, width: int = 64, seed: int = 0) -> 
 
 
 def _result(
-    mode: str, level: float, seconds: float, latencies: list[float], errors: int
+    mode: str,
+    level: float,
+    seconds: float,
+    latencies: list[float],
+    errors: int,
+    send_lags: list[float] | None = None,
 ) -> LoadResult:
-    values = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
-    p50, p95, p99 = np.percentile(values, (50, 95, 99))
+    """The figures over the successful calls' ``latencies`` (seconds); ``send_lags`` (seconds,
+    open loop): how long after its scheduled arrival each call was sent."""
+    values = np.asarray(latencies, dtype=np.float64) * 1e3
+    if latencies:
+        p50, p95, p99 = np.percentile(values, (50, 95, 99), method=PERCENTILE_METHOD)
+        top = float(values.max())
+    else:  # no call answered: no latency at all, not a latency of 0
+        p50 = p95 = p99 = top = math.nan
+    lag_p99 = 0.0
+    if send_lags:
+        lag_p99 = float(np.percentile(np.asarray(send_lags) * 1e3, 99, method=PERCENTILE_METHOD))
     return LoadResult(
         mode,
         level,
         seconds,
         len(latencies),
         errors,
-        len(latencies) / seconds,
+        len(latencies) / seconds if seconds > 0 else 0.0,
         float(p50),
         float(p95),
         float(p99),
-        float(values.max()),
-        [float(v) for v in values] if latencies else [],  # (no call answered: none, not a 0)
+        top,
+        [float(v) for v in values],
+        p99_few_samples=len(latencies) < FEW_FOR_P99,
+        send_lag_p99_ms=lag_p99,
+        generator_behind=lag_p99 > LATE_SEND_MS,
     )
 
 
@@ -160,6 +204,7 @@ async def open_loop(
 ) -> LoadResult:
     """Arrivals at exponential gaps; latency counts from the scheduled arrival time."""
     latencies: list[float] = []
+    send_lags: list[float] = []
     errors = 0
     rng = random.Random(seed)
     async with grpc.aio.insecure_channel(url) as channel:
@@ -168,6 +213,7 @@ async def open_loop(
 
         async def one(scheduled: float) -> None:
             nonlocal errors
+            send_lags.append(time.perf_counter() - scheduled)
             try:
                 await call(payload, timeout=CALL_TIMEOUT_S)
             except grpc.aio.AioRpcError:
@@ -177,16 +223,16 @@ async def open_loop(
 
         tasks: list[asyncio.Task[None]] = []
         started = time.perf_counter()
-        arrival = started
-        while arrival < started + seconds:
-            arrival += rng.expovariate(rate)
+        arrival = started + rng.expovariate(rate)
+        while arrival < started + seconds:  # (no arrival scheduled after the window)
             delay = arrival - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)  # the arrival process itself
             tasks.append(asyncio.create_task(one(arrival)))
+            arrival += rng.expovariate(rate)
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
-    return _result("open", rate, elapsed, latencies, errors)
+    return _result("open", rate, elapsed, latencies, errors, send_lags)
 
 
 def _closed_share(
@@ -335,7 +381,7 @@ def main() -> None:
         connections=args.connections,
         streaming=args.streaming,
     )
-    print(json.dumps(result.summary()))
+    print(json.dumps(json_safe(result.summary())))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Without --url it starts ``warmserve serve`` on a free local port and stops it af
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import tritonclient.grpc as grpcclient
+
+from benchmarks import pa_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF_ANALYZER = ROOT / "benchmarks" / ".tools" / "perf_analyzer"
@@ -110,12 +111,14 @@ def run_one(
     if res.returncode != 0 or not csv_path.exists():
         output = "\n".join((res.stdout + res.stderr).strip().splitlines()[-20:])
         return {"concurrency": concurrency, "error": f"rc={res.returncode}: {output}"}
-    with csv_path.open(newline="") as f:
-        row = next(csv.DictReader(f))
+    try:
+        figures = pa_report.parse_csv(csv_path.read_text(), concurrency)
+    except ValueError as error:
+        return {"concurrency": concurrency, "error": str(error)}
     return {
         "concurrency": concurrency,
-        "throughput_infer_per_s": float(row["Inferences/Second"]),
-        **{f"p{p}_ms": int(row[f"p{p} latency"]) / 1000 for p in (50, 90, 95, 99)},
+        "throughput_infer_per_s": figures.pop("throughput"),
+        **figures,
     }
 
 

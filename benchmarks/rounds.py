@@ -9,6 +9,7 @@ same machine, and the median with its spread (kept per round) is what a ratio sh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,20 +24,27 @@ MEDIAN_KEYS = (
     "loop_us_per_call",  # (benchmarks.ab measures it; the rows of others lack it)
 )
 
+FLAG_KEYS = ("p99_few_samples", "generator_behind")  # set in the combined row if in any round
+
 Row = dict[str, Any]
 
 
 def median_row(rows: Sequence[Row]) -> Row:
     """One row from the same load level's rows of several rounds: the median of each figure in
     MEDIAN_KEYS that the rows have (the values per round under "rounds"), the worst max, the
-    sum of counts and errors, and every latency (for CDFs)."""
+    sum of counts and errors, each flag of FLAG_KEYS raised if any round raised it, and every
+    latency (for CDFs)."""
     if not rows:
         raise ValueError("no rounds to combine")
     out = dict(rows[0])
     keys = [key for key in MEDIAN_KEYS if key in rows[0]]
     for key in keys:
         out[key] = float(np.median([row[key] for row in rows]))
-    out["max_ms"] = max(row["max_ms"] for row in rows)
+    answered = [row["max_ms"] for row in rows if not math.isnan(row["max_ms"])]
+    out["max_ms"] = max(answered, default=math.nan)  # (NaN: no call answered in any round)
+    for key in FLAG_KEYS:
+        if key in rows[0]:
+            out[key] = any(row[key] for row in rows)
     for key in ("count", "errors", "seconds"):
         out[key] = sum(row[key] for row in rows)
     out["latencies_ms"] = [v for row in rows for v in row.get("latencies_ms", [])]
@@ -61,6 +69,7 @@ def alternate(
 
 
 def paired_ratios(numerator: Row, denominator: Row, key: str) -> list[float]:
-    """The ratio of ``key`` round by round (the same round of two servers ran back to back)."""
+    """The ratio of ``key`` round by round (the same round of two servers ran back to back);
+    NaN for a round whose denominator is 0 (no call answered)."""
     top, bottom = numerator["rounds"][key], denominator["rounds"][key]
-    return [a / b for a, b in zip(top, bottom, strict=True)]
+    return [a / b if b else math.nan for a, b in zip(top, bottom, strict=True)]

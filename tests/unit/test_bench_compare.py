@@ -1,0 +1,115 @@
+"""make bench's report from synthetic rows and reports: perf_analyzer's CSV read by column (2.51's
+own output, rows out of order, other versions' extra columns and sections), a failed
+perf_analyzer run kept as a failure, runs with errors listed, and ratios to a run without
+answers NaN instead of a crash."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare, loadgen, pa_report
+
+# perf_analyzer 2.51 against the floor server, --concurrency-range 1:2 (rows by throughput)
+PA_251 = """\
+Concurrency,Inferences/Second,Client Send,Client Recv,p50 latency,p90 latency,p95 latency,\
+p99 latency
+2,1348.69,3,1,845,2394,5317,9719
+1,1496.81,3,1,549,645,807,3734
+"""
+# against a server that counts its statistics, with a later section after a blank line
+PA_SERVER_COLUMNS = """\
+Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,\
+Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,p50 latency,\
+p90 latency,p95 latency,p99 latency,Avg latency,request/response,response wait
+16,5210.5,12,300,40,5,800,4,2,3050,3600,3900,4800,3100,310,2790
+
+Concurrency,Avg GPU Utilization,Avg GPU Power Usage
+16,gpu0:0.5;,gpu0:100;
+"""
+
+
+def test_perf_analyzers_report_is_read_by_column_and_by_concurrency():
+    assert pa_report.parse_csv(PA_251, 1) == {
+        "throughput": 1496.81,
+        "p50_ms": 0.549,
+        "p90_ms": 0.645,
+        "p95_ms": 0.807,
+        "p99_ms": 3.734,
+    }
+    assert pa_report.parse_csv(PA_251, 2)["p99_ms"] == 9.719
+    figures = pa_report.parse_csv(PA_SERVER_COLUMNS, 16)
+    assert figures["throughput"] == 5210.5 and figures["p50_ms"] == 3.05
+
+
+def test_a_report_without_the_row_or_a_column_says_what_is_missing():
+    with pytest.raises(ValueError, match="0 rows for concurrency 16"):
+        pa_report.parse_csv(PA_251, 16)
+    with pytest.raises(ValueError, match="p99 latency"):
+        pa_report.parse_csv("Concurrency,Inferences/Second,p50 latency\n1,10,500\n", 1)
+
+
+def test_a_failed_perf_analyzer_run_is_kept_as_a_failure(tmp_path):
+    report = tmp_path / "pa.csv"
+    fails = [
+        sys.executable,
+        "-c",
+        "import sys; print('Failed to obtain stable measurement'); sys.exit(1)",
+    ]
+    failed = compare._perf_analyzer_result(fails, report, 1, timeout=60)
+    assert "exited with 1" in failed["error"] and "stable measurement" in failed["error"]
+    hangs = [sys.executable, "-c", "import time; time.sleep(60)"]
+    hung = compare._perf_analyzer_result(hangs, report, 1, timeout=0.2)
+    assert "timed out" in hung["error"]
+    report.write_text("Concurrency,Inferences/Second\n1,10\n")
+    writes = [sys.executable, "-c", "pass"]
+    unreadable = compare._perf_analyzer_result(writes, report, 1, timeout=60)
+    assert "p50 latency" in unreadable["error"]
+    report.write_text(PA_251)
+    assert compare._perf_analyzer_result(writes, report, 2, timeout=60)["throughput"] == 1348.69
+
+
+def row(level: int, latencies: list[float], errors: int = 0, cpu: float = 50.0) -> dict:
+    data = loadgen._result("closed", level, 1.0, latencies, errors).summary()
+    return {**data, "server_cpu_us_per_call": cpu if latencies else math.nan}
+
+
+def test_runs_with_errors_are_listed_with_failed_perf_analyzer_runs():
+    results = {
+        "floor": {"closed": [row(1, [0.001] * 10)], "open": [], "perf_analyzer": {1: None}},
+        "warmserve": {
+            "closed": [row(1, [0.001] * 10), row(16, [0.002] * 8, errors=3)],
+            "open": [{**row(500, [0.002] * 5, errors=2), "mode": "open"}],
+            "perf_analyzer": {1: {"throughput": 1.0}, 16: {"error": "perf_analyzer timed out"}},
+        },
+    }
+    assert compare._runs_with_errors(results) == [
+        "warmserve closed 16: 3 errors",
+        "warmserve open 500: 2 errors",
+        "warmserve perf_analyzer c=16: perf_analyzer timed out",
+    ]
+    assert "3 ERRORS" in compare._warnings(results["warmserve"]["closed"][1])
+    assert "p99 of only 8 calls" in compare._warnings(results["warmserve"]["closed"][1])
+
+
+def test_ratios_to_a_run_without_answers_are_nan_and_do_not_end_the_report():
+    dead = row(16, [], errors=100, cpu=0.0)
+    results = {
+        "floor": {"closed": [row(1, [0.001] * 10), dead], "open": []},
+        "warmserve": {"closed": [row(1, [0.002] * 10), row(16, [0.003] * 10)], "open": []},
+    }
+    ratios = compare._ratios(results)
+    assert ratios["c1_p50_vs_floor"] == pytest.approx(2.0)
+    assert math.isnan(ratios["c16_throughput_vs_floor"])
+    assert math.isnan(ratios["c16_p99_vs_floor"])
+
+
+def test_the_json_record_has_null_for_figures_of_runs_without_answers(tmp_path: Path):
+    import json
+
+    record = {"warmserve": {"closed": [row(16, [], errors=4)]}}
+    text = json.dumps(loadgen.json_safe(record), allow_nan=False)
+    assert json.loads(text)["warmserve"]["closed"][0]["p99_ms"] is None

@@ -1,0 +1,60 @@
+"""The load generator's figures from synthetic samples: percentiles over the calls that
+succeeded only, no made-up zeros for a run without answers, a p99 of few calls flagged, and an
+open loop whose generator fell behind its schedule marked as such."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from benchmarks import loadgen
+from benchmarks.rounds import median_row
+
+
+def test_percentiles_are_over_the_successful_calls_with_the_method_named():
+    latencies = [i / 1e3 for i in range(1, 2001)]  # 1..2000 ms
+    result = loadgen._result("closed", 4, 2.0, latencies, errors=7)
+    expected = np.percentile(np.arange(1, 2001, dtype=float), (50, 95, 99), method="linear")
+    assert (result.p50_ms, result.p95_ms, result.p99_ms) == tuple(float(v) for v in expected)
+    assert result.max_ms == 2000.0
+    assert (result.count, result.errors, result.throughput) == (2000, 7, 1000.0)
+    assert result.summary()["percentile_method"] == "linear"
+    assert result.summary()["p99_few_samples"] is False
+
+
+def test_a_run_where_no_call_succeeded_has_no_latency_rather_than_a_latency_of_zero():
+    result = loadgen._result("closed", 16, 1.0, [], errors=250)
+    assert result.count == 0 and result.errors == 250 and result.throughput == 0
+    for figure in (result.p50_ms, result.p95_ms, result.p99_ms, result.max_ms):
+        assert math.isnan(figure)
+    assert result.latencies_ms == []
+    # in JSON: null (NaN is not JSON)
+    record = json.loads(json.dumps(loadgen.json_safe(result.summary()), allow_nan=False))
+    assert record["p50_ms"] is None and record["errors"] == 250
+
+
+def test_a_p99_over_few_calls_is_flagged():
+    few = loadgen._result("closed", 1, 1.0, [0.001] * 50 + [0.5], errors=0)
+    assert few.p99_few_samples is True
+    many = loadgen._result("closed", 1, 1.0, [0.001] * loadgen.FEW_FOR_P99, errors=0)
+    assert many.p99_few_samples is False
+
+
+def test_an_open_loop_whose_sends_ran_late_says_the_generator_fell_behind():
+    latencies = [0.002] * 1000
+    on_time = loadgen._result("open", 500, 2.0, latencies, 0, send_lags=[0.0001] * 1000)
+    assert on_time.generator_behind is False and on_time.send_lag_p99_ms < 1
+    lags = [0.0001] * 950 + [0.02] * 50  # 5 % of the calls sent 20 ms after their arrival
+    late = loadgen._result("open", 5000, 2.0, latencies, 0, send_lags=lags)
+    assert late.generator_behind is True and late.send_lag_p99_ms == 20.0
+
+
+def test_rounds_keep_a_flag_raised_in_any_round_and_ignore_a_round_without_answers():
+    answered = loadgen._result("closed", 1, 1.0, [0.001] * 2000 + [0.009], 0).summary()
+    none = loadgen._result("closed", 1, 1.0, [], 5).summary()
+    combined = median_row([answered, answered, none])
+    assert combined["p99_few_samples"] is True  # the round without answers had none at all
+    assert combined["max_ms"] == 9.0
+    assert combined["errors"] == 5
