@@ -104,7 +104,8 @@ class WorkerPool:
         self._changed = asyncio.Event()
         self._stopping = False
         self._serial = 0
-        self._failures = 0  # worker starts in a row that failed
+        self._failures = 0  # worker starts in a row that failed (or died before an answer)
+        self._failed_at = 0.0  # monotonic time of the latest of them
         self._last_start_error = ""
         self._tasks: set[asyncio.Task[None]] = set()
         self._template: WorkerTemplate | None = None
@@ -241,11 +242,37 @@ class WorkerPool:
         if worker.state is WorkerState.DEAD and worker in self._workers:
             self._workers.remove(worker)
             self._retire_scheduled.discard(worker)
+            self._count_early_death(worker)
             self._reconcile()
         elif worker.state is WorkerState.WARM and worker.worker_id not in self._seen_warm:
             self._seen_warm.add(worker.worker_id)  # newly warm: a replacement may now retire
             self._retire_one_replaced()
         self._notify()
+
+    def _count_early_death(self, worker: WorkerHandle) -> None:
+        """A warm worker that dies before it answered a single batch (its first probe, say)
+        failed its start as much as one that dies warming up: the next start waits out the
+        back-off. Otherwise a model that crashes its worker on every batch is restarted in a
+        tight loop, forever."""
+        if (
+            self._stopping
+            or worker.ready is None  # (a failed start: _start_one counts it)
+            or worker.last_success
+            or worker.draining
+            or worker.retiring
+        ):
+            return
+        self._failures += 1
+        self._failed_at = time.monotonic()
+        self._last_start_error = (
+            f"worker {worker.worker_id} died before it answered a batch: {worker.lost_reason}"
+        )
+        log.error(
+            "model %s: %s (%d failed start(s) in a row)",
+            self.model.name,
+            self._last_start_error,
+            self._failures,
+        )
 
     def scale_to(self, target: int, reason: str) -> None:
         """Change the number of workers kept (clamped to the configured floor and ceiling)."""
@@ -327,6 +354,8 @@ class WorkerPool:
             self._reconcile()  # a failed start is retried (after its back-off)
 
     async def _start_one(self) -> None:
+        if self._failures and any(w.last_success > self._failed_at for w in self._workers):
+            self._failures = 0  # a worker has served since the last failure
         delay = RESTART_BACKOFF_S[min(self._failures, len(RESTART_BACKOFF_S) - 1)]
         if delay:
             log.info("model %s: next worker start in %.1f s (back-off)", self.model.name, delay)
@@ -338,13 +367,12 @@ class WorkerPool:
             await handle.start()
         except Exception as exc:
             self._failures += 1
+            self._failed_at = time.monotonic()
             self._last_start_error = str(exc)
             log.error("model %s: worker start failed: %s", self.model.name, exc)
             if handle in self._workers:
                 self._workers.remove(handle)
             self._slot_freed()  # the batcher looks again: requests waiting for it now fail
-        else:
-            self._failures = 0
         self._notify()
 
     async def stop(self) -> None:

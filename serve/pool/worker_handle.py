@@ -113,6 +113,7 @@ class WorkerHandle:
         # grows, and the probe (known-good inputs) decides whether the worker is broken.
         self.failed_in_a_row = 0
         self.last_batch_error = ""
+        self.lost_reason = ""  # why it died, once it has
         self._slot_waiter: asyncio.Future[int | None] | None = None  # next_slot()'s
         self._ready_future: asyncio.Future[Ready] | None = None
         self._ids = itertools.count()
@@ -449,6 +450,7 @@ class WorkerHandle:
             return
         expected = self.state is WorkerState.STOPPING
         self.state = WorkerState.DEAD
+        self.lost_reason = reason
         if not expected:
             log.error("worker %s (pid %s) lost: %s", self.worker_id, self.pid, reason)
         lost = WorkerLostError(

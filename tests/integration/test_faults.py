@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 
+import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
@@ -95,3 +96,40 @@ def test_a_merged_batch_with_one_malformed_answer_fails_only_that_request(bad_ou
     _, error = outcomes[8.0]
     assert error is not None and error.status() == "StatusCode.INTERNAL"
     assert "output 'Y'" in error.message()
+
+
+# Exits the worker on the probe's input (X = 7.0): it warms up, reports warm, dies on its probe.
+DIES_ON_PROBE = """\
+import os
+
+
+def postprocess(outputs):
+    if (outputs["Y"] == 7.0).any():
+        os._exit(3)
+    return outputs
+"""
+
+
+def test_a_worker_that_dies_on_every_probe_is_restarted_with_back_off_not_in_a_loop(tmp_path):
+    folder = build_spin_torch(
+        tmp_path / "repo" / "spin",
+        process="process.py",
+        probe={"inputs_file": "probe_in.npz", "interval_s": 0.5, "timeout_s": 5.0},
+    )
+    (folder / "process.py").write_text(DIES_ON_PROBE)
+    np.savez(
+        folder / "probe_in.npz",
+        X=np.full((1, 512), 7.0, np.float32),
+        ITERS=np.ones((1, 1), np.int64),
+    )
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    try:
+        server.wait_live()
+        # (without back-off every death was followed by an immediate start, forever)
+        server.wait_for_log(r"next worker start in [0-9.]+ s \(back-off\)", timeout=60)
+        assert "died before it answered a batch" in server.log()
+        assert server.health("spin") == "NOT_SERVING"
+        status, message = _status(lambda: server.client.infer("spin", spin_inputs(1)))
+        assert status == "StatusCode.UNAVAILABLE", message
+    finally:
+        assert server.stop() == 0
