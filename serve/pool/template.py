@@ -121,19 +121,22 @@ class WorkerTemplate:
             raise TemplateError("the worker template is not running")
         loop = asyncio.get_running_loop()
         async with self._lock:
+            sock = self._sock
+            if sock is None:  # a fork before ours (we waited for it) gave the template up
+                raise TemplateError("the worker template is not running")
             try:
                 async with asyncio.timeout(FORK_TIMEOUT_S):
-                    socket.send_fds(self._sock, [log_level.encode()], [channel_fd, in_fd, out_fd])
+                    socket.send_fds(sock, [log_level.encode()], [channel_fd, in_fd, out_fd])
                     reply = b""
                     while len(reply) < FORK_PID.size:
-                        chunk = await loop.sock_recv(self._sock, FORK_PID.size - len(reply))
+                        chunk = await loop.sock_recv(sock, FORK_PID.size - len(reply))
                         if not chunk:
                             raise TemplateError("the worker template closed its socket")
                         reply += chunk
             except BaseException as exc:
                 # Out of step from here on (a late reply would be read as the next fork's pid):
                 # close the socket, which ends the template; workers are spawned from now on.
-                self._sock.close()
+                sock.close()
                 self._sock = None
                 log.warning("worker template for %s given up: fork request failed", self._name)
                 if isinstance(exc, OSError | TimeoutError):

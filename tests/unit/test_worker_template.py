@@ -40,3 +40,31 @@ def test_a_fork_request_that_times_out_retires_the_template(monkeypatch):
     template, seen = asyncio.run(main())
     assert not template.alive  # the next worker is spawned instead
     assert seen.startswith(b"INFO") and seen.endswith(b"|")
+
+
+def test_forks_waiting_behind_one_that_retires_the_template_fail_as_template_errors(monkeypatch):
+    # Workers start together (a pool of several); their fork requests queue on the template's
+    # lock. When the first gives the template up, the others must fail so that the pool spawns
+    # them (TemplateError), not with an error that fails the worker's start.
+    monkeypatch.setattr(serve.pool.template, "FORK_TIMEOUT_S", 0.05)
+
+    async def main() -> list[BaseException]:
+        template = WorkerTemplate("onnx", "m", 5.0)
+        ours, silent = socket.socketpair()  # the template side never answers
+        ours.setblocking(False)
+        template._sock, template._process = ours, _Running()  # type: ignore[assignment]
+        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+        try:
+            outcomes = await asyncio.gather(
+                *(template.fork(fds[0], fds[1], fds[2], "INFO") for _ in range(3)),
+                return_exceptions=True,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+            silent.close()
+        return [o for o in outcomes if isinstance(o, BaseException)]
+
+    errors = asyncio.run(main())
+    assert len(errors) == 3
+    assert all(isinstance(e, TemplateError) for e in errors), errors
