@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from serve.backends.base import Arrays, Backend, DeviceUnavailableError, resolve_device
 from serve.config import ModelConfig
+from serve.errors import InvalidInputError
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -81,8 +82,7 @@ class OnnxBackend(Backend):
             return dict(zip(self._output_names, results, strict=True))
         # onnxruntime takes and returns string tensors as str; the protocol's BYTES are bytes
         feed = {
-            name: np.vectorize(_to_str, otypes=[np.object_])(a) if a.dtype == np.object_ else a
-            for name, a in inputs.items()
+            name: _strings(name, a) if a.dtype == np.object_ else a for name, a in inputs.items()
         }
         results = self._session.run(self._output_names, feed)
         out: Arrays = {}
@@ -99,13 +99,20 @@ class OnnxBackend(Backend):
         )
 
 
+def _strings(name: str, array: Any) -> Any:
+    """A BYTES input as onnxruntime takes it (str); bytes that are not UTF-8 are the caller's
+    error (INVALID_ARGUMENT), not the model's."""
+    try:
+        return np.vectorize(_to_str, otypes=[np.object_])(array)
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(
+            f"input {name!r}: an element is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "ONNX string tensors hold text"
+        ) from None
+
+
 def _to_str(item: object) -> str:
-    if isinstance(item, bytes):
-        try:
-            return item.decode()
-        except UnicodeDecodeError:
-            raise ValueError("ONNX string inputs must be UTF-8 text") from None
-    return str(item)
+    return item.decode() if isinstance(item, bytes) else str(item)
 
 
 def _to_bytes(item: object) -> bytes:

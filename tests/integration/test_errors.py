@@ -10,7 +10,8 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from serve.testing.models import build_mlp_onnx, build_spin_torch, mlp_reference
+from serve.protocol.datatypes import Datatype, numpy_dtype
+from serve.testing.models import IDENTITY_TYPES, build_mlp_onnx, build_spin_torch, mlp_reference
 from tests.integration.conftest import spin_inputs
 from tests.integration.harness import ServerProcess, wait_until
 
@@ -66,6 +67,18 @@ def test_an_output_asked_for_in_shared_memory_is_refused_not_answered_elsewhere(
     status, message = _status(lambda: client.infer("mlp_onnx", [x], outputs=[output]))
     assert status == "StatusCode.UNIMPLEMENTED"
     assert "output 'OUTPUT0' is asked for in a shared-memory region" in message
+
+
+def test_bytes_that_are_not_utf8_for_an_onnx_string_input_are_the_callers_error(client):
+    inputs = [
+        _input(f"IN_{t}", np.zeros((1, 2), numpy_dtype(Datatype(t))), t)
+        for t in IDENTITY_TYPES
+        if t != "BYTES"
+    ]
+    inputs.append(_input("IN_BYTES", np.array([[b"ok", b"\xff\xfe"]], dtype=np.object_), "BYTES"))
+    status, message = _status(lambda: client.infer("identity", inputs))
+    assert status == "StatusCode.INVALID_ARGUMENT"
+    assert "input 'IN_BYTES'" in message and "not UTF-8" in message
 
 
 def _raw_call(server, request) -> grpc.RpcError:
