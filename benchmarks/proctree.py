@@ -1,4 +1,10 @@
-"""CPU time of a process and all its descendants, from /proc (Linux)."""
+"""CPU time of a process and all its descendants, from /proc (Linux).
+
+A descendant that ends between two readings leaves the tree, but its time does not vanish: once
+its parent reaps it, the kernel adds it to the parent's cutime/cstime (waited-for children),
+which the tree's total includes. Without those, a worker or relay that exited mid-run would take
+its whole life's CPU time off the difference (or a short-lived helper's time would be lost).
+"""
 
 from __future__ import annotations
 
@@ -18,8 +24,14 @@ def _cpu_seconds(fields: list[str]) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def _cpu_seconds_with_reaped(fields: list[str]) -> float:
+    """Its own user + system seconds and its reaped children's (cutime, cstime: 16th, 17th)."""
+    return _cpu_seconds(fields) + (int(fields[13]) + int(fields[14])) / TICKS
+
+
 def _stats() -> dict[int, tuple[int, float]]:
-    """pid → (parent pid, user+system seconds) for every live process."""
+    """pid → (parent pid, user+system seconds, its reaped children's included) for every live
+    process."""
     out: dict[int, tuple[int, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -28,12 +40,13 @@ def _stats() -> dict[int, tuple[int, float]]:
             fields = _after_name((entry / "stat").read_text())
         except OSError:
             continue
-        out[int(entry.name)] = (int(fields[1]), _cpu_seconds(fields))
+        out[int(entry.name)] = (int(fields[1]), _cpu_seconds_with_reaped(fields))
     return out
 
 
 def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU seconds of ``root`` and every live descendant."""
+    """User + system CPU seconds of ``root`` and every live descendant, and of the descendants
+    that ended and were reaped by one of them."""
     stats = _stats()
     children: dict[int, list[int]] = {}
     for pid, (parent, _) in stats.items():
