@@ -44,7 +44,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks import loadgen, pa_report, rounds
+from benchmarks import loadgen, pa_report, provenance, rounds
 from benchmarks.proctree import tree_cpu_seconds
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
@@ -61,6 +61,11 @@ MODEL = "mlp_onnx"
 PEER_START_TIMEOUT_S = 120.0
 PEER_STOP_TIMEOUT_S = 30.0
 PERF_ANALYZER_TIMEOUT_S = 180.0
+PERF_ANALYZER_CONCURRENCY = (1, 16)
+PERF_ANALYZER_INTERVAL_MS = 2000
+PERF_ANALYZER_STABILITY = 50
+WARM_UP_CONCURRENCY = 4
+WARM_UP_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -261,8 +266,31 @@ def _machine() -> dict[str, Any]:
     return {
         "cpu": cpu or platform.processor(),
         "cores": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
         "python": platform.python_version(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git": provenance.git_state(),
+    }
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """How the run was made, for its JSON record."""
+    return {
+        "quick": args.quick,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "concurrency": args.concurrency,
+        "open_loop_rates": args.rates,
+        "peers": args.peers,
+        "warm_up": {"concurrency": WARM_UP_CONCURRENCY, "seconds": WARM_UP_SECONDS},
+        "model": MODEL,
+        "percentiles": f"numpy {loadgen.PERCENTILE_METHOD}, over the answered calls",
+        "perf_analyzer": {
+            "concurrency": list(PERF_ANALYZER_CONCURRENCY),
+            "measurement_interval_ms": PERF_ANALYZER_INTERVAL_MS,
+            "stability_percentage": PERF_ANALYZER_STABILITY,
+        },
     }
 
 
@@ -296,7 +324,8 @@ def _perf_analyzer(url: str, concurrency: int, streaming: bool = False) -> dict[
         command = [str(PERF_ANALYZER), "-m", MODEL, "-i", "grpc", "-u", url, "-f", str(report)]
         command += ["--streaming"] if streaming else []
         command += ["--concurrency-range", f"{concurrency}:{concurrency}"]
-        command += ["--measurement-interval", "2000", "--stability-percentage", "50"]
+        command += ["--measurement-interval", str(PERF_ANALYZER_INTERVAL_MS)]
+        command += ["--stability-percentage", str(PERF_ANALYZER_STABILITY)]
         return _perf_analyzer_result(command, report, concurrency, PERF_ANALYZER_TIMEOUT_S)
 
 
@@ -325,7 +354,14 @@ def run_servers(
     loop and perf_analyzer cross-check. A name ending in STREAMED is the same server driven by
     streaming clients (ModelStreamInfer; closed loop only)."""
     for name, (url, _) in servers.items():  # warm both ends before measuring
-        loadgen.run(url, MODEL, concurrency=4, seconds=1.0, streaming=name.endswith(STREAMED))
+        streaming = name.endswith(STREAMED)
+        loadgen.run(
+            url,
+            MODEL,
+            concurrency=WARM_UP_CONCURRENCY,
+            seconds=WARM_UP_SECONDS,
+            streaming=streaming,
+        )
 
     def closed_loop(name: str, concurrency: int) -> dict[str, Any]:
         url, pid = servers[name]
@@ -340,7 +376,9 @@ def run_servers(
         streaming = name.endswith(STREAMED)
         rates = [] if streaming else args.rates
         opened = [_measure(url, pid, rate=r, seconds=args.seconds) for r in rates]
-        cross = {c: _perf_analyzer(url, c, streaming) for c in (1, 16)} if not args.quick else {}
+        cross = {}
+        if not args.quick:
+            cross = {c: _perf_analyzer(url, c, streaming) for c in PERF_ANALYZER_CONCURRENCY}
         for row in closed[name] + opened:
             print(
                 f"  {name:17s} {row['mode']:6s} {row['level']:>6}: {row['throughput']:7.0f}/s "
@@ -669,6 +707,7 @@ def main() -> None:
     record: dict[str, Any] = {"machine": _machine(), "ratios": ratios, "breakdown_us": breakdown}
     record["ratios_by_round"] = by_round
     record["rounds"] = {"count": args.rounds, "seconds_each": args.seconds}
+    record["settings"] = _settings(args)
     record["peers"] = {"settings": peer_info, "best": best, "failed": failed}
     record["ratios_to_warmserve"] = peer_ratios
     record["runs_with_errors"] = with_errors

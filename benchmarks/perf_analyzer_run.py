@@ -26,7 +26,7 @@ from typing import Any
 
 import tritonclient.grpc as grpcclient
 
-from benchmarks import pa_report
+from benchmarks import pa_report, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF_ANALYZER = ROOT / "benchmarks" / ".tools" / "perf_analyzer"
@@ -138,6 +138,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git": provenance.git_state(),
     }
 
 

@@ -113,3 +113,25 @@ def test_the_json_record_has_null_for_figures_of_runs_without_answers(tmp_path: 
     record = {"warmserve": {"closed": [row(16, [], errors=4)]}}
     text = json.dumps(loadgen.json_safe(record), allow_nan=False)
     assert json.loads(text)["warmserve"]["closed"][0]["p99_ms"] is None
+
+
+def test_the_record_names_the_machine_the_commit_and_the_settings():
+    import argparse
+    import re
+    import subprocess
+
+    machine = compare._machine()
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["cpu_count"] >= machine["cores"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", machine["date"])
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=compare.ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    assert machine["git"]["commit"] == head and isinstance(machine["git"]["dirty"], bool)
+    args = argparse.Namespace(
+        quick=False, seconds=3.0, rounds=3, concurrency=[1, 16], rates=[500.0], peers=None
+    )
+    settings = compare._settings(args)
+    assert settings["concurrency"] == [1, 16] and settings["open_loop_rates"] == [500.0]
+    assert settings["seconds"] == 3.0 and settings["rounds"] == 3
+    assert settings["warm_up"] == {"concurrency": 4, "seconds": 1.0}
+    assert "linear" in settings["percentiles"]
