@@ -303,11 +303,17 @@ def _measure(
     seconds: float,
     streaming: bool = False,
 ) -> dict[str, Any]:
-    before = tree_cpu_seconds(pid)
+    marks: list[float] = []  # the tree's CPU time where the measured calls start and end
     result = loadgen.run(
-        url, MODEL, concurrency=concurrency, rate=rate, seconds=seconds, streaming=streaming
+        url,
+        MODEL,
+        concurrency=concurrency,
+        rate=rate,
+        seconds=seconds,
+        streaming=streaming,
+        window=lambda: marks.append(tree_cpu_seconds(pid)),
     )
-    cpu = tree_cpu_seconds(pid) - before
+    cpu = marks[1] - marks[0]
     row: dict[str, Any] = result.summary()
     row["server_cpu_us_per_call"] = cpu / result.count * 1e6 if result.count else float("nan")
     row["latencies_ms"] = result.latencies_ms

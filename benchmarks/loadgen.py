@@ -137,13 +137,16 @@ async def closed_loop(
     connected: Callable[[], object] | None = None,
     connections: int = 1,
     streaming: bool = False,
+    window: Callable[[], object] | None = None,
 ) -> LoadResult:
     """``concurrency`` callers, each sending its next call when the last returns (``streaming``:
     on a ModelStreamInfer stream of its own), spread over
     ``connections`` channels of their own TCP connection (a server whose processes share the
     port with SO_REUSEPORT balances connections, not calls). ``connected`` (if given) is called
     once the channels are up, before the clock starts: client processes wait there for each
-    other."""
+    other. ``window`` (if given) is called right before the first measured call and right after
+    the last one ends: what the server spends in between is spent on the measured calls (not on
+    connecting, its first call or the channels' closing)."""
     latencies: list[float] = []
     errors = 0
     own_connection = [("grpc.use_local_subchannel_pool", 1)]  # no connection shared between them
@@ -157,6 +160,8 @@ async def closed_loop(
                 await call(payload, timeout=CALL_TIMEOUT_S)
         if connected is not None:
             connected()
+        if window is not None:
+            window()
         end = time.perf_counter() + seconds
 
         async def caller(call: grpc.aio.UnaryUnaryMultiCallable) -> None:
@@ -194,15 +199,23 @@ async def closed_loop(
         else:
             await asyncio.gather(*(caller(calls[i % connections]) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
+        if window is not None:
+            window()
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
     return _result("closed", concurrency, elapsed, latencies, errors)
 
 
 async def open_loop(
-    url: str, payload: bytes, rate: float, seconds: float, seed: int = 0
+    url: str,
+    payload: bytes,
+    rate: float,
+    seconds: float,
+    seed: int = 0,
+    window: Callable[[], object] | None = None,
 ) -> LoadResult:
-    """Arrivals at exponential gaps; latency counts from the scheduled arrival time."""
+    """Arrivals at exponential gaps; latency counts from the scheduled arrival time.
+    ``window``: as closed_loop's."""
     latencies: list[float] = []
     send_lags: list[float] = []
     errors = 0
@@ -222,6 +235,8 @@ async def open_loop(
             latencies.append(time.perf_counter() - scheduled)
 
         tasks: list[asyncio.Task[None]] = []
+        if window is not None:
+            window()
         started = time.perf_counter()
         arrival = started + rng.expovariate(rate)
         while arrival < started + seconds:  # (no arrival scheduled after the window)
@@ -232,6 +247,8 @@ async def open_loop(
             arrival += rng.expovariate(rate)
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
+        if window is not None:
+            window()
     return _result("open", rate, elapsed, latencies, errors, send_lags)
 
 
@@ -334,23 +351,33 @@ def run(
     processes: int = 1,
     connections: int = 1,
     streaming: bool = False,
+    window: Callable[[], object] | None = None,
 ) -> LoadResult:
     """Closed loop at ``concurrency`` or open loop at ``rate``; ``payload`` is a serialised
     ModelInferRequest (default: one row for the demo MLP). A closed loop can be split over
     ``processes`` client processes, each with ``connections`` connections, and its calls sent
-    on streams (``streaming``)."""
+    on streams (``streaming``). ``window``: called where the measured calls start and end (one
+    client process only)."""
     payload = payload or request_bytes(model)
     if rate and streaming:
         raise ValueError("streaming is a closed-loop mode")
+    if window is not None and processes > 1 and not rate:
+        raise ValueError("window marks need the calls in this process (processes=1)")
     if processes > 1 and not rate:
         return closed_loop_processes(
             url, payload, concurrency, seconds, processes, connections, streaming
         )
     if rate:
-        job = open_loop(url, payload, rate, seconds)
+        job = open_loop(url, payload, rate, seconds, window=window)
     else:
         job = closed_loop(
-            url, payload, concurrency, seconds, connections=connections, streaming=streaming
+            url,
+            payload,
+            concurrency,
+            seconds,
+            connections=connections,
+            streaming=streaming,
+            window=window,
         )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(job)

@@ -4,6 +4,8 @@ open loop whose generator fell behind its schedule marked as such."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import math
 
@@ -58,3 +60,55 @@ def test_rounds_keep_a_flag_raised_in_any_round_and_ignore_a_round_without_answe
     assert combined["p99_few_samples"] is True  # the round without answers had none at all
     assert combined["max_ms"] == 9.0
     assert combined["errors"] == 5
+
+
+class CountingServer:
+    """A grpc.aio server on 127.0.0.1 whose ModelInfer answers empty bytes and counts calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __aenter__(self) -> str:
+        import grpc
+
+        async def infer(request: bytes, context: object) -> bytes:
+            self.calls += 1
+            return b""
+
+        handler = grpc.unary_unary_rpc_method_handler(infer)  # raw bytes in and out
+        service = grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {"ModelInfer": handler}
+        )
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers((service,))
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return f"127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop(None)
+
+
+def record(marks: list[int], server: CountingServer) -> None:
+    marks.append(server.calls)
+
+
+def test_the_window_marks_enclose_exactly_the_measured_calls():
+    """What the server spends between the marks (make bench's CPU per call) is spent on the
+    calls counted, not on connecting or the first call."""
+
+    async def main() -> None:
+        server = CountingServer()
+        async with server as url:
+            for job in (
+                lambda mark: loadgen.closed_loop(url, b"", 2, 0.2, window=mark),
+                lambda mark: loadgen.open_loop(url, b"", 200, 0.2, window=mark),
+            ):
+                before = server.calls
+                at_marks: list[int] = []
+                result = await job(functools.partial(record, at_marks, server))
+                assert at_marks[0] == before + 1  # only the connecting call before the window
+                assert at_marks[1] - at_marks[0] == result.count + result.errors
+                assert result.count > 0 and server.calls == at_marks[1]
+
+    asyncio.run(main())
