@@ -278,23 +278,30 @@ def stream_methods() -> dict[str, type[Any]]:
     return {HEALTH_WATCH: health_pb2.HealthCheckRequest}
 
 
+# A ModelInferResponse's parameters (field 4) holding one entry: "triton_final_response" (key,
+# field 1) → an InferParameter (value, field 2) whose bool_param (field 1) is true. Appended to a
+# serialised response, it adds that entry (protobuf merges concatenated messages).
+FINAL_RESPONSE_PARAMETER = b"\x22\x1b\x0a\x15triton_final_response\x12\x02\x08\x01"
+
+
 def stream_answer(response: bytes) -> bytes:
     """A serialised ModelStreamInferResponse carrying a serialised ModelInferResponse
-    (infer_response, field 2), without parsing it."""
-    return b"\x12" + _varint(len(response)) + response
+    (infer_response, field 2), without parsing it, marked as the request's final response as
+    Triton marks every answer on a stream (clients of decoupled models wait for it)."""
+    inner_size = len(response) + len(FINAL_RESPONSE_PARAMETER)
+    return b"\x12" + _varint(inner_size) + response + FINAL_RESPONSE_PARAMETER
 
 
 def stream_error(message: str, request_id: str = "") -> bytes:
-    """A serialised ModelStreamInferResponse carrying ``message`` (error_message, field 1) and,
-    for a request that had an id, that id (infer_response, field 2: its id, field 3), so that
-    a client can tell which of its requests failed."""
+    """A serialised ModelStreamInferResponse carrying ``message`` (error_message, field 1) and
+    an infer_response (field 2) marked final that has the request's id (field 3), if it had
+    one, so that a client can tell which of its requests failed."""
     text = message.encode()
-    out = b"\x0a" + _varint(len(text)) + text
+    inner = FINAL_RESPONSE_PARAMETER
     if request_id:
         name = request_id.encode()
-        inner = b"\x1a" + _varint(len(name)) + name
-        out += b"\x12" + _varint(len(inner)) + inner
-    return out
+        inner = b"\x1a" + _varint(len(name)) + name + inner
+    return b"\x0a" + _varint(len(text)) + text + b"\x12" + _varint(len(inner)) + inner
 
 
 def _varint(value: int) -> bytes:

@@ -41,6 +41,10 @@ Context: TypeAlias = grpc.aio.ServicerContext
 # transport's clock and ours reach the deadline a little apart.
 DEADLINE_SLACK_S = 0.01
 
+# Set (true) on every answer on a stream, as Triton sets it: a request's last response (each
+# request here has one). Clients written for decoupled models read the stream until they see it.
+FINAL_RESPONSE = "triton_final_response"
+
 LOAD_PARAMETERS = ("version", "rollback")
 UNLOAD_PARAMETERS = ("version", "unload_dependents")  # (the last: tritonclient always sends it)
 
@@ -219,19 +223,20 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[Any]:
         """Each request on the stream is answered as ModelInfer would answer it, concurrently
         and in the order the answers complete: a response, or an error_message for that request
-        alone (the stream goes on). The stream's deadline applies to each of its requests."""
+        alone (the stream goes on), each marked as the request's final response. The stream's
+        deadline applies to each of its requests."""
         call = _StreamCall(context)
 
         async def answer(request: Any) -> Any:
             try:
                 response = await self.ModelInfer(request, cast(Context, call))
             except _RequestFailed as failed:  # with the request's id, to say which one failed
-                if not request.id:
-                    return pb.ModelStreamInferResponse(error_message=failed.message)
+                response = pb.ModelInferResponse(id=request.id)
+                response.parameters[FINAL_RESPONSE].bool_param = True
                 return pb.ModelStreamInferResponse(
-                    error_message=failed.message,
-                    infer_response=pb.ModelInferResponse(id=request.id),
+                    error_message=failed.message, infer_response=response
                 )
+            response.parameters[FINAL_RESPONSE].bool_param = True
             return pb.ModelStreamInferResponse(infer_response=response)
 
         async for message in answer_concurrently(request_iterator, answer):

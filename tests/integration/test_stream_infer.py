@@ -118,18 +118,31 @@ def _bad_request(model: str, name: str, request_id: str) -> Any:
 
 
 @pytest.mark.parametrize("frontends", [1, 2], ids=["direct", "relayed"])
-def test_a_failed_request_on_a_stream_is_named_by_its_id(tmp_path: Path, frontends: int):
+def test_a_failed_request_on_a_stream_is_named_by_its_id_and_every_answer_is_final(
+    tmp_path: Path, frontends: int
+):
     repository = tmp_path / "repository"
     build_identity_onnx(repository / "identity", types=("FP32",))
     args = ("--frontends", "2") if frontends > 1 else ()
     server = ServerProcess(tmp_path / "server.log", repository, args=args)
     try:
         wait_until(server.ready_over_http, 120, "ready")
-        requests = [_bad_request("identity", "IN_FP32", "req-7"), _bad_request("nope", "X", "")]
+        good = service_pb2.ModelInferRequest(model_name="identity", id="good")
+        good.inputs.add(name="IN_FP32", datatype="FP32", shape=[1, 4])
+        good.raw_input_contents.append(bytes(16))
+        requests = [
+            _bad_request("identity", "IN_FP32", "req-7"),
+            _bad_request("nope", "X", ""),
+            good,
+        ]
         answers = _raw_stream(server.url, requests)
-        assert len(answers) == 2
+        assert len(answers) == 3
         named = {a.infer_response.id: a.error_message for a in answers}
         assert "INT32" in named["req-7"] and "unknown model 'nope'" in named[""]
-        assert all(not a.infer_response.outputs for a in answers)
+        assert named["good"] == ""
+        assert all(not a.infer_response.outputs for a in answers if a.error_message)
+        # as Triton marks them: clients of decoupled models read until they see it
+        for answer in answers:
+            assert answer.infer_response.parameters["triton_final_response"].bool_param
     finally:
         server.stop()

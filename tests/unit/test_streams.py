@@ -138,13 +138,19 @@ def test_the_relays_stream_messages_parse_as_the_protocols(size):
     inner = pb.ModelInferResponse(model_name="m", id="x")
     inner.raw_output_contents.append(bytes(size))
     answer = pb.ModelStreamInferResponse.FromString(stream_answer(inner.SerializeToString()))
-    assert answer.infer_response == inner and answer.error_message == ""
+    assert answer.error_message == ""
+    assert answer.infer_response.parameters["triton_final_response"].bool_param
+    inner.parameters["triton_final_response"].bool_param = True
+    assert answer.infer_response == inner
+    final = pb.ModelInferResponse()
+    final.parameters["triton_final_response"].bool_param = True
     message = "é" * size if size < 100_000 else "x" * size
     error = pb.ModelStreamInferResponse.FromString(stream_error(message))
-    assert error.error_message == message and not error.HasField("infer_response")
+    assert error.error_message == message and error.infer_response == final
     request_id = "r" * size if size < 100_000 else "r"
     error = pb.ModelStreamInferResponse.FromString(stream_error(message, request_id))
-    assert error.error_message == message and error.infer_response.id == request_id
+    final.id = request_id
+    assert error.error_message == message and error.infer_response == final
 
 
 def test_answers_not_yet_taken_count_against_the_limit():
