@@ -46,6 +46,10 @@ NO_SHARED_MEMORY = "the shared-memory extension is not supported by this server"
 # The most dimensions a tensor may have: numpy's limit (32 before numpy 2, which allows 64).
 MAX_DIMS = 32
 
+# The most elements a shape may span, zero dimensions left out: numpy's limit on an array's
+# bytes (a signed 64-bit size) at 8 bytes an element.
+MAX_SPAN = (2**63 - 1) // 8
+
 _DATATYPES = {d.value: d for d in Datatype}
 _FIXED_DTYPES: dict[Datatype, np.dtype[Any]] = {
     d: numpy_dtype(d) for d in Datatype if d is not Datatype.BYTES
@@ -77,10 +81,14 @@ def _decode_input(tensor: Any, raw: bytes | memoryview | None) -> Tensor:
             f"input {name!r}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are supported"
         )
     count = 1
+    span = 1  # the elements without its zero dimensions: numpy refuses a shape past its limit
     for d in shape:
         if d < 0:
             raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
         count *= d
+        span *= d or 1
+    if span > MAX_SPAN:
+        raise InvalidInputError(f"input {name!r}: shape {list(shape)} is larger than any tensor")
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidInputError(f"input {name!r}: has both typed contents and raw contents")

@@ -40,3 +40,22 @@ def test_a_shape_of_more_dimensions_than_any_array_can_have_is_invalid_input(req
 def test_the_largest_rank_allowed_still_decodes():
     request = infer_request_from_pb(_raw([1] * MAX_DIMS, b"\x00" * 4), None)
     assert request.inputs[0].data.ndim == MAX_DIMS
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        _raw([0, 2**62], b""),
+        _raw([0, 2**40, 2**40], b"", "BYTES"),
+        _typed([2**62, 0], []),
+    ],
+    ids=["raw", "bytes", "typed"],
+)
+def test_a_zero_size_shape_too_large_for_any_array_is_invalid_input(request_):
+    with pytest.raises(InvalidInputError, match=r"input 'X': shape \[.*\] is larger than any"):
+        infer_request_from_pb(request_, None)
+
+
+def test_a_zero_size_shape_within_the_limit_still_decodes():
+    request = infer_request_from_pb(_raw([2**31, 0], b""), None)
+    assert request.inputs[0].data.shape == (2**31, 0)
