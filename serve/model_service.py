@@ -138,8 +138,11 @@ class ModelService:
         if healthy >= floor:
             return ""
         last = self.controller.last_failure
-        return f"{healthy} of {floor} warm workers pass their probes" + (
-            f"; last failure: {last}" if last else ""
+        trouble = self.pool.start_trouble()  # (replacements that fail to start say why)
+        return (
+            f"{healthy} of {floor} warm workers pass their probes"
+            + (f"; {trouble}" if trouble else "")
+            + (f"; last failure: {last}" if last else "")
         )
 
     async def start(self) -> None:

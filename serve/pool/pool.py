@@ -211,14 +211,26 @@ class WorkerPool:
         if self._stopping:
             return "its workers are stopping"
         if self._counted() == 0:
-            if self._failures:
-                return (
-                    f"no warm worker: the last {self._failures} worker start(s) failed "
-                    f"({self._last_start_error}); the pool keeps retrying"
-                )
+            trouble = self.start_trouble()
+            if trouble:
+                return f"no warm worker: {trouble}"
             if not self._tasks:
                 return "no warm worker and none starting"
         return ""
+
+    def start_trouble(self) -> str:
+        """Why worker starts keep failing, or "" once a worker started since has answered."""
+        if not self._failures or self._recovered(self._workers):
+            return ""
+        return (
+            f"the last {self._failures} worker start(s) failed ({self._last_start_error}); "
+            "the pool keeps retrying"
+        )
+
+    def _recovered(self, workers: list[WorkerHandle]) -> bool:
+        """Whether one of ``workers`` started after the latest failure and has answered a batch:
+        the failures are over (a worker started before them proves nothing)."""
+        return any(w.last_success and w.started_at > self._failed_at for w in workers)
 
     def check_watchdog(self) -> None:
         """Kill workers with a batch out longer than ``pool.watchdog_s`` (they hang)."""
@@ -254,6 +266,8 @@ class WorkerPool:
         failed its start as much as one that dies warming up: the next start waits out the
         back-off. Otherwise a model that crashes its worker on every batch is restarted in a
         tight loop, forever."""
+        if self._recovered([worker]):
+            self._failures = 0  # it served: its death ends nothing but itself
         if (
             self._stopping
             or worker.ready is None  # (a failed start: _start_one counts it)
@@ -354,8 +368,8 @@ class WorkerPool:
             self._reconcile()  # a failed start is retried (after its back-off)
 
     async def _start_one(self) -> None:
-        if self._failures and any(w.last_success > self._failed_at for w in self._workers):
-            self._failures = 0  # a worker has served since the last failure
+        if self._failures and self._recovered(self._workers):
+            self._failures = 0
         delay = RESTART_BACKOFF_S[min(self._failures, len(RESTART_BACKOFF_S) - 1)]
         if delay:
             log.info("model %s: next worker start in %.1f s (back-off)", self.model.name, delay)

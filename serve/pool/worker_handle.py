@@ -114,6 +114,7 @@ class WorkerHandle:
         self.failed_in_a_row = 0
         self.last_batch_error = ""
         self.lost_reason = ""  # why it died, once it has
+        self.started_at = 0.0  # monotonic time its start began
         self._slot_waiter: asyncio.Future[int | None] | None = None  # next_slot()'s
         self._ready_future: asyncio.Future[Ready] | None = None
         self._ids = itertools.count()
@@ -142,6 +143,7 @@ class WorkerHandle:
 
     async def start(self) -> None:
         """Spawn the process and wait until it reports warm (or fail, killing it)."""
+        self.started_at = time.monotonic()
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         size = self.settings.slots * self.settings.slot_bytes

@@ -4,7 +4,9 @@ another caller's answer, and never a tight restart loop."""
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import tritonclient.grpc as triton
 
 from serve.testing.models import build_spin_torch
 from tests.integration.conftest import spin_inputs
-from tests.integration.harness import ServerProcess
+from tests.integration.harness import ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -131,5 +133,38 @@ def test_a_worker_that_dies_on_every_probe_is_restarted_with_back_off_not_in_a_l
         assert server.health("spin") == "NOT_SERVING"
         status, message = _status(lambda: server.client.infer("spin", spin_inputs(1)))
         assert status == "StatusCode.UNAVAILABLE", message
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_model_whose_replacement_workers_fail_to_warm_up_says_why_it_is_not_ready(tmp_path):
+    broken = tmp_path / "broken"
+    code = (  # new workers fail to load it once the test says so; running ones go on
+        "import pathlib\n"
+        f"if pathlib.Path({str(broken)!r}).exists():\n"
+        "    raise RuntimeError('the scratch disk is gone')\n"
+    )
+    folder = build_spin_torch(
+        tmp_path / "repo" / "spin",
+        process="process.py",
+        pool={"workers": 2, "min_warm": 2, "threads": 1, "max_inflight_per_worker": 1},
+        probe={"interval_s": 0.2},  # the worker that serves answers probes all along
+    )
+    (folder / "process.py").write_text(code)
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    try:
+        server.wait_ready()
+        broken.touch()
+        victim = server.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        # The back-off grows while the other worker serves (its answers are no sign that the
+        # starts recovered); then it is 0.5, 1, 2 s between starts, not a tight loop.
+        server.wait_for_log(r"next worker start in 2\.0 s \(back-off\)", timeout=60)
+        assert server.health("spin") == "NOT_SERVING"
+        (status,) = server.client.get_model_repository_index().models
+        assert "1 of 2 warm workers" in status.reason, status.reason
+        assert "the scratch disk is gone" in status.reason, status.reason
+        broken.unlink()  # the cause goes away: the next start (after its back-off) serves again
+        wait_until(lambda: server.health("spin") == "SERVING", 60, "the model serving again")
     finally:
         assert server.stop() == 0
