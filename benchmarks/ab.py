@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import loadgen, proctree, rounds
-from benchmarks.compare import MODEL
+from benchmarks.compare import MODEL, exit_on_sigterm
 from benchmarks.relay_cost import build_image_passthrough, image_request
 from serve.testing.models import build_mlp_onnx
 from tests.integration.harness import ServerProcess, wait_until
@@ -99,6 +99,7 @@ def report(results: dict[str, list[dict[str, Any]]], levels: list[int]) -> dict[
 
 
 def main() -> None:
+    exit_on_sigterm()  # the servers and the base's worktree are removed on SIGTERM too
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", help="the commit to compare the working tree with")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])

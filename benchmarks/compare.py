@@ -60,6 +60,8 @@ PEERS_ENV = ROOT / "benchmarks" / ".peers"
 MODEL = "mlp_onnx"
 PEER_START_TIMEOUT_S = 120.0
 PEER_STOP_TIMEOUT_S = 30.0
+FLOOR_START_TIMEOUT_S = 60.0
+FLOOR_STOP_TIMEOUT_S = 30.0
 PERF_ANALYZER_TIMEOUT_S = 180.0
 PERF_ANALYZER_CONCURRENCY = (1, 16)
 PERF_ANALYZER_INTERVAL_MS = 2000
@@ -138,12 +140,32 @@ class FloorProcess:
         command += ["--port", str(self.port), *(["--hop"] if hop else [])]
         command += ["--echo", str(echo)] if echo else []
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_until(lambda: b"listening" in log.read_bytes(), 60, "the floor server")
+        try:
+            wait_until(lambda: self._listening(log), FLOOR_START_TIMEOUT_S, "the floor server")
+        except BaseException:  # (Ctrl-C too) a floor that never listened is not left running
+            self.stop()
+            raise
 
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
-        self._log.close()
+    def _listening(self, log: Path) -> bool:
+        if b"listening" in log.read_bytes():
+            return True
+        if self.process.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+            raise RuntimeError(f"the floor server exited with {self.process.returncode}:\n{tail}")
+        return False
+
+    def stop(self, timeout: float = FLOOR_STOP_TIMEOUT_S) -> None:
+        """SIGTERM, then SIGKILL if it has not ended within ``timeout`` seconds."""
+        try:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(10)
+        finally:
+            self._log.close()
 
 
 def _peer_python(peer: str) -> Path:
@@ -612,7 +634,14 @@ def _plots(results: dict[str, Any], stem: Path, cdf_names: list[str] | None = No
     return paths
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (a CI timeout, kill) ends the run as SystemExit, so that every server it started
+    is stopped on the way out, as on Ctrl-C, instead of left running."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="c=1 and c=16 only, 1 s a round")
     parser.add_argument("--seconds", type=float, default=3.0)

@@ -34,7 +34,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import loadgen, proctree
-from benchmarks.compare import FloorProcess
+from benchmarks.compare import FloorProcess, exit_on_sigterm
 from benchmarks.gpu_models import image_model, save_model_folder, text_model
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.testing.models import write_config
@@ -488,6 +488,7 @@ def frontend_targets(results: dict[str, Any], floor_key: str) -> list[dict[str, 
 
 
 def main() -> None:
+    exit_on_sigterm()  # (a timeout's SIGTERM) the servers it started are stopped on the way out
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--smoke", action="store_true", help="tiny models and loads (CPU check)")

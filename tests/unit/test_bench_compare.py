@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,53 @@ def test_the_record_names_the_machine_the_commit_and_the_settings():
     assert settings["seconds"] == 3.0 and settings["rounds"] == 3
     assert settings["warm_up"] == {"concurrency": 4, "seconds": 1.0}
     assert "linear" in settings["percentiles"]
+
+
+def test_a_floor_server_that_exits_at_start_fails_at_once_with_its_log(tmp_path):
+    with pytest.raises(RuntimeError, match="floor server exited") as failure:
+        compare.FloorProcess(tmp_path / "no-such-model", tmp_path / "floor.log")
+    assert "no-such-model" in str(failure.value)  # its own error, from its log
+
+
+def test_a_floor_server_that_ignores_sigterm_is_killed_when_stopped(tmp_path):
+    import signal
+    import subprocess
+
+    floor = object.__new__(compare.FloorProcess)
+    ready = tmp_path / "ready"
+    code = (
+        "import signal, sys, time, pathlib\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "pathlib.Path(sys.argv[1]).touch()\n"
+        "while True: time.sleep(1)\n"
+    )
+    floor._log = (tmp_path / "floor.log").open("wb")
+    floor.process = subprocess.Popen([sys.executable, "-c", code, str(ready)])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():  # its SIGTERM handler is in place
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        floor.stop(timeout=0.2)
+        assert floor.process.returncode == -signal.SIGKILL and floor._log.closed
+    finally:
+        if floor.process.poll() is None:
+            floor.process.kill()
+            floor.process.wait(10)
+
+
+def test_sigterm_ends_the_benchmark_as_an_exception_so_its_servers_are_stopped():
+    import os
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        compare.exit_on_sigterm()
+        with pytest.raises(SystemExit) as ended:
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # (the handler runs between bytecodes)
+                time.sleep(0.01)
+        assert ended.value.code == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
