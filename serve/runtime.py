@@ -264,7 +264,7 @@ class Runtime:
                 _forget_source(entry, version)
                 await service.stop()
                 if not entry.versions:  # a model loaded for the first time: not there at all
-                    del self._entries[name]
+                    self._drop(name)
                     self._changed()
             log.error("rollout of %s version %s refused: %s", name, version, reason)
             raise ModelNotReadyError(
@@ -323,8 +323,13 @@ class Runtime:
             _forget_source(entry, v)
             await _drain_removed(service)
         if not entry.versions:
-            del self._entries[name]
+            self._drop(name)
         self._changed()
+
+    def _drop(self, name: str) -> None:
+        """Forget a model none of whose versions is loaded any more, its metrics too."""
+        del self._entries[name]
+        self.metrics.forget(name)
 
     def _switch(self, entry: ModelEntry, version: str, why: str) -> None:
         if entry.active == version:

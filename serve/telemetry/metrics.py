@@ -172,6 +172,11 @@ class Metrics:
             counters = self._counters[model] = ModelCounters()
         return counters
 
+    def forget(self, model: str) -> None:
+        """Drop ``model``'s series: it is no longer loaded (each model ever loaded and unloaded
+        would otherwise stay in every scrape; loaded again, it starts from zero)."""
+        self._counters.pop(model, None)
+
     def watch(self, source: Callable[[], Iterable[tuple[str, int, int, int]]]) -> None:
         self.registry.register(ModelGauges(source))
 
