@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing
@@ -176,20 +177,30 @@ async def closed_loop(
                 latencies.append(time.perf_counter() - start)
 
         async def streamer(channel: grpc.aio.Channel) -> None:
+            """A failed or ended stream counts as one failed call, and the caller goes on on a
+            new stream (as a unary caller goes on after a failed call)."""
             nonlocal errors
-            stream = channel.stream_stream(STREAM_METHOD)(timeout=seconds + CALL_TIMEOUT_S)
+            method = channel.stream_stream(STREAM_METHOD)
+            stream = method(timeout=seconds + CALL_TIMEOUT_S)
             try:
                 while time.perf_counter() < end:
                     start = time.perf_counter()
-                    await stream.write(payload)
-                    answer = await stream.read()
-                    if not isinstance(answer, bytes):  # the stream ended (its status says why)
-                        raise RuntimeError(f"stream ended: {await stream.code()}")
+                    try:
+                        await stream.write(payload)
+                        answer = await stream.read()
+                    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                        answer = None  # (it ended with an error, or before this write)
+                    if not isinstance(answer, bytes):  # the stream ended
+                        errors += 1
+                        stream.cancel()
+                        stream = method(timeout=seconds + CALL_TIMEOUT_S)
+                        continue
                     if answer[:1] == bytes([STREAM_ERROR]):
                         errors += 1
                         continue
                     latencies.append(time.perf_counter() - start)
-                await stream.done_writing()
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    await stream.done_writing()
             finally:
                 stream.cancel()
 

@@ -8,6 +8,8 @@ import asyncio
 import functools
 import json
 import math
+from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +69,7 @@ class CountingServer:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.streams_ended = 0
 
     async def __aenter__(self) -> str:
         import grpc
@@ -75,10 +78,22 @@ class CountingServer:
             self.calls += 1
             return b""
 
-        handler = grpc.unary_unary_rpc_method_handler(infer)  # raw bytes in and out
-        service = grpc.method_handlers_generic_handler(
-            "inference.GRPCInferenceService", {"ModelInfer": handler}
-        )
+        async def stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+            """Answers two requests, then ends the stream with UNAVAILABLE (a relay gone)."""
+            answered = 0
+            async for _ in requests:
+                if answered == 2:
+                    self.streams_ended += 1
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "relay gone")
+                self.calls += 1
+                answered += 1
+                yield b""
+
+        handlers = {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(infer),  # raw bytes in and out
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(stream),
+        }
+        service = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers)
         self.server = grpc.aio.server()
         self.server.add_generic_rpc_handlers((service,))
         port = self.server.add_insecure_port("127.0.0.1:0")
@@ -110,5 +125,17 @@ def test_the_window_marks_enclose_exactly_the_measured_calls():
                 assert at_marks[0] == before + 1  # only the connecting call before the window
                 assert at_marks[1] - at_marks[0] == result.count + result.errors
                 assert result.count > 0 and server.calls == at_marks[1]
+
+    asyncio.run(main())
+
+
+def test_a_stream_that_the_server_ends_counts_as_a_failed_call_and_the_caller_goes_on():
+    async def main() -> None:
+        server = CountingServer()
+        async with server as url:
+            result = await loadgen.closed_loop(url, b"", 2, 0.3, streaming=True)
+        assert server.streams_ended >= 2
+        assert result.errors == server.streams_ended
+        assert result.count == server.calls and result.count > 2 * 2
 
     asyncio.run(main())
