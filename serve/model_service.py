@@ -105,6 +105,9 @@ class ModelService:
         return dict(self._parameters)
 
     def _pool_changed(self) -> None:
+        live = {w.worker_id for w in self.pool.workers}
+        for gone in [w for w in self.latency.workers if w not in live]:
+            self.latency.forget_worker(gone)  # a dead worker's window (up to 8192 samples)
         self.controller.kick()  # probe a newly warm worker now, not at the next period
         self._notify()
 

@@ -250,7 +250,11 @@ class WorkerPool:
         state = (worker.state, worker.draining)
         if self._states.get(worker.worker_id) == state:
             return  # a slot came free: nothing readiness depends on changed
-        self._states[worker.worker_id] = state
+        if worker.state is WorkerState.DEAD:  # (told once): nothing of it to remember
+            self._states.pop(worker.worker_id, None)
+            self._seen_warm.discard(worker.worker_id)
+        else:
+            self._states[worker.worker_id] = state
         if worker.state is WorkerState.DEAD and worker in self._workers:
             self._workers.remove(worker)
             self._retire_scheduled.discard(worker)

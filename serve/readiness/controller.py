@@ -151,10 +151,11 @@ class WarmPoolController:
         budget = self.model.latency_budget_ms
         if not budget:
             return
+        counted, self._slow_ticks = self._slow_ticks, {}  # warm workers only: none long gone
         for worker in self.pool.warm_workers():
             stats = self.latency.worker(worker.worker_id).percentiles(last_s=DECISION_WINDOW_S)
             slow = stats.count >= MIN_SAMPLES and stats.p95_ms > budget
-            ticks = self._slow_ticks.get(worker.worker_id, 0) + 1 if slow else 0
+            ticks = counted.get(worker.worker_id, 0) + 1 if slow else 0
             self._slow_ticks[worker.worker_id] = ticks
             if ticks >= SLOW_TICKS and not worker.retiring:
                 self.pool.replace(

@@ -3,12 +3,24 @@ of models long unloaded."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
+import os
+import re
+import signal
+import sys
+
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
+from serve.bundles.cache import BundleCache
+from serve.bundles.repository import load_source
+from serve.protocol import Datatype, InferRequest, Tensor
+from serve.runtime import Runtime
 from serve.testing.models import build_mlp_onnx
-from tests.integration.harness import ServerProcess
+from tests.integration.harness import ServerProcess, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +59,67 @@ def test_an_unloaded_model_leaves_no_metrics_series(server):
         _infer(server, "other")
         assert len(_series(server, "other")) == len(loaded)
     assert _series(server, "mlp")  # the model still loaded keeps its own
+
+
+def _live_worker_pid(server: ServerProcess, model: str) -> int:
+    pids = re.findall(rf"worker {model}#\d+ \S+ [a-z ]*\(pid (\d+)\)", server.log())
+    return int(pids[-1])
+
+
+def test_the_latency_report_lists_live_workers_not_every_worker_replaced(server):
+    for _ in range(3):
+        victim = _live_worker_pid(server, "mlp")
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda v=victim: (
+                _live_worker_pid(server, "mlp") != v and server.client.is_model_ready("mlp")
+            ),
+            60,
+            "a replacement worker",
+        )
+        _infer(server, "mlp")
+    status, report = server.http_json("/warmserve/models/mlp/latency")
+    assert status == 200
+    # the one live worker's window, not one per worker the model ever had
+    assert len(report["workers"]) == 1, report["workers"]
+
+
+def test_the_runtime_keeps_nothing_of_the_workers_it_replaced(tmp_path, caplog):
+    """In-process: once a killed worker is replaced, no part of the runtime (pool, controller,
+    latency windows) still holds anything of it: memory does not grow with each replacement."""
+    build_mlp_onnx(tmp_path / "mlp", name="mlp", latency_budget_ms=1000.0)
+    source = load_source(tmp_path / "mlp", BundleCache(tmp_path / "cache"))
+    x = np.ones((1, 64), np.float32)
+
+    async def kill_the_worker(runtime: Runtime) -> str:
+        service = runtime.service("mlp")
+        (worker,) = service.pool.warm_workers()
+        gone, pid = worker.worker_id, worker.pid
+        assert pid is not None
+        del worker
+        await runtime.infer(InferRequest("mlp", [Tensor("INPUT0", Datatype.FP32, x)]))
+        await service.controller.tick()  # (its latency decisions looked at this worker too)
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(60):  # (bounds a broken test only)
+            while not (
+                service.ready and [w.worker_id for w in service.pool.warm_workers()] != [gone]
+            ):
+                await asyncio.sleep(0.05)
+        await runtime.infer(InferRequest("mlp", [Tensor("INPUT0", Datatype.FP32, x)]))
+        await service.controller.tick()
+        return gone
+
+    async def main() -> tuple[list[int], list[int]]:
+        runtime = Runtime([source])
+        await runtime.start()
+        try:
+            gone = [await kill_the_worker(runtime) for _ in range(3)]
+            gc.collect()
+            unused = ["".join(reversed(worker_id)) for worker_id in gone]  # held by nothing else
+            return [sys.getrefcount(s) for s in gone], [sys.getrefcount(s) for s in unused]
+        finally:
+            await runtime.stop()
+
+    caplog.set_level(logging.CRITICAL, logger="serve")  # (captured log lines hold the ids)
+    held, unused = asyncio.run(main())
+    assert held == unused  # nothing holds a replaced worker's id any more
