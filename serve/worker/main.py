@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -232,6 +233,9 @@ def main(argv: list[str]) -> int:
 
 def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
     """Serve as a worker over the channel ``fd`` with the two arenas; the exit code."""
+    # A crash in native code (a model's kernel, a library of its pre-processing) would leave
+    # only "channel closed" in the log: print the Python stack of the crash to stderr first.
+    faulthandler.enable()
     channel = Channel(socket.socket(fileno=fd))
     init = channel.recv()
     if not isinstance(init, Init):

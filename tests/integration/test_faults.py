@@ -168,3 +168,33 @@ def test_a_model_whose_replacement_workers_fail_to_warm_up_says_why_it_is_not_re
         wait_until(lambda: server.health("spin") == "SERVING", 60, "the model serving again")
     finally:
         assert server.stop() == 0
+
+
+# Crashes the worker in native code (a null pointer read) on X = 5.0.
+SEGFAULTS = """\
+import ctypes
+
+
+def postprocess(outputs):
+    if (outputs["Y"] == 5.0).any():
+        ctypes.string_at(0)
+    return outputs
+"""
+
+
+def test_a_worker_that_crashes_in_native_code_leaves_the_python_stack_in_the_log(tmp_path):
+    folder = build_spin_torch(tmp_path / "repo" / "spin", process="process.py")
+    (folder / "process.py").write_text(SEGFAULTS)
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    try:
+        server.wait_ready()
+        status, message = _status(lambda: server.client.infer("spin", spin_inputs(1, value=5.0)))
+        assert status == "StatusCode.UNAVAILABLE", message  # (its retry crashed a second worker)
+        server.wait_for_log("Fatal Python error: Segmentation fault")
+        server.wait_for_log(r"process\.py\", line 6 in postprocess")
+        wait_until(lambda: server.health("spin") == "SERVING", 60, "a replacement serving")
+        assert server.client.infer("spin", spin_inputs(1, value=3.0)).as_numpy("Y").tolist() == [
+            [3.0]
+        ]
+    finally:
+        assert server.stop() == 0
