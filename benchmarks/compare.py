@@ -19,7 +19,8 @@ loop, round after round (--rounds, default 3; rounds.py): every closed-loop figu
 over the rounds, and the c=1 ratios are also printed round by round. Peers run one at a time
 afterwards, with the same rounds. The model is the demo MLP (ONNX, 64→256→256→10). For each
 load level it records P50/P95/P99/max, throughput, errors and the server's CPU time per call
-(its whole process tree: warmserve's workers included). Results go to benchmarks/out/ as JSON,
+(its whole process tree: warmserve's workers included, and processes that ended meanwhile; read
+where the measured calls start and end). Results go to benchmarks/out/ as JSON,
 with a latency-vs-throughput plot and latency CDFs; warmserve's own overhead breakdown (from its
 timestamps) is printed beside the totals.
 """
