@@ -427,7 +427,7 @@ def _warnings(row: dict[str, Any]) -> str:
     if row.get("generator_behind"):
         out += f"  [GENERATOR BEHIND: sends {row['send_lag_p99_ms']:.1f} ms late at p99]"
     if row.get("p99_few_samples"):
-        out += f"  [p99 of only {row['count']} calls]"
+        out += f"  [p99 of a run of fewer than {loadgen.FEW_FOR_P99} calls]"  # (each round's)
     return out
 
 
