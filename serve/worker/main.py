@@ -112,6 +112,7 @@ class Worker:
         self.batched = self.model.max_batch_size > 0
         self.output_types = {s.name: Datatype(s.datatype) for s in self.model.outputs}
         self.output_dtypes = {name: numpy_dtype(t) for name, t in self.output_types.items()}
+        self.output_dims = {s.name: tuple(s.shape) for s in self.model.outputs}  # batch dim not
         # Inputs are read in place from the arena: a backend with a device may page-lock it, so
         # a batch's rows go to the device by DMA straight from shared memory.
         if self.backend.pin_host_memory(*self.inputs.address_range()):
@@ -132,23 +133,28 @@ class Worker:
     def _check_outputs(
         self, outputs: dict[str, np.ndarray[Any, Any]], rows: int | None, padded: bool = False
     ) -> None:
-        """Names and datatypes as configured and, given ``rows``, one row per batch row (at
-        least that many when ``padded``: the padding rows are cut off after)."""
+        """Names, datatypes and shapes as configured and, given ``rows``, one row per batch row
+        (at least that many when ``padded``: the padding rows are cut off after)."""
         for name, datatype in self.output_types.items():
             if name not in outputs:
                 raise ValueError(f"model produced no output {name!r}")
-            if outputs[name].dtype == self.output_dtypes[name]:
-                got = datatype  # the common case, without the full lookup
-            else:
-                got = datatype_of(outputs[name])
+            out = outputs[name]
+            # (the common case without the full lookup)
+            got = datatype if out.dtype == self.output_dtypes[name] else datatype_of(out)
             if got is not datatype:
                 raise ValueError(f"output {name!r} is {got}, the model config says {datatype}")
             if rows is not None and (
-                outputs[name].ndim == 0
-                or outputs[name].shape[0] < rows
-                or (outputs[name].shape[0] != rows and not padded)
+                out.ndim == 0 or out.shape[0] < rows or (out.shape[0] != rows and not padded)
             ):
-                raise ValueError(f"output {name!r} has shape {outputs[name].shape} for {rows} rows")
+                raise ValueError(f"output {name!r} has shape {out.shape} for {rows} rows")
+            dims, want = out.shape[1:] if self.batched else out.shape, self.output_dims[name]
+            if len(dims) != len(want) or any(
+                w not in (-1, d) for w, d in zip(want, dims, strict=True)
+            ):
+                config = [-1, *want] if self.batched else list(want)
+                raise ValueError(
+                    f"output {name!r} has shape {list(out.shape)}, the model config says {config}"
+                )
 
     def serve_forever(self) -> None:
         while True:

@@ -29,6 +29,8 @@ def postprocess(outputs):
         return {"Y": np.array(7.0, dtype=np.float32)}
     if (y == 8.0).any():  # no rows at all
         return {"Y": y[:0]}
+    if (y == 6.0).any():  # two values per row where the config says one
+        return {"Y": np.concatenate([y, y], axis=1)}
     return outputs
 """
 
@@ -65,6 +67,9 @@ def test_an_output_of_the_wrong_shape_fails_that_call_and_the_worker_lives_on(ba
     assert status == "StatusCode.INTERNAL", message
     assert "output 'Y'" in message
     assert server.worker_pids() == [worker]  # not crashed, not retried onto a replacement
+    status, message = _status(lambda: server.client.infer("spin", spin_inputs(1, value=6.0)))
+    assert status == "StatusCode.INTERNAL", message
+    assert "output 'Y' has shape [1, 2], the model config says [-1, 1]" in message
     assert server.client.infer("spin", spin_inputs(1, value=3.0)).as_numpy("Y").tolist() == [[3.0]]
     assert "lost: " not in server.log()
 

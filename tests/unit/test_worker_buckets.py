@@ -100,6 +100,7 @@ def test_outputs_that_cannot_be_written_fail_that_batch_and_the_worker_serves_th
     worker, _, parent_in, parent_out = worker
     worker.output_types = {**worker.output_types, "LABEL": Datatype.BYTES}
     worker.output_dtypes = {**worker.output_dtypes, "LABEL": np.dtype(object)}
+    worker.output_dims = {**worker.output_dims, "LABEL": ()}
     labels = {1: "one"}  # a post-processing look-up that misses gives None
 
     def postprocess(outputs: Arrays) -> Arrays:
