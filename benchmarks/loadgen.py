@@ -9,8 +9,11 @@ raw bytes, so the client spends as little CPU per call as a Python client can.
 ``--streaming``: each closed-loop caller sends its calls on one ModelStreamInfer stream of its
 own (request, then its answer, then the next request) instead of one unary call each.
 
-Percentiles are numpy's "linear" method (interpolated between the two nearest calls) over the
-calls that succeeded; failed calls are counted in ``errors`` only. A run where no call succeeded
+Throughput is the successful calls that ended within the measured window, divided by that
+window: a call still running at its end counts in the latencies only (a straggler does not
+stretch the time the others are divided by). Percentiles are numpy's "linear" method
+(interpolated between the two nearest calls) over the calls that succeeded; failed calls are
+counted in ``errors`` only. A run where no call succeeded
 has NaN percentiles (JSON: null), not zeros, and ``p99_few_samples`` marks a run of fewer than
 FEW_FOR_P99 calls, where fewer than ten lie above its p99 (it is little more than the maximum).
 The open loop counts latency from each call's scheduled arrival (no coordinated omission), and
@@ -54,10 +57,10 @@ LATE_SEND_MS = 1.0  # open loop: a p99 send lag above this and the generator fel
 class LoadResult:
     mode: str  # "closed" or "open"
     level: float  # concurrency, or arrivals per second
-    seconds: float
-    count: int
+    seconds: float  # the measured window: calls are started (arrive) within it
+    count: int  # every successful call (those still running at the window's end too)
     errors: int
-    throughput: float
+    throughput: float  # successful calls that ended within the window, per second of it
     p50_ms: float
     p95_ms: float
     p99_ms: float
@@ -67,6 +70,7 @@ class LoadResult:
     p99_few_samples: bool = False
     send_lag_p99_ms: float = 0.0  # open loop: how late the generator sent, at its p99
     generator_behind: bool = False  # open loop: send_lag_p99_ms above LATE_SEND_MS
+    completed_in_window: int = 0  # the successful calls that ended within the window
 
     def summary(self) -> dict[str, float | int | str]:
         data = asdict(self)
@@ -100,9 +104,14 @@ def _result(
     latencies: list[float],
     errors: int,
     send_lags: list[float] | None = None,
+    in_window: int | None = None,
 ) -> LoadResult:
     """The figures over the successful calls' ``latencies`` (seconds); ``send_lags`` (seconds,
-    open loop): how long after its scheduled arrival each call was sent."""
+    open loop): how long after its scheduled arrival each call was sent; ``in_window``: how many
+    of them ended within the ``seconds`` of the window (default: all), which alone make the
+    throughput (a call still running at the window's end is not spread over a longer one)."""
+    if in_window is None:
+        in_window = len(latencies)
     values = np.asarray(latencies, dtype=np.float64) * 1e3
     if latencies:
         p50, p95, p99 = np.percentile(values, (50, 95, 99), method=PERCENTILE_METHOD)
@@ -118,7 +127,7 @@ def _result(
         seconds,
         len(latencies),
         errors,
-        len(latencies) / seconds if seconds > 0 else 0.0,
+        in_window / seconds if seconds > 0 else 0.0,
         float(p50),
         float(p95),
         float(p99),
@@ -127,6 +136,7 @@ def _result(
         p99_few_samples=len(latencies) < FEW_FOR_P99,
         send_lag_p99_ms=lag_p99,
         generator_behind=lag_p99 > LATE_SEND_MS,
+        completed_in_window=in_window,
     )
 
 
@@ -149,7 +159,7 @@ async def closed_loop(
     the last one ends: what the server spends in between is spent on the measured calls (not on
     connecting, its first call or the channels' closing)."""
     latencies: list[float] = []
-    errors = 0
+    errors = in_window = 0
     own_connection = [("grpc.use_local_subchannel_pool", 1)]  # no connection shared between them
     channels = [grpc.aio.insecure_channel(url, options=own_connection) for _ in range(connections)]
     try:
@@ -163,7 +173,14 @@ async def closed_loop(
             connected()
         if window is not None:
             window()
-        end = time.perf_counter() + seconds
+        started = time.perf_counter()
+        end = started + seconds
+
+        def answered(start: float) -> None:
+            nonlocal in_window
+            now = time.perf_counter()
+            latencies.append(now - start)
+            in_window += now <= end
 
         async def caller(call: grpc.aio.UnaryUnaryMultiCallable) -> None:
             nonlocal errors
@@ -174,7 +191,7 @@ async def closed_loop(
                 except grpc.aio.AioRpcError:
                     errors += 1
                     continue
-                latencies.append(time.perf_counter() - start)
+                answered(start)
 
         async def streamer(channel: grpc.aio.Channel) -> None:
             """A failed or ended stream counts as one failed call, and the caller goes on on a
@@ -198,23 +215,21 @@ async def closed_loop(
                     if answer[:1] == bytes([STREAM_ERROR]):
                         errors += 1
                         continue
-                    latencies.append(time.perf_counter() - start)
+                    answered(start)
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     await stream.done_writing()
             finally:
                 stream.cancel()
 
-        started = time.perf_counter()
         if streaming:
             await asyncio.gather(*(streamer(channels[i % connections]) for i in range(concurrency)))
         else:
             await asyncio.gather(*(caller(calls[i % connections]) for i in range(concurrency)))
-        elapsed = time.perf_counter() - started
         if window is not None:
             window()
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
-    return _result("closed", concurrency, elapsed, latencies, errors)
+    return _result("closed", concurrency, seconds, latencies, errors, in_window=in_window)
 
 
 async def open_loop(
@@ -229,21 +244,23 @@ async def open_loop(
     ``window``: as closed_loop's."""
     latencies: list[float] = []
     send_lags: list[float] = []
-    errors = 0
+    errors = in_window = 0
     rng = random.Random(seed)
     async with grpc.aio.insecure_channel(url) as channel:
         call = channel.unary_unary(METHOD)
         await call(payload, timeout=CALL_TIMEOUT_S)
 
         async def one(scheduled: float) -> None:
-            nonlocal errors
+            nonlocal errors, in_window
             send_lags.append(time.perf_counter() - scheduled)
             try:
                 await call(payload, timeout=CALL_TIMEOUT_S)
             except grpc.aio.AioRpcError:
                 errors += 1
                 return
-            latencies.append(time.perf_counter() - scheduled)
+            now = time.perf_counter()
+            latencies.append(now - scheduled)
+            in_window += now <= started + seconds
 
         tasks: list[asyncio.Task[None]] = []
         if window is not None:
@@ -257,10 +274,9 @@ async def open_loop(
             tasks.append(asyncio.create_task(one(arrival)))
             arrival += rng.expovariate(rate)
         await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - started
         if window is not None:
             window()
-    return _result("open", rate, elapsed, latencies, errors, send_lags)
+    return _result("open", rate, seconds, latencies, errors, send_lags, in_window)
 
 
 def _closed_share(
@@ -347,8 +363,9 @@ def closed_loop_processes(
             if child.is_alive():
                 child.kill()
     latencies = [ms / 1e3 for part in parts for ms in part.latencies_ms]
-    elapsed = max(part.seconds for part in parts)
-    return _result("closed", concurrency, elapsed, latencies, sum(p.errors for p in parts))
+    errors = sum(p.errors for p in parts)
+    in_window = sum(p.completed_in_window for p in parts)
+    return _result("closed", concurrency, seconds, latencies, errors, in_window=in_window)
 
 
 def run(

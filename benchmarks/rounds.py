@@ -45,8 +45,9 @@ def median_row(rows: Sequence[Row]) -> Row:
     for key in FLAG_KEYS:
         if key in rows[0]:
             out[key] = any(row[key] for row in rows)
-    for key in ("count", "errors", "seconds"):
-        out[key] = sum(row[key] for row in rows)
+    for key in ("count", "errors", "seconds", "completed_in_window"):
+        if key in rows[0]:
+            out[key] = sum(row[key] for row in rows)
     out["latencies_ms"] = [v for row in rows for v in row.get("latencies_ms", [])]
     out["rounds"] = {key: [row[key] for row in rows] for key in keys}
     return out

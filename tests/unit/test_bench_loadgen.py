@@ -67,15 +67,18 @@ def test_rounds_keep_a_flag_raised_in_any_round_and_ignore_a_round_without_answe
 class CountingServer:
     """A grpc.aio server on 127.0.0.1 whose ModelInfer answers empty bytes and counts calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, slow_call: int = 0, slow_s: float = 0.0) -> None:
         self.calls = 0
         self.streams_ended = 0
+        self.slow_call, self.slow_s = slow_call, slow_s  # the slow_call-th call takes slow_s
 
     async def __aenter__(self) -> str:
         import grpc
 
         async def infer(request: bytes, context: object) -> bytes:
             self.calls += 1
+            if self.calls == self.slow_call:
+                await asyncio.sleep(self.slow_s)  # (a slow call, not a synchronisation)
             return b""
 
         async def stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
@@ -139,3 +142,28 @@ def test_a_stream_that_the_server_ends_counts_as_a_failed_call_and_the_caller_go
         assert result.count == server.calls and result.count > 2 * 2
 
     asyncio.run(main())
+
+
+def test_throughput_counts_the_calls_that_ended_within_the_window_over_the_window():
+    """A call still running when the window ends is in the latencies, but neither in the
+    throughput nor stretching the window it is divided by."""
+
+    async def main() -> None:
+        for job in (
+            lambda url: loadgen.closed_loop(url, b"", 2, 0.2),
+            lambda url: loadgen.open_loop(url, b"", 100, 0.2),
+        ):
+            # the third call (the first measured ones: 1 connects) outlasts the 0.2 s window
+            async with CountingServer(slow_call=3, slow_s=0.5) as url:
+                result = await job(url)
+            assert result.seconds == 0.2
+            assert max(result.latencies_ms) >= 500
+            assert result.completed_in_window < result.count
+            assert result.throughput == result.completed_in_window / 0.2
+
+    asyncio.run(main())
+
+
+def test_throughput_is_the_calls_within_the_window_over_it():
+    result = loadgen._result("closed", 4, 2.0, [0.001] * 1000, 0, in_window=900)
+    assert (result.count, result.completed_in_window, result.throughput) == (1000, 900, 450.0)
