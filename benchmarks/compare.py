@@ -590,12 +590,18 @@ def _without_latencies(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _ecdf(latencies: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted latencies and, for each, the fraction of calls at or below it (i / n for the
+    i-th of n: the fastest call is 1/n of them, not 0)."""
+    values = np.sort(np.asarray(latencies, dtype=np.float64))
+    return values, np.arange(1, len(values) + 1) / max(1, len(values))
+
+
 def _plots(results: dict[str, Any], stem: Path, cdf_names: list[str] | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -620,8 +626,8 @@ def _plots(results: dict[str, Any], stem: Path, cdf_names: list[str] | None = No
         if cdf_names is not None and name not in cdf_names:
             continue
         for row in data["closed"]:
-            values = np.sort(row["latencies_ms"])
-            ax.plot(values, np.linspace(0, 1, len(values)), label=f"{name} c={row['level']}")
+            values, fractions = _ecdf(row["latencies_ms"])
+            ax.plot(values, fractions, label=f"{name} c={row['level']}")
     ax.set(
         xscale="log",
         xlabel="latency (ms)",

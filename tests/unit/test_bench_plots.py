@@ -54,3 +54,13 @@ def test_the_record_drops_each_calls_latency_and_keeps_every_figure():
     assert record["perf_analyzer"] == data["perf_analyzer"]
     # the plots are drawn after the record is written: their latencies must still be there
     assert all(len(row["latencies_ms"]) == 200 for row in data["closed"])
+
+
+def test_the_cdf_puts_the_ith_of_n_calls_at_i_over_n():
+    from benchmarks.compare import _ecdf
+
+    values, fractions = _ecdf([3.0, 1.0, 2.0, 4.0])
+    assert values.tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert fractions.tolist() == [0.25, 0.5, 0.75, 1.0]  # the median call at 0.5, none at 0
+    empty_values, empty_fractions = _ecdf([])
+    assert len(empty_values) == len(empty_fractions) == 0
