@@ -477,7 +477,9 @@ class DynamicBatcher:
     def _retry(self, items: list[_Pending], lost: WorkerLostError) -> list[_Pending]:
         """Requeue a batch whose worker died, at the front, once: inference is idempotent, so a
         second run is safe; a second loss is final. A retried request waits for a worker at most
-        until its deadline, or RETRY_WAIT_S without one. The requests requeued."""
+        until its deadline, or RETRY_WAIT_S without one. The requests of a merged batch run
+        again each on its own: if one of them killed the worker, it kills the next one alone,
+        not together with the others' last chance. The requests requeued."""
         live = [i for i in items if not i.future.done()]
         again = [i for i in live if i.lost is None] if self._running else []
         self._fail([i for i in live if i not in again], lost)
@@ -486,10 +488,12 @@ class DynamicBatcher:
         log.warning("model %s: %s; retrying its %d requests once", self._name, lost, len(again))
         now = time.monotonic()
         until = now + RETRY_WAIT_S
+        alone = len(items) > 1
         for item in reversed(again):
             item.lost = lost
             item.retry_until = until
             item.requeued = now
+            item.alone = item.alone or alone
             self._queue.appendleft(item)
         self._is_idle = False
         self._idle.clear()

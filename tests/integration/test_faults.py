@@ -203,3 +203,61 @@ def test_a_worker_that_crashes_in_native_code_leaves_the_python_stack_in_the_log
         ]
     finally:
         assert server.stop() == 0
+
+
+# Ends the worker's process on X = 7.0 (a native crash, an OOM kill: the request at fault).
+EXITS_ON_SEVEN = """\
+import os
+
+
+def postprocess(outputs):
+    if (outputs["Y"] == 7.0).any():
+        os._exit(3)
+    return outputs
+"""
+
+
+def test_a_request_that_kills_its_worker_fails_alone_not_with_those_merged_with_it(tmp_path):
+    # Its batch is retried once; run merged again it would kill the replacement together with
+    # the others' second (and last) chance. Retried one by one, only it fails.
+    folder = build_spin_torch(
+        tmp_path / "repo" / "spin",
+        max_batch_size=8,
+        process="process.py",
+        batching={"max_queue_size": 16},
+    )
+    (folder / "process.py").write_text(EXITS_ON_SEVEN)
+    server = ServerProcess(
+        tmp_path / "server.log", tmp_path / "repo", args=("--log-level", "DEBUG")
+    )
+    try:
+        server.wait_ready()
+        client = server.client
+        results: queue.Queue = queue.Queue()
+
+        def send(iters: int, value: float) -> None:
+            client.async_infer(
+                "spin",
+                spin_inputs(iters, value),
+                lambda result, error, value=value: results.put((value, result, error)),
+                client_timeout=120,
+            )
+
+        send(20000, 1.0)  # keeps the only worker busy while the next three queue
+        server.wait_for_log_count("model spin: dispatching 1 rows from 1 requests", 1)
+        for value in (2.0, 7.0, 4.0):
+            send(1, value)
+        server.wait_for_log("model spin: 3 requests wait for a worker")
+        outcomes = {}
+        for _ in range(4):
+            value, result, error = results.get(timeout=120)
+            outcomes[value] = (result, error)
+        assert "dispatching 3 rows from 3 requests" in server.log()  # they did merge
+        for value in (1.0, 2.0, 4.0):
+            result, error = outcomes[value]
+            assert error is None, f"{value}: {error}"
+            assert result.as_numpy("Y").tolist() == [[value]]
+        _, error = outcomes[7.0]
+        assert error is not None and error.status() == "StatusCode.UNAVAILABLE"
+    finally:
+        assert server.stop() == 0
