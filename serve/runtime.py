@@ -66,6 +66,7 @@ class Runtime:
         # Model control: one change at a time per model, each run as a task of this runtime's,
         # so a caller that goes away (a deadline, a disconnect) leaves no half-made change
         self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: dict[str, int] = {}  # changes holding or awaiting each model's lock
         self._control_tasks: set[asyncio.Task[Any]] = set()
         for item in models:
             source = item if isinstance(item, ModelSource) else ModelSource(item)
@@ -215,8 +216,15 @@ class Runtime:
         """Run ``work`` after any other change to model ``name``, as this runtime's task."""
 
         async def locked() -> Any:
-            async with self._locks.setdefault(name, asyncio.Lock()):
-                return await work
+            lock = self._locks.setdefault(name, asyncio.Lock())
+            self._lock_users[name] = self._lock_users.get(name, 0) + 1
+            try:
+                async with lock:
+                    return await work
+            finally:  # nobody holds or awaits it: forgotten (else one per name ever asked for)
+                self._lock_users[name] -= 1
+                if not self._lock_users[name]:
+                    del self._lock_users[name], self._locks[name]
 
         task = asyncio.create_task(locked())
         self._control_tasks.add(task)
