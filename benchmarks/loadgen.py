@@ -157,11 +157,22 @@ async def closed_loop(
     once the channels are up, before the clock starts: client processes wait there for each
     other. ``window`` (if given) is called right before the first measured call and right after
     the last one ends: what the server spends in between is spent on the measured calls (not on
-    connecting, its first call or the channels' closing)."""
+    connecting, its first call or the channels' closing). Each stream's first call (which sets
+    the stream up) is made before the window too, as the unary callers' connecting call."""
     latencies: list[float] = []
     errors = in_window = 0
     own_connection = [("grpc.use_local_subchannel_pool", 1)]  # no connection shared between them
     channels = [grpc.aio.insecure_channel(url, options=own_connection) for _ in range(connections)]
+    stream_timeout = START_TIMEOUT_S + seconds + 2 * CALL_TIMEOUT_S  # (opened before the wait)
+
+    async def open_stream(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+        """A stream with its first call made (not measured); a failure is the streamer's."""
+        stream = channel.stream_stream(STREAM_METHOD)(timeout=stream_timeout)
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await stream.write(payload)
+            await asyncio.wait_for(stream.read(), CALL_TIMEOUT_S)
+        return stream
+
     try:
         calls = [channel.unary_unary(METHOD) for channel in channels]
         for channel, call in zip(channels, calls, strict=True):  # connect first
@@ -169,6 +180,10 @@ async def closed_loop(
                 await asyncio.wait_for(channel.channel_ready(), CALL_TIMEOUT_S)
             else:
                 await call(payload, timeout=CALL_TIMEOUT_S)
+        streams: list[grpc.aio.StreamStreamCall] = []
+        if streaming:
+            opening = (open_stream(channels[i % connections]) for i in range(concurrency))
+            streams = list(await asyncio.gather(*opening))
         if connected is not None:
             connected()
         if window is not None:
@@ -193,12 +208,11 @@ async def closed_loop(
                     continue
                 answered(start)
 
-        async def streamer(channel: grpc.aio.Channel) -> None:
+        async def streamer(channel: grpc.aio.Channel, stream: grpc.aio.StreamStreamCall) -> None:
             """A failed or ended stream counts as one failed call, and the caller goes on on a
             new stream (as a unary caller goes on after a failed call)."""
             nonlocal errors
             method = channel.stream_stream(STREAM_METHOD)
-            stream = method(timeout=seconds + CALL_TIMEOUT_S)
             try:
                 while time.perf_counter() < end:
                     start = time.perf_counter()
@@ -222,7 +236,8 @@ async def closed_loop(
                 stream.cancel()
 
         if streaming:
-            await asyncio.gather(*(streamer(channels[i % connections]) for i in range(concurrency)))
+            pairs = [(channels[i % connections], streams[i]) for i in range(concurrency)]
+            await asyncio.gather(*(streamer(channel, stream) for channel, stream in pairs))
         else:
             await asyncio.gather(*(caller(calls[i % connections]) for i in range(concurrency)))
         if window is not None:
