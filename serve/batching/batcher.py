@@ -52,6 +52,7 @@ from serve.errors import (
 
 log = logging.getLogger(__name__)
 
+SWEEP_EVERY_S = 0.01  # a full queue is swept of requests nobody waits for at most this often
 RETRY_WAIT_S = 30.0  # longest a retried batch without a deadline waits for another worker
 STOP_WAIT_S = 60.0  # longest stop() waits for running batches (the pool's watchdog is 30 s)
 HOLD_LOAD = 0.75  # event-loop thread busy fraction from which lone requests are held
@@ -213,6 +214,7 @@ class DynamicBatcher:
         self._gathered = 0  # timed-out holds in a row that got exactly the last fill's rows
         self._no_hold_until = 0.0
         self._missed = 0  # holds in a row that caught no second request
+        self._next_sweep = 0.0  # when a full queue may next be swept of abandoned requests
 
     @property
     def queue_depth(self) -> int:
@@ -287,12 +289,12 @@ class DynamicBatcher:
         untimed submit() without a coroutine frame of its own (the request path uses this)."""
         if not self._running:
             raise ModelNotReadyError(f"model {self._name!r} is not taking requests")
-        if len(self._queue) >= self._max_queue:
+        now = time.monotonic()
+        if len(self._queue) >= self._max_queue and not self._drop_abandoned(now):
             raise QueueFullError(
                 f"model {self._name!r} has {len(self._queue)} requests queued (the limit); "
                 "retry later or add workers"
             )
-        now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceededError(f"request to {self._name!r} arrived after its deadline")
         loop = self._loop
@@ -320,6 +322,21 @@ class DynamicBatcher:
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("model %s: %d requests wait for a worker", self._name, len(queue))
         return future
+
+    def _drop_abandoned(self, now: float) -> bool:
+        """Take out of the full queue the requests whose callers gave up or whose deadline
+        passed (dropped at dispatch anyway): while every worker is busy they would hold its
+        places, and callers still waiting would be refused. At most once per SWEEP_EVERY_S (a
+        queue full of live requests refuses at once, not after a scan). Whether there is room."""
+        if now < self._next_sweep:
+            return False
+        self._next_sweep = now + SWEEP_EVERY_S
+        queue = self._queue
+        kept = [i for i in queue if not (i.future.done() or self._expired(i, now))]
+        if len(kept) < len(queue):
+            queue.clear()
+            queue.extend(kept)
+        return len(queue) < self._max_queue
 
     def _end_hold_timer(self) -> None:
         if self._flush_handle is not None:

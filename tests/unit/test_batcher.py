@@ -152,6 +152,30 @@ def test_full_queue_is_refused_at_once():
     assert len(run(main()).batches) == 3
 
 
+def test_callers_that_gave_up_do_not_keep_the_queue_full():
+    async def main():
+        pool = FakePool()
+        pool.gate.clear()  # the only worker stays busy
+        batcher = make(pool, max_queue_size=2, max_batch_size=1)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([np.zeros((1, 1))], 1, None))
+        await pool.started.wait()
+        gone = [asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None)) for _ in "ab"]
+        while batcher.queue_depth < 2:
+            await asyncio.sleep(0)
+        for call in gone:  # their callers go away (a disconnect, a deadline gRPC enforces)
+            call.cancel()
+        await asyncio.gather(*gone, return_exceptions=True)
+        waiting = asyncio.ensure_future(batcher.submit([np.full((1, 1), 3.0)], 1, None))
+        await asyncio.sleep(0)  # queued, not refused: nobody waits in the queue any more
+        pool.gate.set()
+        await asyncio.gather(first, waiting)
+        await batcher.stop()
+        return pool
+
+    assert [b[0][0, 0] for b in run(main()).batches] == [0.0, 3.0]  # the others never ran
+
+
 def test_a_request_whose_deadline_passes_in_the_queue_is_never_computed():
     async def main():
         pool = FakePool()
