@@ -115,6 +115,7 @@ class WorkerHandle:
         self.last_batch_error = ""
         self.lost_reason = ""  # why it died, once it has
         self.started_at = 0.0  # monotonic time its start began
+        self._answered_at = 0.0  # monotonic time of its latest answer (the watchdog's clock)
         self._slot_waiter: asyncio.Future[int | None] | None = None  # next_slot()'s
         self._ready_future: asyncio.Future[Ready] | None = None
         self._ids = itertools.count()
@@ -391,11 +392,13 @@ class WorkerHandle:
             )
 
     def check_watchdog(self, now: float) -> None:
-        """Kill the worker if a batch has been out longer than the watchdog allows."""
+        """Kill the worker if a batch has run longer than the watchdog allows. The worker runs
+        its batches in order: the oldest one out started when it was sent or, if it waited
+        for the one before it, when that one was answered."""
         if not self._pending or self.state is not WorkerState.WARM:
             return
         batch_id, entry = min(self._pending.items(), key=lambda item: item[1].sent_at)
-        if now - entry.sent_at > self.settings.watchdog_s:
+        if now - max(entry.sent_at, self._answered_at) > self.settings.watchdog_s:
             self._hung(batch_id)
 
     def _hung(self, batch_id: int) -> None:
@@ -415,6 +418,8 @@ class WorkerHandle:
         if isinstance(message, BatchDone | BatchFailed):
             entry = self._pending.pop(message.batch_id, None)
             if entry is not None:
+                if self._pending:  # the next one starts now (only then is the time needed)
+                    self._answered_at = time.monotonic()
                 self._answered(message.batch_id, entry, message)
         elif isinstance(message, Ready):
             if self._ready_future is not None and not self._ready_future.done():

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from serve.errors import ModelExecutionError, WorkerLostError
+from serve.errors import InvalidInputError, ModelExecutionError, WorkerLostError
 from serve.pool.messages import Fatal, frame, from_worker_decoder
 from serve.pool.worker_handle import WorkerHandle, WorkerSettings, WorkerState, _InFlight
 from tests.unit.test_controller import _model
@@ -324,3 +325,27 @@ def test_a_probe_waiting_for_a_slot_gets_the_next_one_ahead_of_live_traffic():
     slot, late, notified = asyncio.run(main())
     assert slot is not None and late is None
     assert notified == []  # the freed slot went to the probe: live traffic was not offered it
+
+
+def test_the_watchdog_times_a_batch_from_when_the_worker_could_start_it():
+    # A worker runs its batches one after another: a second batch sent together with a long
+    # first one waits for it in the worker. Its watchdog clock starts when the first is
+    # answered, not when it was sent, else two batches of 20 s each kill a healthy worker.
+    from serve.pool.messages import BatchFailed
+
+    async def main() -> tuple[WorkerState, WorkerState, list[object]]:
+        handle = _handle()  # (watchdog 30 s)
+        told: list[object] = []
+        sent = time.monotonic() - 20  # both sent 20 s ago; the first was just answered
+        for batch_id in (1, 2):
+            handle._pending[batch_id] = _InFlight(handle.reserve(), told.append, sent, 0, 0)
+        handle._on_message(BatchFailed(1, "invalid_input", "took 20 s"))
+        handle.check_watchdog(time.monotonic() + 15)  # the second has run 15 s
+        running = handle.state
+        handle.check_watchdog(time.monotonic() + 31)  # ... and now 31 s: it hangs
+        return running, handle.state, told
+
+    running, after, told = asyncio.run(main())
+    assert running is WorkerState.WARM
+    assert after is WorkerState.DEAD
+    assert [type(o) for o in told] == [InvalidInputError, WorkerLostError]
