@@ -3,10 +3,13 @@ shared-memory batch path as live traffic, and the answer is checked.
 
 A probe passes when the outputs have the configured names, shapes and datatypes, are finite,
 match the expected outputs within tolerance (when configured), and came back within the model's
-latency budget. A worker whose slots are all busy with live traffic is not probed that round
-while that traffic succeeds: live traffic is not delayed for a probe, and a batch that never
-returns is the watchdog's case. Once its live batches fail in the model, the probe takes the
-next slot that frees, ahead of them: a busy worker cannot dodge its probe.
+latency budget. A worker busy with live traffic (a batch in flight, even with a slot free) that
+answered a live batch within the probe interval is not probed that round: the probe would wait
+in the worker behind that batch, and its timeout and latency budget would count the wait (a
+healthy worker under load failed its probes). One busy without an answer for that long is
+probed (a hung worker fails it), and a batch that never returns is the watchdog's case. Once
+its live batches fail in the model, the probe takes the next slot that frees, ahead of them: a
+busy worker cannot dodge its probe.
 """
 
 from __future__ import annotations
@@ -73,12 +76,13 @@ class Prober:
         return given[name].astype(numpy_dtype(Datatype(datatype)), copy=False)
 
     async def probe(self, worker: WorkerHandle) -> ProbeResult | None:
-        """Probe one worker; None when it has no free slot (busy with live traffic that
-        succeeds). A busy worker whose latest live batch failed in the model is probed on the
-        next slot it frees."""
+        """Probe one worker; None when it is busy with live traffic that succeeds. A busy
+        worker whose latest live batch failed in the model is probed on the next slot it
+        frees."""
         start = time.monotonic()
         timeout_s = self.model.probe.timeout_s
-        lease = self.pool.acquire_now(worker)
+        serving = worker.busy and start - worker.last_success <= self.model.probe.interval_s
+        lease = None if serving else self.pool.acquire_now(worker)
         if lease is None:
             if not worker.failed_in_a_row:
                 return None

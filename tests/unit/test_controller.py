@@ -20,6 +20,7 @@ class FakeWorker:
     last_success: float = 0.0
     failed_in_a_row: int = 0
     last_batch_error: str = ""
+    busy: bool = False
 
 
 @dataclass
@@ -265,3 +266,46 @@ def test_invalid_input_does_not_even_get_the_worker_probed():
     )
     assert len(seen["live"]) > 3  # type: ignore[arg-type]
     assert seen["probes"] == 0 and seen["probed_ok"] and not seen["retiring"]
+
+
+class HoldingTwin(WorkerTwin):
+    """A worker still computing its live batches (they are never answered); probes pass."""
+
+    def _answer(self, batch: object) -> None:
+        if batch.rows != LIVE_ROWS:  # type: ignore[attr-defined]
+            super()._answer(batch)
+
+
+def test_a_worker_computing_a_live_batch_is_not_probed_behind_it():
+    # A probe sent to a worker with one of its two slots busy waits in the worker behind that
+    # batch, and its timeout and latency budget would count the wait: under load a healthy
+    # worker failed its probes and was replaced. Busy with live batches that succeed, it is not
+    # probed that round (its recent successes stand in).
+    import time
+
+    import numpy as np
+
+    from serve.pool.pool import WorkerPool
+    from serve.pool.worker_handle import WorkerState
+    from serve.readiness.probe import Prober
+
+    model = _model()
+
+    async def main() -> tuple[object, int, int]:
+        pool = WorkerPool(model)
+        pool.target = 0
+        handle = pool._new_handle()
+        twin = HoldingTwin(handle, ("execution", "unused"), broken=False)
+        handle._link, handle._inputs, handle._outputs = twin, _arena(), _arena()  # type: ignore[assignment]
+        handle.state = WorkerState.WARM
+        handle.last_success = time.monotonic()
+        lease = pool.acquire_now()
+        assert lease is not None
+        lease.start([[np.zeros((LIVE_ROWS, 4), np.float32)]], LIVE_ROWS, lambda outcome: None)
+        free = handle.free_slots
+        result = await Prober(model, pool).probe(handle)
+        return result, twin.probes, free
+
+    result, probes, free = asyncio.run(main())
+    assert free == 1  # a slot was free: the probe could have been sent
+    assert result is None and probes == 0
