@@ -240,6 +240,10 @@ class Forwarder(grpc.GenericRpcHandler):
         except HubGoneError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the serving process is restarting")
             raise  # not reached: abort raises
+        if context.time_remaining() == 0:  # (None: no deadline)
+            # The call's deadline passed while the hub answered: gRPC has ended it, and an
+            # answer sent now fails in its core, which logs it as an ERROR with a traceback.
+            raise asyncio.CancelledError  # (ends the handler quietly, as gRPC's own cancel does)
         if reply.code:
             await context.abort(CODES.get(reply.code, grpc.StatusCode.UNKNOWN), reply.details)
         return reply.payload
