@@ -186,3 +186,25 @@ def test_sigterm_ends_the_benchmark_as_an_exception_so_its_servers_are_stopped()
         assert ended.value.code == 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_peer_answering_without_outputs_fails_its_check_as_a_peer_failure():
+    """The peer loop records a RuntimeError as that setting's failure and goes on; an IndexError
+    ended make bench and lost every figure measured before."""
+    from concurrent import futures
+
+    import grpc
+
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"")  # no outputs
+    service = grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": handler}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((service,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(RuntimeError, match="no output"):
+            compare._check_inference(f"127.0.0.1:{port}")
+    finally:
+        server.stop(None)
