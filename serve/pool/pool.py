@@ -160,7 +160,10 @@ class WorkerPool:
         return handle
 
     async def start(self) -> None:
-        """Start ``workers`` workers; succeed when at least one is warm, else raise the reason."""
+        """Start ``workers`` workers; return once ``min_warm`` of them are warm (the others go
+        on warming up in the background: one that hangs there must not hold the model's
+        readiness until its start-up timeout) or once every start ended with at least one
+        warm; else raise the reason."""
         if self.model.pool.worker_start == "template":
             template = WorkerTemplate(
                 self.model.backend, self.model.name, self.model.pool.startup_timeout_s
@@ -171,16 +174,27 @@ class WorkerPool:
             except TemplateError as exc:
                 log.warning("model %s: %s; spawning workers directly", self.model.name, exc)
         handles = [self._new_handle() for _ in range(self.target)]
-        results = await asyncio.gather(*(h.start() for h in handles), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
+        starts = [asyncio.ensure_future(h.start()) for h in handles]
+        floor = min(self.model.pool.warm_floor, len(starts))
+        pending = set(starts)
+        try:
+            while pending and self.warm_count < floor:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (the server stops while warming up)
+            for start in pending:
+                start.cancel()
+            raise
+        for start in pending:  # owned by the pool from here on, as its other starts are
+            self._spawn(self._finish_start(start), starting=True)
+        ended = [s for s in starts if s.done() and not s.cancelled()]
+        failures = [e for s in ended if (e := s.exception()) is not None]
         for failure in failures:
             if not isinstance(failure, Exception):
                 raise failure
         self._seen_warm.update(w.worker_id for w in self.warm_workers())
         if self.warm_count == 0:
-            raise ModelNotReadyError(
-                f"model {self.model.name!r}: no worker warmed up: {failures[0]}"
-            )
+            why = failures[0] if failures else "its workers died as they warmed up"
+            raise ModelNotReadyError(f"model {self.model.name!r}: no worker warmed up: {why}")
         self._reconcile()
 
     def acquire_now(self, worker: WorkerHandle | None = None) -> Lease | None:
@@ -384,14 +398,26 @@ class WorkerPool:
         try:
             await handle.start()
         except Exception as exc:
-            self._failures += 1
-            self._failed_at = time.monotonic()
-            self._last_start_error = str(exc)
-            log.error("model %s: worker start failed: %s", self.model.name, exc)
+            self._start_failed(exc)
             if handle in self._workers:
                 self._workers.remove(handle)
             self._slot_freed()  # the batcher looks again: requests waiting for it now fail
         self._notify()
+
+    async def _finish_start(self, start: asyncio.Future[None]) -> None:
+        """A worker of the pool's first start still warming up when the pool was ready."""
+        try:
+            await start
+        except Exception as exc:
+            self._start_failed(exc)
+            self._slot_freed()  # the batcher looks again
+        self._notify()
+
+    def _start_failed(self, exc: Exception) -> None:
+        self._failures += 1
+        self._failed_at = time.monotonic()
+        self._last_start_error = str(exc)
+        log.error("model %s: worker start failed: %s", self.model.name, exc)
 
     async def stop(self) -> None:
         self._stopping = True

@@ -261,3 +261,33 @@ def test_a_request_that_kills_its_worker_fails_alone_not_with_those_merged_with_
         assert error is not None and error.status() == "StatusCode.UNAVAILABLE"
     finally:
         assert server.stop() == 0
+
+
+def test_a_worker_that_hangs_warming_up_does_not_hold_the_ready_ones_back(tmp_path):
+    # min_warm = 1 of 2 workers: the model is ready once one is warm and passes its probe,
+    # not only when the other's start-up times out (startup_timeout_s, 300 s by default).
+    claimed = tmp_path / "claimed"
+    code = (  # the first worker to load it hangs there
+        "import os, time\n"
+        "try:\n"
+        f"    os.close(os.open({str(claimed)!r}, os.O_CREAT | os.O_EXCL))\n"
+        "except FileExistsError:\n"
+        "    pass\n"
+        "else:\n"
+        "    time.sleep(3600)\n"
+    )
+    folder = build_spin_torch(
+        tmp_path / "repo" / "spin",
+        process="process.py",
+        pool={"workers": 2, "min_warm": 1, "threads": 1, "startup_timeout_s": 600},
+    )
+    (folder / "process.py").write_text(code)
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    try:
+        server.wait_ready(timeout=60)
+        assert claimed.exists()
+        assert server.client.infer("spin", spin_inputs(1, value=3.0)).as_numpy("Y").tolist() == [
+            [3.0]
+        ]
+    finally:
+        assert server.stop() == 0
