@@ -303,7 +303,8 @@ class ModelService:
     ) -> Awaitable[list[Array]]:
         """Queue checked inputs (prepare()'s, or a front end's own equivalent check); what to
         await for this request's rows of every output. The caller reports the outcome with
-        request_ok() or request_failed()."""
+        request_ok() or request_failed(). A caller that gives up (cancelled) empties ``inputs``:
+        the queue keeps the request until a worker frees or the queue fills, not its arrays."""
         if not self.can_serve:
             raise ModelNotReadyError(
                 f"model {self.config.name!r} is not ready ({self.reason or 'no warm worker'})"
@@ -336,7 +337,11 @@ class ModelService:
         rows = 0
         try:
             inputs, rows = self.prepare(request)
-            outputs = await self.submit(inputs, rows, request.deadline, request.timed)
+            try:
+                outputs = await self.submit(inputs, rows, request.deadline, request.timed)
+            except asyncio.CancelledError:
+                inputs.clear()  # queued still: its arrays go now (submit)
+                raise
         except ServeError as exc:
             self.request_failed(started, rows, exc)
             raise

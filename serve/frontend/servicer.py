@@ -204,6 +204,9 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
             except ServeError as exc:
                 service.request_failed(arrival, rows, exc)
                 raise
+            except asyncio.CancelledError:
+                inputs.clear()  # queued still: its arrays go now, with its budget (submit)
+                raise
             service.request_ok(arrival, rows)
             answered = time.perf_counter_ns()
             message = codec.encode(request, outputs)

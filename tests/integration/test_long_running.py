@@ -4,12 +4,14 @@ of models long unloaded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import re
 import signal
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from serve.bundles.cache import BundleCache
 from serve.bundles.repository import load_source
 from serve.protocol import Datatype, InferRequest, Tensor
 from serve.runtime import Runtime
-from serve.testing.models import build_mlp_onnx
+from serve.testing.models import build_mlp_onnx, build_spin_torch
 from tests.integration.harness import ServerProcess, wait_until
 
 
@@ -123,3 +125,51 @@ def test_the_runtime_keeps_nothing_of_the_workers_it_replaced(tmp_path, caplog):
     caplog.set_level(logging.CRITICAL, logger="serve")  # (captured log lines hold the ids)
     held, unused = asyncio.run(main())
     assert held == unused  # nothing holds a replaced worker's id any more
+
+
+def test_a_cancelled_request_still_queued_frees_its_arrays_at_once(tmp_path):
+    """In-process: a caller that gives up while its request waits behind a long batch leaves
+    nothing of its inputs in the queue (it is never computed; its memory goes now, not when the
+    worker frees)."""
+    build_spin_torch(tmp_path / "spin")
+    source = load_source(tmp_path / "spin", BundleCache(tmp_path / "cache"))
+
+    def spin(iters: int) -> InferRequest:
+        x = Tensor("X", Datatype.FP32, np.zeros((1, 512), np.float32))
+        return InferRequest("spin", [x, Tensor("ITERS", Datatype.INT64, np.array([[iters]]))])
+
+    async def main() -> tuple[bool, bool]:
+        runtime = Runtime([source])
+        await runtime.start()
+        try:
+            service = runtime.service("spin")
+            slow = asyncio.ensure_future(runtime.infer(spin(10**9)))  # busy until it is stopped
+            async with asyncio.timeout(30):  # (bounds a broken test only)
+                while service.batcher.inflight_batches == 0:
+                    await asyncio.sleep(0.01)
+            request = spin(1)
+            queued = weakref.ref(request.inputs[0].data)
+            waiting = asyncio.ensure_future(runtime.infer(request))
+            del request
+            async with asyncio.timeout(30):
+                while service.batcher.queue_depth == 0:
+                    await asyncio.sleep(0.01)
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            del waiting  # (a cancelled task keeps its frames, the request with them)
+            for _ in range(3):
+                await asyncio.sleep(0)  # (the task's done callbacks, which hold it, run)
+            gc.collect()
+            freed = queued() is None
+            still_busy = service.batcher.inflight_batches == 1 and not slow.done()
+            slow.cancel()
+            return freed, still_busy
+        finally:
+            for worker in runtime.service("spin").pool.workers:  # (it would spin on for ages)
+                os.kill(worker.pid or 0, signal.SIGKILL)
+            await runtime.stop()
+
+    freed, still_busy = asyncio.run(main())
+    assert still_busy  # (the queue had not moved: the worker was busy all along)
+    assert freed
