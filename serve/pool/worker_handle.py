@@ -489,9 +489,12 @@ class WorkerHandle:
         """Ask the worker to finish and exit; kill it if it does not within the stop timeout."""
         if self._process is None or self._process.returncode is not None:
             return
+        starting = self.state is WorkerState.STARTING
         if self.state is not WorkerState.DEAD:
             self.state = WorkerState.STOPPING
-        if self._link is not None:
+        if starting:  # nothing to finish, and it reads Shutdown only once warm (it may hang)
+            await self.kill()
+        elif self._link is not None:
             with contextlib.suppress(ConnectionError):  # already gone: the wait below is short
                 self._link.send(Shutdown("pool stopping"))
         try:

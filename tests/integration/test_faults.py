@@ -291,3 +291,6 @@ def test_a_worker_that_hangs_warming_up_does_not_hold_the_ready_ones_back(tmp_pa
         ]
     finally:
         assert server.stop() == 0
+    # stopping, the one still warming up is killed: it has nothing to finish, and it would
+    # read the request to exit only once warm (here: never, so after the stop timeout)
+    assert "did not exit within" not in server.log()
