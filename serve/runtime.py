@@ -335,8 +335,10 @@ class Runtime:
         self._changed()
 
     def _drop(self, name: str) -> None:
-        """Forget a model none of whose versions is loaded any more, its metrics too."""
-        del self._entries[name]
+        """Forget a model none of whose versions is loaded any more: its watch and keep-warm
+        tasks (nothing is left for them to switch to or retire) and its metrics too."""
+        for task in self._entries.pop(name).tasks:
+            task.cancel()
         self.metrics.forget(name)
 
     def _switch(self, entry: ModelEntry, version: str, why: str) -> None:
