@@ -138,9 +138,16 @@ class WorkerTemplate:
                 # close the socket, which ends the template; workers are spawned from now on.
                 sock.close()
                 self._sock = None
-                log.warning("worker template for %s given up: fork request failed", self._name)
+                reason = (  # (a hung template: a TimeoutError's str() is empty)
+                    f"no answer within {FORK_TIMEOUT_S:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else str(exc) or type(exc).__name__
+                )
+                log.warning(
+                    "worker template for %s given up: fork request failed: %s", self._name, reason
+                )
                 if isinstance(exc, OSError | TimeoutError):
-                    raise TemplateError(f"fork request failed: {exc}") from exc
+                    raise TemplateError(f"fork request failed: {reason}") from exc
                 raise
         (pid,) = FORK_PID.unpack(reply)
         if pid <= 0:

@@ -68,3 +68,4 @@ def test_forks_waiting_behind_one_that_retires_the_template_fail_as_template_err
     errors = asyncio.run(main())
     assert len(errors) == 3
     assert all(isinstance(e, TemplateError) for e in errors), errors
+    assert "fork request failed: no answer within 0.05 s" in str(errors[0])  # (the first one)
