@@ -135,9 +135,13 @@ class WorkerTemplate:
                         reply += chunk
             except BaseException as exc:
                 # Out of step from here on (a late reply would be read as the next fork's pid):
-                # close the socket, which ends the template; workers are spawned from now on.
+                # close the socket, which ends the template, and kill it in case it hangs (its
+                # workers outlive it); workers are spawned from now on.
                 sock.close()
                 self._sock = None
+                if self._process is not None and self._process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        self._process.kill()
                 reason = (  # (a hung template: a TimeoutError's str() is empty)
                     f"no answer within {FORK_TIMEOUT_S:g} s"
                     if isinstance(exc, TimeoutError)

@@ -14,6 +14,10 @@ from serve.pool.template import TemplateError, WorkerTemplate
 
 class _Running:
     returncode = None
+    killed = False
+
+    def kill(self) -> None:
+        self.killed = True
 
 
 def test_a_fork_request_that_times_out_retires_the_template(monkeypatch):
@@ -39,6 +43,7 @@ def test_a_fork_request_that_times_out_retires_the_template(monkeypatch):
 
     template, seen = asyncio.run(main())
     assert not template.alive  # the next worker is spawned instead
+    assert template._process.killed  # type: ignore[union-attr]  # it may hang: not left behind
     assert seen.startswith(b"INFO") and seen.endswith(b"|")
 
 
