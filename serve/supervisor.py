@@ -194,6 +194,7 @@ class Relays:
             config.max_message_bytes,
             config.grace_period_s,
             config.log_level,
+            max(1, config.max_inflight_bytes // config.frontends),  # each relay's share
         )
         ring = (config.relay_ring_slots, config.relay_ring_slot_kib * 1024)
         self.members = [RelayProcess(i, args, self._rings, ring) for i in range(config.frontends)]
@@ -325,6 +326,7 @@ def relay_main(
     max_message_bytes: int,
     grace_s: float,
     log_level: str,
+    inflight_bytes: int,
     ring: tuple[int, int, InheritedFd] | None,
     conn: Connection,
 ) -> None:
@@ -338,6 +340,7 @@ def relay_main(
     )
     import uvloop
 
+    from serve.frontend.admission import InflightBudget
     from serve.frontend.relay import run_relay
     from serve.memory import keep_large_buffers_in_heap
 
@@ -350,6 +353,15 @@ def relay_main(
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         code = runner.run(
-            run_relay(index, hub_path, address, max_message_bytes, grace_s, conn, relay_ring)
+            run_relay(
+                index,
+                hub_path,
+                address,
+                max_message_bytes,
+                grace_s,
+                conn,
+                relay_ring,
+                InflightBudget(inflight_bytes),
+            )
         )
     sys.exit(code)

@@ -1,4 +1,4 @@
-"""The server-wide budget of request bytes held in flight.
+"""The server-wide budget of inference bytes held in flight: requests and their unsent answers.
 
 Every inference request is counted from the moment it is decoded until its answer is sent or it
 fails (an error, its caller cancelling, its deadline): what it holds in memory, estimated from
@@ -8,22 +8,34 @@ the process past its memory limit and every caller with it; requests already adm
 touched. Decoding runs one request at a time on the event loop, so at most one request is held
 uncounted, and only until it is refused. Everything runs on the event-loop thread: no lock.
 
+An answer is counted too (``answer_bytes``), from the handler's return until gRPC has sent it
+(the call's done callback): gRPC keeps an answer the client does not read (HTTP/2 flow control:
+a stuck or hostile client that opens calls and never reads) in memory, and without this a few
+such clients took the process to gigabytes. An answer is never refused, since its work is done;
+while unsent answers hold the budget, new requests are refused instead. A relay process holds
+its callers' answers the same way, against its share of the budget (relay.py); the requests it
+passes on are counted here.
+
 The one gate is InferenceServicer.ModelInfer, which every inference request passes through once:
 direct calls, each request of a ModelStreamInfer stream, and calls relayed from relay processes
-(the hub dispatches them to the same servicer methods).
+(the hub dispatches them to the same servicer methods). A stream's answers wait on its own
+writes (at most its in-flight limit of them), a relayed call's in its relay.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from serve.config import ModelConfig
 from serve.errors import InflightLimitError
+from serve.protocol.datatypes import Datatype, numpy_dtype
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +46,12 @@ BYTES_ELEMENT_OVERHEAD = 33 + 8
 # view in typed contents.
 RAW_STRING_OVERHEAD = 4
 TYPED_STRING_OVERHEAD = 16
+# An answer not sent yet is held three times: the response message, its serialised bytes (both
+# kept by grpc.aio's handler until the send completes) and gRPC core's copy of them. Measured:
+# 71 unread 4 MB answers grew the serving process by 930 MB. A relay's, twice (the reply's bytes
+# and gRPC core's copy).
+ANSWER_COPIES = 3
+RELAYED_ANSWER_COPIES = 2
 
 
 class Source(enum.Enum):
@@ -78,8 +96,35 @@ def held_bytes(inputs: Sequence[npt.NDArray[Any]], source: Source) -> int:
     return total
 
 
+def answer_bytes(outputs: Sequence[npt.NDArray[Any]]) -> int:
+    """About how many bytes an answer holds until it is sent: ANSWER_COPIES of its outputs'
+    data as serialised (a BYTES element: its payload and its 4-byte length prefix)."""
+    total = 0
+    for array in outputs:
+        if array.dtype.hasobject:
+            total += sum(map(len, array.flat)) + array.size * RAW_STRING_OVERHEAD
+        else:
+            total += array.nbytes
+    return ANSWER_COPIES * total
+
+
+def expected_answer_bytes(model: ModelConfig) -> int:
+    """What one row's answer (the whole answer, for a model without a batch axis) will hold
+    until it is sent, when the model config fixes every output's shape and element size: a
+    request reserves it when admitted, so a burst of requests whose answers nobody reads cannot
+    pass the budget once answered. 0 when an output varies (a variable dimension, BYTES): such
+    answers are counted only once made."""
+    total = 0
+    for spec in model.outputs:
+        datatype = Datatype(spec.datatype)
+        if datatype is Datatype.BYTES or any(d < 0 for d in spec.shape):
+            return 0
+        total += math.prod(spec.shape) * numpy_dtype(datatype).itemsize
+    return ANSWER_COPIES * total
+
+
 class InflightBudget:
-    """Request bytes held in flight, server-wide, and their limit."""
+    """Request bytes and unsent answer bytes held in flight, server-wide, and their limit."""
 
     __slots__ = ("_refusing", "held", "limit", "refused")
 
@@ -119,10 +164,44 @@ class InflightBudget:
                 limit,
             )
         raise InflightLimitError(
-            f"the server holds {held} bytes of requests in flight (limit {limit}, "
-            f"max_inflight_bytes) and this request needs about {size} more: retry later, or "
-            "add replicas"
+            f"the server holds {held} bytes of requests and unsent answers in flight (limit "
+            f"{limit}, max_inflight_bytes) and this request needs about {size} more: retry "
+            "later, or add replicas"
         )
 
     def release(self, size: int) -> None:
         self.held -= size
+
+    def hold(self, size: int) -> int:
+        """Hold ``size`` bytes that cannot be refused any more (an answer computed for a caller
+        that has not read it yet): the total may pass the limit, and requests are refused until
+        it is back under. ``size``, to release when the answer has been sent."""
+        self.held += size
+        return size
+
+    def release_done(self, size: int, _call: object = None) -> None:
+        """``release`` as a gRPC done callback (which passes the call)."""
+        self.held -= size
+
+    def check_room(self) -> None:
+        """For a relay, whose budget holds only the answers its callers have not read yet:
+        InflightLimitError while they hold all of it."""
+        held, limit = self.held, self.limit
+        if held < limit:
+            if self._refusing:
+                self._refusing = False
+                log.info("unsent answers: taking requests again (%d of %d bytes)", held, limit)
+            return
+        self.refused += 1
+        if not self._refusing:
+            self._refusing = True
+            log.warning(
+                "%d bytes of answers that callers do not read are held here (limit %d); "
+                "refusing requests (RESOURCE_EXHAUSTED) until they are sent or dropped",
+                held,
+                limit,
+            )
+        raise InflightLimitError(
+            f"this relay holds {held} bytes of unsent answers, which their callers do not read "
+            f"(limit {limit}, its share of max_inflight_bytes): retry later, or add replicas"
+        )

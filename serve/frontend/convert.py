@@ -12,6 +12,7 @@ import numpy.typing as npt
 
 from serve.config import ModelConfig
 from serve.errors import InvalidInputError, UnsupportedError
+from serve.frontend.admission import expected_answer_bytes
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.protocol import InferRequest, InferResponse, Tensor
 from serve.protocol.datatypes import (
@@ -240,7 +241,15 @@ class PlainCodec:
     path (infer_request_from_pb, then ModelService.prepare) checks, and returns None for any
     other request, which then takes the general path and gets its errors from there."""
 
-    __slots__ = ("_batched", "_inputs", "_max_rows", "_outputs", "_parameters", "_version")
+    __slots__ = (
+        "_batched",
+        "_inputs",
+        "_max_rows",
+        "_outputs",
+        "_parameters",
+        "_version",
+        "answer_row_bytes",
+    )
 
     def __init__(self, model: ModelConfig, parameters: dict[str, Any]) -> None:
         self._batched = model.max_batch_size > 0
@@ -257,6 +266,8 @@ class PlainCodec:
             fixed = None if any(d < 0 for d in spec.shape) else tuple(spec.shape)
             self._inputs.append((spec.name, spec.datatype, _FIXED_DTYPES[datatype], fixed))
         self._outputs = [(s.name, Datatype(s.datatype).value) for s in model.outputs]
+        # What a row's answer will hold, reserved in the in-flight budget (0: not known ahead)
+        self.answer_row_bytes = expected_answer_bytes(model)
 
     def decode(
         self, request: Any, raw: Sequence[bytes | memoryview]

@@ -24,6 +24,8 @@ from typing import Any
 
 import grpc
 
+from serve.errors import InflightLimitError
+from serve.frontend.admission import RELAYED_ANSWER_COPIES, InflightBudget
 from serve.frontend.relay_wire import (
     FRAME_MARGIN,
     MODEL_INFER,
@@ -49,6 +51,7 @@ from serve.frontend.streams import answer_concurrently
 log = logging.getLogger(__name__)
 
 CODES = {code.value[0]: code for code in grpc.StatusCode}
+DEFAULT_BUDGET_BYTES = 1 << 30  # as ServerConfig.max_inflight_bytes
 
 
 class HubGoneError(ConnectionError):
@@ -218,8 +221,12 @@ class Forwarder(grpc.GenericRpcHandler):
     """Every unary method of the inference service, Health/Check and Health/Watch, passed on
     as bytes; ModelStreamInfer as one ModelInfer call per request."""
 
-    def __init__(self, link: HubLink) -> None:
+    def __init__(self, link: HubLink, budget: InflightBudget | None = None) -> None:
         self._link = link
+        # The ModelInfer answers this relay has not sent yet (a caller that does not read its
+        # answers makes gRPC keep them here), until gRPC has sent them; while they hold all of
+        # it, new ModelInfer calls are refused. (The serving process counts the requests.)
+        self._budget = budget if budget is not None else InflightBudget(DEFAULT_BUDGET_BYTES)
         self._handlers = {
             method: grpc.unary_unary_rpc_method_handler(functools.partial(self._forward, method))
             for method in unary_methods()
@@ -235,6 +242,22 @@ class Forwarder(grpc.GenericRpcHandler):
         return self._handlers.get(handler_call_details.method)  # None: UNIMPLEMENTED
 
     async def _forward(self, method: str, payload: bytes, context: grpc.aio.ServicerContext) -> Any:
+        if method != MODEL_INFER:
+            return await self._forward_call(method, payload, context)
+        budget = self._budget
+        try:
+            budget.check_room()
+        except InflightLimitError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            raise  # not reached: abort raises
+        answer = await self._forward_call(method, payload, context)
+        held = budget.hold(RELAYED_ANSWER_COPIES * len(answer))
+        context.add_done_callback(functools.partial(budget.release_done, held))
+        return answer
+
+    async def _forward_call(
+        self, method: str, payload: bytes, context: grpc.aio.ServicerContext
+    ) -> bytes:
         try:
             reply = await self._link.call(method, payload, context.time_remaining())
         except HubGoneError:
@@ -300,8 +323,10 @@ async def run_relay(
     grace_s: float,
     conn: Connection,
     ring: RelayRing | None = None,
+    budget: InflightBudget | None = None,
 ) -> int:
-    """Serve until SIGTERM (graceful) or until the hub goes away."""
+    """Serve until SIGTERM (graceful) or until the hub goes away. ``budget``: for the answers
+    this relay has not sent yet (its share of max_inflight_bytes)."""
     link = HubLink(hub_path, index, max_message_bytes + FRAME_MARGIN, ring)
     await link.connect()
     server = grpc.aio.server(
@@ -311,7 +336,7 @@ async def run_relay(
             ("grpc.so_reuseport", 1),  # beside the sibling relays
         ]
     )
-    server.add_generic_rpc_handlers((Forwarder(link),))
+    server.add_generic_rpc_handlers((Forwarder(link, budget),))
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:

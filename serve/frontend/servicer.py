@@ -6,6 +6,7 @@ RPCs not served answer UNIMPLEMENTED saying what is not supported (unserved.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -16,7 +17,7 @@ import grpc
 from serve.control import ModelControl
 from serve.errors import InflightLimitError, InvalidInputError, ServeError
 from serve.frontend import metadata
-from serve.frontend.admission import InflightBudget, Source, held_bytes
+from serve.frontend.admission import InflightBudget, Source, answer_bytes, held_bytes
 from serve.frontend.convert import (
     PlainCodec,
     infer_request_from_pb,
@@ -195,7 +196,7 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
             arrival = time.monotonic_ns()
             inputs, rows = plain
             source = Source.RAW if raw_inputs is None else Source.RING
-            held = self._admit(service, inputs, source, arrival)
+            held = self._admit(service, inputs, source, arrival, rows * codec.answer_row_bytes)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             decoded = time.perf_counter_ns()
@@ -211,6 +212,7 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
             answered = time.perf_counter_ns()
             message = codec.encode(request, outputs)
             service.stats.codec_done(decoded - started, time.perf_counter_ns() - answered)
+            self._hold_answer(context, outputs)
             return message
         except asyncio.CancelledError:  # the call ended: its queued request is dropped
             if service is not None:  # (not counted yet: the only awaits are before the answer)
@@ -264,24 +266,46 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
             source = Source.RING
         else:
             source = Source.RAW if request.raw_input_contents else Source.TYPED
-        held = self._admit(service, [t.data for t in infer_request.inputs], source, arrival)
+        arrays = [t.data for t in infer_request.inputs]
+        rows = 1  # (a malformed request is refused once admitted, by the model's checks)
+        if arrays and arrays[0].ndim and service.config.max_batch_size > 0:
+            rows = arrays[0].shape[0]
+        answer = rows * service.codec.answer_row_bytes
+        held = self._admit(service, arrays, source, arrival, answer)
         try:
             decoded = time.perf_counter_ns()
             response = await service.infer(infer_request)
             answered = time.perf_counter_ns()
             message = infer_response_to_pb(response)
             service.stats.codec_done(decoded - started, time.perf_counter_ns() - answered)
+            self._hold_answer(context, [t.data for t in response.outputs])
             return message
         finally:
             self._budget.release(held)
 
+    def _hold_answer(self, context: Context, outputs: Sequence[Any]) -> None:
+        """Count the answer in the in-flight budget until gRPC has sent it (admission.py): a
+        client that does not read its answers makes gRPC keep them. A stream's requests and
+        relayed calls have contexts without ``add_done_callback``: their answers are held
+        where they are written (the stream's writes; the relay's own budget)."""
+        when_done = getattr(context, "add_done_callback", None)
+        if when_done is not None:
+            size = self._budget.hold(answer_bytes(outputs))
+            when_done(functools.partial(self._budget.release_done, size))
+
     def _admit(
-        self, service: ModelService, inputs: Sequence[Any], source: Source, arrival: int
+        self,
+        service: ModelService,
+        inputs: Sequence[Any],
+        source: Source,
+        arrival: int,
+        answer: int,
     ) -> int:
-        """Admit a decoded request to the in-flight budget: the bytes it holds, to release when
-        it ends. Refused (InflightLimitError, RESOURCE_EXHAUSTED), it is counted as failed."""
+        """Admit a decoded request to the in-flight budget: the bytes it holds and ``answer``,
+        what its answer is expected to hold (0: not known ahead), to release when it ends.
+        Refused (InflightLimitError, RESOURCE_EXHAUSTED), it is counted as failed."""
         try:
-            return self._budget.admit(held_bytes(inputs, source))
+            return self._budget.admit(held_bytes(inputs, source) + answer)
         except InflightLimitError as exc:
             service.request_failed(arrival, 0, exc)
             raise

@@ -80,7 +80,8 @@ class InflightGauges(Collector):
         held, limit = self._source()
         inflight = GaugeMetricFamily(
             "warmserve_inflight_request_bytes",
-            "Bytes of inference requests held in flight (decoded, not yet answered)",
+            "Bytes of inference requests held in flight (decoded, not yet answered) and of "
+            "answers not yet sent",
             value=held,
         )
         budget = GaugeMetricFamily(

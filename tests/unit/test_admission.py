@@ -9,15 +9,20 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import msgspec
 import numpy as np
 import pytest
 
 from serve.config import ModelConfig, TensorSpec
 from serve.errors import DeadlineExceededError, InflightLimitError, ModelExecutionError
 from serve.frontend.admission import (
+    ANSWER_COPIES,
     BYTES_ELEMENT_OVERHEAD,
+    RAW_STRING_OVERHEAD,
     InflightBudget,
     Source,
+    answer_bytes,
+    expected_answer_bytes,
     held_bytes,
 )
 from serve.frontend.pb import grpc_service_pb2 as pb
@@ -39,6 +44,9 @@ MODEL = ModelConfig(
     max_batch_size=8,
 )
 
+# The same model with an output of variable size: its answers are not reserved ahead (the
+# model above reserves ANSWER_COPIES × 16 bytes a row when a request is admitted).
+VARIABLE = msgspec.structs.replace(MODEL, outputs=(TensorSpec("OUT", "FP32", (-1,)),))
 
 # --- the budget and the size estimate -----------------------------------------------------------
 
@@ -49,7 +57,8 @@ def test_the_budget_admits_up_to_its_limit_refuses_beyond_and_admits_again_after
     assert budget.admit(40) == 40
     with pytest.raises(InflightLimitError) as refused:
         budget.admit(1)
-    assert "holds 100 bytes of requests in flight (limit 100" in str(refused.value)
+    message = str(refused.value)
+    assert "holds 100 bytes of requests and unsent answers in flight (limit 100" in message
     assert "retry" in str(refused.value) and "replicas" in str(refused.value)
     assert budget.held == 100, "a refused request holds nothing"
     budget.release(60)
@@ -101,8 +110,8 @@ def test_bytes_elements_count_their_objects_overhead_several_times_their_wire_si
 class _Service:
     """One model version whose requests wait on futures the test resolves."""
 
-    def __init__(self) -> None:
-        self.config = MODEL
+    def __init__(self, model: ModelConfig) -> None:
+        self.config = model
         self.parameters: dict[str, Any] = {}
         self.codec: Any = None
         self.stats = ModelStats()
@@ -160,8 +169,10 @@ class _Context:
         raise _Aborted(code, details)
 
 
-def _servicer(limit: int) -> tuple[InferenceServicer, _Service, InflightBudget]:
-    service = _Service()
+def _servicer(
+    limit: int, model: ModelConfig = VARIABLE
+) -> tuple[InferenceServicer, _Service, InflightBudget]:
+    service = _Service(model)
     budget = InflightBudget(limit)
     servicer = InferenceServicer(_Runtime(service), None, None, budget)  # type: ignore[arg-type]
     return servicer, service, budget
@@ -200,6 +211,81 @@ def test_a_request_holds_its_bytes_while_in_flight_and_releases_them_when_answer
     assert held >= 2 * 2 * ROW_BYTES
     assert after == 0
     assert list(response.outputs[0].shape) == [2, 4]
+
+
+class _GrpcContext(_Context):
+    """A gRPC call, which tells when it is done: its answer sent, or the call dropped."""
+
+    def __init__(self) -> None:
+        self.done_callbacks: list[Any] = []
+
+    def add_done_callback(self, callback: Any) -> None:
+        self.done_callbacks.append(callback)
+
+    def finish(self) -> None:
+        for callback in self.done_callbacks:
+            callback(self)
+
+
+@pytest.mark.parametrize("make", [_raw_request, _typed_request], ids=["raw", "typed"])
+def test_an_answer_holds_the_budget_until_grpc_has_sent_it(make):
+    async def main() -> None:
+        answer = ANSWER_COPIES * 2 * ROW_BYTES  # 2 rows
+        servicer, service, budget = _servicer(answer + 2 * 2 * ROW_BYTES - 1)
+        context = _GrpcContext()
+        call = asyncio.ensure_future(servicer.ModelInfer(make(2), context))
+        _answer(await service.next_arrival(), 2)
+        await call
+        assert budget.held == answer, "the answer's bytes, until it is sent"
+        # the unsent answer leaves no room for another request of 2 rows (it holds 4 rows)
+        second = asyncio.ensure_future(servicer.ModelInfer(make(2), _Context()))
+        with pytest.raises(_Aborted) as refused:
+            await second
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "unsent answers" in refused.value.details
+        context.finish()
+        assert budget.held == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("make", [_raw_request, _typed_request], ids=["raw", "typed"])
+def test_a_request_reserves_its_answer_when_the_model_config_fixes_its_size(make):
+    # a burst of requests admitted before any answer exists would otherwise pass the budget
+    # once answered, by every answer nobody reads
+    async def main() -> None:
+        answer = ANSWER_COPIES * 2 * ROW_BYTES  # 2 rows of OUT FP32 [4]
+        assert expected_answer_bytes(MODEL) == ANSWER_COPIES * ROW_BYTES
+        servicer, service, budget = _servicer(2 * 2 * ROW_BYTES + answer, MODEL)
+        context = _GrpcContext()
+        call = asyncio.ensure_future(servicer.ModelInfer(make(2), context))
+        queued = await service.next_arrival()
+        assert budget.held == 2 * 2 * ROW_BYTES + answer, "the request and its answer to be"
+        with pytest.raises(_Aborted) as refused:  # the answer to be leaves no room for a row
+            await servicer.ModelInfer(make(1), _Context())
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        _answer(queued, 2)
+        await call
+        assert budget.held == answer, "the answer, made, until it is sent"
+        context.finish()
+        assert budget.held == 0
+
+    asyncio.run(main())
+
+
+def test_only_answers_whose_size_the_config_fixes_are_reserved():
+    assert expected_answer_bytes(VARIABLE) == 0
+    strings = msgspec.structs.replace(MODEL, outputs=(TensorSpec("OUT", "BYTES", (4,)),))
+    assert expected_answer_bytes(strings) == 0
+    unbatched = msgspec.structs.replace(MODEL, max_batch_size=0)
+    assert expected_answer_bytes(unbatched) == ANSWER_COPIES * ROW_BYTES
+
+
+def test_an_answers_bytes_are_its_outputs_data_as_serialised():
+    strings = np.array([b"ab", b""], dtype=object)
+    floats = np.zeros((2, 3), np.float32)
+    data = 24 + (2 + 0) + 2 * RAW_STRING_OVERHEAD
+    assert answer_bytes([floats, strings]) == ANSWER_COPIES * data
 
 
 @pytest.mark.parametrize("make", [_raw_request, _typed_request], ids=["raw", "typed"])
@@ -250,8 +336,9 @@ def test_a_request_over_the_budget_is_refused_at_once_and_the_admitted_one_is_un
     held, refused, queued, response, after, failed = asyncio.run(main())
     assert held == 2 * 2 * ROW_BYTES
     assert refused.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert f"holds {held} bytes of requests in flight (limit {3 * 2 * ROW_BYTES}" in (
-        refused.details
+    assert (
+        f"holds {held} bytes of requests and unsent answers in flight (limit {3 * 2 * ROW_BYTES}"
+        in (refused.details)
     )
     assert queued == 1, "the refused request never reached the queue"
     assert list(response.outputs[0].shape) == [2, 4]
@@ -297,7 +384,7 @@ def test_a_stream_request_over_the_budget_gets_its_own_error_and_the_stream_goes
     answers, held = asyncio.run(main())
     refused, answered = answers
     assert refused.infer_response.id == "second"
-    assert "bytes of requests in flight" in refused.error_message
+    assert "bytes of requests and unsent answers in flight" in refused.error_message
     assert not answered.error_message and list(answered.infer_response.outputs[0].shape) == [2, 4]
     assert held == 0
 

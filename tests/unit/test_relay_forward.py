@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
 
+from serve.frontend.admission import RELAYED_ANSWER_COPIES, InflightBudget
 from serve.frontend.relay import Forwarder
 from serve.frontend.relay_wire import MODEL_INFER, RelayReply
 
@@ -16,8 +18,10 @@ DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 class _Link:
     def __init__(self, reply: RelayReply) -> None:
         self.reply = reply
+        self.calls = 0
 
     async def call(self, method: str, payload: bytes, timeout_s: float | None) -> RelayReply:
+        self.calls += 1
         return self.reply
 
 
@@ -31,6 +35,14 @@ class _Context:
     def __init__(self, remaining: float | None) -> None:
         self.remaining = remaining
         self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.done_callbacks: list[Any] = []
+
+    def add_done_callback(self, callback: Any) -> None:  # called once gRPC has sent the answer
+        self.done_callbacks.append(callback)
+
+    def finish(self) -> None:
+        for callback in self.done_callbacks:
+            callback(self)
 
     def time_remaining(self) -> float | None:
         return self.remaining
@@ -65,3 +77,31 @@ def test_an_answer_within_the_deadline_or_without_one_is_sent():
     with pytest.raises(_Aborted):
         _forward(RelayReply(1, DEADLINE_EXCEEDED, "expired while queued", b""), context)
     assert context.aborted == (grpc.StatusCode.DEADLINE_EXCEEDED, "expired while queued")
+
+
+def test_answers_its_callers_have_not_read_hold_the_relays_budget_until_sent():
+    # gRPC keeps an answer its client does not read in the relay: without a budget, callers
+    # that never read took a relay to gigabytes
+    async def main() -> None:
+        link = _Link(RelayReply(1, 0, "", bytes(100)))
+        budget = InflightBudget(250 * RELAYED_ANSWER_COPIES)
+        forwarder = Forwarder(link, budget)  # type: ignore[arg-type]
+        unread = [_Context(remaining=None) for _ in range(3)]
+        for context in unread:  # taken while the unsent answers hold less than the limit
+            answer = await forwarder._forward(MODEL_INFER, b"request", context)  # type: ignore[arg-type]
+            assert answer == bytes(100)
+        assert budget.held == 300 * RELAYED_ANSWER_COPIES
+        refused = _Context(remaining=None)
+        with pytest.raises(_Aborted):
+            await forwarder._forward(MODEL_INFER, b"request", refused)  # type: ignore[arg-type]
+        assert refused.aborted is not None
+        assert refused.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "unsent answers" in refused.aborted[1]
+        assert link.calls == 3, "a refused call is not passed on"
+        for context in unread:
+            context.finish()
+        assert budget.held == 0
+        answer = await forwarder._forward(MODEL_INFER, b"request", _Context(None))  # type: ignore[arg-type]
+        assert answer == bytes(100)
+
+    asyncio.run(main())
