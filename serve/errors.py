@@ -32,6 +32,11 @@ class InflightLimitError(QueueFullError):
     request needs more than the whole budget); the caller should back off and retry."""
 
 
+class AnswerTooLargeError(ServeError):
+    """The answer is larger than the largest message the server may send (max_message_bytes);
+    the caller should ask for fewer rows per request."""
+
+
 class DeadlineExceededError(ServeError):
     """The request's deadline passed before its result was ready; it was not computed."""
 

@@ -332,7 +332,13 @@ class ModelService:
         self.stats.request_done(False, 0, elapsed_ns)
         self._counters.request_failed("deadline_exceeded" if expired else "cancelled")
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(
+        self,
+        request: InferRequest,
+        check_answer: Callable[[InferResponse], None] | None = None,
+    ) -> InferResponse:
+        """``check_answer``: the caller's last check of the answer (a ServeError from it fails
+        the request, counted as such)."""
         started = time.monotonic_ns()
         rows = 0
         try:
@@ -345,7 +351,6 @@ class ModelService:
         except ServeError as exc:
             self.request_failed(started, rows, exc)
             raise
-        self.request_ok(started, rows)
         wanted = request.outputs
         if wanted is None and len(outputs) == 1:
             ((name, datatype),) = self._output_types
@@ -356,10 +361,18 @@ class ModelService:
                 for (name, datatype), out in zip(self._output_types, outputs, strict=True)
                 if wanted is None or name in wanted
             ]
-        return InferResponse(
+        response = InferResponse(
             request.model_name,
             self.config.version,
             tensors,
             request.id,
             dict(self._parameters),
         )
+        if check_answer is not None:
+            try:
+                check_answer(response)
+            except ServeError as exc:
+                self.request_failed(started, rows, exc)
+                raise
+        self.request_ok(started, rows)
+        return response

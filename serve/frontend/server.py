@@ -30,7 +30,9 @@ class GrpcFrontend:
         self._runtime = runtime
         self.gate = ReadinessGate()
         self.budget = InflightBudget(config.max_inflight_bytes)
-        self.servicer = InferenceServicer(runtime, self.gate, control, self.budget)
+        self.servicer = InferenceServicer(
+            runtime, self.gate, control, self.budget, config.max_message_bytes
+        )
         self.health = HealthService(runtime, self.gate)
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None

@@ -15,9 +15,15 @@ from typing import Any, NoReturn, TypeAlias, cast
 import grpc
 
 from serve.control import ModelControl
-from serve.errors import InflightLimitError, InvalidInputError, ServeError
+from serve.errors import AnswerTooLargeError, InflightLimitError, InvalidInputError, ServeError
 from serve.frontend import metadata
-from serve.frontend.admission import InflightBudget, Source, answer_bytes, held_bytes
+from serve.frontend.admission import (
+    ANSWER_COPIES,
+    InflightBudget,
+    Source,
+    answer_bytes,
+    held_bytes,
+)
 from serve.frontend.convert import (
     PlainCodec,
     infer_request_from_pb,
@@ -31,11 +37,14 @@ from serve.frontend.status import abort_with, translate_errors
 from serve.frontend.streams import answer_concurrently
 from serve.frontend.unserved import UnservedRpcs
 from serve.model_service import ModelService
+from serve.protocol import InferResponse
 from serve.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as ServerConfig.max_message_bytes
+ANSWER_HEADROOM = 64 * 1024  # more than an answer's names, shapes and parameters take
 
 
 # A call that gRPC (or a relay) ends this close to its deadline ended because of it: the
@@ -108,11 +117,16 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
         gate: ReadinessGate,
         control: ModelControl,
         budget: InflightBudget,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._runtime = runtime
         self._gate = gate
         self._control = control
         self._budget = budget  # request bytes in flight, server-wide (every ModelInfer)
+        self._max_message_bytes = max_message_bytes  # the largest answer gRPC may send
+        # answer_bytes beyond which an answer may be too large (its message's own fields are
+        # small beside its data): only then is the message measured
+        self._answer_limit = ANSWER_COPIES * (max_message_bytes - ANSWER_HEADROOM)
 
     @translate_errors
     async def ServerLive(self, request: Any, context: Context) -> Any:
@@ -208,11 +222,16 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
             except asyncio.CancelledError:
                 inputs.clear()  # queued still: its arrays go now, with its budget (submit)
                 raise
-            service.request_ok(arrival, rows)
             answered = time.perf_counter_ns()
             message = codec.encode(request, outputs)
+            try:
+                size = self._answer_size(outputs, message)
+            except ServeError as exc:
+                service.request_failed(arrival, rows, exc)
+                raise
+            service.request_ok(arrival, rows)
             service.stats.codec_done(decoded - started, time.perf_counter_ns() - answered)
-            self._hold_answer(context, outputs)
+            self._hold_answer(context, size)
             return message
         except asyncio.CancelledError:  # the call ended: its queued request is dropped
             if service is not None:  # (not counted yet: the only awaits are before the answer)
@@ -274,23 +293,44 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
         held = self._admit(service, arrays, source, arrival, answer)
         try:
             decoded = time.perf_counter_ns()
-            response = await service.infer(infer_request)
+            sized: list[tuple[Any, int]] = []  # the message and its answer_bytes, once checked
+
+            def check(response: InferResponse) -> None:
+                message = infer_response_to_pb(response)
+                arrays = [t.data for t in response.outputs]
+                sized.append((message, self._answer_size(arrays, message)))
+
+            await service.infer(infer_request, check)
             answered = time.perf_counter_ns()
-            message = infer_response_to_pb(response)
+            ((message, size),) = sized
             service.stats.codec_done(decoded - started, time.perf_counter_ns() - answered)
-            self._hold_answer(context, [t.data for t in response.outputs])
+            self._hold_answer(context, size)
             return message
         finally:
             self._budget.release(held)
 
-    def _hold_answer(self, context: Context, outputs: Sequence[Any]) -> None:
-        """Count the answer in the in-flight budget until gRPC has sent it (admission.py): a
-        client that does not read its answers makes gRPC keep them. A stream's requests and
-        relayed calls have contexts without ``add_done_callback``: their answers are held
-        where they are written (the stream's writes; the relay's own budget)."""
+    def _answer_size(self, outputs: Sequence[Any], message: Any) -> int:
+        """What the answer (``outputs``: its arrays) holds until sent (admission.answer_bytes).
+        AnswerTooLargeError when it is larger than the server may send: gRPC would fail the
+        call RESOURCE_EXHAUSTED after the handler, logging an ERROR with a traceback, and it
+        would count as answered."""
+        size = answer_bytes(outputs)
+        if size > self._answer_limit and message.ByteSize() > self._max_message_bytes:
+            raise AnswerTooLargeError(
+                f"the answer is {message.ByteSize()} bytes, more than the server sends in one "
+                f"message ({self._max_message_bytes} bytes, max_message_bytes): ask for fewer "
+                "rows per request"
+            )
+        return size
+
+    def _hold_answer(self, context: Context, size: int) -> None:
+        """Count the answer (``size`` bytes) in the in-flight budget until gRPC has sent it
+        (admission.py): a client that does not read its answers makes gRPC keep them. A
+        stream's requests and relayed calls have contexts without ``add_done_callback``: their
+        answers are held where they are written (the stream's writes; the relay's budget)."""
         when_done = getattr(context, "add_done_callback", None)
         if when_done is not None:
-            size = self._budget.hold(answer_bytes(outputs))
+            self._budget.hold(size)
             when_done(functools.partial(self._budget.release_done, size))
 
     def _admit(

@@ -19,6 +19,7 @@ STATUS: tuple[tuple[type[errors.ServeError], grpc.StatusCode], ...] = (
     (errors.ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.ModelNotReadyError, grpc.StatusCode.UNAVAILABLE),  # includes WorkerLostError
     (errors.QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.AnswerTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # as gRPC's own limit
     (errors.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.InvalidBundleError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),

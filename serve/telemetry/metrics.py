@@ -30,6 +30,7 @@ OUTCOMES: tuple[tuple[type[errors.ServeError], str], ...] = (
     (errors.ModelNotReadyError, "unavailable"),
     (errors.InflightLimitError, "inflight_bytes_full"),  # (a QueueFullError: first)
     (errors.QueueFullError, "queue_full"),
+    (errors.AnswerTooLargeError, "answer_too_large"),
     (errors.DeadlineExceededError, "deadline_exceeded"),
     (errors.ModelExecutionError, "model_error"),
 )

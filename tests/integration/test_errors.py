@@ -11,7 +11,13 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from serve.protocol.datatypes import Datatype, numpy_dtype
-from serve.testing.models import IDENTITY_TYPES, build_mlp_onnx, build_spin_torch, mlp_reference
+from serve.testing.models import (
+    IDENTITY_TYPES,
+    build_identity_onnx,
+    build_mlp_onnx,
+    build_spin_torch,
+    mlp_reference,
+)
 from tests.integration.conftest import spin_inputs
 from tests.integration.harness import ServerProcess, wait_until
 
@@ -293,3 +299,35 @@ def test_a_call_its_caller_cancels_is_counted_as_cancelled(server, client, spin_
     assert _failed(client, "spin") >= failed + 1
     assert all("CANCELLED" in str(errors.get(timeout=30)) for _ in calls)
     _wait_for_executions(client, "spin", executed + 1)  # the one computing ran on
+
+
+def test_an_answer_larger_than_the_server_may_send_is_refused_and_counted(tmp_path):
+    # gRPC failed such a call RESOURCE_EXHAUSTED after the handler, logging an ERROR with a
+    # traceback (ExecuteBatchError), and the call was counted as answered
+    repository = tmp_path / "repository"
+    folder = build_identity_onnx(
+        repository / "grow", name="grow", types=("FP32",), process="process.py"
+    )
+    (folder / "process.py").write_text(
+        "import numpy as np\n\n\ndef postprocess(outputs):\n"
+        "    return {'OUT_FP32': np.tile(outputs['OUT_FP32'], (1, 4))}\n"
+    )
+    limit = 512 * 1024
+    args = ("--max-message-bytes", str(limit))
+    server = ServerProcess(tmp_path / "server.log", repository, args=args)
+    try:
+        server.wait_ready()
+        small = triton.InferInput("IN_FP32", [1, 1024], "FP32")  # a 16 KiB answer
+        small.set_data_from_numpy(np.ones((1, 1024), np.float32))
+        assert server.client.infer("grow", [small]).as_numpy("OUT_FP32").shape == (1, 4096)
+        large = triton.InferInput("IN_FP32", [1, 65536], "FP32")  # 256 KiB in, 1 MiB out
+        large.set_data_from_numpy(np.ones((1, 65536), np.float32))
+        with pytest.raises(triton.InferenceServerException) as refused:
+            server.client.infer("grow", [large])
+        assert str(refused.value.status()) == "StatusCode.RESOURCE_EXHAUSTED"
+        assert f"({limit} bytes, max_message_bytes)" in refused.value.message()
+        _, metrics = server.http_text("/metrics")
+        assert 'warmserve_requests_total{code="answer_too_large",model="grow"} 1.0' in metrics
+        assert "ExecuteBatchError" not in server.log()
+    finally:
+        assert server.stop() == 0

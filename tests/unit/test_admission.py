@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 
 from serve.config import ModelConfig, TensorSpec
-from serve.errors import DeadlineExceededError, InflightLimitError, ModelExecutionError
+from serve.errors import (
+    DeadlineExceededError,
+    InflightLimitError,
+    ModelExecutionError,
+    ServeError,
+)
 from serve.frontend.admission import (
     ANSWER_COPIES,
     BYTES_ELEMENT_OVERHEAD,
@@ -126,9 +131,16 @@ class _Service:
         self.arrived.set()
         return future
 
-    async def infer(self, request: Any) -> InferResponse:  # the general path
-        (out,) = await self.submit([t.data for t in request.inputs], 1, None)
-        return InferResponse("m", "1", [Tensor("OUT", Datatype.FP32, out)], request.id)
+    async def infer(self, request: Any, check_answer: Any = None) -> InferResponse:
+        (out,) = await self.submit([t.data for t in request.inputs], 1, None)  # the general path
+        response = InferResponse("m", "1", [Tensor("OUT", Datatype.FP32, out)], request.id)
+        if check_answer is not None:
+            try:
+                check_answer(response)
+            except ServeError as exc:
+                self.failed.append(exc)
+                raise
+        return response
 
     def request_ok(self, arrival: int, rows: int) -> None:
         pass
@@ -269,6 +281,28 @@ def test_a_request_reserves_its_answer_when_the_model_config_fixes_its_size(make
         assert budget.held == answer, "the answer, made, until it is sent"
         context.finish()
         assert budget.held == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("make", [_raw_request, _typed_request], ids=["raw", "typed"])
+def test_an_answer_larger_than_the_server_may_send_fails_its_request_only(make):
+    async def main() -> None:
+        service = _Service(MODEL)
+        budget = InflightBudget(1 << 20)
+        servicer = InferenceServicer(_Runtime(service), None, None, budget, 120)  # type: ignore[arg-type]
+        for rows in (1, 8):  # answers of 16 and 128 bytes of data, each with ~30 of fields
+            call = asyncio.ensure_future(servicer.ModelInfer(make(rows), _GrpcContext()))
+            _answer(await service.next_arrival(), rows)
+            if rows == 1:
+                await call
+                continue
+            with pytest.raises(_Aborted) as refused:
+                await call
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "(120 bytes, max_message_bytes): ask for fewer rows" in refused.value.details
+        assert [outcome(e) for e in service.failed] == ["answer_too_large"]
+        assert budget.held == ANSWER_COPIES * ROW_BYTES, "only the answer sent, until it is"
 
     asyncio.run(main())
 
