@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.integration.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +74,7 @@ def test_a_client_process_that_cannot_connect_fails_the_run_with_its_reason():
     assert "client process failed" in run.stderr and "UNAVAILABLE" in run.stderr
 
 
+@pytest.mark.timeout(300)  # about 55 s on an idle 2-vCPU VM, 140 s beside other load
 def test_the_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
     """The script that only a lent GPU machine runs for real, on tiny models and loads here, so
     it cannot rot unseen between GPU sessions."""
