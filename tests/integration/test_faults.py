@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import queue
 import signal
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +37,13 @@ def postprocess(outputs):
 """
 
 
+def _spin_with(tmp_path: Path, code: str, **config: Any) -> Path:
+    """The spin model (repository ``tmp_path/repo``) with ``code`` as its process module."""
+    folder = build_spin_torch(tmp_path / "repo" / "spin", process="process.py", **config)
+    (folder / "process.py").write_text(code)
+    return folder
+
+
 def _status(call) -> tuple[str, str]:
     with pytest.raises(triton.InferenceServerException) as caught:
         call()
@@ -43,13 +52,7 @@ def _status(call) -> tuple[str, str]:
 
 @pytest.fixture()
 def bad_outputs(tmp_path):
-    folder = build_spin_torch(
-        tmp_path / "repo" / "spin",
-        max_batch_size=8,
-        process="process.py",
-        batching={"max_queue_size": 16},
-    )
-    (folder / "process.py").write_text(BAD_OUTPUTS)
+    _spin_with(tmp_path, BAD_OUTPUTS, max_batch_size=8, batching={"max_queue_size": 16})
     server = ServerProcess(
         tmp_path / "server.log", tmp_path / "repo", args=("--log-level", "DEBUG")
     )
@@ -118,12 +121,11 @@ def postprocess(outputs):
 
 
 def test_a_worker_that_dies_on_every_probe_is_restarted_with_back_off_not_in_a_loop(tmp_path):
-    folder = build_spin_torch(
-        tmp_path / "repo" / "spin",
-        process="process.py",
+    folder = _spin_with(
+        tmp_path,
+        DIES_ON_PROBE,
         probe={"inputs_file": "probe_in.npz", "interval_s": 0.5, "timeout_s": 5.0},
     )
-    (folder / "process.py").write_text(DIES_ON_PROBE)
     np.savez(
         folder / "probe_in.npz",
         X=np.full((1, 512), 7.0, np.float32),
@@ -149,13 +151,12 @@ def test_a_model_whose_replacement_workers_fail_to_warm_up_says_why_it_is_not_re
         f"if pathlib.Path({str(broken)!r}).exists():\n"
         "    raise RuntimeError('the scratch disk is gone')\n"
     )
-    folder = build_spin_torch(
-        tmp_path / "repo" / "spin",
-        process="process.py",
+    _spin_with(
+        tmp_path,
+        code,
         pool={"workers": 2, "min_warm": 2, "threads": 1, "max_inflight_per_worker": 1},
         probe={"interval_s": 0.2},  # the worker that serves answers probes all along
     )
-    (folder / "process.py").write_text(code)
     server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
     try:
         server.wait_ready()
@@ -188,8 +189,7 @@ def postprocess(outputs):
 
 
 def test_a_worker_that_crashes_in_native_code_leaves_the_python_stack_in_the_log(tmp_path):
-    folder = build_spin_torch(tmp_path / "repo" / "spin", process="process.py")
-    (folder / "process.py").write_text(SEGFAULTS)
+    _spin_with(tmp_path, SEGFAULTS)
     server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
     try:
         server.wait_ready()
@@ -220,13 +220,7 @@ def postprocess(outputs):
 def test_a_request_that_kills_its_worker_fails_alone_not_with_those_merged_with_it(tmp_path):
     # Its batch is retried once; run merged again it would kill the replacement together with
     # the others' second (and last) chance. Retried one by one, only it fails.
-    folder = build_spin_torch(
-        tmp_path / "repo" / "spin",
-        max_batch_size=8,
-        process="process.py",
-        batching={"max_queue_size": 16},
-    )
-    (folder / "process.py").write_text(EXITS_ON_SEVEN)
+    _spin_with(tmp_path, EXITS_ON_SEVEN, max_batch_size=8, batching={"max_queue_size": 16})
     server = ServerProcess(
         tmp_path / "server.log", tmp_path / "repo", args=("--log-level", "DEBUG")
     )
@@ -276,12 +270,9 @@ def test_a_worker_that_hangs_warming_up_does_not_hold_the_ready_ones_back(tmp_pa
         "else:\n"
         "    time.sleep(3600)\n"
     )
-    folder = build_spin_torch(
-        tmp_path / "repo" / "spin",
-        process="process.py",
-        pool={"workers": 2, "min_warm": 1, "threads": 1, "startup_timeout_s": 600},
+    _spin_with(
+        tmp_path, code, pool={"workers": 2, "min_warm": 1, "threads": 1, "startup_timeout_s": 600}
     )
-    (folder / "process.py").write_text(code)
     server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
     try:
         server.wait_ready(timeout=60)

@@ -9,20 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from serve.config import ModelConfig, TensorSpec
 from serve.frontend.admission import InflightBudget
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.servicer import InferenceServicer
 from serve.telemetry.stats import ModelStats
-
-MODEL = ModelConfig(
-    name="m",
-    backend="onnx",
-    model_file="m.onnx",
-    inputs=(TensorSpec("IN", "FP32", (4,)),),
-    outputs=(TensorSpec("OUT", "FP32", (4,)),),
-    max_batch_size=8,
-)
+from tests.unit.test_admission import MODEL
 
 
 class _Service:
