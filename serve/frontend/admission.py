@@ -169,7 +169,8 @@ class InflightBudget:
             "later, or add replicas"
         )
 
-    def release(self, size: int) -> None:
+    def release(self, size: int, _call: object = None) -> None:
+        """Give ``size`` bytes back (also as a gRPC done callback, which passes the call)."""
         self.held -= size
 
     def hold(self, size: int) -> int:
@@ -178,10 +179,6 @@ class InflightBudget:
         it is back under. ``size``, to release when the answer has been sent."""
         self.held += size
         return size
-
-    def release_done(self, size: int, _call: object = None) -> None:
-        """``release`` as a gRPC done callback (which passes the call)."""
-        self.held -= size
 
     def check_room(self) -> None:
         """For a relay, whose budget holds only the answers its callers have not read yet:

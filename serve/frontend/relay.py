@@ -252,7 +252,7 @@ class Forwarder(grpc.GenericRpcHandler):
             raise  # not reached: abort raises
         answer = await self._forward_call(method, payload, context)
         held = budget.hold(RELAYED_ANSWER_COPIES * len(answer))
-        context.add_done_callback(functools.partial(budget.release_done, held))
+        context.add_done_callback(functools.partial(budget.release, held))
         return answer
 
     async def _forward_call(

@@ -315,9 +315,9 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
         call RESOURCE_EXHAUSTED after the handler, logging an ERROR with a traceback, and it
         would count as answered."""
         size = answer_bytes(outputs)
-        if size > self._answer_limit and message.ByteSize() > self._max_message_bytes:
+        if size > self._answer_limit and (exact := message.ByteSize()) > self._max_message_bytes:
             raise AnswerTooLargeError(
-                f"the answer is {message.ByteSize()} bytes, more than the server sends in one "
+                f"the answer is {exact} bytes, more than the server sends in one "
                 f"message ({self._max_message_bytes} bytes, max_message_bytes): ask for fewer "
                 "rows per request"
             )
@@ -331,7 +331,7 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
         when_done = getattr(context, "add_done_callback", None)
         if when_done is not None:
             self._budget.hold(size)
-            when_done(functools.partial(self._budget.release_done, size))
+            when_done(functools.partial(self._budget.release, size))
 
     def _admit(
         self,
