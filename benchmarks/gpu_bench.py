@@ -514,6 +514,12 @@ def main() -> None:
         action="store_true",
         help="streaming clients (ModelStreamInfer) in the --frontends runs",
     )
+    parser.add_argument(
+        "--idle-spin-us",
+        type=float,
+        default=0.0,
+        help="pool.idle_spin_us of every model: workers busy-poll this long for the next batch",
+    )
     parser.add_argument("--levels", default="", help="concurrency levels (default 1,4,16,32,64)")
     parser.add_argument(
         "--streaming-levels",
@@ -531,7 +537,10 @@ def main() -> None:
     variant_levels = levels[-2:]
     max_batch = 8 if small else 64
     seconds = args.seconds or (1.0 if small else 3.0)
-    results: dict[str, Any] = {"device": device, "torch": torch.__version__, "smoke": small}
+    results: dict[str, Any] = {
+        "device": device, "torch": torch.__version__, "smoke": small,
+        "idle_spin_us": args.idle_spin_us,
+    }  # fmt: skip
     if device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name(0)
     image = image_model(device, dtype, size, small)
@@ -555,6 +564,8 @@ def main() -> None:
             "threads": 1 if device == "cpu" else 0,
             "startup_timeout_s": 600,
         }
+        if args.idle_spin_us:  # (only then: the configs stay as before without it)
+            pool["idle_spin_us"] = args.idle_spin_us
         common = {"max_batch_size": max_batch, "device": device, "pool": pool}
         resnet = {
             **common,

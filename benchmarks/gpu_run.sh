@@ -10,9 +10,12 @@
 # onnxruntime are already there) into /tmp/site, runs the GPU benchmark and then the GPU tests,
 # and leaves everything in $OUT (at most 8 files) for benchmarks/RESULTS.md. Each step has its
 # own timeout, so the whole script ends inside 8 minutes.
-# GPU_SECOND_ARGS, if set, are the arguments of a second, shorter gpu_bench run after the tests
-# (e.g. "--frontends-only --frontends 1,2,4 --levels 32,64 --workers 1 --slots 1"). It gets
-# what is left of SCRIPT_LIMIT_S (default 570 s) and comes back as $OUT/second.tgz.
+# GPU_SECOND_ARGS, if set, are the arguments of more, shorter gpu_bench runs after the tests,
+# separated by ';' (e.g. "--frontends-only --frontends 1 --levels 1 --workers 1 --slots 1;
+# --frontends-only ... --idle-spin-us 2000"); leading NAME=value words are the run's environment
+# (e.g. "WARMSERVE_RELAY_RING_SLOTS=0 --frontends-only ..."). They share what is left of
+# SCRIPT_LIMIT_S (default 570 s), run in order while time is left, and come back in
+# $OUT/second.tgz (second/1, second/2, ...).
 set -uo pipefail
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
@@ -36,14 +39,23 @@ timeout 60 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gpu-tests te
 find /tmp/gpu-tests -name '*.log' -print0 2>/dev/null \
     | tar czf "$OUT/gpu_test_logs.tgz" --null -T - 2>/dev/null
 if [ -n "${GPU_SECOND_ARGS:-}" ]; then
-    left=$(( ${SCRIPT_LIMIT_S:-570} - SECONDS ))
-    echo "== second run, ${left} s left: gpu_bench ${GPU_SECOND_ARGS}"
-    if [ "$left" -gt 30 ]; then
-        mkdir -p "$OUT/second"
-        timeout "$left" python3 -m benchmarks.gpu_bench --out "$OUT/second" ${GPU_SECOND_ARGS} 2>&1 \
-            | tee "$OUT/second/gpu_bench.txt"
-        (cd "$OUT" && tar czf second.tgz second && rm -rf second)
-    fi
+    IFS=';' read -ra second_runs <<< "$GPU_SECOND_ARGS"
+    n=0
+    for entry in "${second_runs[@]}"; do
+        n=$((n + 1)); envs=(); args=()
+        for word in $entry; do
+            if [ ${#args[@]} -eq 0 ] && [[ $word == *=* && $word != -* ]]; then envs+=("$word")
+            else args+=("$word"); fi
+        done
+        [ ${#args[@]} -gt 0 ] || continue
+        left=$(( ${SCRIPT_LIMIT_S:-570} - SECONDS ))
+        echo "== second run $n, ${left} s left: ${envs[*]:-} gpu_bench ${args[*]}"
+        if [ "$left" -le 30 ]; then echo "   (skipped: too little time left)"; continue; fi
+        mkdir -p "$OUT/second/$n"
+        env "${envs[@]}" timeout "$left" python3 -m benchmarks.gpu_bench --out "$OUT/second/$n" \
+            "${args[@]}" 2>&1 | tee "$OUT/second/$n/gpu_bench.txt" | grep -v "floor batch"
+    done
+    [ -d "$OUT/second" ] && (cd "$OUT" && tar czf second.tgz second && rm -rf second)
 fi
 (cd "$OUT" && tar czf server_logs.tgz ./*.log && rm -f ./*.log)  # files back: at most 8
 ls -la "$OUT"

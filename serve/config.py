@@ -57,6 +57,10 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     p95_target_ms: float = 0.0  # scale up while the model's P95 stays above it; 0 = no target
     scale_up_after_s: float = 10.0  # how long P95 / queue depth must stay over target
     scale_down_after_s: float = 60.0  # quiet time before an extra worker is retired
+    # after each batch a worker busy-polls its channel this long before it sleeps: a batch that
+    # comes in meanwhile skips the wake-up of a sleeping process (low-concurrency latency on
+    # GPU hosts) at the price of up to a core per worker; 0 = sleep at once
+    idle_spin_us: float = 0.0
 
     @property
     def warm_floor(self) -> int:
@@ -187,6 +191,8 @@ def validate_model(model: ModelConfig) -> None:
         fail("pool.workers and pool.max_inflight_per_worker must be >= 1")
     if model.pool.min_warm < 0 or model.pool.watchdog_s <= 0 or model.probe.interval_s <= 0:
         fail("pool.min_warm must be >= 0, pool.watchdog_s and probe.interval_s > 0")
+    if not 0 <= model.pool.idle_spin_us <= 1_000_000:
+        fail("pool.idle_spin_us must be between 0 and 1000000 (one second)")
     for label, file in model_files(model).items():
         if file and model.directory and not (Path(model.directory) / file).is_file():
             fail(f"{label} {file!r} does not exist in {model.directory}")

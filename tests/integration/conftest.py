@@ -12,6 +12,7 @@ from serve.testing.models import (
     build_demo_repository,
     build_identity_onnx,
     build_mlp_export,
+    build_mlp_torch,
     build_spin_torch,
 )
 from tests.integration.harness import ServerProcess
@@ -28,6 +29,10 @@ def repository(tmp_path_factory) -> Path:
     build_identity_onnx(root / "identity_typed", name="identity_typed", types=typed)
     build_spin_torch(root / "spin")
     build_mlp_export(root / "mlp_export")
+    # a worker that busy-polls 300 µs for its next batch before it sleeps (pool.idle_spin_us)
+    build_mlp_torch(
+        root / "mlp_spin", "mlp_spin", pool={"workers": 1, "threads": 1, "idle_spin_us": 300}
+    )
     build_identity_onnx(root / "untouched", name="untouched")  # no test sends it a request
     return root
 

@@ -20,7 +20,7 @@ def _input(name: str, array: np.ndarray, datatype: str) -> triton.InferInput:
     return tensor
 
 
-@pytest.mark.parametrize("model", ["mlp_onnx", "mlp_torch", "mlp_export"])
+@pytest.mark.parametrize("model", ["mlp_onnx", "mlp_torch", "mlp_export", "mlp_spin"])
 def test_mlp_raw_contents_match_the_reference(client, model):
     x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
     result = client.infer(model, [_input("INPUT0", x, "FP32")])
@@ -123,12 +123,13 @@ def test_fp16_sent_typed_is_refused_naming_the_input(server):
     assert "IN_FP16" in caught.value.details() and "raw_input_contents" in caught.value.details()
 
 
-def test_concurrent_callers_with_distinct_inputs_get_their_own_rows(client):
+@pytest.mark.parametrize("model", ["mlp_onnx", "mlp_spin"])
+def test_concurrent_callers_with_distinct_inputs_get_their_own_rows(client, model):
     rng = np.random.default_rng(4)
     inputs = [rng.standard_normal((1 + i % 4, 64)).astype(np.float32) for i in range(400)]
 
     def call(x: np.ndarray) -> np.ndarray:
-        return client.infer("mlp_onnx", [_input("INPUT0", x, "FP32")]).as_numpy("OUTPUT0")
+        return client.infer(model, [_input("INPUT0", x, "FP32")]).as_numpy("OUTPUT0")
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(call, inputs))

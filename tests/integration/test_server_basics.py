@@ -7,7 +7,7 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 DEMO = ("mlp_torch", "mlp_onnx", "image_cnn")
-MODELS = (*DEMO, "identity", "identity_typed", "spin", "mlp_export", "untouched")
+MODELS = (*DEMO, "identity", "identity_typed", "spin", "mlp_export", "mlp_spin", "untouched")
 
 
 def test_live_ready_and_every_model_ready(client):

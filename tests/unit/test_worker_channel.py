@@ -1,0 +1,86 @@
+"""The worker's end of its channel: framing over a real socket pair, and the idle spin."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from serve.pool.messages import RunBatch, Shutdown, frame
+from serve.worker.main import Channel
+
+
+@pytest.fixture
+def pair():
+    parent, child = socket.socketpair()
+    yield parent, child
+    parent.close()
+    child.close()
+
+
+def test_messages_split_or_packed_in_any_way_arrive_whole_and_in_order(pair):
+    parent, child = pair
+    channel = Channel(child)
+    sent = [RunBatch(i, i % 2, i + 1, []) for i in range(5)] + [Shutdown("done")]
+    stream = b"".join(frame(m) for m in sent)
+    cuts = [1, 3, 7, len(frame(sent[0])) + 2, len(stream) - 5]  # mid-header and mid-payload
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    sender = threading.Thread(target=lambda: [parent.sendall(p) for p in pieces])
+    sender.start()
+    received = [channel.recv() for _ in sent]
+    sender.join(timeout=10)
+    assert received == sent
+
+
+@pytest.mark.parametrize("spin_s", [0.0, 0.05])
+def test_the_parent_closing_ends_the_channel_with_eof(pair, spin_s):
+    parent, child = pair
+    channel = Channel(child, spin_s=spin_s)
+    parent.sendall(frame(RunBatch(1, 0, 1, []))[:6])  # a header and part of a payload
+    parent.close()
+    with pytest.raises(EOFError, match="mid-message"):
+        channel.recv()
+
+
+def test_a_batch_sent_during_the_spin_ends_it_at_once(pair):
+    parent, child = pair
+    channel = Channel(child, spin_s=5.0)
+    got: list[object] = []
+    receiver = threading.Thread(target=lambda: got.append(channel.recv()))
+    start = time.perf_counter()
+    receiver.start()
+    parent.sendall(frame(RunBatch(9, 1, 3, [])))
+    receiver.join(timeout=10)
+    assert got == [RunBatch(9, 1, 3, [])]
+    assert time.perf_counter() - start < 2.5  # the spin saw it, not its 5 s running out
+
+
+def test_a_spin_with_nothing_to_read_busy_polls_for_its_time_and_returns(pair):
+    _, child = pair
+    channel = Channel(child, spin_s=0.05)
+    start_cpu, start = time.thread_time(), time.perf_counter()
+    channel._spin()
+    cpu, wall = time.thread_time() - start_cpu, time.perf_counter() - start
+    assert wall >= 0.05
+    assert cpu >= 0.5 * wall  # it polled on the CPU rather than sleeping
+
+
+def test_a_spin_returns_at_once_when_a_message_is_waiting(pair):
+    parent, child = pair
+    channel = Channel(child, spin_s=5.0)
+    parent.sendall(frame(RunBatch(2, 0, 1, [])))
+    start = time.perf_counter()
+    assert channel.recv() == RunBatch(2, 0, 1, [])
+    assert time.perf_counter() - start < 2.5  # far less than the 5 s spin
+
+
+def test_a_spin_returns_at_once_when_the_parent_has_closed(pair):
+    parent, child = pair
+    channel = Channel(child, spin_s=5.0)
+    parent.close()
+    start = time.perf_counter()
+    with pytest.raises(EOFError, match="parent closed the channel"):
+        channel.recv()
+    assert time.perf_counter() - start < 2.5
