@@ -517,8 +517,9 @@ def main() -> None:
     parser.add_argument(
         "--idle-spin-us",
         type=float,
-        default=0.0,
-        help="pool.idle_spin_us of every model: workers busy-poll this long for the next batch",
+        default=None,
+        help="pool.idle_spin_us of every model: workers busy-poll this long for the next batch "
+        "(default: the config's default, -1: 2000 µs on CUDA, 0 on CPU)",
     )
     parser.add_argument("--levels", default="", help="concurrency levels (default 1,4,16,32,64)")
     parser.add_argument(
@@ -564,7 +565,7 @@ def main() -> None:
             "threads": 1 if device == "cpu" else 0,
             "startup_timeout_s": 600,
         }
-        if args.idle_spin_us:  # (only then: the configs stay as before without it)
+        if args.idle_spin_us is not None:  # (else the model's default: -1, auto)
             pool["idle_spin_us"] = args.idle_spin_us
         common = {"max_batch_size": max_batch, "device": device, "pool": pool}
         resnet = {

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.config import ModelConfig
+from serve.config import CUDA_IDLE_SPIN_US, ModelConfig
 from serve.errors import InvalidInputError
 from serve.memory import keep_large_buffers_in_heap
 from serve.pool.arena import Arena
@@ -109,6 +109,13 @@ class Channel:
 
     def send(self, message: FromWorker) -> None:
         self._sock.sendall(frame(message))
+
+
+def idle_spin_us(configured: float, device: str) -> float:
+    """``pool.idle_spin_us`` for a worker on ``device``: -1 (auto) spins on CUDA devices only."""
+    if configured >= 0:
+        return configured
+    return CUDA_IDLE_SPIN_US if device.startswith("cuda") else 0.0
 
 
 def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
@@ -300,11 +307,12 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
         channel.send(Fatal(f"start-up failed: {type(exc).__name__}: {exc}"))
         return 1
     log.info(
-        "warm: %s, buckets %s, load %.2f s, warm-up %.2f s",
+        "warm: %s, buckets %s, load %.2f s, warm-up %.2f s, idle spin %g µs",
         worker.backend.describe(),
         list(worker.buckets),
         worker.load_s,
         warm_s,
+        idle_spin_us(init.model.pool.idle_spin_us, worker.backend.device),
     )
     channel.send(
         Ready(
@@ -318,7 +326,7 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
             worker.load_s,
         )
     )
-    channel.spin_s = init.model.pool.idle_spin_us / 1e6  # (not while loading and warming)
+    channel.spin_s = idle_spin_us(init.model.pool.idle_spin_us, worker.backend.device) / 1e6
     try:
         worker.serve_forever()
     except EOFError:

@@ -63,6 +63,13 @@ def test_cuda_workers_page_lock_their_input_arena(gpu_server):
     assert "page-locked for device copies" in gpu_server.log()
 
 
+def test_cuda_workers_spin_for_their_next_batch_by_default(gpu_server):
+    # pool.idle_spin_us = -1 (auto): a CUDA worker busy-polls CUDA_IDLE_SPIN_US after a batch
+    from serve.config import CUDA_IDLE_SPIN_US
+
+    assert f"idle spin {CUDA_IDLE_SPIN_US:g} µs" in gpu_server.log()
+
+
 def test_a_sticky_cuda_error_ends_the_worker_and_the_pool_replaces_it(tmp_path):
     """An out-of-range index on the GPU trips a device-side assert, which poisons the CUDA
     context: the worker must exit (not keep failing every batch) and be replaced."""

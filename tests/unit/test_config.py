@@ -47,7 +47,7 @@ def test_a_valid_folder_loads_with_power_of_two_buckets_up_to_the_max(tmp_path):
         ({"model_file": "missing.onnx"}, "model_file 'missing.onnx' does not exist"),
         ({"surprise": 1}, "unknown field `surprise`"),
         ({"device": "gpu"}, "device must be"),
-        ({"pool": {"idle_spin_us": -1}}, "pool.idle_spin_us must be between 0 and 1000000"),
+        ({"pool": {"idle_spin_us": -2}}, "pool.idle_spin_us must be between 0 and 1000000"),
         ({"pool": {"idle_spin_us": 2e6}}, "pool.idle_spin_us must be between 0 and 1000000"),
     ],
 )

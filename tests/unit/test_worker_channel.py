@@ -8,8 +8,9 @@ import time
 
 import pytest
 
+from serve.config import CUDA_IDLE_SPIN_US
 from serve.pool.messages import RunBatch, Shutdown, frame
-from serve.worker.main import Channel
+from serve.worker.main import Channel, idle_spin_us
 
 
 @pytest.fixture
@@ -84,3 +85,13 @@ def test_a_spin_returns_at_once_when_the_parent_has_closed(pair):
     with pytest.raises(EOFError, match="parent closed the channel"):
         channel.recv()
     assert time.perf_counter() - start < 2.5
+
+
+@pytest.mark.parametrize(
+    ("configured", "device", "expected"),
+    [(-1, "cuda:0", CUDA_IDLE_SPIN_US), (-1, "cpu", 0.0), (0, "cuda:1", 0.0), (500, "cpu", 500)],
+)
+def test_the_idle_spin_is_automatic_on_cuda_devices_only_and_a_set_value_wins(
+    configured, device, expected
+):
+    assert idle_spin_us(configured, device) == expected
