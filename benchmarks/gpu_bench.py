@@ -269,15 +269,20 @@ def serve_and_load(
             out[model] = rows
             streamed_rows = []
             for level in (streamed or {}).get(model, []):
+                rows0, batches0 = _batch_rows(server, model)
                 result, front_end, processes = _load_level(
                     server.url, pid, model, body, level, seconds, streaming=True
                 )
-                streamed_rows.append(
-                    {**result.summary(), "client_processes": processes, "front_end": front_end}
-                )
+                rows1, batches1 = _batch_rows(server, model)
+                rows_per_batch = (rows1 - rows0) / max(1.0, batches1 - batches0)
+                streamed_rows.append({
+                    **result.summary(), "rows_per_batch": rows_per_batch,
+                    "client_processes": processes, "front_end": front_end,
+                })  # fmt: skip
                 print(
                     f"  {model} c={level:3d} streaming: {result.throughput:8.0f}/s p50 "
                     f"{result.p50_ms:.2f} p95 {result.p95_ms:.2f} p99 {result.p99_ms:.2f} ms, "
+                    f"{rows_per_batch:.1f} rows/batch, "
                     f"{result.errors} errors | front end {front_end['cores']:.2f} cores, "
                     f"{front_end['busiest_thread']} {front_end['busiest_share']:.0%}"
                 )
@@ -455,6 +460,28 @@ def targets(results: dict[str, Any], model: str, floor_key: str) -> dict[str, An
         line += f"c=1 p50 {out['c1_p50_ms']:.2f} ms against {out['c1_budget_ms']:.2f} ms "
         line += "(compute + 1 ms); "
     print(line + f"first request {out['first_over_warm_p50']:.2f}× warm p50 (target ≤ 1.5)")
+    streamed = results["served"].get(f"{model}_streamed") or []
+    if streamed and "rows_per_batch" in streamed[-1]:  # (older files lack it)
+        top = streamed[-1]
+        batch = max(1.0, top["rows_per_batch"])
+        compute_ms = _interpolate(floor, key, batch)
+        floor_rate = batch / compute_ms * 1e3
+        out["streamed"] = {
+            "top_concurrency": top["level"],
+            "rows_per_batch": batch,
+            "throughput_over_floor": top["throughput"] / floor_rate,
+            "p95_over_compute": top["p95_ms"] / compute_ms,
+        }
+        line = (
+            f"  {model}, streaming clients: c={top['level']} {top['throughput']:.0f}/s at "
+            f"{batch:.1f} rows/batch = {out['streamed']['throughput_over_floor']:.2f}× the floor "
+            f"at that batch; p95 {top['p95_ms']:.2f} ms = "
+            f"{out['streamed']['p95_over_compute']:.2f}× its compute ({compute_ms:.2f} ms)"
+        )
+        if streamed[0]["level"] == 1:
+            out["streamed"]["c1_p50_ms"] = streamed[0]["p50_ms"]
+            line += f"; c=1 p50 {streamed[0]['p50_ms']:.2f} ms"
+        print(line)
     return out
 
 

@@ -5,8 +5,12 @@
 #   base     input arenas page-locked, tensors through the relays' rings (the defaults)
 #   noring   WARMSERVE_RELAY_RING_SLOTS=0: tensors inline on the relay socket
 #   nolock   WARMSERVE_PAGE_LOCK=0: copies to the GPU staged
+#   nospin   pool.idle_spin_us = 0: workers sleep as soon as a batch is done (the default on
+#            CUDA devices busy-polls 2 ms for the next one)
 # and then (stream) one process and 4 relays at c=64 with streaming clients (ModelStreamInfer).
-# RUNS picks and orders them (default "base noring nolock stream"); timeout_s=400 covers all.
+# RUNS picks and orders them (default "base noring nolock stream"); timeout_s=400 covers all
+# on a fast host. Each run gets T seconds (default 110: on a slow host, building the model,
+# its floors and the server's start take about 45 s before the first call).
 # Run it through the device tool with carry=["serve/frontend/pb", "benchmarks/.wheels"];
 # results under $OUT. Locally, on CPU:
 #   SKIP_WHEELS=1 X="--smoke --device cpu" LV=1,4 OUT=/tmp/o PATH=.venv/bin:$PATH \
@@ -25,6 +29,7 @@ for run in ${RUNS:-base noring nolock stream}; do
     shape=(--frontends 4 --levels "$lv")
     case $run in
         base) env=() ;;
+        nospin) env=(); shape+=(--idle-spin-us 0) ;;
         noring) env=(WARMSERVE_RELAY_RING_SLOTS=0) ;;
         nolock) env=(WARMSERVE_PAGE_LOCK=0) ;;
         stream) env=(); shape=(--frontends 1,4 --levels "${lv##*,}" --frontends-streaming) ;;
@@ -32,7 +37,7 @@ for run in ${RUNS:-base noring nolock stream}; do
     esac
     mkdir -p "$OUT/$run"
     echo "== $run ${env[*]:-} ${shape[*]}"
-    env "${env[@]}" timeout "${T:-75}" python3 -m benchmarks.gpu_bench --out "$OUT/$run" \
+    env "${env[@]}" timeout "${T:-110}" python3 -m benchmarks.gpu_bench --out "$OUT/$run" \
         --frontends-only "${shape[@]}" --workers 1 --slots 1 ${X:-} 2>&1 \
         | tee "$OUT/$run/gpu_bench.txt" | grep -v "floor batch"
     (cd "$OUT" && tar czf "$run.tgz" "$run" && rm -rf "$run")

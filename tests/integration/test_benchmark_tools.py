@@ -92,7 +92,11 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
         rows = results["served"][f"{model}_streamed"]
         assert [r["level"] for r in rows] == [1, 16]
         assert all(r["count"] > 0 and r["errors"] == 0 for r in rows), rows
+        assert all(r["rows_per_batch"] >= 1 for r in rows), rows  # the batches streams formed
     assert {t["model"] for t in results["targets"]} == {"resnet50", "encoder", "resnet50_one_slot"}
+    streamed = {t["model"]: t["streamed"] for t in results["targets"] if "streamed" in t}
+    assert set(streamed) == {"resnet50", "encoder"}
+    assert all(t["throughput_over_floor"] > 0 and t["c1_p50_ms"] > 0 for t in streamed.values())
     floor = results["grpc_floor"]
     assert all(r["count"] > 0 and r["errors"] == 0 for rows in floor.values() for r in rows)
     assert (tmp_path / "gpu_bench_server.log").exists()
