@@ -155,6 +155,10 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # slots (0: no ring, every call inline) and their size (larger requests go inline).
     relay_ring_slots: int = 64
     relay_ring_slot_kib: int = 1024
+    # A relay that has not answered the hub's pings (one a second) for this long hangs (a
+    # deadlock, a stopped process): it is killed and started again, since the kernel would go on
+    # handing it a share of the new connections.
+    relay_hang_s: float = 10.0
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -257,6 +261,7 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
         "frontends": "WARMSERVE_FRONTENDS",
         "relay_ring_slots": "WARMSERVE_RELAY_RING_SLOTS",
         "relay_ring_slot_kib": "WARMSERVE_RELAY_RING_SLOT_KIB",
+        "relay_hang_s": "WARMSERVE_RELAY_HANG_S",
     }
     for field, var in env.items():
         if var in os.environ:
@@ -293,6 +298,10 @@ def validate_server(server: ServerConfig) -> None:
         raise ConfigError(
             f"relay_ring_slots (WARMSERVE_RELAY_RING_SLOTS) must be >= 0 (0: no ring), "
             f"got {server.relay_ring_slots}"
+        )
+    if not server.relay_hang_s >= 1.0:  # (pings go once a second; NaN fails too)
+        raise ConfigError(
+            f"relay_hang_s (WARMSERVE_RELAY_HANG_S) must be >= 1, got {server.relay_hang_s}"
         )
     if server.relay_ring_slot_kib < 1:
         raise ConfigError(

@@ -38,6 +38,7 @@ START_TIMEOUT_S = 60.0  # a relay reports its port (interpreter start, imports)
 STOP_MARGIN_S = 5.0  # beyond the grace period, before a relay is killed
 BACKOFF_S = (0.5, 30.0)  # restart delay: first, longest (doubling between)
 STABLE_AFTER_S = 60.0  # a relay that ran this long restarts without delay
+PING_EVERY_S = 1.0  # the hub pings each relay; one silent for relay_hang_s is killed
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -139,9 +140,9 @@ class RelayProcess:
         if self.alive:
             self._process.terminate()
 
-    def kill(self) -> None:
+    def kill(self, reason: str = "did not stop in time") -> None:
         if self.alive:
-            log.warning("relay %d did not stop in time; killing it", self.index)
+            log.warning("relay %d %s; killing it", self.index, reason)
             self._process.kill()
 
 
@@ -164,14 +165,22 @@ class Relays:
     """N relay processes on the configured gRPC address, kept running until stop()."""
 
     def __init__(
-        self, config: ServerConfig, hub_path: Path, rings: dict[int, RelayRing] | None = None
+        self,
+        config: ServerConfig,
+        hub_path: Path,
+        rings: dict[int, RelayRing] | None = None,
+        ping: Callable[[int], float | None] | None = None,
     ) -> None:
+        """``ping(index)``: pings relay ``index`` through the hub and says how long it has been
+        silent (None: not connected); without it, hung relays are not looked for."""
         self._config = config
         self._hub_path = hub_path
         self._rings = rings if rings is not None else {}
+        self._ping = ping
         self._holder: socket.socket | None = None
         self.members: list[RelayProcess] = []
         self.restarts = [0] * config.frontends
+        self.hangs = [0] * config.frontends  # relays killed because they stopped answering
         self._keepers: list[asyncio.Task[None]] = []
         self._all_listened = asyncio.Event()
         self.listening: set[int] = set()
@@ -252,7 +261,7 @@ class Relays:
                 member.kill()
             except (EOFError, OSError):
                 pass  # it exited before reporting; exited() says how
-            code = await member.exited()
+            code = await self._watch(member)
             self.listening.discard(member.index)
             self.on_listening()
             ran_s = time.monotonic() - member.started_at
@@ -268,6 +277,34 @@ class Relays:
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_S[1])
+
+    async def _watch(self, member: RelayProcess) -> int:
+        """Until ``member`` exits (its exit code), ping it every PING_EVERY_S and kill it once
+        it has been silent for relay_hang_s: a stopped or deadlocked relay keeps its share of
+        the port, and every connection the kernel hands it would wait in vain."""
+        exited = asyncio.ensure_future(member.exited())
+        hang_s = self._config.relay_hang_s
+        over = 0  # checks in a row that found it silent too long
+        try:
+            while not exited.done():
+                await asyncio.wait({exited}, timeout=PING_EVERY_S)
+                if exited.done() or self._ping is None:
+                    continue
+                silent = self._ping(member.index)
+                over = over + 1 if silent is not None and silent > hang_s else 0
+                # Twice in a row: after a stall of this loop itself, the first check may come
+                # before the relay's answers, already waiting in the socket, are read.
+                if over >= 2:
+                    self.hangs[member.index] += 1
+                    member.kill(
+                        f"(pid {member.pid}) has answered nothing for {silent:.1f} s "
+                        f"(relay_hang_s {hang_s:g}): it hangs"
+                    )
+                    await exited
+            return exited.result()
+        finally:
+            if not exited.done():
+                exited.cancel()
 
 
 class RelayPort:
@@ -286,7 +323,7 @@ class RelayPort:
         self._folder = Path(tempfile.mkdtemp(prefix="warmserve-"))
         frontend, config = self._frontend, self._config
         hub = RelayHub(frontend.servicer, frontend.health, self._folder, config.max_message_bytes)
-        relays = Relays(config, hub.path, hub.rings)
+        relays = Relays(config, hub.path, hub.rings, hub.ping)
         try:
             await hub.start()
             relays.start()
@@ -298,7 +335,9 @@ class RelayPort:
         # ready only while one relay at least takes calls on the port (one restarting is fine)
         frontend.gate.require(lambda: bool(relays.listening))
         relays.on_listening = frontend.gate.changed
-        self._registry.register(RelayCollector(hub.calls, relays.restarts, hub.ring_calls))
+        self._registry.register(
+            RelayCollector(hub.calls, relays.restarts, hub.ring_calls, relays.hangs)
+        )
 
     async def wait_listening(self) -> None:
         if self._relays is not None:

@@ -35,6 +35,8 @@ from serve.frontend.relay_wire import (
     FramedProtocol,
     FrameWriter,
     Hello,
+    Ping,
+    Pong,
     RelayCall,
     RelayCancel,
     RelayReply,
@@ -69,7 +71,7 @@ class RelayError(Exception):
 StreamItem = bytes | RelayReply | HubGoneError
 
 
-class HubLink(FramedProtocol[RelayReply | RelayStream]):
+class HubLink(FramedProtocol[RelayReply | RelayStream | Ping]):
     """Calls to the hub, matched to replies by id, over one Unix socket."""
 
     def __init__(
@@ -185,9 +187,13 @@ class HubLink(FramedProtocol[RelayReply | RelayStream]):
     def malformed(self, reason: str) -> None:
         log.error("the serving process sent a malformed reply (%s); dropping the link", reason)
 
-    def received(self, replies: list[RelayReply | RelayStream]) -> None:
+    def received(self, replies: list[RelayReply | RelayStream | Ping]) -> None:
         pending = self._pending
         for reply in replies:
+            if isinstance(reply, Ping):  # the hub checks that this loop still runs
+                if self.writer is not None:
+                    self.writer.write(Pong(reply.seq))
+                continue
             if self._ring_slots and isinstance(reply, RelayReply):
                 slot = self._ring_slots.pop(reply.id, None)
                 if slot is not None and self._ring is not None:  # the hub is done with it

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,8 @@ from serve.frontend.relay_wire import (
     FramedProtocol,
     FrameWriter,
     Hello,
+    Ping,
+    Pong,
     RelayCall,
     RelayCancel,
     RelayReply,
@@ -136,6 +139,13 @@ class RelayHub:
     def opened(self, connection: RelayConnection) -> None:
         self._connections.add(connection)
 
+    def ping(self, relay: int) -> float | None:
+        """Ping relay ``relay``'s connections; for how many seconds a ping to it has gone
+        unanswered (0: it has answered every ping; any message counts as an answer), or None
+        while it has no connection that said Hello."""
+        silences = [c.ping() for c in self._connections if c.relay == relay]
+        return min(silences) if silences else None
+
     def closed(self, connection: RelayConnection) -> None:
         self._connections.discard(connection)
 
@@ -187,7 +197,7 @@ class RelayHub:
         return RelayReply(call.id, OK, "", payload)
 
 
-class RelayConnection(FramedProtocol[Hello | RelayCall | RelayCancel]):
+class RelayConnection(FramedProtocol[Hello | RelayCall | RelayCancel | Pong]):
     """One relay's connection to the hub: its calls run as tasks, their replies go back."""
 
     def __init__(self, hub: RelayHub) -> None:
@@ -197,6 +207,8 @@ class RelayConnection(FramedProtocol[Hello | RelayCall | RelayCancel]):
         self.relay = -1  # its index, once it said Hello
         self._ring: RelayRing | None = None  # its ring, from then on
         self._running: dict[int, asyncio.Task[None]] = {}  # call id → its task, while it runs
+        self._unanswered_since: float | None = None  # the first ping not answered yet
+        self._pings = itertools.count()
 
     def connected(self, writer: FrameWriter) -> None:
         self._hub.opened(self)
@@ -206,8 +218,20 @@ class RelayConnection(FramedProtocol[Hello | RelayCall | RelayCancel]):
             "relay %d sent a malformed message: %s; dropping its connection", self.relay, reason
         )
 
-    def received(self, messages: list[Hello | RelayCall | RelayCancel]) -> None:
+    def ping(self) -> float:
+        """Ping the relay; for how many seconds a ping has gone unanswered."""
+        now = time.monotonic()
+        if self._unanswered_since is None:
+            self._unanswered_since = now
+        if self.writer is not None and not self.writer.closing:
+            self.writer.write(Ping(next(self._pings)))
+        return now - self._unanswered_since
+
+    def received(self, messages: list[Hello | RelayCall | RelayCancel | Pong]) -> None:
+        self._unanswered_since = None  # whatever it sent, its loop runs
         for message in messages:
+            if isinstance(message, Pong) and self.relay >= 0:
+                continue
             if isinstance(message, RelayCall) and self.relay >= 0:
                 self._start(message)
             elif isinstance(message, RelayCancel) and self.relay >= 0:

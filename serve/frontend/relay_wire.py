@@ -2,7 +2,9 @@
 
 A 4-byte little-endian length, then a msgpack message. The relay's first message is a Hello
 with the relay protocol version; then RelayCall (a call: method name and serialised request) and
-RelayCancel (its caller went away) go to the hub. A RelayReply ends a call: the response of a
+RelayCancel (its caller went away) go to the hub. The hub pings each relay once a second and
+the relay answers from its event loop (a relay that stops answering is killed and restarted:
+serve/supervisor.py). A RelayReply ends a call: the response of a
 unary call, or the status of a server-streaming one (Health/Watch), whose messages come before
 it as RelayStream. Both ends
 are asyncio protocols: a read that brings several frames decodes them in one go, and frames
@@ -23,7 +25,7 @@ import grpc
 import msgspec
 from grpc_health.v1 import health_pb2
 
-RELAY_VERSION = 3
+RELAY_VERSION = 4
 FRAME = struct.Struct("<I")
 FRAME_MARGIN = 1024 * 1024  # a frame is at most a gRPC message (max_message_bytes) + this
 INFER_SERVICE = "inference.GRPCInferenceService"
@@ -55,6 +57,14 @@ class RelayCall(msgspec.Struct, frozen=True, tag=True, array_like=True):
 
 class RelayCancel(msgspec.Struct, frozen=True, tag=True, array_like=True):
     id: int  # a RelayCall's id; its caller has gone
+
+
+class Ping(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    seq: int  # the hub asks whether the relay's event loop still runs
+
+
+class Pong(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    seq: int  # the relay's answer to the Ping of that number
 
 
 class RelayReply(msgspec.Struct, frozen=True, tag=True, array_like=True):
@@ -118,8 +128,8 @@ class RelayRing:
         return [self.view[offset : offset + length] for offset, length in places]
 
 
-ToHub = Hello | RelayCall | RelayCancel
-FromHub = RelayReply | RelayStream
+ToHub = Hello | RelayCall | RelayCancel | Pong
+FromHub = RelayReply | RelayStream | Ping
 to_hub_decoder = msgspec.msgpack.Decoder(ToHub)
 from_hub_decoder = msgspec.msgpack.Decoder(FromHub)
 _encoder = msgspec.msgpack.Encoder()

@@ -187,14 +187,19 @@ class Metrics:
 
 
 class RelayCollector(Collector):
-    """Calls answered per relay (how evenly connections spread) and relay restarts."""
+    """Calls answered per relay (how evenly connections spread), relay restarts and hangs."""
 
     def __init__(
-        self, calls: dict[int, int], restarts: list[int], ring_calls: dict[int, int] | None = None
+        self,
+        calls: dict[int, int],
+        restarts: list[int],
+        ring_calls: dict[int, int] | None = None,
+        hangs: list[int] | None = None,
     ) -> None:
         self._calls = calls
         self._restarts = restarts
         self._ring_calls = ring_calls if ring_calls is not None else {}
+        self._hangs = hangs if hangs is not None else []
 
     def collect(self) -> Iterable[Metric]:
         calls = CounterMetricFamily(
@@ -214,4 +219,11 @@ class RelayCollector(Collector):
         )
         for relay, count in sorted(self._ring_calls.items()):
             ring.add_metric([str(relay)], count)
-        return [calls, restarts, ring]
+        hangs = CounterMetricFamily(
+            "warmserve_relay_hangs",
+            "Relay processes killed because they stopped answering the hub (relay_hang_s)",
+            labels=["relay"],
+        )
+        for relay, count in enumerate(self._hangs):
+            hangs.add_metric([str(relay)], count)
+        return [calls, restarts, ring, hangs]

@@ -5,6 +5,7 @@ whose relay dies, is dropped before it computes, as on a direct connection."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -150,6 +151,38 @@ def test_a_relay_that_dies_is_restarted_and_serves_again(supervised):
     before = calls_by_relay(supervised).get(index, 0)
     infer_on_separate_connections(supervised.url, CHANNELS, salt=100)
     assert calls_by_relay(supervised)[index] > before  # the new relay serves
+
+
+def test_a_relay_that_stops_answering_is_killed_and_restarted(tmp_path: Path):
+    """A stopped (or deadlocked) relay keeps its share of the port: the kernel would go on
+    handing it new connections that wait in vain. The hub's pings find it out."""
+    repository = tmp_path / "repository"
+    build_identity_onnx(repository / "identity", types=("FP32",))
+    server = ServerProcess(
+        tmp_path / "server.log", repository, args=("--frontends", str(FRONTENDS)),
+        env={"WARMSERVE_RELAY_HANG_S": "1"},
+    )  # fmt: skip
+    try:
+        wait_until(server.ready_over_http, 120, "ready through the relays")
+        victim, survivor = relay_pids(server)
+        os.kill(victim, signal.SIGSTOP)
+        server.wait_for_log(r"relay \d \(pid \d+\) has answered nothing for", timeout=60)
+        hung = re.search(r"relay (\d) \(pid (\d+)\) has answered nothing", server.log())
+        assert hung is not None and int(hung.group(2)) == victim
+        index = hung.group(1)
+        server.wait_for_log_count(rf"relay {index} \(pid \d+\) listening", 2, timeout=60)
+        wait_until(lambda: len(relay_pids(server)) == FRONTENDS, 60, "the relay restarted")
+        pids = relay_pids(server)
+        assert survivor in pids and victim not in pids and not alive(victim)
+        metrics = server.http_text("/metrics")[1]
+        assert f'warmserve_relay_hangs_total{{relay="{index}"}} 1.0' in metrics
+        assert f'warmserve_relay_hangs_total{{relay="{1 - int(index)}"}} 0.0' in metrics
+        infer_on_separate_connections(server.url, CHANNELS, salt=300)  # every connection answers
+        assert server.count_log("has answered nothing for") == 1  # the idle survivor stays
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+        server.stop()
 
 
 def test_sigterm_stops_every_relay_and_worker(supervised):

@@ -121,6 +121,18 @@ def test_the_require_gpu_flag_reaches_the_server_config(monkeypatch):
     assert seen == [True, None]  # None: the environment decides
 
 
+@pytest.mark.parametrize("value", ["0.5", "-1", "nan"])
+def test_a_relay_hang_time_under_a_second_is_refused(monkeypatch, value):
+    monkeypatch.setenv("WARMSERVE_RELAY_HANG_S", value)
+    with pytest.raises(ConfigError, match=r"relay_hang_s \(WARMSERVE_RELAY_HANG_S\) must be >= 1"):
+        server_config_from_env()
+
+
+def test_the_relay_hang_time_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("WARMSERVE_RELAY_HANG_S", "30")
+    assert server_config_from_env().relay_hang_s == 30.0
+
+
 @pytest.mark.parametrize("level", ["verbose", "TRACE", ""])
 def test_an_unknown_log_level_is_refused_naming_the_levels(level):
     with pytest.raises(ConfigError, match=r"log_level .* one of DEBUG, INFO, WARNING, ERROR"):

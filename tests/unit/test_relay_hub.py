@@ -48,3 +48,47 @@ def test_a_response_over_the_message_limit_fails_that_call_alone(tmp_path: Path)
     assert (reply.id, reply.code) == (7, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
     assert "over the server's 1000-byte message limit" in reply.details
     assert reply.payload == b""
+
+
+def test_the_hub_pings_a_relay_which_answers_from_its_loop_and_silence_is_measured(
+    tmp_path: Path,
+) -> None:
+    from serve.frontend.relay import HubLink
+
+    async def until(predicate: Any, what: str) -> None:
+        async with asyncio.timeout(10):
+            while not predicate():
+                await asyncio.sleep(0.001)  # (polling the loop, bounded: not a wait for a time)
+
+    async def main() -> list[float | None]:
+        servicer = _Servicer(1)
+        hub = RelayHub(servicer, servicer, tmp_path, 1 << 20)  # type: ignore[arg-type]
+        await hub.start()
+        link = HubLink(str(hub.path), relay=3, max_frame=1 << 20)
+        seen: list[float | None] = [hub.ping(3)]  # not connected yet
+        try:
+            await link.connect()
+            await until(lambda: hub.ping(3) is not None, "the relay's Hello")
+            (connection,) = hub._connections
+            # The relay answers each ping: a ping's silence, once the answer is in, is 0 again.
+            await until(lambda: connection._unanswered_since is None, "the relay's Pong")
+            seen.append(hub.ping(3))
+            await until(lambda: connection._unanswered_since is None, "the next Pong")
+            # A relay that reads nothing answers nothing: its silence grows from the first ping.
+            link._transport.pause_reading()  # type: ignore[union-attr]
+            first = hub.ping(3)
+            await until(lambda: (hub.ping(3) or 0.0) > 0.05, "the silence to grow")
+            seen += [first, hub.ping(3)]
+            link._transport.resume_reading()  # type: ignore[union-attr]
+            await until(lambda: connection._unanswered_since is None, "the late Pongs")
+            seen.append(hub.ping(3))
+        finally:
+            await link.close()
+            await hub.stop()
+        return seen
+
+    before, answered, first, silent, after = asyncio.run(main())
+    assert before is None  # no relay 3 yet
+    assert answered == 0.0 and first == 0.0
+    assert silent is not None and silent > 0.05
+    assert after == 0.0

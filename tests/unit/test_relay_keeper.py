@@ -83,3 +83,53 @@ def test_readiness_is_shut_while_no_relay_listens(monkeypatch, tmp_path: Path):
         return seen
 
     assert asyncio.run(main()) == [False, True, False]  # opened, relay up, relay gone
+
+
+class _HungRelay(_Relay):
+    """Starts and listens at once; killed (with a reason) it exits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts = 1  # (no failed first start)
+        self.reasons: list[str] = []
+
+    def kill(self, reason: str = "") -> None:  # type: ignore[override]
+        self.reasons.append(reason)
+        self.gone.set()
+
+
+def _watch(monkeypatch, tmp_path: Path, silences: list[float | None]) -> tuple[Relays, _HungRelay]:
+    """Watch one relay whose pings report ``silences`` in turn (then the last one, for good)
+    until it exits or 100 checks have passed."""
+    monkeypatch.setattr(serve.supervisor, "PING_EVERY_S", 0.001)
+    checks = iter(range(100))
+
+    def ping(index: int) -> float | None:
+        assert index == 0
+        n = next(checks, None)
+        if n is None:
+            relay.gone.set()  # (enough: end the watch)
+            return 0.0
+        return silences[min(n, len(silences) - 1)]
+
+    relay = _HungRelay()
+    relays = Relays(ServerConfig(frontends=1, relay_hang_s=2.0), tmp_path / "hub.sock", ping=ping)
+
+    async def main() -> None:
+        async with asyncio.timeout(10):
+            await relays._watch(relay)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    return relays, relay
+
+
+def test_a_relay_silent_past_relay_hang_s_twice_in_a_row_is_killed(monkeypatch, tmp_path: Path):
+    relays, relay = _watch(monkeypatch, tmp_path, [0.0, 1.0, 2.5, 3.5])
+    assert len(relay.reasons) == 1 and "has answered nothing for 3.5 s" in relay.reasons[0]
+    assert relays.hangs == [1]
+
+
+def test_one_late_answer_or_no_connection_yet_does_not_kill_it(monkeypatch, tmp_path: Path):
+    # a stall of the serving loop itself: one check finds it silent, the next has its answer
+    relays, relay = _watch(monkeypatch, tmp_path, [None, 0.0, 5.0, 0.0, 5.0, None, 0.0])
+    assert relay.reasons == [] and relays.hangs == [0]
