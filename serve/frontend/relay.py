@@ -296,14 +296,24 @@ class Forwarder(grpc.GenericRpcHandler):
         when it is large), concurrently, and each answer comes back on the stream as it
         completes: the hub's response, or its error for that request alone."""
 
-        async def answer(payload: bytes) -> bytes:
+        budget = self._budget
+
+        async def answer(payload: bytes) -> tuple[bytes, int]:
+            try:  # as for a unary call: refused while unsent answers hold the whole budget
+                budget.check_room()
+            except InflightLimitError as exc:
+                return stream_error(str(exc), _request_id(payload)), 0
             reply = await self._link.call(MODEL_INFER, payload, context.time_remaining())
             if reply.code:
-                return stream_error(reply.details, _request_id(payload))
-            return stream_answer(reply.payload)
+                return stream_error(reply.details, _request_id(payload)), 0
+            message = stream_answer(reply.payload)
+            return message, budget.hold(RELAYED_ANSWER_COPIES * len(message))
 
+        answers = answer_concurrently(
+            requests, answer, release=lambda done: budget.release(done[1])
+        )
         try:
-            async for message in answer_concurrently(requests, answer):
+            async for message, _ in answers:
                 yield message
         except HubGoneError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the serving process is restarting")

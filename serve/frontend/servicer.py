@@ -101,6 +101,7 @@ class _StreamCall:
 
     def __init__(self, stream: Context) -> None:
         self._stream = stream
+        self.answer_held = 0  # the budget its answer holds until the stream has sent it
 
     def time_remaining(self) -> float | None:
         remaining: float | None = self._stream.time_remaining()
@@ -249,21 +250,26 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
         and in the order the answers complete: a response, or an error_message for that request
         alone (the stream goes on), each marked as the request's final response. The stream's
         deadline applies to each of its requests."""
-        call = _StreamCall(context)
 
-        async def answer(request: Any) -> Any:
+        async def answer(request: Any) -> tuple[Any, int]:
+            call = _StreamCall(context)
             try:
                 response = await self.ModelInfer(request, cast(Context, call))
             except _RequestFailed as failed:  # with the request's id, to say which one failed
                 response = pb.ModelInferResponse(id=request.id)
                 response.parameters[FINAL_RESPONSE].bool_param = True
-                return pb.ModelStreamInferResponse(
+                message = pb.ModelStreamInferResponse(
                     error_message=failed.message, infer_response=response
                 )
+                return message, 0
             response.parameters[FINAL_RESPONSE].bool_param = True
-            return pb.ModelStreamInferResponse(infer_response=response)
+            return pb.ModelStreamInferResponse(infer_response=response), call.answer_held
 
-        async for message in answer_concurrently(request_iterator, answer):
+        budget = self._budget
+        answers = answer_concurrently(
+            request_iterator, answer, release=lambda done: budget.release(done[1])
+        )
+        async for message, _ in answers:
             yield message
 
     async def _infer(
@@ -326,12 +332,15 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
     def _hold_answer(self, context: Context, size: int) -> None:
         """Count the answer (``size`` bytes) in the in-flight budget until gRPC has sent it
         (admission.py): a client that does not read its answers makes gRPC keep them. A
-        stream's requests and relayed calls have contexts without ``add_done_callback``: their
-        answers are held where they are written (the stream's writes; the relay's budget)."""
+        stream's requests and relayed calls have contexts without ``add_done_callback``: a stream
+        releases its answers as it sends them (streams.answer_concurrently), a relay holds them
+        in its own budget."""
         when_done = getattr(context, "add_done_callback", None)
         if when_done is not None:
             self._budget.hold(size)
             when_done(functools.partial(self._budget.release, size))
+        elif isinstance(context, _StreamCall):  # released once the stream has sent it
+            context.answer_held = self._budget.hold(size)
 
     def _admit(
         self,

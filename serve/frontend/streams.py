@@ -4,7 +4,8 @@ Each request is answered on its own, as separate calls would be, so the requests
 batch with each other and with other callers; answers go back in the order they complete. At
 most ``limit`` requests of a stream are in flight, counting answers not yet sent: beyond that
 the stream is not read, so a fast sender, or a caller that does not read its answers, is held
-back by gRPC's flow control rather than queueing without bound.
+back by gRPC's flow control rather than queueing without bound. Answers not yet sent can also
+hold the server's in-flight budget until they leave (``release``).
 """
 
 from __future__ import annotations
@@ -30,11 +31,17 @@ async def answer_concurrently(
     requests: AsyncIterable[Request],
     answer: Callable[[Request], Awaitable[Answer]],
     limit: int = STREAM_INFLIGHT,
+    release: Callable[[Answer], None] | None = None,
 ) -> AsyncIterator[Answer]:
     """Each answer as it completes. ``answer`` must turn a request's own failure into an
     answer; anything it raises ends the stream with that error (after the requests in flight
     are cancelled), as does an error reading the requests. Closing the iterator (the caller
-    went away) cancels whatever is still running."""
+    went away) cancels whatever is still running.
+
+    ``release`` is called exactly once for every answer ``answer`` returned: when the caller
+    asks for the one after it (gRPC has sent it), or when the stream ends with it unsent. So an
+    answer can hold a share of the in-flight budget from the moment it is made (``answer``
+    takes it just before it returns) until it has left."""
     answers: asyncio.Queue[Answer | _End | BaseException] = asyncio.Queue()
     room = asyncio.Semaphore(limit)
     running: set[asyncio.Task[None]] = set()
@@ -64,6 +71,7 @@ async def answer_concurrently(
 
     reader = asyncio.create_task(read())
     sent = 0
+    in_hand: list[Answer] = []  # the answer yielded, until the caller asks for the next
     try:
         while True:
             item = await answers.get()
@@ -71,11 +79,23 @@ async def answer_concurrently(
                 return
             if isinstance(item, BaseException):
                 raise item
+            in_hand.append(item)
             yield item
+            in_hand.pop()
+            if release is not None:
+                release(item)
             sent += 1
             room.release()  # sent (the caller asked for the next): room for another request
     finally:
         reader.cancel()
         for task in list(running):
-            task.cancel()
+            task.cancel()  # (a cancelled request queues no answer: it raises where it waits)
+        if release is not None:
+            unsent = [*in_hand]
+            while not answers.empty():
+                leftover = answers.get_nowait()
+                if not isinstance(leftover, (_End, BaseException)):
+                    unsent.append(leftover)
+            for item in unsent:
+                release(item)
         log.debug("stream ended: %d answers sent, %d requests cancelled", sent, len(running))

@@ -143,21 +143,35 @@ class _NonReadingClient:
             data += chunk
         return data
 
-    def infer(self, request: bytes) -> None:
+    def _open(self, method: str) -> int:
         headers = b"".join(
             _literal(name, value)
             for name, value in (
                 (":method", "POST"),
                 (":scheme", "http"),
-                (":path", "/inference.GRPCInferenceService/ModelInfer"),
+                (":path", f"/inference.GRPCInferenceService/{method}"),
                 (":authority", "localhost"),
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
             )
         )
-        message = b"\x00" + struct.pack(">I", len(request)) + request
         stream, self.stream = self.stream, self.stream + 2
-        self.sock.sendall(_frame(0x1, 0x4, stream, headers) + _frame(0x0, 0x1, stream, message))
+        self.sock.sendall(_frame(0x1, 0x4, stream, headers))
+        return stream
+
+    def _send(self, stream: int, request: bytes, last: bool) -> None:
+        message = b"\x00" + struct.pack(">I", len(request)) + request
+        self.sock.sendall(_frame(0x0, 0x1 if last else 0x0, stream, message))
+
+    def infer(self, request: bytes) -> None:
+        self._send(self._open("ModelInfer"), request, last=True)
+
+    def open_stream(self) -> int:
+        """A ModelStreamInfer stream, left open for its requests (``send``)."""
+        return self._open("ModelStreamInfer")
+
+    def send(self, stream: int, request: bytes) -> None:
+        self._send(stream, request, last=False)
 
     def close(self) -> None:
         self.sock.close()
@@ -210,6 +224,41 @@ def test_answers_a_client_does_not_read_hold_the_budget_until_sent(tmp_path: Pat
         assert "unsent answers" in refused.value.message()
 
         stuck.close()  # gRPC drops the answers with the connection: the budget is free again
+        stuck = None
+        wait_until(lambda: _metric(server, HELD) == 0, 30, "the budget released")
+        result = server.client.infer("echo", _echo_inputs())
+        assert result.as_numpy("OUT_FP32").shape == (1, ANSWER_ELEMENTS)
+    finally:
+        if stuck is not None:
+            stuck.close()
+        assert server.stop() == 0
+
+
+def test_answers_a_stream_does_not_read_hold_the_budget_until_sent(tmp_path: Path):
+    # up to 256 requests of a stream in flight, each answer waiting unsent and uncounted: a
+    # few non-reading streams could hold gigabytes the budget did not see
+    repository = tmp_path / "repository"
+    build_identity_onnx(repository / "echo", name="echo", types=("FP32",))
+    args = ("--max-inflight-bytes", str(ANSWER_BUDGET))
+    server = ServerProcess(tmp_path / "server.log", repository, args=args)
+    stuck = None
+    try:
+        wait_until(server.ready_over_http, 120, "ready")
+        stuck = _NonReadingClient(server.port)
+        stream = stuck.open_stream()
+        for unsent in range(1, 4):
+            stuck.send(stream, _echo_request())
+            wait_until(
+                lambda n=unsent: _metric(server, HELD) == n * ANSWER_HELD,
+                30,
+                f"{unsent} unsent stream answers held in the budget",
+            )
+        with pytest.raises(triton.InferenceServerException) as refused:
+            server.client.infer("echo", _echo_inputs())
+        assert str(refused.value.status()) == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "unsent answers" in refused.value.message()
+
+        stuck.close()  # the stream ends with its answers unsent: they give their share back
         stuck = None
         wait_until(lambda: _metric(server, HELD) == 0, 30, "the budget released")
         result = server.client.infer("echo", _echo_inputs())

@@ -10,7 +10,7 @@ import pytest
 
 from serve.frontend.admission import RELAYED_ANSWER_COPIES, InflightBudget
 from serve.frontend.relay import Forwarder
-from serve.frontend.relay_wire import MODEL_INFER, RelayReply
+from serve.frontend.relay_wire import MODEL_INFER, RelayReply, stream_answer
 
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 
@@ -103,5 +103,29 @@ def test_answers_its_callers_have_not_read_hold_the_relays_budget_until_sent():
         assert budget.held == 0
         answer = await forwarder._forward(MODEL_INFER, b"request", _Context(None))  # type: ignore[arg-type]
         assert answer == bytes(100)
+
+    asyncio.run(main())
+
+
+def test_answers_a_stream_has_not_sent_hold_the_relays_budget_and_refuse_its_next_requests():
+    async def requests(count: int):
+        for _ in range(count):
+            yield b"request"
+
+    async def main() -> None:
+        link = _Link(RelayReply(1, 0, "", bytes(100)))
+        answer_size = len(stream_answer(bytes(100)))  # the hub's answer, as the stream sends it
+        # room for two unsent answers; a third request is refused while they hold it all
+        budget = InflightBudget(2 * answer_size * RELAYED_ANSWER_COPIES)
+        forwarder = Forwarder(link, budget)  # type: ignore[arg-type]
+        stream = forwarder._forward_infer_stream(requests(4), _Context(None))  # type: ignore[arg-type]
+        # (the fake hub answers at once: the requests are answered one after another)
+        first = await anext(stream)  # in hand, unsent, as the one behind it
+        assert budget.held == 2 * answer_size * RELAYED_ANSWER_COPIES
+        rest = [await anext(stream) for _ in range(3)]
+        refused = [m for m in [first, *rest] if b"unsent answers" in m]
+        assert len(refused) == 2 and link.calls == 2  # refused ones never reach the hub
+        await stream.aclose()
+        assert budget.held == 0  # every answer gave its share back once sent
 
     asyncio.run(main())

@@ -175,3 +175,70 @@ def test_answers_not_yet_taken_count_against_the_limit():
         return read
 
     assert asyncio.run(main()) <= 4  # 3 in flight or unsent, and the one being read
+
+
+class Ledger:
+    """Answers that hold a share of a budget: what each took and what came back, by answer."""
+
+    def __init__(self) -> None:
+        self.taken: list[str] = []
+        self.released: list[str] = []
+
+    async def answer(self, request: int) -> str:
+        await asyncio.sleep(0)  # (a turn of the loop, as a computed answer takes)
+        if request < 0:
+            raise RuntimeError("the stream breaks")
+        self.taken.append(f"answer {request}")
+        return f"answer {request}"
+
+    def release(self, answer: str) -> None:
+        self.released.append(answer)
+
+
+def test_each_answer_is_released_once_after_it_was_sent():
+    ledger = Ledger()
+
+    async def main() -> list[tuple[str, list[str]]]:
+        seen = []
+        stream = answer_concurrently(_requests([0, 1, 2]), ledger.answer, release=ledger.release)
+        async for answer in stream:
+            seen.append((answer, list(ledger.released)))  # not released while in hand
+        return seen
+
+    seen = asyncio.run(main())
+    for answer, released_then in seen:
+        assert answer not in released_then
+    assert sorted(ledger.released) == sorted(ledger.taken) == ["answer 0", "answer 1", "answer 2"]
+
+
+def test_answers_unsent_when_the_caller_goes_away_are_released_once():
+    ledger = Ledger()
+
+    async def main() -> None:
+        stream = answer_concurrently(
+            _requests(list(range(8))), ledger.answer, release=ledger.release
+        )
+        first = await anext(stream)  # in hand; the others complete and wait, unsent
+        while len(ledger.taken) < 8:
+            await asyncio.sleep(0)
+        assert first == "answer 0" and ledger.released == []
+        await stream.aclose()  # the caller went away
+
+    asyncio.run(main())
+    assert len(ledger.taken) == 8
+    assert sorted(ledger.released) == sorted(ledger.taken)  # each once, none twice
+
+
+def test_answers_unsent_when_the_stream_breaks_are_released_once():
+    ledger = Ledger()
+
+    async def main() -> None:
+        stream = answer_concurrently(
+            _requests([0, 1, -1, 2]), ledger.answer, release=ledger.release
+        )
+        with pytest.raises(RuntimeError, match="the stream breaks"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(main())
+    assert sorted(ledger.released) == sorted(ledger.taken)
