@@ -7,6 +7,8 @@
 #   nolock   WARMSERVE_PAGE_LOCK=0: copies to the GPU staged
 #   nospin   pool.idle_spin_us = 0: workers sleep as soon as a batch is done (the default on
 #            CUDA devices busy-polls 2 ms for the next one)
+#   loopspin WARMSERVE_LOOP_SPIN=1: the serving loop polls while 1-2 batches are out (an
+#            experiment; with 4 relays here, so compare with base; LV=1 for c=1 alone)
 # and then (stream) one process and 4 relays at c=64 with streaming clients (ModelStreamInfer).
 # RUNS picks and orders them (default "base noring nolock stream"); timeout_s=400 covers all
 # on a fast host. Each run gets T seconds (default 110: on a slow host, building the model,
@@ -30,6 +32,7 @@ for run in ${RUNS:-base noring nolock stream}; do
     case $run in
         base) env=() ;;
         nospin) env=(); shape+=(--idle-spin-us 0) ;;
+        loopspin) env=(WARMSERVE_LOOP_SPIN=1) ;;
         noring) env=(WARMSERVE_RELAY_RING_SLOTS=0) ;;
         nolock) env=(WARMSERVE_PAGE_LOCK=0) ;;
         stream) env=(); shape=(--frontends 1,4 --levels "${lv##*,}" --frontends-streaming) ;;

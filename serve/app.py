@@ -14,6 +14,7 @@ from serve.control import ModelControl
 from serve.frontend.http_health import HttpHealth
 from serve.frontend.server import GrpcFrontend
 from serve.pool import template, worker_handle
+from serve.pool.loop_spin import MOST_BATCHES, SPIN
 from serve.runtime import Runtime
 from serve.supervisor import STOP_MARGIN_S, RelayPort
 
@@ -112,6 +113,11 @@ async def _warm_up(runtime: Runtime, frontend: GrpcFrontend, relays: RelayPort |
         await relays.wait_listening()  # ready only once the port takes calls
     await frontend.open_gate(relays.port if relays is not None else None)
     log.info("ready: %s", ", ".join(f"{s.name} {s.state.value}" for s in runtime.statuses()))
+    if SPIN.enabled:
+        log.info(
+            "WARMSERVE_LOOP_SPIN: the serving loop polls while 1 to %d batches are out",
+            MOST_BATCHES,
+        )
 
 
 def _on_warm_up_done(task: asyncio.Task[None], stop: asyncio.Event) -> None:

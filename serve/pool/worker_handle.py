@@ -21,6 +21,7 @@ from serve.config import ModelConfig
 from serve.errors import InvalidInputError, ModelExecutionError, ModelNotReadyError, WorkerLostError
 from serve.pool.arena import Arena, create_memfd
 from serve.pool.link import WorkerLink
+from serve.pool.loop_spin import SPIN
 from serve.pool.messages import (
     IPC_VERSION,
     BatchDone,
@@ -318,6 +319,7 @@ class WorkerHandle:
             raise
         sent = time.perf_counter_ns()
         self._pending[batch_id] = _InFlight(slot, done, time.monotonic(), sent, sent - start)
+        SPIN.busy(self)
 
     async def run(self, slot: int, inputs: list[Array], rows: int) -> BatchResult:
         """submit() one batch of ``inputs`` and wait for it (probes use this)."""

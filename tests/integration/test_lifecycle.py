@@ -6,6 +6,8 @@ import os
 import queue
 import re
 import signal
+import subprocess
+import time
 
 import grpc
 import numpy as np
@@ -207,3 +209,34 @@ def test_sigterm_with_a_batch_that_outlasts_the_grace_period_exits_within_the_bu
         assert "did not exit within 10 s; killing it" in log
     finally:
         server.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_spinning_serving_loop_answers_every_call_and_rests_when_idle(tmp_path):
+    # WARMSERVE_LOOP_SPIN (an experiment for GPU hosts): the loop polls while a batch is out
+    build_mlp_onnx(tmp_path / "repo" / "mlp_onnx")
+    server = ServerProcess(
+        tmp_path / "server.log", tmp_path / "repo", env={"WARMSERVE_LOOP_SPIN": "1"}
+    )
+    try:
+        server.wait_ready()
+        assert "WARMSERVE_LOOP_SPIN: the serving loop polls" in server.log()
+        rng = np.random.default_rng(7)
+        for _ in range(50):
+            x = rng.standard_normal((1 + rng.integers(4), 64)).astype(np.float32)
+            got = server.client.infer("mlp_onnx", _mlp_input(x)).as_numpy("OUTPUT0")
+            np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-4, atol=1e-5)
+        # Idle, it must not go on spinning: over a second, far less than a second of CPU (a
+        # measurement over an interval, not a wait for something to happen).
+        before, start = _cpu_seconds(server.process.pid), time.monotonic()
+        with pytest.raises(subprocess.TimeoutExpired):
+            server.process.wait(timeout=1.0)  # idle for a second (and the server stays up)
+        used = _cpu_seconds(server.process.pid) - before
+        assert used < 0.5 * (time.monotonic() - start), f"{used:.2f} s of CPU while idle"
+    finally:
+        assert server.stop() == 0

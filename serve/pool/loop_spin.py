@@ -1,0 +1,59 @@
+"""An experiment for low-concurrency latency on GPU hosts (``WARMSERVE_LOOP_SPIN=1``; off by
+default): while one or two batches are out at workers, the serving loop polls instead of
+sleeping, so a worker's answer is read without the wake-up of a sleeping thread.
+
+The workers' own spin (pool.idle_spin_us) took 0.09–0.33 ms off ResNet-50's c=1 p50 on an H200
+host. On the 2-vCPU dev VM this one took 4 % off the MLP's c=1 p50 for 13 % more CPU per call
+(loop thread +30 %), so it stays off until a GPU host measures it (benchmarks/gpu_check.sh,
+run ``loopspin``). With more batches out the loop has work anyway and does not spin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MOST_BATCHES = 2  # spin only while at most this many batches are out (low concurrency)
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("WARMSERVE_LOOP_SPIN", "0").strip().lower() in ("1", "true", "yes")
+
+
+class LoopSpin:
+    """Spins the running event loop (``await asyncio.sleep(0)``: each turn polls for I/O with no
+    timeout) while the registered worker handles have 1..MOST_BATCHES batches out."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._handles: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._task: asyncio.Task[None] | None = None
+        self.turns = 0  # loop turns spent spinning (for tests)
+
+    def busy(self, handle: Any) -> None:
+        """``handle`` (with a ``_pending`` dict of batches out) has just sent a batch."""
+        if not self.enabled:
+            return
+        self._handles.add(handle)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._spin(), name="loop-spin")
+
+    def _out(self) -> int:
+        return sum(len(h._pending) for h in self._handles)
+
+    async def _spin(self) -> None:
+        try:
+            while 0 < self._out() <= MOST_BATCHES:
+                self.turns += 1
+                await asyncio.sleep(0)
+        finally:
+            self._task = None
+            self._handles = weakref.WeakSet()
+
+
+SPIN = LoopSpin(enabled_by_env())

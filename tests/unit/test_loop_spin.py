@@ -1,0 +1,52 @@
+"""The serving loop's spin while a few batches are out (WARMSERVE_LOOP_SPIN, an experiment)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve.pool.loop_spin import MOST_BATCHES, LoopSpin, enabled_by_env
+
+
+class _Handle:
+    def __init__(self) -> None:
+        self._pending: dict[int, object] = {}
+
+
+def test_the_loop_spins_while_a_batch_is_out_and_stops_when_it_is_answered():
+    async def main() -> tuple[int, int, bool]:
+        spin, handle = LoopSpin(enabled=True), _Handle()
+        handle._pending[1] = object()
+        spin.busy(handle)
+        while spin.turns < 50:  # the spin task turns the loop while nothing else runs
+            await asyncio.sleep(0)
+        del handle._pending[1]  # answered
+        turns = spin.turns
+        while spin._task is not None:
+            await asyncio.sleep(0)
+        return turns, spin.turns, spin._task is None
+
+    turns, final, stopped = asyncio.run(main())
+    assert turns >= 50 and stopped and final <= turns + 2
+
+
+def test_with_many_batches_out_or_when_off_it_does_not_spin():
+    async def main(enabled: bool, batches: int) -> int:
+        spin, handle = LoopSpin(enabled=enabled), _Handle()
+        handle._pending.update({i: object() for i in range(batches)})
+        spin.busy(handle)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return spin.turns
+
+    assert asyncio.run(main(True, MOST_BATCHES + 1)) == 0
+    assert asyncio.run(main(False, 1)) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("1", True), ("yes", True), ("0", False), ("", False)]
+)
+def test_the_environment_turns_it_on(monkeypatch, value, expected):
+    monkeypatch.setenv("WARMSERVE_LOOP_SPIN", value)
+    assert enabled_by_env() is expected
