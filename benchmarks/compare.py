@@ -649,6 +649,21 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
+def _save_partial(
+    path: Path,
+    results: dict[str, Any],
+    args: argparse.Namespace,
+    peer_info: dict[str, dict[str, Any]],
+    failed: dict[str, str],
+) -> None:
+    """What has been measured so far, written after each server: a run cut short (a peer that
+    hangs, a time limit) keeps it. The whole record replaces it at the end."""
+    record: dict[str, Any] = {"partial": True, "machine": _machine(), "settings": _settings(args)}
+    record["peers"] = {"settings": peer_info, "failed": failed}
+    record.update({name: _without_latencies(data) for name, data in results.items()})
+    path.write_text(json.dumps(loadgen.json_safe(record), indent=2))
+
+
 def main() -> None:
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -673,6 +688,12 @@ def main() -> None:
     results: dict[str, Any] = {}
     peer_info: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
+    stem = OUT / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    partial = stem.with_suffix(".partial.json")
+
+    def save_partial() -> None:
+        _save_partial(partial, results, args, peer_info, failed)
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_mlp_onnx(Path(tmp) / "repo" / MODEL)
         with contextlib.ExitStack() as running:
@@ -694,6 +715,8 @@ def main() -> None:
             results.update(run_servers(servers, args))
             breakdown = server.http_json(f"/warmserve/models/{MODEL}/latency")[1]["breakdown_us"]
             breakdown["rows_per_batch"] = _rows_per_batch(server.http_text("/metrics")[1])
+        if not args.quick:
+            save_partial()
         versions = {peer: _peer_version(peer) for peer in dict.fromkeys(s.peer for s in peers)}
         for setting in peers:
             info = {"peer": setting.peer, "version": versions[setting.peer]}
@@ -709,6 +732,7 @@ def main() -> None:
                 print(f"  {setting.name} FAILED: {error}")
             finally:
                 peer.stop()
+            save_partial()
     ratios = _ratios(results)
     print(
         "\nwarmserve overhead breakdown (µs; codec and queue per request, the rest per batch; "
@@ -746,8 +770,6 @@ def main() -> None:
                     f"perf_analyzer {name} c={c}: {pa['throughput']:.0f}/s "
                     f"p50 {pa['p50_ms']:.3f} ms p99 {pa['p99_ms']:.3f} ms"
                 )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    stem = OUT / f"compare-{stamp}"
     record: dict[str, Any] = {"machine": _machine(), "ratios": ratios, "breakdown_us": breakdown}
     record["ratios_by_round"] = by_round
     record["rounds"] = {"count": args.rounds, "seconds_each": args.seconds}
@@ -759,6 +781,7 @@ def main() -> None:
         record[name] = _without_latencies(data)
     # the figures first: a run's measurements outlive a failure to draw them
     stem.with_suffix(".json").write_text(json.dumps(loadgen.json_safe(record), indent=2))
+    partial.unlink(missing_ok=True)
     print(f"\nwrote {stem.with_suffix('.json')}")
     cdf_names = ["floor", "warmserve", *best.values()]
     plots = _plots(results, stem, cdf_names)

@@ -208,3 +208,28 @@ def test_a_peer_answering_without_outputs_fails_its_check_as_a_peer_failure():
             compare._check_inference(f"127.0.0.1:{port}")
     finally:
         server.stop(None)
+
+
+def test_a_partial_record_keeps_what_was_measured_and_names_the_failed_peers(tmp_path: Path):
+    import argparse
+    import json
+
+    args = argparse.Namespace(
+        quick=False, seconds=3.0, rounds=3, concurrency=[1, 16], rates=[], peers=None
+    )
+    results = {
+        "floor": {"closed": [row(1, [0.001] * 10)], "open": [], "perf_analyzer": {}},
+        "warmserve": {
+            "closed": [{**row(1, [0.002] * 10), "latencies_ms": [2.0] * 10}],
+            "open": [],
+            "perf_analyzer": {},
+        },
+    }
+    path = tmp_path / "compare-x.partial.json"
+    failed = {"rayserve": "not ready within 300 s"}
+    compare._save_partial(path, results, args, {"rayserve": {"peer": "rayserve"}}, failed)
+    record = json.loads(path.read_text())
+    assert record["partial"] is True and record["settings"]["concurrency"] == [1, 16]
+    assert record["peers"]["failed"] == failed
+    assert record["warmserve"]["closed"][0]["level"] == 1
+    assert "latencies" not in json.dumps(record)  # the raw samples stay out, as in the full one
