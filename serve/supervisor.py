@@ -377,6 +377,9 @@ def relay_main(
         level=log_level.upper(),
         format=f"%(asctime)s %(levelname)s relay-{index} %(name)s: %(message)s",
     )
+    from serve.frontend import grpc_logs
+
+    grpc_logs.install()
     import uvloop
 
     from serve.frontend.admission import InflightBudget
