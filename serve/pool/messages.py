@@ -44,6 +44,7 @@ class Init(msgspec.Struct, frozen=True, tag=True):
     fixed_shapes: bool | None
     bundle_id: str = ""  # verify the model's directory against this id before loading
     require_gpu: bool = False  # device "auto" must resolve to CUDA (WARMSERVE_REQUIRE_GPU)
+    server_pid: int = 0  # the serving process: the worker exits when it is gone (0: not watched)
 
 
 class RunBatch(msgspec.Struct, frozen=True, tag=True):

@@ -188,6 +188,7 @@ class WorkerHandle:
                 self.model.batching.pad_to_bucket,
                 self.settings.bundle_id,
                 self.settings.require_gpu,
+                os.getpid(),
             )
         )
         started = time.monotonic()

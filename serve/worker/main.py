@@ -13,8 +13,10 @@ import contextlib
 import faulthandler
 import logging
 import os
+import select
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -261,6 +263,32 @@ class Worker:
         return BatchDone(message.batch_id, refs, t1 - t0, t2 - t1, t3 - t2)
 
 
+def exit_with_the_server(pid: int) -> None:
+    """Exit this worker once process ``pid`` (the serving process) is gone, from a thread of
+    its own. A worker waiting for its next batch sees its channel close and exits anyway; this
+    one is for a worker busy in the model (a hang, a long batch) when the serving process is
+    killed outright: outside a container nothing else would end it, and it would hold its
+    memory (GPU memory too) for good. A forked worker's parent is its model's template, not the
+    serving process, so the kernel's parent-death signal cannot do this."""
+    if pid <= 0:
+        return
+    try:
+        watched = os.pidfd_open(pid)
+    except ProcessLookupError:
+        log.warning("the serving process (pid %d) is gone already; exiting", pid)
+        os._exit(1)
+    except OSError as exc:  # (a kernel without pidfd: the channel's end still stops an idle one)
+        log.warning("cannot watch the serving process (pid %d): %s", pid, exc)
+        return
+
+    def watch() -> None:
+        select.select([watched], [], [])  # readable once the process has exited
+        log.warning("the serving process (pid %d) is gone; exiting", pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-server", daemon=True).start()
+
+
 def ignore_group_signals() -> None:
     """The pool owns this process: a terminal's Ctrl-C or a group-wide SIGTERM must not kill a
     batch while the parent drains; the worker exits on Shutdown or when the parent goes away."""
@@ -294,6 +322,7 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
         format=f"%(asctime)s %(levelname)s worker[{init.worker_id} pid={os.getpid()}] %(message)s",
         force=True,
     )
+    exit_with_the_server(init.server_pid)
     if init.version != IPC_VERSION:
         channel.send(
             Fatal(f"IPC version {init.version} from the parent, worker speaks {IPC_VERSION}")

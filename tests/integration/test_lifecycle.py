@@ -240,3 +240,29 @@ def test_a_spinning_serving_loop_answers_every_call_and_rests_when_idle(tmp_path
         assert used < 0.5 * (time.monotonic() - start), f"{used:.2f} s of CPU while idle"
     finally:
         assert server.stop() == 0
+
+
+def test_a_worker_busy_in_the_model_exits_when_the_serving_process_is_killed(
+    tmp_path, small_repository
+):
+    # Outside a container nothing else ends it: a hung or long batch would keep the worker
+    # (and its GPU memory) alive for good after `kill -9` of the server.
+    from tests.integration.test_frontends import alive, iterations_for
+
+    server = ServerProcess(tmp_path / "server.log", small_repository, args=("--log-level", "DEBUG"))
+    workers: list[int] = []
+    try:
+        server.wait_ready()
+        workers = server.worker_pids()
+        long = iterations_for(server, 120.0)  # two minutes of compute
+        dispatched = server.count_log("model spin: dispatching")
+        server.client.async_infer("spin", spin_inputs(long), lambda result, error: None)
+        server.wait_for_log_count("model spin: dispatching", dispatched + 1)  # it computes
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(10)
+        wait_until(lambda: not any(alive(p) for p in workers), 30, "every worker gone")
+    finally:
+        for pid in workers:  # (if the test failed: leave nothing computing behind)
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
