@@ -36,7 +36,8 @@ class LoopSpin:
         self.turns = 0  # loop turns spent spinning (for tests)
 
     def busy(self, handle: Any) -> None:
-        """``handle`` (with a ``_pending`` dict of batches out) has just sent a batch."""
+        """``handle`` (with a ``_pending`` dict of batches out) has just sent a batch, or has
+        just had one answered (the spin may be due again once fewer are out)."""
         if not self.enabled:
             return
         self._handles.add(handle)
@@ -52,8 +53,7 @@ class LoopSpin:
                 self.turns += 1
                 await asyncio.sleep(0)
         finally:
-            self._task = None
-            self._handles = weakref.WeakSet()
+            self._task = None  # (the handles stay known: their batches out still count)
 
 
 SPIN = LoopSpin(enabled_by_env())

@@ -423,6 +423,7 @@ class WorkerHandle:
             if entry is not None:
                 if self._pending:  # the next one starts now (only then is the time needed)
                     self._answered_at = time.monotonic()
+                    SPIN.busy(self)  # (fewer out now: the loop's spin may be due again)
                 self._answered(message.batch_id, entry, message)
         elif isinstance(message, Ready):
             if self._ready_future is not None and not self._ready_future.done():

@@ -75,8 +75,8 @@ class Channel:
         while len(self._buffer) < header:
             self._fill()
         (length,) = FRAME_HEADER.unpack_from(self._buffer)
-        if length > MAX_FRAME_BYTES:
-            raise EOFError(f"frame of {length} bytes from the parent exceeds the limit")
+        if length > MAX_FRAME_BYTES:  # a corrupt stream: the worker cannot go on (exit 1)
+            raise RuntimeError(f"corrupt channel: a frame of {length} bytes from the parent")
         end = header + length
         while len(self._buffer) < end:
             self._fill(mid_message=True)

@@ -50,3 +50,22 @@ def test_with_many_batches_out_or_when_off_it_does_not_spin():
 def test_the_environment_turns_it_on(monkeypatch, value, expected):
     monkeypatch.setenv("WARMSERVE_LOOP_SPIN", value)
     assert enabled_by_env() is expected
+
+
+def test_batches_out_at_other_workers_keep_counting_after_a_spin_ends():
+    # (a spin that ended forgot every worker: the next one counted only the last worker's
+    # batches and spun with the loop busy)
+    async def main() -> int:
+        spin, a, b = LoopSpin(enabled=True), _Handle(), _Handle()
+        a._pending.update({i: object() for i in range(MOST_BATCHES + 1)})  # worker A is busy
+        spin.busy(a)
+        for _ in range(5):
+            await asyncio.sleep(0)  # too many out: the spin ends at once
+        assert spin._task is None
+        b._pending[0] = object()  # one more batch, to worker B
+        spin.busy(b)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return spin.turns
+
+    assert asyncio.run(main()) == 0

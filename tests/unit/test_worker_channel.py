@@ -95,3 +95,12 @@ def test_the_idle_spin_is_automatic_on_cuda_devices_only_and_a_set_value_wins(
     configured, device, expected
 ):
     assert idle_spin_us(configured, device) == expected
+
+
+def test_a_frame_over_the_limit_is_a_corrupt_channel_not_the_parents_close(pair):
+    from serve.pool.messages import FRAME_HEADER, MAX_FRAME_BYTES
+
+    parent, child = pair
+    parent.sendall(FRAME_HEADER.pack(MAX_FRAME_BYTES + 1))
+    with pytest.raises(RuntimeError, match="corrupt channel: a frame of 2147483649 bytes"):
+        Channel(child).recv()  # (an EOFError would read as the parent's close, exit 0)
