@@ -112,8 +112,8 @@ def expected_answer_bytes(model: ModelConfig) -> int:
     """What one row's answer (the whole answer, for a model without a batch axis) will hold
     until it is sent, when the model config fixes every output's shape and element size: a
     request reserves it when admitted, so a burst of requests whose answers nobody reads cannot
-    pass the budget once answered. 0 when an output varies (a variable dimension, BYTES): such
-    answers are counted only once made."""
+    pass the budget once answered. 0 when an output varies (a variable dimension, BYTES): the
+    reservation for such answers is learned from the answers made (PlainCodec.learn_answer)."""
     total = 0
     for spec in model.outputs:
         datatype = Datatype(spec.datatype)

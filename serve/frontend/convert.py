@@ -234,6 +234,10 @@ def _set_parameters(target: Any, parameters: dict[str, Any]) -> None:
             param.string_param = value
 
 
+# Per answer, a learned answer reservation falls by this factor at most (by half in ~70 answers)
+ANSWER_ESTIMATE_DECAY = 0.99
+
+
 class PlainCodec:
     """The common request of one model version, decoded and answered without intermediate
     objects: every input in raw_input_contents, in the model's order, of its datatypes and
@@ -248,6 +252,7 @@ class PlainCodec:
         "_outputs",
         "_parameters",
         "_version",
+        "answer_fixed",
         "answer_row_bytes",
     )
 
@@ -266,8 +271,21 @@ class PlainCodec:
             fixed = None if any(d < 0 for d in spec.shape) else tuple(spec.shape)
             self._inputs.append((spec.name, spec.datatype, _FIXED_DTYPES[datatype], fixed))
         self._outputs = [(s.name, Datatype(s.datatype).value) for s in model.outputs]
-        # What a row's answer will hold, reserved in the in-flight budget (0: not known ahead)
+        # What a row's answer will hold, reserved in the in-flight budget: fixed by the config,
+        # or (an output of variable size) learned from the answers made so far (learn_answer)
         self.answer_row_bytes = expected_answer_bytes(model)
+        self.answer_fixed = self.answer_row_bytes > 0
+
+    def learn_answer(self, rows: int, size: int) -> None:
+        """An answer of ``rows`` rows held ``size`` bytes (admission.answer_bytes). Where the
+        config does not fix the answers' size, the reservation per row follows them: up at once
+        to a larger answer, down slowly (ANSWER_ESTIMATE_DECAY per answer), so a burst of
+        requests is counted with the answers it will make before any of them exists."""
+        if self.answer_fixed:
+            return
+        per_row = -(-size // max(1, rows))  # (rounded up)
+        decayed = int(self.answer_row_bytes * ANSWER_ESTIMATE_DECAY)
+        self.answer_row_bytes = max(per_row, decayed)
 
     def decode(
         self, request: Any, raw: Sequence[bytes | memoryview]

@@ -230,6 +230,7 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
             except ServeError as exc:
                 service.request_failed(arrival, rows, exc)
                 raise
+            codec.learn_answer(rows, size)
             service.request_ok(arrival, rows)
             service.stats.codec_done(decoded - started, time.perf_counter_ns() - answered)
             self._hold_answer(context, size)
@@ -309,6 +310,7 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
             await service.infer(infer_request, check)
             answered = time.perf_counter_ns()
             ((message, size),) = sized
+            service.codec.learn_answer(rows, size)
             service.stats.codec_done(decoded - started, time.perf_counter_ns() - answered)
             self._hold_answer(context, size)
             return message

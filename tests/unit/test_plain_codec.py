@@ -210,3 +210,29 @@ def test_the_answer_is_the_general_paths_message(parameters):
     assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(
         deterministic=True
     )
+
+
+def test_a_variable_answer_reservation_follows_the_answers_up_at_once_and_down_slowly():
+    from serve.frontend.convert import ANSWER_ESTIMATE_DECAY
+
+    def codec(shape: list[int]) -> PlainCodec:
+        model = ModelConfig(
+            name="m", backend="onnx", model_file="m.onnx", max_batch_size=8,
+            inputs=(TensorSpec("X", "FP32", (4,)),),
+            outputs=(TensorSpec("Y", "FP32", tuple(shape)),),
+        )  # fmt: skip
+        return PlainCodec(model, {})
+
+    fixed = codec([3])
+    assert fixed.answer_fixed and fixed.answer_row_bytes == 3 * 4 * 3  # ANSWER_COPIES of 3 FP32
+    fixed.learn_answer(2, 10_000)
+    assert fixed.answer_row_bytes == 36  # the config decides
+
+    variable = codec([-1])
+    assert not variable.answer_fixed and variable.answer_row_bytes == 0  # nothing known yet
+    variable.learn_answer(2, 1001)
+    assert variable.answer_row_bytes == 501  # per row, rounded up
+    variable.learn_answer(1, 100)
+    assert variable.answer_row_bytes == int(501 * ANSWER_ESTIMATE_DECAY)  # down slowly
+    variable.learn_answer(4, 8000)
+    assert variable.answer_row_bytes == 2000  # up at once
