@@ -402,12 +402,14 @@ class Runtime:
         await self._retire_later(entry, old, keep_s)
 
     async def _retire_later(self, entry: ModelEntry, version: str, keep_s: float) -> None:
-        switches = entry.switches
+        switches, kept = entry.switches, entry.versions.get(version)
         await asyncio.sleep(keep_s)  # kept warm for an instant rollback until then
         if not version or version == entry.active:
             return
         if version == entry.previous and entry.switches != switches:
             return  # the previous version again since: that switch's own keep period counts
+        if entry.versions.get(version) is not kept:
+            return  # unloaded or retired since, and loaded again: not the one this kept warm
         await self._retire(entry, version)
 
     async def _retire(self, entry: ModelEntry, version: str) -> None:

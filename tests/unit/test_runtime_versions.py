@@ -32,6 +32,7 @@ class _Version:
         self.failing = False
         self.stopped = False
         self.on_start = on_start
+        self.gate: asyncio.Event | None = None  # set: start() waits for it (a slow warm-up)
 
     @property
     def ready(self) -> bool:
@@ -41,7 +42,10 @@ class _Version:
         return "probes fail" if self.failing else ""
 
     async def start(self) -> None:
-        self.state = ModelState.READY
+        if self.gate is not None:
+            await self.gate.wait()
+        if not self.stopped:  # (a service stopped while it warmed up stays stopped)
+            self.state = ModelState.READY
         if self.on_start is not None:
             self.on_start()
 
@@ -293,3 +297,47 @@ def test_a_version_failing_its_watch_with_no_ready_version_to_return_to_is_logge
     assert "version 2 falters in its rollout watch (probes fail)" in warnings[0]
     assert "version 1 is not ready to take over (probes fail)" in warnings[0]
     assert "no automatic rollback" in warnings[0]
+
+
+def test_a_keep_period_that_ends_while_its_version_warms_up_again_leaves_the_new_one_alone(
+    monkeypatch,
+):
+    """1 → 2 (1 kept warm 100 s); the operator unloads 1 and loads it again. The keep period
+    of the first version 1 ends while the new one warms up: it must not retire the new one,
+    or the load switches to a version that is no longer there (no active version)."""
+    timers = _Timers()
+    monkeypatch.setattr(serve.runtime, "asyncio", timers.module)
+
+    async def main() -> None:
+        runtime, made = _runtime(monkeypatch)
+        try:
+            await runtime.rollout(_source("1"), watch_s=0, keep_previous_s=100)
+            await runtime.rollout(_source("2"), watch_s=0, keep_previous_s=100)
+            keep = set(runtime._entries["m"].tasks)
+            await runtime.unload("m", "1")
+            first = made["1"]
+            gate = asyncio.Event()
+
+            def slow(source: ModelSource) -> Any:
+                made[source.model.version] = _Version(source)
+                made[source.model.version].gate = gate
+                return made[source.model.version]
+
+            runtime._service = slow  # type: ignore[method-assign]
+            load = asyncio.ensure_future(
+                runtime.rollout(_source("1"), watch_s=0, keep_previous_s=100)
+            )
+            async with asyncio.timeout(10):
+                while made["1"] is first:
+                    await asyncio.sleep(0)
+            await timers.end(100)  # the keep period of the first version 1
+            await _finished(keep)
+            gate.set()
+            async with asyncio.timeout(10):
+                await load
+            assert _active(runtime) == "1" and not made["1"].stopped
+            assert _loaded(runtime) == ["1", "2"]
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
