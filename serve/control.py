@@ -37,8 +37,13 @@ class ModelControl:
             )
 
     async def load(self, name: str, version: str = "") -> str:
-        """Roll out ``version`` of ``name`` (default: its newest) from the repository."""
+        """Roll out ``version`` of ``name`` (default: its newest) from the repository. The load
+        goes on to its end (the scan included) even if the caller stops waiting."""
         self._check_enabled()
+        loaded: str = await self._runtime.run_to_end(name, "load", self._load(name, version))
+        return loaded
+
+    async def _load(self, name: str, version: str) -> str:
         async with self._scanning:  # hashing every bundle takes a while: off the event loop
             sources, refused = await asyncio.to_thread(scan, self._repository, self._cache)
             # unpacked bundles neither in the repository nor loaded any more: removed

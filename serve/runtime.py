@@ -226,7 +226,13 @@ class Runtime:
                 if not self._lock_users[name]:
                     del self._lock_users[name], self._locks[name]
 
-        task = asyncio.create_task(locked())
+        return await self.run_to_end(name, what, locked())
+
+    async def run_to_end(self, name: str, what: str, work: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``work`` (a change to model ``name``: ``what``) as this runtime's task: a caller
+        that stops waiting (a deadline, a disconnect) does not stop it; only ``stop()`` does.
+        Its outcome is logged, and returned to (or raised in) the caller if still there."""
+        task = asyncio.create_task(work)
         self._control_tasks.add(task)
         task.add_done_callback(functools.partial(self._control_done, name, what))
         return await asyncio.shield(task)

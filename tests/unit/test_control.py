@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,9 @@ class _Runtime:
 
     def bundles_in_use(self) -> set[str]:
         return set(self.loaded)
+
+    async def run_to_end(self, name: str, what: str, work: Any) -> Any:
+        return await work
 
 
 def _bundle(tmp: Path, repo: Path, version: str) -> Path:
