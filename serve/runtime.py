@@ -19,9 +19,11 @@ import functools
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from serve.bundles.repository import ModelSource, newest
+from serve.bundles.verify import verify_bundle_again
 from serve.config import ModelConfig
 from serve.errors import InvalidBundleError, ModelNotFoundError, ModelNotReadyError
 from serve.model_service import ModelService, ModelState, ModelStatus
@@ -266,6 +268,12 @@ class Runtime:
             return
         service = entry.versions.get(version)
         if service is None or service.state is not ModelState.READY:
+            try:  # (a bundle gone or changed since its scan: every worker would refuse it)
+                await asyncio.to_thread(_check_bundle, source)
+            except InvalidBundleError:
+                if not entry.versions:  # a model loaded for the first time: not there at all
+                    self._drop(name)
+                raise
             stale, service = service, self._service(source)
             entry.versions[version], entry.sources[version] = service, source
             await service.start()
@@ -425,6 +433,13 @@ class Runtime:
             log.info("model %s: retiring version %s", entry.name, version)
             await _drain_removed(service)
             self._changed()
+
+
+def _check_bundle(source: ModelSource) -> None:
+    """InvalidBundleError, naming the file, when the bundle of ``source`` is no longer what it
+    was when it was verified (deleted, changed on disk); a model folder is not checked."""
+    if source.bundle_id and source.model.directory:
+        verify_bundle_again(Path(source.model.directory), source.bundle_id)
 
 
 def _forget_source(entry: ModelEntry, version: str) -> None:

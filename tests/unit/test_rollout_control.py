@@ -4,6 +4,7 @@ away, or a bad request, leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ import pytest
 import serve.control
 from serve.bundles.build import build_bundle
 from serve.bundles.cache import BundleCache
-from serve.bundles.repository import ModelSource
+from serve.bundles.repository import ModelSource, scan
 from serve.config import ServerConfig
 from serve.control import ModelControl
+from serve.errors import InvalidBundleError
 from serve.model_service import ModelState
 from serve.readiness.latency import ModelLatency
 from serve.runtime import Runtime
@@ -104,3 +106,60 @@ def test_a_load_whose_caller_goes_away_while_the_repository_is_scanned_still_loa
             await runtime.stop()
 
     assert asyncio.run(main()) == "1"
+
+
+@pytest.mark.parametrize("change", ["deleted", "changed"])
+def test_a_rollback_to_a_retired_version_whose_bundle_is_gone_is_refused_naming_it(
+    tmp_path, change
+):
+    """Version 1's keep period ended; then its bundle was deleted (or changed) on disk. A
+    rollback must say so (InvalidBundleError: FAILED_PRECONDITION, not UNAVAILABLE, which
+    clients retry) without starting a pool whose every worker refuses the bundle."""
+    repo = _repository(tmp_path, "1", "2")
+
+    async def main() -> None:
+        runtime = _runtime()
+        control = _control(runtime, repo, tmp_path)
+        try:
+            await control.load("mlp", "1")
+            await control.load("mlp", "2")
+            async with asyncio.timeout(10):
+                while len(runtime.versions("mlp")) > 1:
+                    await asyncio.sleep(0.01)
+            if change == "deleted":
+                shutil.rmtree(repo / "mlp" / "1")
+            else:
+                (repo / "mlp" / "1" / "model.onnx").write_bytes(b"rebuilt in place")
+            started: list[str] = []
+            runtime._service = lambda s: started.append(s.model.version) or _Version(s)  # type: ignore[method-assign]
+            with pytest.raises(InvalidBundleError) as refused:
+                await control.rollback("mlp")
+            expected = "no manifest.json" if change == "deleted" else "model.onnx does not match"
+            assert expected in str(refused.value)
+            assert started == []
+            assert runtime.service("mlp").config.version == "2"
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
+
+
+def test_a_first_load_of_a_bundle_changed_since_the_scan_leaves_no_model_behind(tmp_path):
+    """The bundle changed between the repository scan and the rollout: refused, and the model
+    is not left listed with no version."""
+    repo = _repository(tmp_path, "1")
+    cache = BundleCache(tmp_path / "cache")
+
+    async def main() -> None:
+        runtime = _runtime()
+        try:
+            (source,) = scan(repo, cache)[0]
+            (repo / "mlp" / "1" / "model.onnx").write_bytes(b"changed after the scan")
+            with pytest.raises(InvalidBundleError, match=r"model\.onnx does not match"):
+                await runtime.rollout(source, watch_s=0, keep_previous_s=0)
+            assert runtime.model_names() == []
+        finally:
+            await runtime.stop()
+            cache.close()
+
+    asyncio.run(main())
