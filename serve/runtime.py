@@ -333,11 +333,12 @@ class Runtime:
         entry = self._entries.get(name)
         if entry is None:
             raise ModelNotFoundError(f"unknown model {name!r}")
-        versions = [version] if version else list(entry.versions)
-        for v in versions:
+        if version and version not in entry.versions:
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r} loaded")
+        for v in [version] if version else list(entry.versions):
             service = entry.versions.pop(v, None)
-            if service is None:
-                raise ModelNotFoundError(f"model {name!r} has no version {v!r} loaded")
+            if service is None:  # retired (its keep period, its watch) while another drained
+                continue
             if v == entry.active:
                 entry.active = ""
             if v == entry.previous:  # unloaded on purpose: not a version to roll back to

@@ -33,6 +33,7 @@ class _Version:
         self.stopped = False
         self.on_start = on_start
         self.gate: asyncio.Event | None = None  # set: start() waits for it (a slow warm-up)
+        self.drain_gate: asyncio.Event | None = None  # set: drain() waits for it (in flight)
 
     @property
     def ready(self) -> bool:
@@ -50,6 +51,8 @@ class _Version:
             self.on_start()
 
     async def drain(self) -> None:
+        if self.drain_gate is not None:
+            await self.drain_gate.wait()
         await self.stop()
 
     async def stop(self, batch_wait_s: float = 0.0) -> None:
@@ -337,6 +340,40 @@ def test_a_keep_period_that_ends_while_its_version_warms_up_again_leaves_the_new
                 await load
             assert _active(runtime) == "1" and not made["1"].stopped
             assert _loaded(runtime) == ["1", "2"]
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
+
+
+def test_unloading_every_version_while_a_keep_period_retires_one_of_them_unloads_the_model(
+    monkeypatch,
+):
+    """Unload of the whole model: the active version drains (calls in flight) while the
+    previous version's keep period ends and retires it. The unload must not then fail
+    NOT_FOUND for that version and leave the model listed with no version at all."""
+    timers = _Timers()
+    monkeypatch.setattr(serve.runtime, "asyncio", timers.module)
+
+    async def main() -> None:
+        runtime, made = _runtime(monkeypatch)
+        try:
+            await runtime.rollout(_source("1"), watch_s=0, keep_previous_s=100)
+            await runtime.rollout(_source("2"), watch_s=0, keep_previous_s=100)
+            await runtime.rollback("m", keep_previous_s=200)  # 1 active, 2 kept warm
+            keep = {t for t in runtime._entries["m"].tasks}
+            made["1"].drain_gate = gate = asyncio.Event()
+            unload = asyncio.ensure_future(runtime.unload("m"))
+            async with asyncio.timeout(10):
+                while "1" in {s.config.version for s in runtime.versions("m")}:
+                    await asyncio.sleep(0)
+            await timers.end(200)  # version 2's keep period ends while 1 drains
+            await timers.end(100)
+            await _finished(keep)
+            gate.set()
+            async with asyncio.timeout(10):
+                await unload
+            assert runtime.model_names() == [] and made["1"].stopped and made["2"].stopped
         finally:
             await runtime.stop()
 
