@@ -13,7 +13,7 @@ from pathlib import Path
 from serve.bundles.cache import BundleCache
 from serve.bundles.repository import newest, scan, version_order
 from serve.config import ServerConfig
-from serve.errors import ConfigError, InvalidBundleError, ModelNotFoundError
+from serve.errors import ConfigError, InvalidBundleError, InvalidInputError, ModelNotFoundError
 from serve.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -29,17 +29,22 @@ class ModelControl:
         self._cache = cache
         self._scanning = asyncio.Lock()  # one scan at a time: they share the unpacking cache
 
-    def _check_enabled(self) -> None:
+    def _check_request(self, name: str) -> None:
         if not self._config.model_control:
             raise ConfigError(
                 "model control is disabled on this server; start it with --model-control "
                 "(WARMSERVE_MODEL_CONTROL=true) to load, unload or roll back models"
             )
+        if not name or "/" in name:  # (as model names are: a path is not one)
+            raise InvalidInputError(
+                f"model name must be non-empty and contain no '/', got {name!r}; "
+                "name a model of the repository"
+            )
 
     async def load(self, name: str, version: str = "") -> str:
         """Roll out ``version`` of ``name`` (default: its newest) from the repository. The load
         goes on to its end (the scan included) even if the caller stops waiting."""
-        self._check_enabled()
+        self._check_request(name)
         loaded: str = await self._runtime.run_to_end(name, "load", self._load(name, version))
         return loaded
 
@@ -79,9 +84,9 @@ class ModelControl:
         return source.model.version
 
     async def rollback(self, name: str) -> str:
-        self._check_enabled()
+        self._check_request(name)
         return await self._runtime.rollback(name, keep_previous_s=self._config.keep_previous_s)
 
     async def unload(self, name: str, version: str = "") -> None:
-        self._check_enabled()
+        self._check_request(name)
         await self._runtime.unload(name, version)

@@ -14,7 +14,7 @@ from serve.bundles.cache import BundleCache
 from serve.bundles.repository import ModelSource, scan
 from serve.config import ServerConfig
 from serve.control import ModelControl
-from serve.errors import InvalidBundleError
+from serve.errors import InvalidBundleError, InvalidInputError
 from serve.testing.models import build_mlp_onnx
 
 
@@ -115,3 +115,25 @@ def control_sources(repo: Path, root: Path) -> list[ModelSource]:
         return scan(repo, cache)[0]
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("name", ["", "mlp/2"])
+def test_a_control_request_for_no_model_name_or_a_path_is_invalid_not_another_models_problem(
+    tmp_path, name
+):
+    """An empty model_name (or a path) is a bad request (INVALID_ARGUMENT): it must not be
+    answered with the refusal of some other bundle in the repository (FAILED_PRECONDITION)."""
+    repo = tmp_path / "repo"
+    _bundle(tmp_path, repo, "1")
+    (_bundle(tmp_path, repo, "2") / "model.onnx").write_bytes(b"half-written")
+    runtime = _Runtime()
+    control = ModelControl(
+        runtime,  # type: ignore[arg-type]
+        ServerConfig(model_control=True),
+        repo,
+        BundleCache(tmp_path / "cache"),
+    )
+    for call in (control.load(name), control.rollback(name), control.unload(name)):
+        with pytest.raises(InvalidInputError, match="model name must be non-empty"):
+            asyncio.run(call)
+    assert runtime.rolled_out == []
