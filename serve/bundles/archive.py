@@ -15,6 +15,7 @@ import shutil
 import tarfile
 import tempfile
 import threading
+import zlib
 from pathlib import Path
 
 from serve.bundles.cache import STAGING_PREFIX, BundleCache
@@ -85,7 +86,8 @@ def extract_archive(archive: Path, cache: BundleCache) -> VerifiedBundle:
                         "%s: unpacking it again: the cached copy is refused: %s", archive, exc
                     )
             _unpack(tar, cache.root, target)
-    except (tarfile.TarError, OSError, KeyError) as exc:
+    except (tarfile.TarError, OSError, KeyError, EOFError, zlib.error) as exc:
+        # (EOFError, zlib.error: a gzip stream cut short or damaged, as of a half-copied file)
         raise InvalidBundleError(f"{archive}: not a readable bundle archive: {exc}") from None
     return verify_bundle_again(target, identity)
 

@@ -422,3 +422,20 @@ def test_the_gpu_build_of_onnxruntime_counts_as_onnxruntime(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", version)
     found = framework_versions("onnx")
     assert (found["onnxruntime"], found["onnx"]) == ("1.31.1", "1.23.2")
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.02])
+def test_a_half_copied_archive_is_refused_and_the_rest_of_the_repository_loads(
+    source, bundle, tmp_path, cut
+):
+    """A .wsb still being copied into the repository (cut short) is a refused bundle, named,
+    not an error out of the whole scan (which failed every load with INTERNAL)."""
+    repo = tmp_path / "repo"
+    build_bundle(source, repo / "mlp_onnx" / "1")
+    data = write_archive(bundle, tmp_path / "m.wsb").read_bytes()
+    (repo / "other-1.wsb").write_bytes(data[: int(len(data) * cut)])
+    sources, refused = scan(repo, BundleCache(tmp_path / "cache"))
+    assert [(s.model.name, s.model.version) for s in sources] == [("mlp_onnx", "1")]
+    assert len(refused) == 1 and "other-1.wsb: not a readable bundle archive" in refused[0]
+    cache = tmp_path / "cache"  # no half-unpacked copy
+    assert not cache.exists() or [p.name for p in cache.iterdir()] == []
