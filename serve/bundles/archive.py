@@ -85,7 +85,14 @@ def extract_archive(archive: Path, cache: BundleCache) -> VerifiedBundle:
                     log.warning(
                         "%s: unpacking it again: the cached copy is refused: %s", archive, exc
                     )
-            _unpack(tar, cache.root, target)
+            try:
+                _unpack(tar, cache.root, target)
+            except gzip.BadGzipFile:
+                raise
+            except OSError as exc:  # (the cache's disk, not the archive: full, read-only)
+                raise InvalidBundleError(
+                    f"{archive}: could not unpack it into the bundle cache {cache.root}: {exc}"
+                ) from None
     except (tarfile.TarError, OSError, KeyError, EOFError, zlib.error) as exc:
         # (EOFError, zlib.error: a gzip stream cut short or damaged, as of a half-copied file)
         raise InvalidBundleError(f"{archive}: not a readable bundle archive: {exc}") from None

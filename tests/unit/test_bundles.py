@@ -439,3 +439,25 @@ def test_a_half_copied_archive_is_refused_and_the_rest_of_the_repository_loads(
     assert len(refused) == 1 and "other-1.wsb: not a readable bundle archive" in refused[0]
     cache = tmp_path / "cache"  # no half-unpacked copy
     assert not cache.exists() or [p.name for p in cache.iterdir()] == []
+
+
+def test_an_archive_that_does_not_fit_in_the_cache_is_refused_naming_the_cache(
+    bundle, tmp_path, monkeypatch
+):
+    """The cache's disk is full: the message says so and where, not that the archive is
+    unreadable (it is fine: the operator should free the cache, not rebuild the bundle), and
+    no half-unpacked copy stays behind."""
+    archive, root = write_archive(bundle, tmp_path / "m.wsb"), tmp_path / "cache"
+    extract = tarfile.TarFile.extractall
+
+    def disk_full(self: tarfile.TarFile, path: str, *args: object, **kwargs: object) -> None:
+        extract(self, path, members=self.getmembers()[:1], filter="data")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", disk_full)
+    with pytest.raises(InvalidBundleError) as refused:
+        extract_archive(archive, BundleCache(root))
+    message = str(refused.value)
+    assert "could not unpack it into the bundle cache" in message and str(root) in message
+    assert "No space left on device" in message and "not a readable" not in message
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
