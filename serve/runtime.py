@@ -272,7 +272,7 @@ class Runtime:
                 await asyncio.to_thread(_check_bundle, source)
             except InvalidBundleError:
                 if not entry.versions:  # a model loaded for the first time: not there at all
-                    self._drop(name)
+                    await self._drop(name)
                 raise
             stale, service = service, self._service(source)
             entry.versions[version], entry.sources[version] = service, source
@@ -286,7 +286,7 @@ class Runtime:
                 _forget_source(entry, version)
                 await service.stop()
                 if not entry.versions:  # a model loaded for the first time: not there at all
-                    self._drop(name)
+                    await self._drop(name)
                     self._changed()
             log.error("rollout of %s version %s refused: %s", name, version, reason)
             raise ModelNotReadyError(
@@ -346,14 +346,18 @@ class Runtime:
             _forget_source(entry, v)
             await _drain_removed(service)
         if not entry.versions:
-            self._drop(name)
+            await self._drop(name)
         self._changed()
 
-    def _drop(self, name: str) -> None:
+    async def _drop(self, name: str) -> None:
         """Forget a model none of whose versions is loaded any more: its watch and keep-warm
-        tasks (nothing is left for them to switch to or retire) and its metrics too."""
-        for task in self._entries.pop(name).tasks:
+        tasks (nothing is left for them to switch to or retire) and its metrics too. Returns
+        once those tasks are over: a version one was retiring is stopped by then (the model is
+        no longer listed, so ``stop()`` would not see it)."""
+        tasks = list(self._entries.pop(name).tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.metrics.forget(name)
 
     def _switch(self, entry: ModelEntry, version: str, why: str) -> None:

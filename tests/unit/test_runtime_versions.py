@@ -34,6 +34,7 @@ class _Version:
         self.on_start = on_start
         self.gate: asyncio.Event | None = None  # set: start() waits for it (a slow warm-up)
         self.drain_gate: asyncio.Event | None = None  # set: drain() waits for it (in flight)
+        self.stop_steps = 0  # loop iterations stop() takes (workers that take time to exit)
 
     @property
     def ready(self) -> bool:
@@ -56,7 +57,10 @@ class _Version:
         await self.stop()
 
     async def stop(self, batch_wait_s: float = 0.0) -> None:
-        self.state, self.stopped = ModelState.UNAVAILABLE, True
+        self.state = ModelState.UNAVAILABLE
+        for _ in range(self.stop_steps):
+            await asyncio.sleep(0)
+        self.stopped = True
 
 
 class _Timers:
@@ -374,6 +378,32 @@ def test_unloading_every_version_while_a_keep_period_retires_one_of_them_unloads
             async with asyncio.timeout(10):
                 await unload
             assert runtime.model_names() == [] and made["1"].stopped and made["2"].stopped
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
+
+
+def test_an_unload_returns_once_a_version_retiring_meanwhile_has_stopped_too(monkeypatch):
+    """Version 1's keep period ended and it drains; the model is unloaded meanwhile. The unload
+    cuts that drain short: it must return only once version 1 has stopped as well (the server
+    may stop next, and would not wait for a version it no longer lists: leaked workers)."""
+    timers = _Timers()
+    monkeypatch.setattr(serve.runtime, "asyncio", timers.module)
+
+    async def main() -> None:
+        runtime, made = _runtime(monkeypatch)
+        try:
+            await runtime.rollout(_source("1"), watch_s=0, keep_previous_s=100)
+            await runtime.rollout(_source("2"), watch_s=0, keep_previous_s=100)
+            made["1"].drain_gate = asyncio.Event()  # calls in flight: never done here
+            made["1"].stop_steps = 5
+            await timers.end(100)
+            async with asyncio.timeout(10):
+                while _loaded(runtime) != ["2"]:  # retiring: taken out, draining
+                    await asyncio.sleep(0)
+            await runtime.unload("m")
+            assert made["1"].stopped and made["2"].stopped
         finally:
             await runtime.stop()
 
