@@ -284,7 +284,7 @@ class Runtime:
             if version != entry.active:
                 del entry.versions[version]
                 _forget_source(entry, version)
-                await service.stop()
+                await _stop_removed(service)
                 if not entry.versions:  # a model loaded for the first time: not there at all
                     await self._drop(name)
                     self._changed()
@@ -453,6 +453,16 @@ def _forget_source(entry: ModelEntry, version: str) -> None:
     if version not in entry.versions and version not in (entry.active, entry.previous):
         entry.sources.pop(version, None)
         entry.rolled_back.pop(version, None)
+
+
+async def _stop_removed(service: ModelService) -> None:
+    """Stop a version already taken out of its model's versions, even if the server stops
+    meanwhile (this task cancelled): Runtime.stop no longer sees it."""
+    try:
+        await service.stop()
+    except asyncio.CancelledError:
+        await service.stop(batch_wait_s=0)
+        raise
 
 
 async def _drain_removed(service: ModelService) -> None:

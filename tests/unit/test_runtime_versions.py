@@ -408,3 +408,29 @@ def test_an_unload_returns_once_a_version_retiring_meanwhile_has_stopped_too(mon
             await runtime.stop()
 
     asyncio.run(main())
+
+
+def test_a_server_stopping_while_a_refused_version_stops_stops_it_still(monkeypatch):
+    """Version 2 fails its probes, so its rollout stops it; the server stops meanwhile (the
+    rollout cancelled). Version 2 must still be stopped, not left half-stopped and unlisted."""
+
+    def fails(version: _Version) -> None:
+        version.failing, version.stop_steps = True, 50  # (its workers take a while to exit)
+
+    async def main() -> None:
+        runtime, made = _runtime(monkeypatch, v2=lambda: fails(made["2"]))
+        try:
+            await runtime.rollout(_source("1"), watch_s=0, keep_previous_s=0)
+            rollout = asyncio.ensure_future(
+                runtime.rollout(_source("2"), watch_s=0, keep_previous_s=0)
+            )
+            async with asyncio.timeout(10):  # its rollout is stopping it
+                while "2" not in made or made["2"].state is not ModelState.UNAVAILABLE:
+                    await asyncio.sleep(0)
+        finally:
+            await runtime.stop()
+        with pytest.raises(asyncio.CancelledError):
+            await rollout
+        assert made["2"].stopped
+
+    asyncio.run(main())
