@@ -243,13 +243,15 @@ class _GrpcContext(_Context):
 def test_an_answer_holds_the_budget_until_grpc_has_sent_it(make):
     async def main() -> None:
         answer = ANSWER_COPIES * 2 * ROW_BYTES  # 2 rows
-        servicer, service, budget = _servicer(answer + 2 * 2 * ROW_BYTES - 1)
+        # (the model's answers vary in size: once one is made, a request reserves one like it)
+        servicer, service, budget = _servicer(2 * answer + 2 * 2 * ROW_BYTES - 1)
         context = _GrpcContext()
         call = asyncio.ensure_future(servicer.ModelInfer(make(2), context))
         _answer(await service.next_arrival(), 2)
         await call
         assert budget.held == answer, "the answer's bytes, until it is sent"
-        # the unsent answer leaves no room for another request of 2 rows (it holds 4 rows)
+        # the unsent answer leaves no room for another request of 2 rows (it holds 4 rows) and
+        # the answer it reserves
         second = asyncio.ensure_future(servicer.ModelInfer(make(2), _Context()))
         with pytest.raises(_Aborted) as refused:
             await second
