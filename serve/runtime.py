@@ -34,6 +34,11 @@ from serve.telemetry.metrics import Metrics
 log = logging.getLogger(__name__)
 
 WATCH_TICK_S = 0.5
+# A model whose first start failed (no worker warmed up and passed its probes) is started again
+# after these delays, doubling up to the second: the cause may pass (GPU memory held by another
+# process on a shared GPU, a file system late to mount), and nothing else would restart it
+# outside Kubernetes. A bundle changed or gone since its scan is not tried again.
+START_AGAIN_S = (5.0, 300.0)
 
 
 @dataclass
@@ -106,14 +111,56 @@ class Runtime:
             listener()
 
     async def start(self) -> None:
-        """Start every version; each model's newest ready version becomes active."""
+        """Start every version; each model's newest ready version becomes active. A model none
+        of whose versions started is started again in the background (START_AGAIN_S)."""
         await asyncio.gather(*(s.start() for s in self.services()))
         for entry in self._entries.values():
             ready = [entry.sources[v] for v, s in entry.versions.items() if s.ready]
             entry.active = newest(ready).model.version if ready else ""
             if not entry.active and entry.sources:
                 entry.active = newest(list(entry.sources.values())).model.version
+                self._spawn(entry, self._start_again(entry, entry.sources[entry.active]))
         self._changed()
+
+    async def _start_again(self, entry: ModelEntry, source: ModelSource) -> None:
+        """Start ``source`` (its model's active version, which failed its first start) again
+        after a back-off, until it is ready, the model changes meanwhile, or the server stops."""
+        name, version = source.key
+        delay, attempt = START_AGAIN_S[0], 1
+        while True:
+            service = entry.versions.get(version)
+            reason = service.readiness_reason() if service is not None else "not loaded"
+            log.warning(
+                "model %s version %s is not serving (%s); starting it again in %.0f s",
+                name, version, reason or "not ready", delay,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+            attempt += 1
+            try:
+                done = await self._control(
+                    name, "start again", self._start_once_more(entry, source)
+                )
+            except InvalidBundleError as exc:
+                log.error("model %s version %s: not started again: %s", name, version, exc)
+                return
+            except ModelNotReadyError:
+                done = False
+            if done:
+                return
+            delay = min(delay * 2, START_AGAIN_S[1])
+
+    async def _start_once_more(self, entry: ModelEntry, source: ModelSource) -> bool:
+        """Under the model's lock: start ``source`` again if it is still its model's active,
+        unready version (True once it serves, or when there is nothing left to do)."""
+        name, version = source.key
+        service = entry.versions.get(version)
+        if self._entries.get(name) is not entry or entry.active != version or service is None:
+            return True  # unloaded or changed by model control meanwhile: theirs now
+        if service.ready:
+            return True
+        await self._rollout(source, watch_s=0.0, keep_previous_s=0.0)  # raises if still not ready
+        log.info("model %s version %s serves after starting again", name, version)
+        return True
 
     async def stop(self) -> None:
         """The server stops: its calls are answered or cancelled already (the gRPC grace period

@@ -285,3 +285,30 @@ def test_a_worker_that_hangs_warming_up_does_not_hold_the_ready_ones_back(tmp_pa
     # stopping, the one still warming up is killed: it has nothing to finish, and it would
     # read the request to exit only once warm (here: never, so after the stop timeout)
     assert "did not exit within" not in server.log()
+
+
+def test_a_model_whose_first_start_fails_is_started_again_once_the_cause_is_gone(tmp_path):
+    # Nothing else restarts it outside Kubernetes, and a pod restart takes minutes
+    broken = tmp_path / "broken"
+    broken.touch()
+    code = (  # workers fail to load it while the file exists
+        "import pathlib\n"
+        f"if pathlib.Path({str(broken)!r}).exists():\n"
+        "    raise RuntimeError('the GPU is still held by another process')\n"
+    )
+    _spin_with(tmp_path, code)
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    try:
+        server.wait_for_log(r"model spin version 1 is not serving \(.*\); starting it again in 5 s")
+        assert server.health("spin") == "NOT_SERVING"
+        status, message = _status(lambda: server.client.infer("spin", spin_inputs(1)))
+        assert status == "StatusCode.UNAVAILABLE", message
+        assert "the GPU is still held by another process" in message, message
+        broken.unlink()  # the cause goes away: the next start serves
+        wait_until(lambda: server.health("spin") == "SERVING", 60, "the model serving")
+        assert server.client.is_server_ready()
+        result = server.client.infer("spin", spin_inputs(1, value=3.0))
+        assert float(result.as_numpy("Y")[0, 0]) == 3.0
+        assert server.count_log("serves after starting again") == 1
+    finally:
+        assert server.stop() == 0
