@@ -5,7 +5,8 @@ sleeping, so a worker's answer is read without the wake-up of a sleeping thread.
 The workers' own spin (pool.idle_spin_us) took 0.09–0.33 ms off ResNet-50's c=1 p50 on an H200
 host. On the 2-vCPU dev VM this one took 4 % off the MLP's c=1 p50 for 13 % more CPU per call
 (loop thread +30 %), so it stays off until a GPU host measures it (benchmarks/gpu_check.sh,
-run ``loopspin``). With more batches out the loop has work anyway and does not spin.
+run ``loopspin``). With more batches out the loop has work anyway and does not spin; a spin
+lasts LONGEST_S at most (it starts again with the next batch sent or answered).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MOST_BATCHES = 2  # spin only while at most this many batches are out (low concurrency)
+LONGEST_S = 0.01  # and for at most this long at a time: a long (or hung) batch is slept through
 
 
 def enabled_by_env() -> bool:
@@ -48,8 +50,10 @@ class LoopSpin:
         return sum(len(h._pending) for h in self._handles)
 
     async def _spin(self) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + LONGEST_S
         try:
-            while 0 < self._out() <= MOST_BATCHES:
+            while 0 < self._out() <= MOST_BATCHES and loop.time() < end:
                 self.turns += 1
                 await asyncio.sleep(0)
         finally:

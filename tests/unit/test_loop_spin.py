@@ -69,3 +69,20 @@ def test_batches_out_at_other_workers_keep_counting_after_a_spin_ends():
         return spin.turns
 
     assert asyncio.run(main()) == 0
+
+
+def test_a_spin_ends_after_its_longest_time_though_the_batch_is_still_out(monkeypatch):
+    import serve.pool.loop_spin as loop_spin
+
+    monkeypatch.setattr(loop_spin, "LONGEST_S", 0.02)
+
+    async def main() -> bool:
+        spin, handle = LoopSpin(enabled=True), _Handle()
+        handle._pending[1] = object()  # a long batch: never answered here
+        spin.busy(handle)
+        async with asyncio.timeout(10):
+            while spin._task is not None:
+                await asyncio.sleep(0.001)
+        return bool(handle._pending)
+
+    assert asyncio.run(main())  # the spin ended by itself, the batch still out
