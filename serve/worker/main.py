@@ -63,12 +63,15 @@ class Channel:
     blocking for up to that long, and only then sleeps in ``recv``. A batch that arrives while
     the worker polls skips the kernel's wake-up of a sleeping process (tens of µs, more on hosts
     whose idle cores sleep deeply) at the price of a busy core for that long after each batch.
+    It polls only while the last wait for a batch was no longer than ``spin_s``: under light
+    load, when batches come further apart than that, polling would burn the core for nothing.
     """
 
     def __init__(self, sock: socket.socket, spin_s: float = 0.0) -> None:
         self._sock = sock
         self._buffer = bytearray()
         self.spin_s = spin_s
+        self._last_wait = 0.0  # seconds the last receive waited for its first bytes
 
     def recv(self) -> Init | RunBatch | Shutdown:
         header = FRAME_HEADER.size
@@ -87,8 +90,13 @@ class Channel:
 
     def _fill(self, mid_message: bool = False) -> None:
         if self.spin_s > 0 and not mid_message:
-            self._spin()
-        data = self._sock.recv(1 << 16)
+            started = time.perf_counter()
+            if self._last_wait <= self.spin_s:
+                self._spin()
+            data = self._sock.recv(1 << 16)
+            self._last_wait = time.perf_counter() - started
+        else:
+            data = self._sock.recv(1 << 16)
         if not data:
             raise EOFError(
                 "parent closed the channel mid-message"

@@ -104,3 +104,18 @@ def test_a_frame_over_the_limit_is_a_corrupt_channel_not_the_parents_close(pair)
     parent.sendall(FRAME_HEADER.pack(MAX_FRAME_BYTES + 1))
     with pytest.raises(RuntimeError, match="corrupt channel: a frame of 2147483649 bytes"):
         Channel(child).recv()  # (an EOFError would read as the parent's close, exit 0)
+
+
+def test_it_spins_only_while_batches_come_closer_together_than_the_spin(pair, monkeypatch):
+    parent, child = pair
+    channel = Channel(child, spin_s=0.5)
+    spins: list[int] = []
+    real_spin = channel._spin
+    monkeypatch.setattr(channel, "_spin", lambda: (spins.append(1), real_spin()))
+    channel._last_wait = 2.0  # the last batch came 2 s after the one before: light load
+    parent.sendall(frame(RunBatch(1, 0, 1, [])))
+    assert channel.recv() == RunBatch(1, 0, 1, [])
+    assert spins == []  # no polling after a long wait: it would have burnt the core for nothing
+    parent.sendall(frame(RunBatch(2, 0, 1, [])))  # this one was waiting at once: a short wait
+    assert channel.recv() == RunBatch(2, 0, 1, [])
+    assert spins == [1]
