@@ -32,6 +32,18 @@ def encode(manifest: Manifest) -> bytes:
     return msgspec.json.encode(manifest, order="sorted")
 
 
+def is_canonical(raw: bytes) -> bool:
+    """Whether ``raw`` is canonical JSON: what it holds, sorted and without spaces, byte for byte.
+    Judged on the JSON itself, not on this version's Manifest: a manifest written before a
+    configuration field existed (a bundle built by an older warmserve) lacks it, and is still
+    canonical (re-encoding it as this version's Manifest would add the field's default, and every
+    bundle built before an upgrade would be refused)."""
+    try:
+        return bool(msgspec.json.encode(msgspec.json.decode(raw), order="sorted") == raw)
+    except msgspec.DecodeError:
+        return False
+
+
 def bundle_id(canonical: bytes) -> str:
     return hashlib.sha256(canonical).hexdigest()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from serve.bundles.manifest import FORMAT, MANIFEST_FILE, Manifest, bundle_id, decode, encode
+from serve.bundles.manifest import FORMAT, MANIFEST_FILE, Manifest, bundle_id, decode, is_canonical
 from serve.config import ModelConfig, model_files, validate_model
 from serve.errors import InvalidBundleError
 
@@ -73,7 +73,7 @@ def verify_bundle(root: Path, expected_id: str = "") -> VerifiedBundle:
         raise InvalidBundleError(f"bundle {root}: {MANIFEST_FILE} is invalid: {exc}") from None
     if manifest.format != FORMAT:
         raise InvalidBundleError(f"bundle {root}: format {manifest.format}, expected {FORMAT}")
-    if encode(manifest) != raw:
+    if not is_canonical(raw):
         raise InvalidBundleError(f"bundle {root}: {MANIFEST_FILE} is not in canonical form")
     identity = bundle_id(raw)
     if expected_id and identity != expected_id:

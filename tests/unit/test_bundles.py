@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import logging
 import os
@@ -461,3 +462,22 @@ def test_an_archive_that_does_not_fit_in_the_cache_is_refused_naming_the_cache(
     assert "could not unpack it into the bundle cache" in message and str(root) in message
     assert "No space left on device" in message and "not a readable" not in message
     assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_bundle_built_before_a_config_field_existed_is_still_valid(bundle):
+    # Its manifest lacks the field; re-encoded as this version's Manifest it would carry the
+    # field's default, and every bundle built before an upgrade was refused as not canonical.
+    import json
+
+    import msgspec
+
+    manifest = json.loads((bundle / MANIFEST_FILE).read_bytes())
+    del manifest["model"]["pool"]["idle_spin_us"]  # (added in the thirteenth session)
+    older = msgspec.json.encode(manifest, order="sorted")  # as the older version wrote it
+    (bundle / MANIFEST_FILE).write_bytes(older)
+    verified = verify_bundle(bundle)
+    assert verified.id == hashlib.sha256(older).hexdigest()  # its own bytes, as written
+    assert verified.manifest.model.pool.idle_spin_us == -1.0  # the default, where it is absent
+    (bundle / MANIFEST_FILE).write_bytes(json.dumps(manifest, sort_keys=True).encode())
+    with pytest.raises(InvalidBundleError, match="not in canonical form"):  # (spaces)
+        verify_bundle(bundle)
