@@ -112,7 +112,11 @@ async def _warm_up(runtime: Runtime, frontend: GrpcFrontend, relays: RelayPort |
     if relays is not None:
         await relays.wait_listening()  # ready only once the port takes calls
     await frontend.open_gate(relays.port if relays is not None else None)
-    log.info("ready: %s", ", ".join(f"{s.name} {s.state.value}" for s in runtime.statuses()))
+    statuses = ", ".join(f"{s.name} {s.state.value}" for s in runtime.statuses())
+    if runtime.ready:
+        log.info("ready: %s", statuses)
+    else:  # (every model failed, or there is none: readiness stays NOT_SERVING)
+        log.warning("start-up over, NOT ready: %s", statuses or "no model in the repository")
     if SPIN.enabled:
         log.info(
             "WARMSERVE_LOOP_SPIN: the serving loop polls while 1 to %d batches are out",

@@ -23,7 +23,7 @@ def _states(server: ServerProcess) -> dict[str, tuple[str, str]]:
     """Model name → (state, reason) once the server's start-up is over (every model loaded or
     failed, the active versions chosen)."""
     server.wait_live()
-    server.wait_for_log(r"serve\.app: ready: ", timeout=120)
+    server.wait_for_log(r"serve\.app: (ready|start-up over, NOT ready): ", timeout=120)
     index = server.client.get_model_repository_index().models
     return {model.name: (model.state, model.reason) for model in index}
 

@@ -266,3 +266,18 @@ def test_a_worker_busy_in_the_model_exits_when_the_serving_process_is_killed(
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         server.stop()
+
+
+def test_a_repository_with_nothing_to_serve_never_turns_ready_and_says_so(tmp_path):
+    # (a bundle refused, or no model at all: no inference can run, so readiness stays shut)
+    broken = tmp_path / "repo" / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text("{}")
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    try:
+        server.wait_live()
+        server.wait_for_log(r"start-up over, NOT ready: no model in the repository")
+        assert server.http_get("/v2/health/ready") == 503
+        assert not server.client.is_server_ready()
+    finally:
+        assert server.stop() == 0
