@@ -40,9 +40,8 @@ def _bundle(tmp: Path, repo: Path, version: str) -> Path:
     return build_bundle(folder, repo / "mlp" / version).path
 
 
-def test_a_load_without_a_version_is_refused_when_a_bundle_of_the_model_is_broken(tmp_path):
-    """Version 2 was copied in half-written (or tampered with): "load the newest" must not
-    quietly roll out (or keep) version 1 and report success as if version 2 now served."""
+def _with_a_broken_version_2(tmp_path: Path) -> tuple[_Runtime, ModelControl]:
+    """A repository with bundles 1 and 2 of "mlp", 2 copied in half-written, under control."""
     repo = tmp_path / "repo"
     _bundle(tmp_path, repo, "1")
     (_bundle(tmp_path, repo, "2") / "model.onnx").write_bytes(b"half-written")
@@ -53,6 +52,13 @@ def test_a_load_without_a_version_is_refused_when_a_bundle_of_the_model_is_broke
         repo,
         BundleCache(tmp_path / "cache"),
     )
+    return runtime, control
+
+
+def test_a_load_without_a_version_is_refused_when_a_bundle_of_the_model_is_broken(tmp_path):
+    """Version 2 was copied in half-written (or tampered with): "load the newest" must not
+    quietly roll out (or keep) version 1 and report success as if version 2 now served."""
+    runtime, control = _with_a_broken_version_2(tmp_path)
     with pytest.raises(InvalidBundleError, match=r"mlp/2: file model\.onnx does not match"):
         asyncio.run(control.load("mlp"))
     assert runtime.rolled_out == []
@@ -123,16 +129,7 @@ def test_a_control_request_for_no_model_name_or_a_path_is_invalid_not_another_mo
 ):
     """An empty model_name (or a path) is a bad request (INVALID_ARGUMENT): it must not be
     answered with the refusal of some other bundle in the repository (FAILED_PRECONDITION)."""
-    repo = tmp_path / "repo"
-    _bundle(tmp_path, repo, "1")
-    (_bundle(tmp_path, repo, "2") / "model.onnx").write_bytes(b"half-written")
-    runtime = _Runtime()
-    control = ModelControl(
-        runtime,  # type: ignore[arg-type]
-        ServerConfig(model_control=True),
-        repo,
-        BundleCache(tmp_path / "cache"),
-    )
+    runtime, control = _with_a_broken_version_2(tmp_path)
     for call in (control.load(name), control.rollback(name), control.unload(name)):
         with pytest.raises(InvalidInputError, match="model name must be non-empty"):
             asyncio.run(call)

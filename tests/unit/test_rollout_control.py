@@ -14,40 +14,13 @@ import pytest
 import serve.control
 from serve.bundles.build import build_bundle
 from serve.bundles.cache import BundleCache
-from serve.bundles.repository import ModelSource, scan
+from serve.bundles.repository import scan
 from serve.config import ServerConfig
 from serve.control import ModelControl
 from serve.errors import InvalidBundleError
-from serve.model_service import ModelState
-from serve.readiness.latency import ModelLatency
 from serve.runtime import Runtime
 from serve.testing.models import build_mlp_onnx
-
-
-class _Version:
-    """A model version that is ready as soon as it starts."""
-
-    def __init__(self, source: ModelSource) -> None:
-        self.config = source.model
-        self.bundle_id = source.bundle_id
-        self.state = ModelState.LOADING
-        self.latency = ModelLatency()
-
-    @property
-    def ready(self) -> bool:
-        return self.state is ModelState.READY
-
-    def readiness_reason(self) -> str:
-        return ""
-
-    async def start(self) -> None:
-        self.state = ModelState.READY
-
-    async def drain(self) -> None:
-        await self.stop()
-
-    async def stop(self, batch_wait_s: float = 0.0) -> None:
-        self.state = ModelState.UNAVAILABLE
+from tests.unit.test_runtime_hygiene import _Version  # a version ready as soon as it starts
 
 
 def _runtime() -> Runtime:
