@@ -295,6 +295,16 @@ def validate_server(server: ServerConfig) -> None:
             f"log_level (--log-level, WARMSERVE_LOG_LEVEL) must be one of {', '.join(LOG_LEVELS)}"
             f" (any case), got {server.log_level!r}"
         )
+    ports = {
+        "grpc_port (--grpc-port, WARMSERVE_GRPC_PORT)": server.grpc_port,
+        "http_port (--http-port, WARMSERVE_HTTP_PORT)": server.http_port,
+        "health_port (--health-port, WARMSERVE_HEALTH_PORT)": server.health_port,
+    }
+    fixed = [(name, port) for name, port in ports.items() if port > 0]  # (0: any; -1: none)
+    for i, (name, port) in enumerate(fixed):
+        for other, other_port in fixed[i + 1 :]:
+            if port == other_port:  # (gRPC's listeners take SO_REUSEPORT: they would share it)
+                raise ConfigError(f"{name} and {other} are both {port}: give each its own port")
     if server.relay_ring_slots < 0:
         raise ConfigError(
             f"relay_ring_slots (WARMSERVE_RELAY_RING_SLOTS) must be >= 0 (0: no ring), "

@@ -23,10 +23,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 POLL_S = 0.05
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now and not handed out before in this test run: the kernel may give the same
+    free port to two calls in a row (a server's gRPC and HTTP ports, which then shared it)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:

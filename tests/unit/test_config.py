@@ -121,6 +121,26 @@ def test_the_require_gpu_flag_reaches_the_server_config(monkeypatch):
     assert seen == [True, None]  # None: the environment decides
 
 
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        ({"grpc_port": 9000, "http_port": 9000}, "grpc_port .* and http_port .* are both 9000"),
+        ({"http_port": 9100, "health_port": 9100}, "http_port .* and health_port .* both 9100"),
+        ({"grpc_port": 8001, "health_port": 8001}, "grpc_port .* and health_port .* both 8001"),
+    ],
+)
+def test_two_listeners_on_one_port_are_refused(ports, message):
+    # gRPC takes SO_REUSEPORT: it would share the port with the other listener, and the kernel
+    # would hand health probes to the gRPC server now and then
+    with pytest.raises(ConfigError, match=message):
+        server_config_from_env(**ports)
+
+
+def test_ports_of_any_and_none_may_repeat():
+    config = server_config_from_env(grpc_port=0, http_port=0, health_port=-1)
+    assert (config.grpc_port, config.http_port, config.health_port) == (0, 0, -1)
+
+
 @pytest.mark.parametrize("value", ["0.5", "-1", "nan"])
 def test_a_relay_hang_time_under_a_second_is_refused(monkeypatch, value):
     monkeypatch.setenv("WARMSERVE_RELAY_HANG_S", value)
