@@ -71,7 +71,7 @@ async def answer_concurrently(
 
     reader = asyncio.create_task(read())
     sent = 0
-    in_hand: list[Answer] = []  # the answer yielded, until the caller asks for the next
+    in_hand: Answer | None = None  # the answer yielded, until the caller asks for the next
     try:
         while True:
             item = await answers.get()
@@ -79,9 +79,9 @@ async def answer_concurrently(
                 return
             if isinstance(item, BaseException):
                 raise item
-            in_hand.append(item)
+            in_hand = item
             yield item
-            in_hand.pop()
+            in_hand = None
             if release is not None:
                 release(item)
             sent += 1
@@ -91,7 +91,7 @@ async def answer_concurrently(
         for task in list(running):
             task.cancel()  # (a cancelled request queues no answer: it raises where it waits)
         if release is not None:
-            unsent = [*in_hand]
+            unsent = [] if in_hand is None else [in_hand]
             while not answers.empty():
                 leftover = answers.get_nowait()
                 if not isinstance(leftover, (_End, BaseException)):

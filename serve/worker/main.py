@@ -343,13 +343,14 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
         log.exception("start-up failed")
         channel.send(Fatal(f"start-up failed: {type(exc).__name__}: {exc}"))
         return 1
+    spin_us = idle_spin_us(init.model.pool.idle_spin_us, worker.backend.device)
     log.info(
         "warm: %s, buckets %s, load %.2f s, warm-up %.2f s, idle spin %g µs",
         worker.backend.describe(),
         list(worker.buckets),
         worker.load_s,
         warm_s,
-        idle_spin_us(init.model.pool.idle_spin_us, worker.backend.device),
+        spin_us,
     )
     channel.send(
         Ready(
@@ -363,7 +364,7 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
             worker.load_s,
         )
     )
-    channel.spin_s = idle_spin_us(init.model.pool.idle_spin_us, worker.backend.device) / 1e6
+    channel.spin_s = spin_us / 1e6  # (not while loading and warming)
     try:
         worker.serve_forever()
     except EOFError:
