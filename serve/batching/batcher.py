@@ -218,7 +218,17 @@ class DynamicBatcher:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Requests queued that still wait: not those whose caller gave up or whose deadline
+        (or retry time) passed, which stay in the queue until a dispatch or a sweep drops them.
+        Counted when read (a scrape, a controller tick), not on the request path."""
+        now = time.monotonic()
+        return sum(
+            1
+            for i in self._queue
+            if not i.future.done()
+            and (i.deadline is None or i.deadline > now)
+            and (i.lost is None or i.retry_until > now)
+        )
 
     @property
     def inflight_batches(self) -> int:

@@ -176,6 +176,42 @@ def test_callers_that_gave_up_do_not_keep_the_queue_full():
     assert [b[0][0, 0] for b in run(main()).batches] == [0.0, 3.0]  # the others never ran
 
 
+def test_queue_depth_counts_only_requests_that_still_wait():
+    """A caller that gave up, or a request whose deadline passed, stays in the queue until a
+    dispatch or a sweep drops it; the depth reported (the warmserve_queue_depth metric, the
+    controller's scale-up signal) leaves them out at once."""
+
+    async def main():
+        pool = FakePool()
+        pool.gate.clear()  # the only worker stays busy: nothing leaves the queue
+        batcher = make(pool, max_batch_size=1)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([np.zeros((1, 1))], 1, None))
+        await pool.started.wait()
+        gone = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
+        late = asyncio.ensure_future(
+            batcher.submit([np.ones((1, 1))], 1, time.monotonic() + 0.5, timed=False)
+        )
+        live = asyncio.ensure_future(batcher.submit([np.ones((1, 1))], 1, None))
+        await asyncio.sleep(0)  # (all three queued)
+        assert batcher.queue_depth == 3
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        assert batcher.queue_depth == 2  # the caller that gave up is not waiting
+        async with asyncio.timeout(5):
+            while batcher.queue_depth > 1:  # until the deadline of ``late`` passes
+                await asyncio.sleep(0.01)
+        depth = batcher.queue_depth
+        pool.gate.set()
+        await asyncio.gather(first, live)
+        with pytest.raises(DeadlineExceededError):
+            await late
+        await batcher.stop()
+        return depth, batcher.queue_depth
+
+    assert run(main()) == (1, 0)
+
+
 def test_a_request_whose_deadline_passes_in_the_queue_is_never_computed():
     async def main():
         pool = FakePool()
