@@ -21,6 +21,20 @@ def node_of_64_cpus(monkeypatch):
     monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(NODE_CPUS)))
 
 
+@pytest.fixture(autouse=True)
+def in_the_root_cgroup(monkeypatch, tmp_path_factory):
+    """/proc/self/cgroup of a process in its namespace's root cgroup (not this machine's)."""
+    proc = tmp_path_factory.mktemp("proc") / "cgroup"
+    proc.write_text("0::/\n")
+    monkeypatch.setattr(cpus, "PROC_SELF_CGROUP", proc, raising=False)
+
+
+def _proc_cgroup(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cgroup").write_text(text)
+    return folder / "cgroup"
+
+
 def _cgroup_v2(root: Path, cpu_max: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "cpu.max").write_text(cpu_max)
@@ -59,14 +73,76 @@ def test_without_a_cgroup_file_the_affinity_mask_decides(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cpu_max", ["garbage\n", "", "100000 0\n", "-5 100000\n"])
-def test_an_unreadable_limit_falls_back_to_the_affinity_mask_and_says_so(tmp_path, caplog, cpu_max):
+def test_an_unreadable_limit_is_ignored_and_said_so(tmp_path, caplog, cpu_max):
     with caplog.at_level(logging.WARNING, logger="serve.cpus"):
         assert available_cpus(_cgroup_v2(tmp_path, cpu_max)) == NODE_CPUS
-    assert "using the affinity mask" in caplog.text
+    assert "unexpected CPU limit" in caplog.text and "ignoring it" in caplog.text
+
+
+def _nested(root: Path, limits: dict[str, str]) -> Path:
+    """A cgroup v2 tree under ``root``: folder (relative) → its cpu.max; no cpu.max at the
+    root (the root cgroup has none)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    for folder, cpu_max in limits.items():
+        _cgroup_v2(root / folder, cpu_max)
+    return root
+
+
+LEAF = "kubepods.slice/pod1.slice/cri-c1.scope"
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        ({LEAF: "200000 100000\n"}, 2),  # the container's own cgroup, below the mount point
+        ({"kubepods.slice/pod1.slice": "300000 100000\n", LEAF: "max 100000\n"}, 3),  # the pod
+        ({"kubepods.slice": "800000 100000\n", LEAF: "300000 100000\n"}, 3),  # the tightest
+        ({"kubepods.slice": "200000 100000\n", LEAF: "600000 100000\n"}, 2),  # an ancestor's
+        ({"kubepods.slice": "100000 50000\n", LEAF: "250000 100000\n"}, 2),  # other periods
+        ({"kubepods.slice": "max 100000\n", LEAF: "max 100000\n"}, NODE_CPUS),
+        ({"other.slice": "100000 100000\n"}, NODE_CPUS),  # not on this process's path
+    ],
+)
+def test_the_tightest_cpu_max_on_the_process_cgroup_path_caps_the_cpus(tmp_path, limits, expected):
+    root = _nested(tmp_path / "cgroup", limits)
+    proc = _proc_cgroup(tmp_path / "proc", f"0::/{LEAF}\n")
+    assert available_cpus(root, proc) == expected
+
+
+def test_a_malformed_limit_on_one_level_leaves_the_others_in_force(tmp_path, caplog):
+    root = _nested(tmp_path / "cgroup", {"kubepods.slice": "4 CPUs\n", LEAF: "300000 100000\n"})
+    proc = _proc_cgroup(tmp_path / "proc", f"0::/{LEAF}\n")
+    with caplog.at_level(logging.WARNING, logger="serve.cpus"):
+        assert available_cpus(root, proc) == 3
+    assert "kubepods.slice/cpu.max; ignoring it" in caplog.text
+
+
+def test_a_cgroup_path_outside_the_namespace_is_read_at_its_root_only(tmp_path):
+    root = _nested(tmp_path / "cgroup", {"escaped": "100000 100000\n"})
+    _cgroup_v2(root, "300000 100000\n")  # (a namespace's root cgroup shows its cpu.max)
+    proc = _proc_cgroup(tmp_path / "proc", "0::/../../escaped\n")
+    assert available_cpus(root, proc) == 3
+
+
+def test_cgroup_v1_beside_the_unified_hierarchy_is_read_as_before(tmp_path):
+    """Hybrid hosts: /proc/self/cgroup names a v2 path, but the cpu controller is v1's."""
+    (tmp_path / "cgroup" / "cpu").mkdir(parents=True)
+    (tmp_path / "cgroup" / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cgroup" / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    proc = _proc_cgroup(tmp_path / "proc", "3:cpu,cpuacct:/\n0::/user.slice\n")
+    assert available_cpus(tmp_path / "cgroup", proc) == 3
+
+
+def test_without_proc_self_cgroup_the_root_is_read(tmp_path):
+    root = _cgroup_v2(tmp_path / "cgroup", "200000 100000\n")
+    assert available_cpus(root, tmp_path / "no-such-file") == 2
 
 
 def test_a_pool_sizes_its_workers_threads_by_the_cpu_limit_not_the_node(tmp_path, monkeypatch):
     """A pod limited to 4 CPUs on a 64-core node: 2 workers get 2 intra-op threads each."""
-    monkeypatch.setattr(cpus, "CGROUP_ROOT", _cgroup_v2(tmp_path, "400000 100000\n"))
+    root = _nested(tmp_path / "cgroup", {LEAF: "400000 100000\n"})
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", root)
+    monkeypatch.setattr(cpus, "PROC_SELF_CGROUP", _proc_cgroup(tmp_path / "proc", f"0::/{LEAF}\n"))
     assert WorkerPool(_model(workers=2, threads=0)).settings.threads == 2
     assert WorkerPool(_model(workers=2, threads=3)).settings.threads == 3  # the model's own
