@@ -89,31 +89,39 @@ def load_backend(
     build_model: Any | None = None,
     *,
     require_gpu: bool = False,
+    model_bytes: bytes | None = None,
 ) -> Backend:
     """Construct and load the backend the model config names (imports its framework now).
 
     ``build_model`` (from the model's process module) builds a torch module from safetensors
     weights. With ``require_gpu`` (the server's WARMSERVE_REQUIRE_GPU) device ``auto`` must be
     CUDA: the backend is asked for ``cuda:0``, what ``auto`` picks when there is a GPU, and
-    refuses it loudly when there is none."""
+    refuses it loudly when there is none. ``model_bytes``: the model file's content as it was
+    verified (a bundle's); the file is then not opened again. None: loaded from its path."""
     if require_gpu and device == "auto":
         try:
-            return _load(model, "cuda:0", threads, build_model)
+            return _load(model, "cuda:0", threads, build_model, model_bytes)
         except DeviceUnavailableError as exc:
             raise DeviceUnavailableError(
                 f"model {model.name!r} must run on a GPU (WARMSERVE_REQUIRE_GPU is set and its "
                 f"device is 'auto'), but {exc}"
             ) from None
-    return _load(model, device, threads, build_model)
+    return _load(model, device, threads, build_model, model_bytes)
 
 
-def _load(model: ModelConfig, device: str, threads: int, build_model: Any | None) -> Backend:
+def _load(
+    model: ModelConfig,
+    device: str,
+    threads: int,
+    build_model: Any | None,
+    model_bytes: bytes | None,
+) -> Backend:
     if model.backend == "onnx":
         from serve.backends.onnx import OnnxBackend
 
-        return OnnxBackend(model, device, threads)
+        return OnnxBackend(model, device, threads, model_bytes)
     if model.backend == "torch":
         from serve.backends.torch import TorchBackend
 
-        return TorchBackend(model, device, threads, build_model)
+        return TorchBackend(model, device, threads, build_model, model_bytes)
     raise ValueError(f"unknown backend {model.backend!r}")

@@ -47,7 +47,9 @@ def check_session_device(device: str, session_providers: list[str]) -> None:
 class OnnxBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, model: ModelConfig, device: str, threads: int) -> None:
+    def __init__(
+        self, model: ModelConfig, device: str, threads: int, model_bytes: bytes | None = None
+    ) -> None:
         device, providers = choose_providers(device, ort.get_available_providers())
         super().__init__(model, device, threads)
         options = ort.SessionOptions()
@@ -57,7 +59,14 @@ class OnnxBackend(Backend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning threads burn cores that other workers and the front end need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(model.model_path), options, providers=providers)
+        source: str | bytes = str(model.model_path)
+        if model_bytes is not None:  # the bytes the bundle's hash was checked on
+            source = model_bytes
+            # (a graph with external data finds it beside the model file, as from a path)
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", model.directory
+            )
+        self._session = ort.InferenceSession(source, options, providers=providers)
         check_session_device(device, self._session.get_providers())
         graph_inputs = {i.name for i in self._session.get_inputs()}
         graph_outputs = {o.name for o in self._session.get_outputs()}

@@ -8,6 +8,7 @@ runs eagerly.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,7 @@ class TorchBackend(Backend):
         device: str,
         threads: int,
         build_model: Callable[[dict[str, torch.Tensor]], Any] | None = None,
+        model_bytes: bytes | None = None,
     ) -> None:
         self._build_model = build_model
         device = resolve_device(device, torch.cuda.is_available())
@@ -98,29 +100,35 @@ class TorchBackend(Backend):
         self._torch_device = torch.device(device)
         if device.startswith("cuda"):
             torch.cuda.set_device(self._torch_device)
-        self._module = self._load(model)
+        self._module = self._load(model, model_bytes)
         self._input_names = list(model.model_inputs) or [s.name for s in model.inputs]
         self._output_names = list(model.model_outputs) or [s.name for s in model.outputs]
         self._graphs: dict[tuple[tuple[int, ...], ...], _Graph] = {}
         self._locked: tuple[int, int] | None = None  # page-locked host memory (the arena)
 
-    def _load(self, model: ModelConfig) -> Any:
+    def _load(self, model: ModelConfig, model_bytes: bytes | None) -> Any:
+        """The module, from ``model_bytes`` (the verified content) when given, else the file."""
         path = model.model_path
+        source: str | io.BytesIO = str(path) if model_bytes is None else io.BytesIO(model_bytes)
         if path.suffix == ".safetensors":
             # Weights only: the architecture comes from the bundle's own process module.
-            from safetensors.torch import load_file
+            from safetensors.torch import load, load_file
 
             if self._build_model is None:
                 raise ValueError(
                     f"{model.model_file} holds only weights: the model's process module must "
                     "define build_model(weights) returning a torch.nn.Module"
                 )
-            module = self._build_model(load_file(str(path), device=str(self._torch_device)))
+            if model_bytes is None:
+                weights = load_file(str(path), device=str(self._torch_device))
+            else:
+                weights = {k: v.to(self._torch_device) for k, v in load(model_bytes).items()}
+            module = self._build_model(weights)
             return module.to(self._torch_device).eval()
         if path.suffix == ".pt2":
-            program = torch.export.load(str(path))
+            program = torch.export.load(source)
             return program.module().to(self._torch_device)
-        module = torch.jit.load(str(path), map_location=self._torch_device)
+        module = torch.jit.load(source, map_location=self._torch_device)
         module.eval()
         return module
 

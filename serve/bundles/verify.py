@@ -61,6 +61,16 @@ def verify_bundle(root: Path, expected_id: str = "") -> VerifiedBundle:
 
     Raises InvalidBundleError naming the first file that differs.
     """
+    return read_bundle(root, expected_id, ())[0]
+
+
+def read_bundle(
+    root: Path, expected_id: str, keep: tuple[str, ...]
+) -> tuple[VerifiedBundle, dict[str, bytes]]:
+    """``verify_bundle``, also returning the bytes of the files named in ``keep`` (relative
+    paths; those the manifest lists) as they were hashed. A loader that uses these bytes, not
+    the files again, loads exactly what was verified: a file replaced or rewritten after the
+    check is never used unchecked. Each kept file is read once."""
     root = root.resolve()
     manifest_path = root / MANIFEST_FILE
     try:
@@ -86,16 +96,35 @@ def verify_bundle(root: Path, expected_id: str = "") -> VerifiedBundle:
         raise InvalidBundleError(f"bundle {root}: file {path} is missing")
     for path in sorted(present - set(listed)):
         raise InvalidBundleError(f"bundle {root}: file {path} is not in the manifest")
+    wanted = {Path(name).as_posix() for name in keep if name}
+    contents: dict[str, bytes] = {}
     for path, entry in sorted(listed.items()):
         file = root / path
-        if file.stat().st_size != entry.size or sha256_file(file) != entry.sha256:
+        if path in wanted:
+            data = _read_checked(file, entry.size)
+            matches = data is not None and hashlib.sha256(data).hexdigest() == entry.sha256
+            if data is not None:
+                contents[path] = data
+        else:
+            matches = file.stat().st_size == entry.size and sha256_file(file) == entry.sha256
+        if not matches:
             raise InvalidBundleError(f"bundle {root}: file {path} does not match its sha256")
     for label, name in model_files(manifest.model).items():
         if name and Path(name).as_posix() not in listed:  # "../x.py": no hash would cover it
             raise InvalidBundleError(f"bundle {root}: {label} {name!r} is not a file of the bundle")
     bundle = VerifiedBundle(root, identity, manifest)
     validate_model(bundle.model)
-    return bundle
+    return bundle, contents
+
+
+def _read_checked(file: Path, size: int) -> bytes | None:
+    """The bytes of ``file`` if it holds exactly ``size`` bytes (None otherwise), read once
+    from one open descriptor: a file grown or shrunk meanwhile is not read past its size."""
+    with file.open("rb") as stream:
+        if os.fstat(stream.fileno()).st_size != size:
+            return None
+        data = stream.read(size + 1)
+    return data if len(data) == size else None
 
 
 # (path, size, mtime, ctime, inode) of every file under a bundle: any write to a file changes

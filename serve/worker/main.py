@@ -18,7 +18,6 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,6 @@ from serve.pool.messages import (
     to_worker_decoder,
 )
 from serve.protocol.datatypes import Datatype, datatype_of, numpy_dtype
-from serve.worker.process import Processing
 
 log = logging.getLogger("serve.worker")
 
@@ -137,7 +135,7 @@ def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
 
 class Worker:
     def __init__(self, channel: Channel, init: Init, in_fd: int, out_fd: int) -> None:
-        from serve.backends import load_backend
+        from serve.worker.loading import load_model
 
         self.channel = channel
         self.init = init
@@ -145,18 +143,8 @@ class Worker:
         self.inputs = Arena(in_fd, init.slots, init.slot_bytes)
         self.outputs = Arena(out_fd, init.slots, init.slot_bytes)
         start = time.monotonic()
-        if init.bundle_id:  # before any of the bundle's code is imported or weights are read
-            from serve.bundles.verify import verify_bundle
-
-            verify_bundle(Path(self.model.directory), init.bundle_id)
-        module = f"warmserve_bundle_{(init.bundle_id or 'source')[:12]}_{self.model.name}"
-        self.processing = Processing(self.model, module)
-        self.backend = load_backend(
-            self.model,
-            init.device,
-            init.threads,
-            self.processing.build_model,
-            require_gpu=init.require_gpu,
+        self.processing, self.backend = load_model(
+            self.model, init.bundle_id, init.device, init.threads, init.require_gpu
         )
         self.load_s = time.monotonic() - start
         fixed = init.fixed_shapes if init.fixed_shapes is not None else self.backend.fixed_shapes

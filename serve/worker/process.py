@@ -31,7 +31,8 @@ def _identity(arrays: Arrays) -> Arrays:
 
 
 class Processing:
-    def __init__(self, model: ModelConfig, module_name: str) -> None:
+    def __init__(self, model: ModelConfig, module_name: str, source: bytes | None = None) -> None:
+        """``source``: the module's code as its bundle was verified (else read from its file)."""
         self.preprocess: Step = _identity
         self.postprocess: Step = _identity
         self.build_model: Callable[..., Any] | None = None  # safetensors weights → module
@@ -46,7 +47,8 @@ class Processing:
         # Run the verified source itself: the import system would read a cached .pyc instead
         # (not covered by the bundle's hash) and write __pycache__/ into the bundle, an extra
         # file that makes every later verification of the bundle refuse it.
-        exec(compile(path.read_bytes(), str(path), "exec", dont_inherit=True), module.__dict__)
+        code = path.read_bytes() if source is None else source
+        exec(compile(code, str(path), "exec", dont_inherit=True), module.__dict__)
         self.preprocess = _checked(getattr(module, "preprocess", _identity), "preprocess")
         self.postprocess = _checked(getattr(module, "postprocess", _identity), "postprocess")
         self.build_model = getattr(module, "build_model", None)
