@@ -17,6 +17,7 @@ from serve.pool import template, worker_handle
 from serve.pool.loop_spin import MOST_BATCHES, SPIN
 from serve.runtime import Runtime
 from serve.supervisor import STOP_MARGIN_S, RelayPort
+from serve.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,10 @@ async def serve(config: Config) -> int:
     if not sources:
         log.warning("no models in %s: the server will never be ready", config.repository)
     runtime = Runtime(
-        sources, log_level=config.server.log_level, require_gpu=config.server.require_gpu
+        sources,
+        log_level=config.server.log_level,
+        require_gpu=config.server.require_gpu,
+        metrics=Metrics(warm_up=True),  # counted apart until readiness opens (_warm_up)
     )
     control = ModelControl(runtime, config.server, Path(config.repository), cache)
     frontend = GrpcFrontend(config.server, runtime, control)
@@ -112,6 +116,7 @@ async def _warm_up(runtime: Runtime, frontend: GrpcFrontend, relays: RelayPort |
     if relays is not None:
         await relays.wait_listening()  # ready only once the port takes calls
     await frontend.open_gate(relays.port if relays is not None else None)
+    runtime.metrics.warm_up_over()  # (the user series start here, and only ever grow)
     statuses = ", ".join(f"{s.name} {s.state.value}" for s in runtime.statuses())
     if runtime.ready:
         log.info("ready: %s", statuses)

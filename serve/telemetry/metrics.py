@@ -4,6 +4,11 @@ The request path records into plain per-model counters (ModelCounters: integer a
 bisect, no locks, no label look-ups); they and the gauges of state (queue depth, warm workers) are
 turned into Prometheus families only when Prometheus scrapes. Everything runs on the event-loop
 thread, so the counters need no lock.
+
+Counters only ever grow while the process lives (Prometheus' rate() reads a drop as a restart).
+What the server does before it turns ready (the front end's own loopback warm-up calls, calls
+that come before readiness) is not user traffic: it is counted under the ``warmserve_warm_up_*``
+series, which stop growing once the warm-up is over, and the user series start from zero then.
 """
 
 from __future__ import annotations
@@ -94,24 +99,47 @@ class InflightGauges(Collector):
 
 
 class ModelCounters:
-    """One model's request outcomes, request durations and batch sizes since start."""
+    """One model's request outcomes, request durations and batch sizes since start. While
+    ``warming`` (before the server turned ready), what is counted is warm-up traffic; once the
+    warm-up ends it stays, frozen, in ``warm_up``."""
 
-    __slots__ = ("duration_buckets", "duration_sum", "outcomes", "rows_buckets", "rows_sum")
+    __slots__ = (
+        "duration_buckets",
+        "duration_sum",
+        "outcomes",
+        "rows_buckets",
+        "rows_sum",
+        "warm_up",
+        "warming",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, warming: bool = False) -> None:
         self.outcomes: dict[str, int] = {}
         self.duration_buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last is +Inf
         self.duration_sum = 0.0
         self.rows_buckets = [0] * (len(BATCH_BUCKETS) + 1)
         self.rows_sum = 0
+        self.warming = warming
+        self.warm_up: ModelCounters | None = None  # what the warm-up counted, once it is over
 
     def reset(self) -> None:
-        """Back to zero (before the server takes traffic: its own warm-up calls are not counted)."""
-        self.outcomes.clear()
+        """The warm-up is over (the server takes traffic now): what was counted so far moves to
+        the warm-up series and the user series start from zero. Nothing is dropped: after the
+        warm-up, or for counters that never had one, this changes nothing (counters never go
+        down while the process lives)."""
+        if not self.warming:
+            return
+        warm_up = ModelCounters()
+        warm_up.outcomes = self.outcomes
+        warm_up.duration_buckets, warm_up.duration_sum = self.duration_buckets, self.duration_sum
+        warm_up.rows_buckets, warm_up.rows_sum = self.rows_buckets, self.rows_sum
+        self.warm_up = warm_up
+        self.outcomes = {}
         self.duration_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.duration_sum = 0.0
         self.rows_buckets = [0] * (len(BATCH_BUCKETS) + 1)
         self.rows_sum = 0
+        self.warming = False
 
     def request_ok(self, seconds: float) -> None:
         outcomes = self.outcomes
@@ -135,6 +163,9 @@ def _histogram_buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tup
     return buckets
 
 
+_NOTHING_YET = ModelCounters()  # the user series of a model still warming up: all zero
+
+
 class CountersCollector(Collector):
     def __init__(self, counters: dict[str, ModelCounters]) -> None:
         self._counters = counters
@@ -151,28 +182,55 @@ class CountersCollector(Collector):
         rows = HistogramMetricFamily(
             "warmserve_batch_rows", "Rows per batch sent to a worker", labels=["model"]
         )
-        for name, c in sorted(self._counters.items()):
+        warm_up_requests = CounterMetricFamily(
+            "warmserve_warm_up_requests",
+            "Inference requests before the server turned ready (its own warm-up calls), "
+            "by outcome; not in warmserve_requests",
+            labels=["model", "code"],
+        )
+        warm_up_rows = CounterMetricFamily(
+            "warmserve_warm_up_batch_rows",
+            "Rows sent to workers before the server turned ready; not in warmserve_batch_rows",
+            labels=["model"],
+        )
+        for name, counters in sorted(self._counters.items()):
+            c = _NOTHING_YET if counters.warming else counters
             for code, count in sorted(c.outcomes.items()):
                 requests.add_metric([name, code], count)
             duration.add_metric(
                 [name], _histogram_buckets(LATENCY_BUCKETS, c.duration_buckets), c.duration_sum
             )
             rows.add_metric([name], _histogram_buckets(BATCH_BUCKETS, c.rows_buckets), c.rows_sum)
-        return [requests, duration, rows]
+            warm_up = counters if counters.warming else counters.warm_up
+            if warm_up is not None:
+                for code, count in sorted(warm_up.outcomes.items()):
+                    warm_up_requests.add_metric([name, code], count)
+                warm_up_rows.add_metric([name], warm_up.rows_sum)
+        return [requests, duration, rows, warm_up_requests, warm_up_rows]
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, warm_up: bool = False) -> None:
+        """``warm_up``: the process warms up before it takes traffic (the server: app.py), and
+        what it counts until warm_up_over() (or each model's counters' reset()) is warm-up."""
         self.registry = CollectorRegistry()
         self._counters: dict[str, ModelCounters] = {}
+        self._warming = warm_up
         self.registry.register(CountersCollector(self._counters))
 
     def counters(self, model: str) -> ModelCounters:
         """The counters of ``model`` (shared by its versions, as the ``model`` label is)."""
         counters = self._counters.get(model)
         if counters is None:
-            counters = self._counters[model] = ModelCounters()
+            counters = self._counters[model] = ModelCounters(warming=self._warming)
         return counters
+
+    def warm_up_over(self) -> None:
+        """The server takes traffic now: every model's counting from here on is user traffic
+        (a model not ready at the warm-up's end included; a model loaded later has none)."""
+        self._warming = False
+        for counters in self._counters.values():
+            counters.reset()
 
     def forget(self, model: str) -> None:
         """Drop ``model``'s series: it is no longer loaded (each model ever loaded and unloaded

@@ -44,3 +44,77 @@ def test_outcomes_durations_and_batch_sizes_are_scraped_per_model():
     assert s['warmserve_batch_rows_bucket{le="64.0",model="a"}'] == 4
     assert s['warmserve_batch_rows_sum{model="a"}'] == 71
     assert s['warmserve_batch_rows_count{model="b"}'] == 0
+
+
+def _counter_series(metrics: Metrics) -> dict[str, float]:
+    """Every counter sample of a scrape (histogram buckets, counts and sums included)."""
+    return {
+        name: value
+        for name, value in _samples(metrics).items()
+        if name.startswith(("warmserve_requests_total", "warmserve_warm_up_"))
+        or "_bucket{" in name
+        or "_count{" in name
+        or "_sum{" in name
+    }
+
+
+def _assert_none_went_down(before: dict[str, float], after: dict[str, float]) -> None:
+    for name, value in before.items():
+        assert after.get(name, 0.0) >= value, f"{name} went from {value} to {after.get(name)}"
+
+
+def test_counters_never_go_down_when_the_warm_up_ends():
+    """A scrape during the warm-up and one after it: every counter series only grew. The
+    warm-up's own calls are counted apart (warmserve_warm_up_*), not in the user series."""
+    metrics = Metrics(warm_up=True)
+    a = metrics.counters("a")
+    for _ in range(3):  # the front end's loopback warm-up calls
+        a.batch(1)
+        a.request_ok(0.001)
+    a.request_failed("deadline_exceeded")
+    during = _counter_series(metrics)
+    assert during['warmserve_warm_up_requests_total{code="ok",model="a"}'] == 3
+    assert 'warmserve_requests_total{code="ok",model="a"}' not in during
+    assert during['warmserve_request_duration_seconds_count{model="a"}'] == 0
+
+    a.reset()  # ModelService.forget_warm_up(), as the gate opens
+    metrics.warm_up_over()
+    a.request_ok(0.002)  # user traffic
+    a.batch(2)
+    after = _counter_series(metrics)
+    _assert_none_went_down(during, after)
+    assert after['warmserve_requests_total{code="ok",model="a"}'] == 1
+    assert after['warmserve_request_duration_seconds_count{model="a"}'] == 1
+    assert after['warmserve_batch_rows_sum{model="a"}'] == 2
+    assert after['warmserve_warm_up_requests_total{code="ok",model="a"}'] == 3
+    assert after['warmserve_warm_up_requests_total{code="deadline_exceeded",model="a"}'] == 1
+    assert after['warmserve_warm_up_batch_rows_total{model="a"}'] == 3
+
+
+def test_a_reset_after_the_warm_up_or_without_one_drops_nothing():
+    warmed = Metrics(warm_up=True)
+    warmed.counters("a")
+    warmed.warm_up_over()
+    for metrics in (Metrics(), warmed):  # (Metrics(): the in-process Runtime's)
+        a = metrics.counters("a")
+        a.request_ok(0.001)
+        a.batch(4)
+        before = _counter_series(metrics)
+        a.reset()  # a second forget_warm_up(), say
+        after = _counter_series(metrics)
+        _assert_none_went_down(before, after)
+        assert after['warmserve_requests_total{code="ok",model="a"}'] == 1
+
+
+def test_a_model_not_ready_at_the_warm_up_s_end_and_one_loaded_later_count_user_traffic():
+    metrics = Metrics(warm_up=True)
+    late = metrics.counters("late")  # never warmed through the front end: no reset() of its own
+    late.request_failed("unavailable")
+    metrics.warm_up_over()
+    late.request_ok(0.001)
+    metrics.counters("loaded").request_ok(0.001)  # loaded by model control afterwards
+    s = _samples(metrics)
+    assert s['warmserve_requests_total{code="ok",model="late"}'] == 1
+    assert s['warmserve_warm_up_requests_total{code="unavailable",model="late"}'] == 1
+    assert s['warmserve_requests_total{code="ok",model="loaded"}'] == 1
+    assert not any("warm_up" in name and "loaded" in name for name in s)
