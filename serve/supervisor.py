@@ -250,12 +250,15 @@ class Relays:
                 delay = min(delay * 2, BACKOFF_S[1])
                 continue
             try:
-                port = await member.reported(START_TIMEOUT_S)
-                log.info("relay %d (pid %s) listening on port %d", member.index, member.pid, port)
-                self.listening.add(member.index)
-                self.on_listening()
-                if len(self.listening) == len(self.members):
-                    self._all_listened.set()
+                port = await self._started(member)
+                if port is not None:
+                    log.info(
+                        "relay %d (pid %s) listening on port %d", member.index, member.pid, port
+                    )
+                    self.listening.add(member.index)
+                    self.on_listening()
+                    if len(self.listening) == len(self.members):
+                        self._all_listened.set()
             except TimeoutError:
                 log.error("relay %d did not start within %.0f s", member.index, START_TIMEOUT_S)
                 member.kill()
@@ -277,6 +280,35 @@ class Relays:
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_S[1])
+
+    async def _started(self, member: RelayProcess) -> int | None:
+        """The port ``member`` reports (TimeoutError after START_TIMEOUT_S: interpreter start,
+        imports). Once it has said Hello to the hub it is pinged as a running relay is: one
+        silent for relay_hang_s, twice in a row, hangs before it listens and is killed (None)
+        instead of holding its start for the whole START_TIMEOUT_S."""
+        report = asyncio.ensure_future(member.reported(START_TIMEOUT_S))
+        hang_s = self._config.relay_hang_s
+        over = 0
+        try:
+            while not report.done():
+                await asyncio.wait({report}, timeout=PING_EVERY_S)
+                if report.done() or self._ping is None:
+                    continue
+                silent = self._ping(member.index)  # (None until it has said Hello)
+                over = over + 1 if silent is not None and silent > hang_s else 0
+                if over >= 2:  # (twice: as in _watch)
+                    self.hangs[member.index] += 1
+                    member.kill(
+                        f"(pid {member.pid}) said Hello to the hub but has answered nothing for "
+                        f"{silent:.1f} s without reporting its port (relay_hang_s {hang_s:g}): "
+                        "it hangs while starting"
+                    )
+                    return None
+            return report.result()
+        finally:
+            if not report.done():
+                report.cancel()
+                await asyncio.gather(report, return_exceptions=True)
 
     async def _watch(self, member: RelayProcess) -> int:
         """Until ``member`` exits (its exit code), ping it every PING_EVERY_S and kill it once

@@ -133,3 +133,83 @@ def test_one_late_answer_or_no_connection_yet_does_not_kill_it(monkeypatch, tmp_
     # a stall of the serving loop itself: one check finds it silent, the next has its answer
     relays, relay = _watch(monkeypatch, tmp_path, [None, 0.0, 5.0, 0.0, 5.0, None, 0.0])
     assert relay.reasons == [] and relays.hangs == [0]
+
+
+class _StartHungRelay(_HungRelay):
+    """Its first start says Hello and then hangs before it reports its port (killed, its
+    report fails as a dead process's pipe does); its second start listens."""
+
+    async def reported(self, timeout: float) -> int:
+        if self.starts == 1:
+            await self.gone.wait()
+            raise EOFError
+        return 8001
+
+    def start(self) -> None:
+        self.starts += 1
+        self.gone = asyncio.Event()
+
+
+def test_a_relay_that_hangs_after_its_hello_is_killed_and_restarted_before_the_start_timeout(
+    monkeypatch, caplog, tmp_path: Path
+):
+    monkeypatch.setattr(serve.supervisor, "PING_EVERY_S", 0.001)
+    monkeypatch.setattr(serve.supervisor, "BACKOFF_S", (0.001, 0.002))
+    relay = _StartHungRelay()
+    relay.starts = 0
+    silences = iter([None, 0.0, 1.0, 2.5, 3.5])  # no Hello yet, then ever longer silent
+
+    def ping(index: int) -> float | None:
+        if relay.starts > 1:
+            return 0.0  # the new one answers
+        return next(silences, 4.5)
+
+    relays = Relays(ServerConfig(frontends=1, relay_hang_s=2.0), tmp_path / "hub.sock", ping=ping)
+    relays.members = [relay]  # type: ignore[list-item]
+
+    async def main() -> None:
+        keeper = asyncio.create_task(relays._keep(relay))  # type: ignore[arg-type]
+        try:
+            async with asyncio.timeout(10):  # far below START_TIMEOUT_S (60 s)
+                await relays.wait_listening()
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    asyncio.run(main())
+    assert relay.starts == 2 and relays.listening == {0}
+    assert len(relay.reasons) == 1 and "without reporting its port" in relay.reasons[0]
+    assert "answered nothing for 3.5 s" in relay.reasons[0]
+    assert relays.hangs == [1] and relays.restarts == [1]
+
+
+class _SlowRelay(_HungRelay):
+    """Takes a while to listen (its loop runs: it answers pings meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listens = asyncio.Event()
+
+    async def reported(self, timeout: float) -> int:
+        await self.listens.wait()
+        return 8001
+
+
+def test_a_relay_slow_to_start_but_answering_pings_is_not_killed(monkeypatch, tmp_path: Path):
+    monkeypatch.setattr(serve.supervisor, "PING_EVERY_S", 0.001)
+
+    async def main() -> tuple[int | None, _SlowRelay, Relays]:
+        relay, pings = _SlowRelay(), iter(range(50))
+
+        def ping(index: int) -> float | None:
+            if next(pings, None) is None:
+                relay.listens.set()  # (it listens after 50 pings)
+            return 0.0
+
+        config = ServerConfig(frontends=1, relay_hang_s=2.0)
+        relays = Relays(config, tmp_path / "hub.sock", ping=ping)
+        async with asyncio.timeout(10):
+            return await relays._started(relay), relay, relays  # type: ignore[arg-type]
+
+    port, relay, relays = asyncio.run(main())
+    assert port == 8001 and relay.reasons == [] and relays.hangs == [0]
