@@ -58,18 +58,21 @@ def write_archive(bundle: Path, archive: Path) -> Path:
 
 def extract_archive(archive: Path, cache: BundleCache) -> VerifiedBundle:
     """Unpack into ``cache/<bundle id>`` (once) and verify it. A copy there that no longer
-    verifies (changed on disk) is replaced by a fresh one from the archive. The entry is held
-    for this process (see ``BundleCache``) from before it is looked at. An archive this
-    process has read before, untouched since, and its unpacked copy, untouched since verified,
-    are not read again (``verify_bundle_again``)."""
+    verifies (changed on disk) is replaced by a fresh one from the archive; of several
+    processes (or threads) replacing it at once, the first puts its copy in place and the
+    others use that one once it verifies. The entry is held for this process (see
+    ``BundleCache``) from before it is looked at. An archive this process has read before,
+    untouched since, and its unpacked copy, untouched since verified, are not read again
+    (``verify_bundle_again``)."""
     known = _known_identity(archive)
+    refused: tuple[Path, _Folder] | None = None  # the copy found refused, as it was
     if known is not None:
         cache.hold(known)
-        if cache.path(known).is_dir():
-            try:
-                return verify_bundle_again(cache.path(known), known)
-            except InvalidBundleError as exc:
-                log.warning("%s: unpacking it again: the cached copy is refused: %s", archive, exc)
+        target = cache.path(known)
+        bundle, seen = _cached(archive, target, known)
+        if bundle is not None:
+            return bundle
+        refused = (target, seen)
     try:
         with tarfile.open(archive, mode="r:gz") as tar:
             stat = _stat(archive)
@@ -78,15 +81,13 @@ def extract_archive(archive: Path, cache: BundleCache) -> VerifiedBundle:
                 _identities[archive.resolve()] = (stat, identity)
             cache.hold(identity)
             target = cache.path(identity)
-            if target.is_dir() and known is None:
-                try:
-                    return verify_bundle_again(target, identity)
-                except InvalidBundleError as exc:
-                    log.warning(
-                        "%s: unpacking it again: the cached copy is refused: %s", archive, exc
-                    )
+            if refused is None or refused[0] != target:
+                bundle, seen = _cached(archive, target, identity)
+                if bundle is not None:
+                    return bundle
+                refused = (target, seen)
             try:
-                _unpack(tar, cache.root, target)
+                return _unpack(tar, cache, identity, refused[1])
             except gzip.BadGzipFile:
                 raise
             except OSError as exc:  # (the cache's disk, not the archive: full, read-only)
@@ -96,7 +97,33 @@ def extract_archive(archive: Path, cache: BundleCache) -> VerifiedBundle:
     except (tarfile.TarError, OSError, KeyError, EOFError, zlib.error) as exc:
         # (EOFError, zlib.error: a gzip stream cut short or damaged, as of a half-copied file)
         raise InvalidBundleError(f"{archive}: not a readable bundle archive: {exc}") from None
-    return verify_bundle_again(target, identity)
+
+
+# a folder as it is on disk now (device, inode), None when there is none: a copy put in place
+# since is another folder
+_Folder = tuple[int, int] | None
+
+
+def _folder(path: Path) -> _Folder:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _cached(archive: Path, target: Path, identity: str) -> tuple[VerifiedBundle | None, _Folder]:
+    """The unpacked copy at ``target`` if there is one and it verifies, and the folder found
+    there (taken before it is verified: one put there meanwhile is another, never the one
+    refused)."""
+    seen = _folder(target)
+    if seen is None:
+        return None, None
+    try:
+        return verify_bundle_again(target, identity), seen
+    except InvalidBundleError as exc:
+        log.warning("%s: unpacking it again: the cached copy is refused: %s", archive, exc)
+        return None, seen
 
 
 def _stat(path: Path) -> tuple[int, int, int, int]:
@@ -134,20 +161,28 @@ def _identity(tar: tarfile.TarFile, archive: Path) -> str:
     return bundle_id(manifest.read())
 
 
-def _unpack(tar: tarfile.TarFile, cache: Path, target: Path) -> None:
-    """Unpack beside ``target`` and rename into place, so no one sees a half-written bundle."""
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=cache))
+def _unpack(
+    tar: tarfile.TarFile, cache: BundleCache, identity: str, refused: _Folder
+) -> VerifiedBundle:
+    """Unpack into a private folder, then put it in place in one rename, so no one sees a
+    half-written bundle. ``refused``: the copy this caller found at the entry and refused
+    (None: there was none). Only that copy is replaced; one another process put there since
+    is used instead of this one, once it verifies."""
+    target = cache.path(identity)
+    cache.root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=cache.root))
     try:
         tar.extractall(staging / "bundle", filter="data")
-        if target.is_dir():  # a copy that failed verification: set aside in one step
-            target.rename(staging / "refused")
-        try:
+        with cache.placing(identity):
+            there = _folder(target)
+            if there is not None and there != refused:  # another's copy, put there since
+                try:
+                    return verify_bundle_again(target, identity)
+                except InvalidBundleError as exc:
+                    log.warning("%s: replacing a copy refused: %s", target, exc)
+            if there is not None:  # a copy that failed verification: set aside in one step
+                target.rename(staging / "refused")
             (staging / "bundle").rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            # another process (a second server, `warmserve bundle verify`) unpacked it first;
-            # the caller verifies that copy like its own
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return verify_bundle_again(target, identity)

@@ -12,6 +12,7 @@ locks of a process that dies, so a crashed server keeps nothing. Unpacking lefto
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -19,12 +20,15 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
+PLACING_SUFFIX = ".placing"  # locked (exclusively) while an entry is put in place or replaced
+PLACING_WAIT_S = 600.0  # how long one waits for another process placing the same entry
+PLACING_POLL_S = 0.05
 STAGING_PREFIX = ".extract-"
 STAGING_MAX_AGE_S = 3600.0  # an unpack in progress is younger than this
 _ENTRY = re.compile(r"[0-9a-f]{64}")  # a bundle id (sha256 hex)
@@ -50,6 +54,32 @@ class BundleCache:
             if fd is None:  # (not non-blocking: it waits rather than fails)
                 raise OSError(f"{self._lock_path(bundle_id)}: shared lock refused")
             self._held[bundle_id] = fd
+
+    @contextlib.contextmanager
+    def placing(self, bundle_id: str) -> Iterator[None]:
+        """Exclusive, across processes and threads, while ``bundle_id``'s entry is put in place
+        or a refused copy of it replaced: two of them replacing one copy at once would each
+        move the other's fresh copy aside. Waits up to PLACING_WAIT_S (then OSError); the lock
+        file is removed on the way out (a waiter then retries on a new one: ``_locked``)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = self.root / f"{bundle_id}{PLACING_SUFFIX}"
+        deadline = time.monotonic() + PLACING_WAIT_S
+        logged = False
+        while (fd := _locked(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)) is None:
+            if time.monotonic() > deadline:
+                raise OSError(
+                    f"{lock}: another process has been placing it over {PLACING_WAIT_S:.0f} s"
+                )
+            if not logged:
+                log.info("bundle cache: waiting for another process placing %s", bundle_id)
+                logged = True
+            time.sleep(PLACING_POLL_S)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            os.close(fd)
 
     def held(self) -> set[str]:
         with self._mutex:

@@ -13,15 +13,17 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import serve.bundles.archive
 from serve.bundles.archive import extract_archive, write_archive
 from serve.bundles.build import build_bundle
 from serve.bundles.cache import BundleCache
 from serve.bundles.manifest import MANIFEST_FILE, decode, encode
 from serve.bundles.repository import scan, version_order
-from serve.bundles.verify import list_files, verify_bundle
+from serve.bundles.verify import VerifiedBundle, list_files, verify_bundle
 from serve.errors import InvalidBundleError
 from serve.testing.models import build_mlp_onnx
 
@@ -173,17 +175,46 @@ def test_two_processes_unpacking_the_same_archive_into_one_cache_both_succeed(
     """Two servers (or a server and `warmserve bundle verify`) sharing a cache: the one that
     finishes second finds the bundle already in place, which is not a broken archive."""
     archive, root = write_archive(bundle, tmp_path / "m.wsb"), tmp_path / "cache"
-    rename, raced = Path.rename, []
+    extractall, raced = tarfile.TarFile.extractall, []
 
-    def other_process_first(self: Path, target: Path) -> Path:
+    def other_process_first(self: tarfile.TarFile, *args: Any, **kwargs: Any) -> None:
+        extractall(self, *args, **kwargs)
         if not raced:
             raced.append(True)  # the other one finishes while this one unpacks:
             extract_archive(archive, BundleCache(root))
-        return rename(self, target)
 
-    monkeypatch.setattr(Path, "rename", other_process_first)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", other_process_first)
     assert extract_archive(archive, BundleCache(root)).id == verify_bundle(bundle).id
     assert raced and _names(root) == _entry(verify_bundle(bundle).id)
+
+
+def test_two_processes_replacing_the_same_refused_copy_keep_the_first_ones_copy(
+    bundle, tmp_path, monkeypatch
+):
+    """Two servers find the same cached copy changed on disk and both unpack it again: the
+    one that comes second must not move the first one's fresh copy aside (a worker of the
+    first may be loading from it: its files would vanish mid-load) but use it."""
+    archive, root = write_archive(bundle, tmp_path / "m.wsb"), tmp_path / "cache"
+    first = extract_archive(archive, BundleCache(root))
+    (first.path / "model.onnx").write_bytes(b"changed in the cache")
+    real, raced, fresh = serve.bundles.archive.verify_bundle_again, [], []
+
+    def other_process_between(*args: Any) -> VerifiedBundle:
+        try:
+            return real(*args)
+        except InvalidBundleError:
+            if not raced:  # this one refused the copy; the other one replaces it meanwhile
+                raced.append(True)
+                fresh.append(extract_archive(archive, BundleCache(root)))
+                fresh.append(os.stat(fresh[0].path / "model.onnx").st_ino)
+            raise
+
+    monkeypatch.setattr(serve.bundles.archive, "verify_bundle_again", other_process_between)
+    again = extract_archive(archive, BundleCache(root))
+    assert fresh and again.id == first.id == fresh[0].id and again.path == first.path
+    assert os.stat(again.path / "model.onnx").st_ino == fresh[1]  # the first one's copy
+    assert (again.path / "model.onnx").read_bytes() == (bundle / "model.onnx").read_bytes()
+    assert _names(root) == _entry(first.id)
 
 
 def test_a_cached_copy_changed_on_disk_is_unpacked_again_from_its_archive(bundle, tmp_path):
