@@ -28,6 +28,9 @@ class ModelControl:
         self._repository = repository
         self._cache = cache
         self._scanning = asyncio.Lock()  # one scan at a time: they share the unpacking cache
+        # bundle ids a load picked and is rolling out (not yet loaded, so not in the runtime's
+        # bundles in use): a collection by another load's scan must keep their cached copies
+        self._rolling_out: dict[str, int] = {}
 
     def _check_request(self, name: str) -> None:
         if not self._config.model_control:
@@ -53,6 +56,7 @@ class ModelControl:
             sources, refused = await asyncio.to_thread(scan, self._repository, self._cache)
             # unpacked bundles neither in the repository nor loaded any more: removed
             in_use = {s.bundle_id for s in sources} | self._runtime.bundles_in_use()
+            in_use |= set(self._rolling_out)
             await asyncio.to_thread(self._cache.collect, in_use)
         candidates = [s for s in sources if s.model.name == name]
         folders = {str(self._repository / name), str((self._repository / name).resolve())}
@@ -76,11 +80,18 @@ class ModelControl:
             others = f" ({len(refused)} other bundle(s) refused: see the log)" if refused else ""
             raise ModelNotFoundError(f"no bundle of {wanted} in {self._repository}{others}")
         source = newest(candidates)
-        await self._runtime.rollout(
-            source,
-            watch_s=self._config.rollout_watch_s,
-            keep_previous_s=self._config.keep_previous_s,
-        )
+        # (before the next await: another load's collection cannot come in between)
+        self._rolling_out[source.bundle_id] = self._rolling_out.get(source.bundle_id, 0) + 1
+        try:
+            await self._runtime.rollout(
+                source,
+                watch_s=self._config.rollout_watch_s,
+                keep_previous_s=self._config.keep_previous_s,
+            )
+        finally:  # loaded now (the runtime's in use) or refused (collected by the next scan)
+            self._rolling_out[source.bundle_id] -= 1
+            if not self._rolling_out[source.bundle_id]:
+                del self._rolling_out[source.bundle_id]
         return source.model.version
 
     async def rollback(self, name: str) -> str:

@@ -12,6 +12,7 @@ from serve.bundles.archive import write_archive
 from serve.bundles.build import build_bundle
 from serve.bundles.cache import BundleCache
 from serve.bundles.repository import ModelSource, scan
+from serve.bundles.verify import verify_bundle
 from serve.config import ServerConfig
 from serve.control import ModelControl
 from serve.errors import InvalidBundleError, InvalidInputError
@@ -134,3 +135,41 @@ def test_a_control_request_for_no_model_name_or_a_path_is_invalid_not_another_mo
         with pytest.raises(InvalidInputError, match="model name must be non-empty"):
             asyncio.run(call)
     assert runtime.rolled_out == []
+
+
+def test_a_cache_collection_during_a_load_keeps_the_copy_that_load_rolls_out(tmp_path):
+    """A load picks a bundle from its scan and rolls it out; meanwhile its archive leaves the
+    repository (replaced, synced away) and another load's scan collects the cache: the copy
+    the first load's workers are about to verify and load must still be there."""
+    repo, root = tmp_path / "repo", tmp_path / "cache"
+    repo.mkdir()
+    write_archive(_bundle(tmp_path, tmp_path / "built", "1"), repo / "mlp-1.wsb")
+    other = build_mlp_onnx(tmp_path / "src-other", name="other", version="1")
+    write_archive(build_bundle(other, tmp_path / "built" / "other").path, repo / "other-1.wsb")
+    rolling, go_on = asyncio.Event(), asyncio.Event()
+    verified: list[str] = []
+
+    class Slow(_Runtime):
+        async def rollout(self, source: ModelSource, **kwargs: Any) -> None:
+            if source.model.name == "mlp":
+                rolling.set()
+                await go_on.wait()  # (its service starts; its workers verify the bundle)
+                verified.append(verify_bundle(Path(source.model.directory), source.bundle_id).id)
+            await super().rollout(source, **kwargs)
+
+    async def main() -> None:
+        control = ModelControl(
+            Slow(),  # type: ignore[arg-type]
+            ServerConfig(model_control=True),
+            repo,
+            BundleCache(root),
+        )
+        first = asyncio.create_task(control.load("mlp"))
+        await asyncio.wait_for(rolling.wait(), 30)
+        (repo / "mlp-1.wsb").unlink()
+        assert await control.load("other") == "1"
+        go_on.set()
+        assert await first == "1"
+
+    asyncio.run(main())
+    assert len(verified) == 1
