@@ -637,12 +637,15 @@ def test_an_untimed_request_past_its_deadline_is_still_never_computed():
         first = asyncio.ensure_future(batcher.submit([np.zeros((1, 1))], 1, None))
         await pool.started.wait()
         late = asyncio.ensure_future(
-            batcher.submit([np.ones((1, 1))], 1, time.monotonic() + 0.01, timed=False)
+            batcher.submit([np.ones((1, 1))], 1, time.monotonic() + 0.2, timed=False)
         )
-        while batcher.queue_depth < 1:
+        for _ in range(100):  # queued within a few loop turns (its deadline is far off yet)
+            if batcher.queue_depth >= 1:
+                break
             await asyncio.sleep(0)
+        assert batcher.queue_depth == 1, "the second request never queued"
         deadline_passed = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_later(0.02, deadline_passed.set_result, None)
+        asyncio.get_running_loop().call_later(0.25, deadline_passed.set_result, None)
         await deadline_passed
         assert not late.done(), "without a timer the wait does not end by itself"
         pool.gate.set()
