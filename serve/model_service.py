@@ -22,6 +22,7 @@ from serve.readiness.controller import WarmPoolController
 from serve.readiness.latency import ModelLatency
 from serve.telemetry.metrics import Metrics, outcome
 from serve.telemetry.stats import ModelStats
+from serve.worker import MODEL_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ class ModelService:
         self.latency = ModelLatency()
         self.state = ModelState.LOADING
         self.reason = "loading"
+        # its last start failed because the model itself cannot load or warm up (a worker
+        # said so), not for a passing reason (the host, a timeout, a stop)
+        self.model_failed = False
         self._notify = on_change or (lambda: None)
         self.pool = WorkerPool(
             config,
@@ -157,6 +161,7 @@ class ModelService:
         except Exception as exc:
             self.state = ModelState.UNAVAILABLE
             self.reason = str(exc)
+            self.model_failed = MODEL_FAILED in self.reason
             log.error("model %s failed to load: %s", self.config.name, exc)
             await self.batcher.stop()
             await self.pool.stop()
@@ -164,6 +169,7 @@ class ModelService:
             return
         self.state = ModelState.READY
         self.reason = ""
+        self.model_failed = False
         self.controller.start()
         log.info(
             "model %s version %s ready: %d of %d warm workers pass their probes",

@@ -41,6 +41,12 @@ WATCH_TICK_S = 0.5
 START_AGAIN_S = (5.0, 300.0)
 
 
+class ModelStartFailedError(InvalidBundleError):
+    """A version did not become ready because the model itself fails to load or warm up:
+    not a transient condition (FAILED_PRECONDITION, as an invalid bundle: asking again gets
+    the same answer until the bundle or the server's devices change)."""
+
+
 @dataclass
 class ModelEntry:
     name: str
@@ -140,6 +146,8 @@ class Runtime:
                 done = await self._control(
                     name, "start again", self._start_once_more(entry, source)
                 )
+            except ModelStartFailedError:  # (the cause may pass: GPU memory, a late mount)
+                done = False
             except InvalidBundleError as exc:
                 log.error("model %s version %s: not started again: %s", name, version, exc)
                 return
@@ -336,7 +344,9 @@ class Runtime:
                     await self._drop(name)
                     self._changed()
             log.error("rollout of %s version %s refused: %s", name, version, reason)
-            raise ModelNotReadyError(
+            # the model's own failure is not retried by asking again; anything else may pass
+            error = ModelStartFailedError if service.model_failed else ModelNotReadyError
+            raise error(
                 f"model {name!r} version {version!r} did not become ready ({reason}); "
                 f"still serving version {entry.active or 'none'}"
             )

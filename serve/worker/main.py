@@ -42,6 +42,7 @@ from serve.pool.messages import (
     to_worker_decoder,
 )
 from serve.protocol.datatypes import Datatype, datatype_of, numpy_dtype
+from serve.worker import MODEL_FAILED
 
 log = logging.getLogger("serve.worker")
 
@@ -52,6 +53,13 @@ class FatalBatchError(Exception):
     def __init__(self, batch_id: int) -> None:
         super().__init__(f"batch {batch_id}")
         self.batch_id = batch_id
+
+
+class ModelStartError(Exception):
+    """The model failed to load or to warm up (its bundle, code, weights or device)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"{MODEL_FAILED}: {type(cause).__name__}: {cause}")
 
 
 class Channel:
@@ -143,9 +151,12 @@ class Worker:
         self.inputs = Arena(in_fd, init.slots, init.slot_bytes)
         self.outputs = Arena(out_fd, init.slots, init.slot_bytes)
         start = time.monotonic()
-        self.processing, self.backend = load_model(
-            self.model, init.bundle_id, init.device, init.threads, init.require_gpu
-        )
+        try:
+            self.processing, self.backend = load_model(
+                self.model, init.bundle_id, init.device, init.threads, init.require_gpu
+            )
+        except Exception as exc:
+            raise ModelStartError(exc) from exc
         self.load_s = time.monotonic() - start
         fixed = init.fixed_shapes if init.fixed_shapes is not None else self.backend.fixed_shapes
         self.buckets = self.model.batch_buckets
@@ -164,11 +175,14 @@ class Worker:
         from serve.backends.base import sample_inputs
 
         start = time.monotonic()
-        for rows in self.buckets or (None,):
-            inputs = self.processing.preprocess(sample_inputs(self.model, rows))
-            self.backend.warm(inputs)
-            self._check_outputs(self.processing.postprocess(self.backend.run(inputs)), rows)
-            log.debug("warmed batch shape %s", rows)
+        try:
+            for rows in self.buckets or (None,):
+                inputs = self.processing.preprocess(sample_inputs(self.model, rows))
+                self.backend.warm(inputs)
+                self._check_outputs(self.processing.postprocess(self.backend.run(inputs)), rows)
+                log.debug("warmed batch shape %s", rows)
+        except Exception as exc:
+            raise ModelStartError(exc) from exc
         return time.monotonic() - start
 
     def _check_outputs(
@@ -329,7 +343,8 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
         warm_s = worker.warm_up()
     except Exception as exc:
         log.exception("start-up failed")
-        channel.send(Fatal(f"start-up failed: {type(exc).__name__}: {exc}"))
+        detail = str(exc) if isinstance(exc, ModelStartError) else f"{type(exc).__name__}: {exc}"
+        channel.send(Fatal(f"start-up failed: {detail}"))
         return 1
     spin_us = idle_spin_us(init.model.pool.idle_spin_us, worker.backend.device)
     log.info(

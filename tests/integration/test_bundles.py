@@ -349,6 +349,25 @@ def test_a_new_model_keeps_the_server_ready_while_it_warms_and_a_failed_one_leav
         assert server.stop() == 0
 
 
+def test_a_model_that_cannot_warm_up_is_refused_for_good_naming_the_cause(tmp_path):
+    """A load whose model fails its warm-up is not a passing condition: UNAVAILABLE would have
+    clients retry it for ever. FAILED_PRECONDITION, with the model's own error."""
+    repo = tmp_path / "repo"
+    mlp_bundle(tmp_path, repo, "1", 0.0)
+    bad_output = "def postprocess(outputs):\n    return {'OUTPUT0': outputs['OUTPUT0'][:, :3]}\n"
+    server = _control_server(tmp_path, repo)
+    try:
+        model_bundle(tmp_path, repo, "badshape", "1", bad_output)
+        with pytest.raises(triton.InferenceServerException) as refused:
+            server.client.load_model("badshape")
+        assert str(refused.value.status()) == "StatusCode.FAILED_PRECONDITION"
+        message = refused.value.message()
+        assert "did not become ready" in message and "has shape [1, 3]" in message, message
+        assert server.health("") == "SERVING"
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_load_whose_caller_gives_up_completes_and_two_loads_of_a_version_make_one_pool(
     tmp_path,
 ):
