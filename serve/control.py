@@ -19,6 +19,20 @@ from serve.runtime import Runtime
 log = logging.getLogger(__name__)
 
 
+def version_parameter(value: object) -> str:
+    """The ``version`` parameter of a load or unload as a version label ("": not given). A
+    string is the label; an int64 is the version of that number (``NAME/7/``). Anything else
+    (a bool, bytes) is refused: turned into text, True would ask for a version "True"."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    raise InvalidInputError(
+        "parameter 'version' must be a version label: a string, or an int64 version number "
+        f"(not negative), not {type(value).__name__} {value!r}"
+    )
+
+
 class ModelControl:
     def __init__(
         self, runtime: Runtime, config: ServerConfig, repository: Path, cache: BundleCache
@@ -44,10 +58,12 @@ class ModelControl:
                 "name a model of the repository"
             )
 
-    async def load(self, name: str, version: str = "") -> str:
+    async def load(self, name: str, version: object = "") -> str:
         """Roll out ``version`` of ``name`` (default: its newest) from the repository. The load
-        goes on to its end (the scan included) even if the caller stops waiting."""
+        goes on to its end (the scan included) even if the caller stops waiting. ``version``:
+        the request's parameter as sent (``version_parameter``)."""
         self._check_request(name)
+        version = version_parameter(version)
         loaded: str = await self._runtime.run_to_end(name, "load", self._load(name, version))
         return loaded
 
@@ -98,6 +114,7 @@ class ModelControl:
         self._check_request(name)
         return await self._runtime.rollback(name, keep_previous_s=self._config.keep_previous_s)
 
-    async def unload(self, name: str, version: str = "") -> None:
+    async def unload(self, name: str, version: object = "") -> None:
         self._check_request(name)
-        await self._runtime.unload(name, version)
+        label = version_parameter(version)
+        await self._runtime.unload(name, label)

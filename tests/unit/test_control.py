@@ -173,3 +173,35 @@ def test_a_cache_collection_during_a_load_keeps_the_copy_that_load_rolls_out(tmp
 
     asyncio.run(main())
     assert len(verified) == 1
+
+
+def _control_of_versions(tmp_path: Path, *versions: str) -> tuple[_Runtime, ModelControl]:
+    repo = tmp_path / "repo"
+    for version in versions:
+        _bundle(tmp_path, repo, version)
+    runtime = _Runtime()
+    control = ModelControl(
+        runtime,  # type: ignore[arg-type]
+        ServerConfig(model_control=True),
+        repo,
+        BundleCache(tmp_path / "cache"),
+    )
+    return runtime, control
+
+
+def test_a_version_sent_as_an_int64_parameter_loads_that_version(tmp_path):
+    runtime, control = _control_of_versions(tmp_path, "1", "2", "3")
+    assert asyncio.run(control.load("mlp", 2)) == "2"
+    assert runtime.rolled_out == ["2"]
+
+
+@pytest.mark.parametrize("version", [True, False, b"2", -1, 2.0])
+def test_a_version_parameter_of_another_type_is_invalid_naming_it(tmp_path, version):
+    """Turned into text, True asked for a version "True" (and False for "False": NOT_FOUND,
+    or worse, the newest): a bad request says which parameter and what it takes."""
+    runtime, control = _control_of_versions(tmp_path, "1")
+    expected = r"parameter 'version' must be a version label: a string, or an int64"
+    for call in (control.load("mlp", version), control.unload("mlp", version)):
+        with pytest.raises(InvalidInputError, match=expected):
+            asyncio.run(call)
+    assert runtime.rolled_out == []
