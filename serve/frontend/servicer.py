@@ -180,13 +180,13 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
         if _flag(params, "rollback"):
             await self._control.rollback(request.model_name)
         else:
-            await self._control.load(request.model_name, str(params.get("version", "")))
+            await self._control.load(request.model_name, params.get("version", ""))
         return pb.RepositoryModelLoadResponse()
 
     @translate_errors
     async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
         params = _control_parameters(request.parameters, UNLOAD_PARAMETERS)
-        await self._control.unload(request.model_name, str(params.get("version", "")))
+        await self._control.unload(request.model_name, params.get("version", ""))
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(

@@ -141,7 +141,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def _control_server(tmp_path: Path, repo: Path, *args: str) -> ServerProcess:
     env = {"WARMSERVE_KEEP_PREVIOUS_S": "300", "WARMSERVE_ROLLOUT_WATCH_S": "2"}
     server = ServerProcess(tmp_path / "server.log", repo, args=("--model-control", *args), env=env)
-    server.wait_ready()
+    try:
+        server.wait_ready()
+    except BaseException:  # (the caller's try/finally has not begun: stop it here)
+        server.stop()
+        raise
     return server
 
 
@@ -419,6 +423,21 @@ def test_load_parameters_are_acted_on_or_refused_never_ignored(tmp_path):
                 stub.RepositoryModelLoad(request, timeout=60)
             assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "unknown parameters ['versoin']" in str(unknown.value.details())
+            request = service_pb2.RepositoryModelLoadRequest(model_name="mlp")
+            request.parameters["version"].bool_param = True  # not text "True"
+            with pytest.raises(grpc.RpcError) as wrong_type:
+                stub.RepositoryModelLoad(request, timeout=60)
+            assert wrong_type.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "parameter 'version' must be" in str(wrong_type.value.details())
+            request = service_pb2.RepositoryModelLoadRequest(model_name="mlp")
+            request.parameters["version"].int64_param = 1  # the version of that number
+            stub.RepositoryModelLoad(request, timeout=60)
+            unload = service_pb2.RepositoryModelUnloadRequest(model_name="mlp")
+            unload.parameters["version"].int64_param = 7  # no such version loaded
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.RepositoryModelUnload(unload, timeout=60)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "7" in str(missing.value.details())
         server.client.unload_model("mlp")  # (tritonclient sends unload_dependents)
         assert server.client.get_model_repository_index().models == []
     finally:
