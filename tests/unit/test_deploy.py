@@ -597,3 +597,42 @@ def test_the_checks_catch_a_moved_server_default(rendered, monkeypatch):
     monkeypatch.setitem(globals(), "ServerConfig", lambda: moved)
     found = problems(copy.deepcopy(rendered["overlay"]))
     assert any("the server's default grpc_port is 9001" in p for p in found), found
+
+
+# Repository paths named in the docs and manifests: ``deploy/...``, ``benchmarks/...`` and so on.
+_REPO_PATH = re.compile(
+    r"(?<![\w/.$-])((?:deploy|benchmarks|serve|tests|protos|scripts)/[\w./-]*\w)"
+)
+# Named but not files of the repository: kubectl's resource syntax, the overlay a user copies.
+_NOT_FILES = {"deploy/warmserve", "deploy/k8s/overlays/mine"}
+
+
+def _named_paths(text: str) -> list[tuple[int, str]]:
+    """(line, path) of every repository path in ``text``, but globs and placeholders."""
+    named = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for match in _REPO_PATH.finditer(line):
+            after = line[match.end() : match.end() + 1]
+            if after in ("*", "{", "<", "$") or match.group(1) in _NOT_FILES:
+                continue
+            named.append((number, match.group(1)))
+    return named
+
+
+def test_named_paths_are_found_in_a_line():
+    text = "see deploy/k8s/base/hpa.yaml, `benchmarks/results/h200-2026-11-2*/` or deploy/warmserve"
+    assert _named_paths(text) == [(1, "deploy/k8s/base/hpa.yaml")]
+
+
+def test_every_repository_path_the_docs_and_manifests_name_exists():
+    """A comment or a README that points to a file that is not there (a renamed example, say)
+    sends the reader nowhere."""
+    sources = [ROOT / "README.md", ROOT / "Makefile", *sorted(DEPLOY.rglob("*"))]
+    missing = [
+        f"{source.relative_to(ROOT)}:{number}: {path}"
+        for source in sources
+        if source.is_file() and source.suffix not in (".pyc",)
+        for number, path in _named_paths(source.read_text(errors="replace"))
+        if not (ROOT / path).exists()
+    ]
+    assert missing == []
