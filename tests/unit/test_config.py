@@ -56,6 +56,75 @@ def test_invalid_configs_are_refused_naming_the_problem(tmp_path, changes, messa
         load_model_dir(_repo(tmp_path, **changes) / "m")
 
 
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # each names the field, the value and what is allowed
+        ({"pool": {"workers": 0}}, r"pool.workers must be at least 1, got 0"),
+        ({"pool": {"max_inflight_per_worker": 0}}, r"max_inflight_per_worker must be at least 1"),
+        ({"pool": {"min_warm": -1}}, r"pool.min_warm must be at least 0 .*, got -1"),
+        # a pool that starts 2 workers and waits for 3 would never be ready
+        ({"pool": {"workers": 2, "min_warm": 3}}, r"min_warm \(3\) must not exceed .*\(2\)"),
+        # a ceiling under the floor was silently taken as `workers`
+        ({"pool": {"workers": 3, "max_workers": 2}}, r"max_workers \(2\) must be 0 .* \(3\)"),
+        ({"pool": {"max_workers": -1}}, r"pool.max_workers must be at least 0 .*, got -1"),
+        ({"pool": {"threads": -1}}, r"pool.threads must be at least 0 .*, got -1"),
+        ({"pool": {"shm_slot_bytes": -1}}, r"pool.shm_slot_bytes must be at least 0 .*, got -1"),
+        ({"pool": {"watchdog_s": 0}}, r"pool.watchdog_s must be a number of seconds > 0, got 0"),
+        ({"pool": {"watchdog_s": NAN}}, r"pool.watchdog_s must be .* > 0, got nan"),
+        ({"pool": {"startup_timeout_s": 0}}, r"pool.startup_timeout_s must be .* > 0, got 0"),
+        ({"pool": {"startup_timeout_s": -5}}, r"pool.startup_timeout_s must be .* > 0, got -5"),
+        ({"pool": {"p95_target_ms": -1}}, r"pool.p95_target_ms must be >= 0, got -1"),
+        ({"pool": {"scale_up_after_s": -1}}, r"pool.scale_up_after_s must be >= 0, got -1"),
+        ({"probe": {"interval_s": 0}}, r"probe.interval_s must be .* > 0, got 0"),
+        ({"probe": {"timeout_s": 0}}, r"probe.timeout_s must be .* > 0, got 0"),
+        ({"probe": {"timeout_s": -1}}, r"probe.timeout_s must be .* > 0, got -1"),
+        ({"probe": {"failures_to_replace": 0}}, r"failures_to_replace must be at least 1, got 0"),
+        ({"probe": {"rtol": -1}}, r"probe.rtol must be >= 0, got -1"),
+        ({"probe": {"atol": NAN}}, r"probe.atol must be >= 0, got nan"),
+        ({"latency_budget_ms": -1}, r"latency_budget_ms must be >= 0 \(0: none\), got -1"),
+        ({"max_batch_size": -1}, r"max_batch_size must be >= 0 .*, got -1"),
+        ({"batching": {"max_queue_delay_us": -1}}, r"max_queue_delay_us must be >= 0, got -1"),
+        ({"batching": {"max_queue_size": 0}}, r"max_queue_size must be at least 1, got 0"),
+        ({"batching": {"buckets": [0, 4]}}, r"buckets must lie in 1..max_batch_size \(12\)"),
+        ({"batching": {"buckets": [1, 16]}}, r"buckets must lie in .*, got \[1, 16\]"),
+        ({"max_batch_size": 0, "batching": {"buckets": [1]}}, r"needs max_batch_size > 0"),
+        ({"batching": {"buckets": [4, 2, 1]}}, r"buckets must be increasing.*got \[4, 2, 1\]"),
+        ({"batching": {"buckets": [1, 8, 8]}}, r"buckets must be increasing.*got \[1, 8, 8\]"),
+        ({"inputs": [{"name": "", "datatype": "FP32", "shape": [4]}]}, r"every input needs a name"),
+        ({"outputs": [{"name": "", "datatype": "FP32", "shape": [1]}]}, r"every output needs"),
+        ({"model_file": ""}, r"model_file must name the model file, got ''"),
+        ({"version": ""}, r"version must be non-empty.*got ''"),
+        ({"version": "1/2"}, r"version must be .* without '/'.*got '1/2'"),
+        # str.isdigit() takes these, the worker's int() does not: it failed every start
+        ({"device": "cuda:\u00b2"}, r"device must be 'auto', 'cpu' or 'cuda:N'"),
+        ({"device": "cuda:\uff10"}, r"device must be 'auto', 'cpu' or 'cuda:N'"),
+    ],
+)
+def test_values_that_cannot_work_are_refused_naming_field_value_and_range(
+    tmp_path, changes, message
+):
+    with pytest.raises(InvalidBundleError, match=message):
+        load_model_dir(_repo(tmp_path, **changes) / "m")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"pool": {"workers": 2, "min_warm": 1, "max_workers": 4, "threads": 0}},
+        {"pool": {"workers": 2, "max_workers": 2, "p95_target_ms": 0, "scale_up_after_s": 0}},
+        {"batching": {"buckets": [1, 4, 12]}},
+        {"device": "cuda:1", "version": "2.0-rc1", "latency_budget_ms": 50.0},
+        {"probe": {"rtol": 0, "atol": 0, "failures_to_replace": 1}},
+    ],
+)
+def test_edge_values_that_work_are_taken(tmp_path, changes):
+    load_model_dir(_repo(tmp_path, **changes) / "m")
+
+
 def test_two_folders_with_one_model_name_and_version_are_refused(tmp_path):
     _repo(tmp_path)
     other = write_config(tmp_path / "other", BASE)
