@@ -326,15 +326,40 @@ def model_files(model: ModelConfig) -> dict[str, str]:
 def load_model_dir(directory: Path) -> ModelConfig:
     """Read and validate ``directory/model.toml``."""
     path = directory / MODEL_CONFIG_FILE
+    if not directory.is_dir():
+        raise InvalidBundleError(
+            f"{directory} is not a model folder (a directory with {path.name})"
+        )
     try:
-        model = msgspec.toml.decode(path.read_bytes(), type=ModelConfig)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise InvalidBundleError(f"{path}: missing {MODEL_CONFIG_FILE}") from None
+    except OSError as exc:  # (unreadable: a permission, a directory of that name)
+        raise InvalidBundleError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        model = msgspec.toml.decode(raw, type=ModelConfig)
+        written = msgspec.toml.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise InvalidBundleError(f"{path}: {exc}") from None
+    if problem := _written_problem(written):
+        raise InvalidBundleError(f"{path}: {problem}")
     model = msgspec.structs.replace(model, directory=str(directory.resolve()))
     validate_model(model)
     return model
+
+
+def _written_problem(written: dict[str, object]) -> str:
+    """What model.toml says that its decoded form cannot tell from a default: an empty
+    ``batching.buckets`` (read as "the default buckets"), a ``directory`` (set by the loader)."""
+    batching = written.get("batching")
+    if isinstance(batching, dict) and batching.get("buckets") == []:
+        return (
+            "batching.buckets is empty; list the batch sizes to warm (1..max_batch_size), or "
+            "leave it out for powers of two up to max_batch_size"
+        )
+    if "directory" in written:
+        return "directory is set by the loader (the model's folder); remove it"
+    return ""
 
 
 def server_config_from_env(**overrides: object) -> ServerConfig:

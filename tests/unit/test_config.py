@@ -273,3 +273,37 @@ def test_the_workers_experiment_switches_are_read_here(monkeypatch, value, on):
         else:
             monkeypatch.setenv(name, value)
     assert malloc_tuning_from_env() is on and page_lock_from_env() is on
+
+
+def test_an_empty_bucket_list_is_refused_not_read_as_the_default(tmp_path):
+    # `buckets = []` decoded to the default (), and the model warmed powers of two instead
+    with pytest.raises(InvalidBundleError, match=r"batching.buckets is empty; list the batch"):
+        load_model_dir(_repo(tmp_path, batching={"buckets": []}) / "m")
+
+
+def test_a_directory_in_model_toml_is_refused_not_silently_replaced(tmp_path):
+    with pytest.raises(InvalidBundleError, match=r"directory is set by the loader"):
+        load_model_dir(_repo(tmp_path, directory="/elsewhere") / "m")
+
+
+def test_a_model_folder_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InvalidBundleError, match=r"file is not a model folder"):
+        load_model_dir(tmp_path / "file")
+
+
+def test_an_unreadable_model_toml_is_refused_and_the_scan_goes_on(tmp_path, monkeypatch):
+    _repo(tmp_path)
+    other = write_config(tmp_path / "other", {**BASE, "name": "other"})
+    (other / "model.onnx").write_bytes(b"")
+    read_bytes = Path.read_bytes
+
+    def denied(path: Path) -> bytes:
+        if path == other / "model.toml":  # (tests run as root: chmod 000 would not stop them)
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    sources, refused = scan(tmp_path, BundleCache(tmp_path / "cache"))
+    assert [s.model.name for s in sources] == ["m"]
+    assert refused == [f"{other / 'model.toml'}: cannot read it: Permission denied"]
