@@ -362,31 +362,64 @@ def _written_problem(written: dict[str, object]) -> str:
     return ""
 
 
+# where each server setting comes from: its environment variable and its `warmserve serve` flag
+SERVER_ENV = {
+    "host": "WARMSERVE_HOST",
+    "grpc_port": "WARMSERVE_GRPC_PORT",
+    "http_port": "WARMSERVE_HTTP_PORT",
+    "health_port": "WARMSERVE_HEALTH_PORT",
+    "drain_delay_s": "WARMSERVE_DRAIN_DELAY_S",
+    "model_control": "WARMSERVE_MODEL_CONTROL",
+    "rollout_watch_s": "WARMSERVE_ROLLOUT_WATCH_S",
+    "keep_previous_s": "WARMSERVE_KEEP_PREVIOUS_S",
+    "max_message_bytes": "WARMSERVE_MAX_MESSAGE_BYTES",
+    "max_inflight_bytes": "WARMSERVE_MAX_INFLIGHT_BYTES",
+    "grace_period_s": "WARMSERVE_GRACE_PERIOD_S",
+    "log_level": "WARMSERVE_LOG_LEVEL",
+    "require_gpu": "WARMSERVE_REQUIRE_GPU",
+    "frontends": "WARMSERVE_FRONTENDS",
+    "relay_ring_slots": "WARMSERVE_RELAY_RING_SLOTS",
+    "relay_ring_slot_kib": "WARMSERVE_RELAY_RING_SLOT_KIB",
+    "relay_hang_s": "WARMSERVE_RELAY_HANG_S",
+}
+SERVER_FLAGS = {
+    "host": "--host",
+    "grpc_port": "--grpc-port",
+    "http_port": "--http-port",
+    "health_port": "--health-port",
+    "drain_delay_s": "--drain-delay",
+    "model_control": "--model-control",
+    "max_message_bytes": "--max-message-bytes",
+    "max_inflight_bytes": "--max-inflight-bytes",
+    "grace_period_s": "--grace-period",
+    "log_level": "--log-level",
+    "require_gpu": "--require-gpu",
+    "frontends": "--frontends",
+}
+MAX_PORT = 65535
+MAX_FRONTENDS = 64  # relay processes; past a few the serving process's loop is the limit
+MAX_MESSAGE_BYTES = (1 << 31) - 1  # gRPC takes its message limits as C ints
+_WORDS = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false (or 1 or 0)",
+    str: "a string",
+}
+
+
 def server_config_from_env(**overrides: object) -> ServerConfig:
     """ServerConfig from WARMSERVE_* environment variables, then explicit (non-None) overrides."""
+    defaults = ServerConfig()
     values: dict[str, object] = {}
-    env = {
-        "host": "WARMSERVE_HOST",
-        "grpc_port": "WARMSERVE_GRPC_PORT",
-        "http_port": "WARMSERVE_HTTP_PORT",
-        "health_port": "WARMSERVE_HEALTH_PORT",
-        "drain_delay_s": "WARMSERVE_DRAIN_DELAY_S",
-        "model_control": "WARMSERVE_MODEL_CONTROL",
-        "rollout_watch_s": "WARMSERVE_ROLLOUT_WATCH_S",
-        "keep_previous_s": "WARMSERVE_KEEP_PREVIOUS_S",
-        "max_message_bytes": "WARMSERVE_MAX_MESSAGE_BYTES",
-        "max_inflight_bytes": "WARMSERVE_MAX_INFLIGHT_BYTES",
-        "grace_period_s": "WARMSERVE_GRACE_PERIOD_S",
-        "log_level": "WARMSERVE_LOG_LEVEL",
-        "require_gpu": "WARMSERVE_REQUIRE_GPU",
-        "frontends": "WARMSERVE_FRONTENDS",
-        "relay_ring_slots": "WARMSERVE_RELAY_RING_SLOTS",
-        "relay_ring_slot_kib": "WARMSERVE_RELAY_RING_SLOT_KIB",
-        "relay_hang_s": "WARMSERVE_RELAY_HANG_S",
-    }
-    for field, var in env.items():
+    for field, var in SERVER_ENV.items():
         if var in os.environ:
-            values[field] = os.environ[var]
+            kind = type(getattr(defaults, field))
+            try:
+                values[field] = msgspec.convert(os.environ[var], kind, strict=False)
+            except msgspec.ValidationError:
+                raise ConfigError(
+                    f"{var} must be {_WORDS[kind]}, got {os.environ[var]!r}"
+                ) from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         server = msgspec.convert(values, ServerConfig, strict=False)
@@ -396,48 +429,78 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
     return server
 
 
+def _setting(field: str) -> str:
+    """A server setting as the user meets it: 'grpc_port (--grpc-port, WARMSERVE_GRPC_PORT)'."""
+    names = [name for name in (SERVER_FLAGS.get(field), SERVER_ENV.get(field)) if name]
+    return f"{field} ({', '.join(names)})"
+
+
 def validate_server(server: ServerConfig) -> None:
     """Raise ConfigError for settings that cannot work."""
-    if server.frontends < 1:
-        raise ConfigError(f"frontends must be >= 1, got {server.frontends}")
-    if server.max_message_bytes <= 0:  # (gRPC takes -1 as no limit, 0 refuses every call)
+    if not 1 <= server.frontends <= MAX_FRONTENDS:
         raise ConfigError(
-            "max_message_bytes (--max-message-bytes, WARMSERVE_MAX_MESSAGE_BYTES) must be > 0, "
-            f"got {server.max_message_bytes}"
+            f"{_setting('frontends')} must be between 1 and {MAX_FRONTENDS}, got {server.frontends}"
+        )
+    if not 0 < server.max_message_bytes <= MAX_MESSAGE_BYTES:
+        # (gRPC takes -1 as no limit, 0 refuses every call, over 2 GiB - 1 it cannot start)
+        raise ConfigError(
+            f"{_setting('max_message_bytes')} must be > 0 and at most {MAX_MESSAGE_BYTES} "
+            f"(2 GiB - 1), got {server.max_message_bytes}"
         )
     if server.max_inflight_bytes <= 0:  # (0 would refuse every request; no "no limit" value)
         raise ConfigError(
-            "max_inflight_bytes (--max-inflight-bytes, WARMSERVE_MAX_INFLIGHT_BYTES) must be > 0, "
-            f"got {server.max_inflight_bytes}"
+            f"{_setting('max_inflight_bytes')} must be > 0, got {server.max_inflight_bytes}"
         )
     if server.log_level.upper() not in LOG_LEVELS:  # (logging would refuse it with a traceback)
         raise ConfigError(
-            f"log_level (--log-level, WARMSERVE_LOG_LEVEL) must be one of {', '.join(LOG_LEVELS)}"
+            f"{_setting('log_level')} must be one of {', '.join(LOG_LEVELS)}"
             f" (any case), got {server.log_level!r}"
         )
-    ports = {
-        "grpc_port (--grpc-port, WARMSERVE_GRPC_PORT)": server.grpc_port,
-        "http_port (--http-port, WARMSERVE_HTTP_PORT)": server.http_port,
-        "health_port (--health-port, WARMSERVE_HEALTH_PORT)": server.health_port,
-    }
-    fixed = [(name, port) for name, port in ports.items() if port > 0]  # (0: any; -1: none)
-    for i, (name, port) in enumerate(fixed):
-        for other, other_port in fixed[i + 1 :]:
-            if port == other_port:  # (gRPC's listeners take SO_REUSEPORT: they would share it)
-                raise ConfigError(f"{name} and {other} are both {port}: give each its own port")
+    _validate_ports(server)
+    _validate_durations(server)
     if server.relay_ring_slots < 0:
         raise ConfigError(
             f"relay_ring_slots (WARMSERVE_RELAY_RING_SLOTS) must be >= 0 (0: no ring), "
             f"got {server.relay_ring_slots}"
         )
-    if not server.relay_hang_s >= 1.0:  # (pings go once a second; NaN fails too)
-        raise ConfigError(
-            f"relay_hang_s (WARMSERVE_RELAY_HANG_S) must be >= 1, got {server.relay_hang_s}"
-        )
     if server.relay_ring_slot_kib < 1:
         raise ConfigError(
             f"relay_ring_slot_kib (WARMSERVE_RELAY_RING_SLOT_KIB) must be >= 1, "
             f"got {server.relay_ring_slot_kib}"
+        )
+
+
+def _validate_ports(server: ServerConfig) -> None:
+    # a port out of range was taken modulo 65536 (-5 listened on 65531, 70000 on 4464)
+    if not 0 <= server.grpc_port <= MAX_PORT:
+        raise ConfigError(
+            f"{_setting('grpc_port')} must be between 0 (any free port) and {MAX_PORT}, "
+            f"got {server.grpc_port}"
+        )
+    for field in ("http_port", "health_port"):
+        port = getattr(server, field)
+        if port != -1 and not 0 <= port <= MAX_PORT:
+            raise ConfigError(
+                f"{_setting(field)} must be -1 (off), 0 (any free port) or up to {MAX_PORT}, "
+                f"got {port}"
+            )
+    ports = {field: getattr(server, field) for field in ("grpc_port", "http_port", "health_port")}
+    fixed = [(_setting(name), port) for name, port in ports.items() if port > 0]  # (0: any)
+    for i, (name, port) in enumerate(fixed):
+        for other, other_port in fixed[i + 1 :]:
+            if port == other_port:  # (gRPC's listeners take SO_REUSEPORT: they would share it)
+                raise ConfigError(f"{name} and {other} are both {port}: give each its own port")
+
+
+def _validate_durations(server: ServerConfig) -> None:
+    for field in ("grace_period_s", "drain_delay_s", "rollout_watch_s", "keep_previous_s"):
+        seconds = getattr(server, field)
+        if not (math.isfinite(seconds) and seconds >= 0):  # (NaN, infinity: a stop never ends)
+            raise ConfigError(f"{_setting(field)} must be a number of seconds >= 0, got {seconds}")
+    if not (math.isfinite(server.relay_hang_s) and server.relay_hang_s >= 1.0):
+        # (pings go once a second; NaN and infinity would never catch a hung relay)
+        raise ConfigError(
+            f"relay_hang_s (WARMSERVE_RELAY_HANG_S) must be >= 1, got {server.relay_hang_s}"
         )
 
 

@@ -141,13 +141,15 @@ def test_server_config_takes_env_then_flags(monkeypatch):
     assert (config.host, config.grpc_port) == ("127.0.0.1", 9100)
     assert config.max_message_bytes >= 64 * 1024 * 1024
     monkeypatch.setenv("WARMSERVE_GRPC_PORT", "eighty")
-    with pytest.raises(ConfigError, match="grpc_port"):
+    with pytest.raises(ConfigError, match="WARMSERVE_GRPC_PORT must be an integer, got 'eighty'"):
         server_config_from_env()
 
 
-def test_frontends_must_be_at_least_one():
-    with pytest.raises(ConfigError, match="frontends must be >= 1"):
-        server_config_from_env(frontends=0)
+@pytest.mark.parametrize("value", [0, -1, 65, 10_000])
+def test_frontends_must_be_at_least_one_and_not_huge(value):
+    # (10000 relay processes were started without a word)
+    with pytest.raises(ConfigError, match=rf"frontends .* must be between 1 and 64, got {value}"):
+        server_config_from_env(frontends=value)
 
 
 def test_frontends_come_from_env(monkeypatch):
@@ -170,7 +172,7 @@ def test_require_gpu_is_off_by_default_and_a_flag_wins_over_env(monkeypatch):
 
 def test_a_require_gpu_that_is_not_a_bool_is_refused(monkeypatch):
     monkeypatch.setenv("WARMSERVE_REQUIRE_GPU", "sometimes")
-    with pytest.raises(ConfigError, match="require_gpu"):
+    with pytest.raises(ConfigError, match="WARMSERVE_REQUIRE_GPU must be true or false"):
         server_config_from_env()
 
 
@@ -307,3 +309,73 @@ def test_an_unreadable_model_toml_is_refused_and_the_scan_goes_on(tmp_path, monk
     sources, refused = scan(tmp_path, BundleCache(tmp_path / "cache"))
     assert [s.model.name for s in sources] == ["m"]
     assert refused == [f"{other / 'model.toml'}: cannot read it: Permission denied"]
+
+
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        # out of range, gRPC took them modulo 65536: -5 listened on 65531, 70000 on 4464
+        ({"grpc_port": -5}, r"grpc_port \(--grpc-port, .*\) must be between 0 .* 65535, got -5"),
+        ({"grpc_port": 70000}, r"grpc_port .* must be between 0 .* and 65535, got 70000"),
+        ({"grpc_port": -1}, r"grpc_port .* must be between 0 .* and 65535, got -1"),
+        ({"http_port": -2}, r"http_port .* must be -1 \(off\), 0 .* or up to 65535, got -2"),
+        ({"http_port": 65536}, r"http_port .* must be -1 \(off\), .*, got 65536"),
+        ({"health_port": 99999}, r"health_port .* must be -1 \(off\), .*, got 99999"),
+    ],
+)
+def test_a_port_out_of_range_is_refused(ports, message):
+    with pytest.raises(ConfigError, match=message):
+        server_config_from_env(**ports)
+
+
+@pytest.mark.parametrize("field", ["grace_period_s", "drain_delay_s", "rollout_watch_s"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_a_negative_or_endless_duration_is_refused(field, value):
+    with pytest.raises(ConfigError, match=rf"{field} .* must be a number of seconds >= 0"):
+        server_config_from_env(**{field: value})
+
+
+def test_a_negative_grace_period_from_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("WARMSERVE_GRACE_PERIOD_S", "-3")
+    expected = r"grace_period_s \(--grace-period, WARMSERVE_GRACE_PERIOD_S\) must be .*, got -3"
+    with pytest.raises(ConfigError, match=expected):
+        server_config_from_env()
+
+
+def test_zero_durations_are_taken():
+    config = server_config_from_env(grace_period_s=0, drain_delay_s=0, keep_previous_s=0)
+    assert (config.grace_period_s, config.drain_delay_s, config.keep_previous_s) == (0, 0, 0)
+
+
+def test_an_endless_relay_hang_time_is_refused(monkeypatch):
+    monkeypatch.setenv("WARMSERVE_RELAY_HANG_S", "inf")  # (a hung relay would never be caught)
+    with pytest.raises(ConfigError, match=r"relay_hang_s \(WARMSERVE_RELAY_HANG_S\) must be >= 1"):
+        server_config_from_env()
+
+
+def test_a_message_limit_gRPC_cannot_take_is_refused():
+    # over 2 GiB - 1 the server's start ended in an OverflowError traceback from gRPC
+    with pytest.raises(ConfigError, match=r"max_message_bytes .* at most 2147483647"):
+        server_config_from_env(max_message_bytes=1 << 40)
+    assert server_config_from_env(max_message_bytes=(1 << 31) - 1).max_message_bytes == 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("WARMSERVE_HTTP_PORT", "80O0", r"WARMSERVE_HTTP_PORT must be an integer, got '80O0'"),
+        ("WARMSERVE_FRONTENDS", "two", r"WARMSERVE_FRONTENDS must be an integer, got 'two'"),
+        ("WARMSERVE_DRAIN_DELAY_S", "5s", r"WARMSERVE_DRAIN_DELAY_S must be a number, got '5s'"),
+        (
+            "WARMSERVE_MODEL_CONTROL",
+            "yes",
+            r"WARMSERVE_MODEL_CONTROL must be true or false .*'yes'",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_type_in_the_environment_names_the_variable(
+    monkeypatch, variable, value, message
+):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=message):
+        server_config_from_env()
