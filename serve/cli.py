@@ -125,6 +125,29 @@ def _bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _files_command(args: argparse.Namespace) -> int:
+    """``demo`` and ``bundle``: what they read or write on disk is named by the user, so a
+    path that is not what it should be (a file for a folder, no permission, a full disk) is the
+    user's to fix: one line naming it, not a traceback."""
+    try:
+        if args.command == "bundle":
+            return _bundle(args)
+        target = Path(args.directory)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            # (the demo builder replaces its target whole: it would delete what is there)
+            raise ConfigError(
+                f"{target} exists and is not an empty folder; the demo models would replace "
+                "it: name a new or empty folder"
+            )
+        from serve.testing.demo import build
+
+        build(target, as_bundles=not args.sources)
+        return 0
+    except OSError as exc:
+        print(f"warmserve {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
 def _control(args: argparse.Namespace) -> int:
     from serve.frontend.client import control
 
@@ -154,13 +177,8 @@ def demo_repository() -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from serve.testing.demo import build
-
-            build(Path(args.directory), as_bundles=not args.sources)
-            return 0
-        if args.command == "bundle":
-            return _bundle(args)
+        if args.command in ("demo", "bundle"):
+            return _files_command(args)
         if args.command in ("load", "unload", "rollback"):
             return _control(args)
         if args.command == "index":

@@ -46,8 +46,8 @@ def build_bundle(source: Path, out: Path, extra_files: tuple[str, ...] = ()) -> 
     names = sorted(
         {_relative(f, source) for f in (*model_files(model).values(), *extra_files) if f}
     )
-    if out.exists() and any(out.iterdir()):
-        raise InvalidBundleError(f"{out} exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidBundleError(f"{out} exists and is not an empty directory")
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in names:

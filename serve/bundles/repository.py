@@ -95,7 +95,10 @@ def scan(root: Path, cache: BundleCache) -> tuple[list[ModelSource], list[str]]:
         raise InvalidBundleError(f"model repository {root} is not a directory")
     sources: dict[tuple[str, str], ModelSource] = {}
     problems: list[str] = []
-    candidates = _candidates(root)
+    try:
+        candidates = _candidates(root)
+    except OSError as exc:  # (a folder of it that cannot be listed: a permission)
+        raise InvalidBundleError(f"model repository {root} cannot be read: {exc}") from None
     for path in candidates:
         try:
             source = load_source(path, cache)

@@ -73,10 +73,16 @@ def read_bundle(
     check is never used unchecked. Each kept file is read once."""
     root = root.resolve()
     manifest_path = root / MANIFEST_FILE
+    if root.exists() and not root.is_dir():
+        raise InvalidBundleError(f"bundle {root}: not a bundle (a directory with {MANIFEST_FILE})")
     try:
         raw = manifest_path.read_bytes()
     except FileNotFoundError:
         raise InvalidBundleError(f"bundle {root}: no {MANIFEST_FILE}") from None
+    except OSError as exc:  # (unreadable: a permission, a directory of that name)
+        raise InvalidBundleError(
+            f"bundle {root}: cannot read {MANIFEST_FILE}: {exc.strerror or exc}"
+        ) from None
     try:
         manifest = decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:

@@ -1,0 +1,95 @@
+"""The command line meets a path that is not what it should be: one line naming it and a
+non-zero exit, never a traceback (and never a user's folder deleted)."""
+
+from pathlib import Path
+
+import pytest
+
+from serve import cli
+from serve.bundles.build import build_bundle
+from serve.bundles.cache import BundleCache
+from serve.bundles.repository import scan
+from serve.bundles.verify import verify_bundle
+from serve.errors import InvalidBundleError
+from serve.testing.models import write_config
+
+CONFIG = {
+    "name": "m",
+    "backend": "onnx",
+    "model_file": "model.onnx",
+    "inputs": [{"name": "X", "datatype": "FP32", "shape": [4]}],
+    "outputs": [{"name": "Y", "datatype": "FP32", "shape": [1]}],
+}
+
+
+def _source(tmp_path: Path) -> Path:
+    folder = write_config(tmp_path / "source", CONFIG)
+    (folder / "model.onnx").write_bytes(b"weights")
+    return folder
+
+
+def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err.strip()
+
+
+def test_a_bundle_built_onto_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InvalidBundleError, match="file exists and is not an empty directory"):
+        build_bundle(_source(tmp_path), tmp_path / "file")
+    code, err = _main(
+        capsys, "bundle", "build", str(_source(tmp_path)), "--out", f"{tmp_path}/file"
+    )
+    assert code == 2 and err.endswith("file exists and is not an empty directory")
+
+
+def test_a_bundle_built_from_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code, err = _main(capsys, "bundle", "build", str(tmp_path / "file"), "--out", f"{tmp_path}/b")
+    assert code == 2 and err.endswith("file is not a model folder (a directory with model.toml)")
+
+
+def test_a_bundle_verified_that_is_a_file_or_unreadable_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InvalidBundleError, match=r"file: not a bundle \(a directory with"):
+        verify_bundle(tmp_path / "file")
+    (tmp_path / "odd" / "manifest.json").mkdir(parents=True)
+    code, err = _main(capsys, "bundle", "verify", str(tmp_path / "odd"))
+    assert code == 2 and err.endswith("odd: cannot read manifest.json: Is a directory")
+
+
+def test_an_archive_that_cannot_be_written_is_a_clear_error(tmp_path, capsys):
+    archive = tmp_path / "no" / "such" / "m.wsb"
+    code, err = _main(
+        capsys,
+        "bundle",
+        "build",
+        str(_source(tmp_path)),
+        "--out",
+        f"{tmp_path}/b",
+        "--archive",
+        str(archive),
+    )
+    assert code == 2 and err.startswith("warmserve bundle: ") and str(archive) in err
+
+
+def test_the_demo_never_replaces_a_folder_that_holds_something(tmp_path, capsys):
+    # the demo builder replaces its target whole: `warmserve demo ~/work` deleted ~/work
+    (tmp_path / "mine.txt").write_text("keep me")
+    code, err = _main(capsys, "demo", str(tmp_path))
+    assert code == 2 and "exists and is not an empty folder" in err
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("")
+    code, err = _main(capsys, "demo", str(tmp_path / "file"))
+    assert code == 2 and "file exists and is not an empty folder" in err
+
+
+def test_a_repository_that_cannot_be_listed_is_refused_naming_it(tmp_path, monkeypatch):
+    def denied(path: Path):
+        raise PermissionError(13, "Permission denied", str(path))  # (root ignores chmod 000)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    with pytest.raises(InvalidBundleError, match=rf"model repository {tmp_path} cannot be read"):
+        scan(tmp_path, BundleCache(tmp_path / "cache"))
