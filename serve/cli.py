@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 from serve import __version__
+from serve.bundles.manifest import MANIFEST_FILE
 from serve.config import (
+    MODEL_CONFIG_FILE,
     Config,
     cache_dir_from_env,
     default_repository_from_env,
@@ -213,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         repository = Path(args.repository or default_repository_from_env() or demo_repository())
         if not repository.is_dir():
             raise ConfigError(f"model repository {repository} is not a directory")
+        for marker in (MODEL_CONFIG_FILE, MANIFEST_FILE):  # (its parent is the repository)
+            if (repository / marker).is_file():
+                raise ConfigError(
+                    f"model repository {repository} is itself a model (it holds {marker}): "
+                    f"pass the folder that holds the models, {repository.resolve().parent}"
+                )
         config = Config(
             server=server, repository=str(repository), cache_dir=str(cache_dir_from_env())
         )

@@ -93,3 +93,21 @@ def test_a_repository_that_cannot_be_listed_is_refused_naming_it(tmp_path, monke
     monkeypatch.setattr(Path, "iterdir", denied)
     with pytest.raises(InvalidBundleError, match=rf"model repository {tmp_path} cannot be read"):
         scan(tmp_path, BundleCache(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("marker", ["model.toml", "manifest.json"])
+def test_a_model_folder_given_as_the_repository_is_refused_naming_its_parent(
+    tmp_path, capsys, monkeypatch, marker
+):
+    # it was scanned as a repository of no models: the server ran, never ready
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / marker).write_text("")
+
+    async def serving(config):  # (without the check, the server would start here)
+        return 0
+
+    monkeypatch.setattr(cli, "_serve", serving)
+    code, err = _main(capsys, "serve", "--grpc-port", "0", "--repository", str(model))
+    assert code == 2
+    assert f"holds {marker}): pass the folder that holds the models, {model.parent}" in err
