@@ -456,6 +456,11 @@ def validate_server(server: ServerConfig) -> None:
             f"{_setting('log_level')} must be one of {', '.join(LOG_LEVELS)}"
             f" (any case), got {server.log_level!r}"
         )
+    if not server.host or server.host.strip() != server.host:
+        raise ConfigError(
+            f"{_setting('host')} must be an address to listen on (0.0.0.0: every IPv4 address, "
+            f"'::': every address), got {server.host!r}"
+        )
     _validate_ports(server)
     _validate_durations(server)
     if server.relay_ring_slots < 0:

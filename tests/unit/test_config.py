@@ -379,3 +379,11 @@ def test_a_value_of_the_wrong_type_in_the_environment_names_the_variable(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=message):
         server_config_from_env()
+
+
+@pytest.mark.parametrize("host", ["", " 127.0.0.1"])
+def test_an_empty_listen_address_is_refused(monkeypatch, host):
+    # (gRPC then failed to bind ':8001', naming neither the setting nor what to write)
+    monkeypatch.setenv("WARMSERVE_HOST", host)
+    with pytest.raises(ConfigError, match=r"host \(--host, WARMSERVE_HOST\) must be an address"):
+        server_config_from_env()
