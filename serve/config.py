@@ -420,6 +420,7 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
                 raise ConfigError(
                     f"{var} must be {_WORDS[kind]}, got {os.environ[var]!r}"
                 ) from None
+    _check_switches()
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         server = msgspec.convert(values, ServerConfig, strict=False)
@@ -509,15 +510,35 @@ def _validate_durations(server: ServerConfig) -> None:
         )
 
 
+# on/off switches read where they act (workers too): checked once at start, in
+# server_config_from_env, since a worker has no one to tell (WARMSERVE_LOOP_SPIN is read by
+# serve/pool/loop_spin.py, which takes 1, true and yes as on)
+SWITCH_ENV = ("WARMSERVE_MALLOC_TUNING", "WARMSERVE_PAGE_LOCK", "WARMSERVE_LOOP_SPIN")
+SWITCH_ON = ("1", "true", "yes")
+SWITCH_OFF = ("0", "false", "no")
+
+
+def _switch_on(var: str) -> bool:
+    """A switch that is on unless its variable says off (any case)."""
+    return os.environ.get(var, "").strip().lower() not in SWITCH_OFF
+
+
+def _check_switches() -> None:
+    for var in SWITCH_ENV:
+        value = os.environ.get(var)
+        if value is not None and value.strip().lower() not in (*SWITCH_ON, *SWITCH_OFF, ""):
+            raise ConfigError(f"{var} must be 1 or 0 (or true / false, yes / no), got {value!r}")
+
+
 def malloc_tuning_from_env() -> bool:
     """WARMSERVE_MALLOC_TUNING=0 keeps glibc's allocation thresholds (serve/memory.py)."""
-    return os.environ.get("WARMSERVE_MALLOC_TUNING", "1") != "0"
+    return _switch_on("WARMSERVE_MALLOC_TUNING")
 
 
 def page_lock_from_env() -> bool:
     """WARMSERVE_PAGE_LOCK=0: the torch backend stages copies to the GPU instead of
     page-locking the shared memory (to compare the two on one machine)."""
-    return os.environ.get("WARMSERVE_PAGE_LOCK", "1") != "0"
+    return _switch_on("WARMSERVE_PAGE_LOCK")
 
 
 def default_repository_from_env() -> str:

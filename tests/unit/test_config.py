@@ -387,3 +387,29 @@ def test_an_empty_listen_address_is_refused(monkeypatch, host):
     monkeypatch.setenv("WARMSERVE_HOST", host)
     with pytest.raises(ConfigError, match=r"host \(--host, WARMSERVE_HOST\) must be an address"):
         server_config_from_env()
+
+
+@pytest.mark.parametrize("variable", ["WARMSERVE_MALLOC_TUNING", "WARMSERVE_PAGE_LOCK"])
+@pytest.mark.parametrize("value", ["false", "no", "FALSE", "0 "])
+def test_a_switch_written_as_false_turns_it_off(monkeypatch, variable, value):
+    # only "0" did: "false" left glibc tuning and page-locking on without a word
+    from serve.config import malloc_tuning_from_env, page_lock_from_env
+
+    monkeypatch.setenv(variable, value)
+    read = {
+        "WARMSERVE_MALLOC_TUNING": malloc_tuning_from_env,
+        "WARMSERVE_PAGE_LOCK": page_lock_from_env,
+    }
+    assert read[variable]() is False
+
+
+@pytest.mark.parametrize(
+    "variable", ["WARMSERVE_MALLOC_TUNING", "WARMSERVE_PAGE_LOCK", "WARMSERVE_LOOP_SPIN"]
+)
+@pytest.mark.parametrize("value", ["off", "on", "enabled"])
+def test_a_switch_of_another_word_is_refused_at_start(monkeypatch, variable, value):
+    # workers read these where they act and have no one to tell: "off" meant on for the
+    # first two, and "on" meant off for the loop spin
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=rf"{variable} must be 1 or 0 .*, got '{value}'"):
+        server_config_from_env()
