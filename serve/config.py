@@ -341,6 +341,10 @@ def load_model_dir(directory: Path) -> ModelConfig:
         written = msgspec.toml.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise InvalidBundleError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:  # (TOML is UTF-8; msgspec lets this one through)
+        raise InvalidBundleError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        ) from None
     if problem := _written_problem(written):
         raise InvalidBundleError(f"{path}: {problem}")
     model = msgspec.structs.replace(model, directory=str(directory.resolve()))

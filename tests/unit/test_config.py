@@ -413,3 +413,15 @@ def test_a_switch_of_another_word_is_refused_at_start(monkeypatch, variable, val
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=rf"{variable} must be 1 or 0 .*, got '{value}'"):
         server_config_from_env()
+
+
+def test_a_model_toml_that_is_not_utf8_is_refused_and_the_scan_goes_on(tmp_path):
+    # msgspec raised UnicodeDecodeError, which the scan let through: the start ended in it
+    _repo(tmp_path)
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "model.toml").write_bytes('name = "modèle"\n'.encode("latin-1"))
+    sources, refused = scan(tmp_path, BundleCache(tmp_path / "cache"))
+    assert [s.model.name for s in sources] == ["m"]
+    assert refused == [
+        f"{tmp_path / 'latin1' / 'model.toml'}: not UTF-8 text (byte 0xe8 at offset 11)"
+    ]
