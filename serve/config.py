@@ -403,6 +403,7 @@ SERVER_FLAGS = {
 MAX_PORT = 65535
 MAX_FRONTENDS = 64  # relay processes; past a few the serving process's loop is the limit
 MAX_MESSAGE_BYTES = (1 << 31) - 1  # gRPC takes its message limits as C ints
+MAX_RING_KIB = 64 << 20  # a relay's ring (64 slots of 1 MiB by default): 64 GiB at most
 _WORDS = {
     int: "an integer",
     float: "a number",
@@ -477,6 +478,14 @@ def validate_server(server: ServerConfig) -> None:
         raise ConfigError(
             f"relay_ring_slot_kib (WARMSERVE_RELAY_RING_SLOT_KIB) must be >= 1, "
             f"got {server.relay_ring_slot_kib}"
+        )
+    ring_kib = server.relay_ring_slots * server.relay_ring_slot_kib
+    if ring_kib > MAX_RING_KIB:  # (mapped whole when a relay starts: past the address space,
+        # ENOMEM failed every start of a relay, and the server never turned ready)
+        raise ConfigError(
+            f"a relay's ring, WARMSERVE_RELAY_RING_SLOTS ({server.relay_ring_slots}) x "
+            f"WARMSERVE_RELAY_RING_SLOT_KIB ({server.relay_ring_slot_kib}) = {ring_kib} KiB, "
+            f"must be at most {MAX_RING_KIB} KiB (64 GiB)"
         )
 
 

@@ -425,3 +425,13 @@ def test_a_model_toml_that_is_not_utf8_is_refused_and_the_scan_goes_on(tmp_path)
     assert refused == [
         f"{tmp_path / 'latin1' / 'model.toml'}: not UTF-8 text (byte 0xe8 at offset 11)"
     ]
+
+
+def test_a_relay_ring_too_large_to_map_is_refused(monkeypatch):
+    # 64 slots of ~1 TB: every start of a relay failed with ENOMEM, the server never ready
+    monkeypatch.setenv("WARMSERVE_RELAY_RING_SLOT_KIB", "1000000000")
+    with pytest.raises(ConfigError, match=r"a relay's ring, .* must be at most 67108864 KiB"):
+        server_config_from_env()
+    monkeypatch.setenv("WARMSERVE_RELAY_RING_SLOT_KIB", "1024")
+    monkeypatch.setenv("WARMSERVE_RELAY_RING_SLOTS", "65536")  # (exactly 64 GiB: taken)
+    assert server_config_from_env().relay_ring_slots == 65536
