@@ -212,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         from serve.memory import keep_large_buffers_in_heap
 
         keep_large_buffers_in_heap()  # before the first request's buffers (serve/memory.py)
+        if args.repository is not None and not args.repository.strip():
+            # (an unset shell variable, --repository "$MODELS", served the demo models instead)
+            raise ConfigError(
+                "--repository is empty: name the model repository folder (leave the flag out "
+                "to serve the demo models)"
+            )
         repository = Path(args.repository or default_repository_from_env() or demo_repository())
         if not repository.is_dir():
             raise ConfigError(f"model repository {repository} is not a directory")

@@ -555,7 +555,15 @@ def page_lock_from_env() -> bool:
 
 
 def default_repository_from_env() -> str:
-    return os.environ.get("WARMSERVE_REPOSITORY", "")
+    """WARMSERVE_REPOSITORY, "" when unset (the demo models). Set but empty is refused: an
+    unset shell variable (WARMSERVE_REPOSITORY=$MODELS) would serve the demo models instead."""
+    value = os.environ.get("WARMSERVE_REPOSITORY")
+    if value is not None and not value.strip():
+        raise ConfigError(
+            f"WARMSERVE_REPOSITORY is set but empty ({value!r}): name the model repository "
+            "folder, or unset it to serve the demo models"
+        )
+    return value or ""
 
 
 def cache_dir_from_env() -> Path:

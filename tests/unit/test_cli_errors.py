@@ -111,3 +111,22 @@ def test_a_model_folder_given_as_the_repository_is_refused_naming_its_parent(
     code, err = _main(capsys, "serve", "--grpc-port", "0", "--repository", str(model))
     assert code == 2
     assert f"holds {marker}): pass the folder that holds the models, {model.parent}" in err
+
+
+def test_an_empty_repository_is_refused_not_replaced_by_the_demo_models(capsys, monkeypatch):
+    # --repository "$MODELS" with MODELS unset served the demo models (built on first use)
+    def no_demo():
+        raise AssertionError("the demo models were chosen")
+
+    monkeypatch.setattr(cli, "demo_repository", no_demo)
+    monkeypatch.delenv("WARMSERVE_REPOSITORY", raising=False)
+    code, err = _main(capsys, "serve", "--grpc-port", "0", "--repository", "")
+    assert (
+        code == 2
+        and err
+        == "warmserve: --repository is empty: name the model repository "
+        "folder (leave the flag out to serve the demo models)"
+    )
+    monkeypatch.setenv("WARMSERVE_REPOSITORY", "")
+    code, err = _main(capsys, "serve", "--grpc-port", "0")
+    assert code == 2 and "WARMSERVE_REPOSITORY is set but empty ('')" in err
