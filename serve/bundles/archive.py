@@ -67,7 +67,7 @@ def extract_archive(archive: Path, cache: BundleCache) -> VerifiedBundle:
     known = _known_identity(archive)
     refused: tuple[Path, _Folder] | None = None  # the copy found refused, as it was
     if known is not None:
-        cache.hold(known)
+        _hold(cache, known, archive)
         target = cache.path(known)
         bundle, seen = _cached(archive, target, known)
         if bundle is not None:
@@ -79,7 +79,7 @@ def extract_archive(archive: Path, cache: BundleCache) -> VerifiedBundle:
             identity = _identity(tar, archive)
             with _identities_lock:
                 _identities[archive.resolve()] = (stat, identity)
-            cache.hold(identity)
+            _hold(cache, identity, archive)
             target = cache.path(identity)
             if refused is None or refused[0] != target:
                 bundle, seen = _cached(archive, target, identity)
@@ -97,6 +97,17 @@ def extract_archive(archive: Path, cache: BundleCache) -> VerifiedBundle:
     except (tarfile.TarError, OSError, KeyError, EOFError, zlib.error) as exc:
         # (EOFError, zlib.error: a gzip stream cut short or damaged, as of a half-copied file)
         raise InvalidBundleError(f"{archive}: not a readable bundle archive: {exc}") from None
+
+
+def _hold(cache: BundleCache, identity: str, archive: Path) -> None:
+    """``cache.hold``, its failures (the cache folder cannot be made or locked: a file in its
+    place, a read-only disk) named as the cache's, not as the archive's."""
+    try:
+        cache.hold(identity)
+    except OSError as exc:
+        raise InvalidBundleError(
+            f"{archive}: the bundle cache {cache.root} cannot be used (WARMSERVE_CACHE_DIR): {exc}"
+        ) from None
 
 
 # a folder as it is on disk now (device, inode), None when there is none: a copy put in place

@@ -130,3 +130,19 @@ def test_an_empty_repository_is_refused_not_replaced_by_the_demo_models(capsys, 
     monkeypatch.setenv("WARMSERVE_REPOSITORY", "")
     code, err = _main(capsys, "serve", "--grpc-port", "0")
     assert code == 2 and "WARMSERVE_REPOSITORY is set but empty ('')" in err
+
+
+def test_a_bundle_cache_that_cannot_be_made_is_named_not_the_archive(tmp_path):
+    # the archive was reported "not a readable bundle archive" when the cache was at fault
+    from serve.bundles.archive import extract_archive, write_archive
+
+    bundle = build_bundle(_source(tmp_path), tmp_path / "bundle")
+    write_archive(bundle.path, tmp_path / "m.wsb")
+    (tmp_path / "file").write_text("")
+    cache = BundleCache(tmp_path / "file" / "cache")
+    with pytest.raises(InvalidBundleError) as refused:
+        extract_archive(tmp_path / "m.wsb", cache)
+    assert f"the bundle cache {cache.root} cannot be used (WARMSERVE_CACHE_DIR)" in str(
+        refused.value
+    )
+    assert "not a readable bundle archive" not in str(refused.value)
