@@ -146,3 +146,17 @@ def test_a_bundle_cache_that_cannot_be_made_is_named_not_the_archive(tmp_path):
         refused.value
     )
     assert "not a readable bundle archive" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "argv", [["index"], ["load", "m"], ["unload", "m", "--version", "2"], ["rollback", "m"]]
+)
+def test_a_control_command_without_a_server_is_one_line_and_exit_2(capsys, argv):
+    import socket
+
+    with socket.socket() as taken:  # bound, never listening: connections are refused
+        taken.bind(("127.0.0.1", 0))
+        url = f"127.0.0.1:{taken.getsockname()[1]}"
+        code, err = _main(capsys, *argv, "--url", url)
+    assert code == 2 and err.startswith("warmserve: UNAVAILABLE: ") and url in err
+    assert len(err.splitlines()) == 1
