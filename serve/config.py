@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -337,9 +338,11 @@ def load_model_dir(directory: Path) -> ModelConfig:
     except OSError as exc:  # (unreadable: a permission, a directory of that name)
         raise InvalidBundleError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     try:
-        model = msgspec.toml.decode(raw, type=ModelConfig)
         written = msgspec.toml.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        model = msgspec.convert(written, ModelConfig)
+    except msgspec.ValidationError as exc:
+        raise InvalidBundleError(f"{path}: {explain_validation_error(exc, written)}") from None
+    except msgspec.DecodeError as exc:
         raise InvalidBundleError(f"{path}: {exc}") from None
     except UnicodeDecodeError as exc:  # (TOML is UTF-8; msgspec lets this one through)
         raise InvalidBundleError(
@@ -350,6 +353,52 @@ def load_model_dir(directory: Path) -> ModelConfig:
     model = msgspec.structs.replace(model, directory=str(directory.resolve()))
     validate_model(model)
     return model
+
+
+_AT = re.compile(r"(?P<what>.*) - at `\$(?P<path>.*)`")
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+# the settings a table may hold, by the key that names the table (model.toml or a manifest)
+_TABLES: dict[str, type[msgspec.Struct]] = {
+    "": ModelConfig,
+    "model": ModelConfig,
+    "batching": BatchingConfig,
+    "pool": PoolConfig,
+    "probe": ProbeConfig,
+    "inputs": TensorSpec,
+    "outputs": TensorSpec,
+}
+
+
+def explain_validation_error(exc: msgspec.ValidationError, written: object) -> str:
+    """msgspec's message, said as the user wrote it: the setting and the value written for a
+    wrong type ("pool.workers = '2': Expected `int`, got `str`"), the settings the table
+    allows for an unknown one (a typo)."""
+    found = _AT.fullmatch(str(exc))
+    what, path = (found["what"], found["path"]) if found else (str(exc), "")  # ("": the top)
+    steps = [(key, int(index) if index else None) for key, index in _STEP.findall(path)]
+    field = path.lstrip(".") or "the top level"
+    if what.startswith("Object contains unknown field"):
+        keys = [key for key, _ in steps if key]
+        table = _TABLES.get(keys[-1] if keys else "")
+        if table is None:
+            return f"{what} in {field}"
+        allowed = [f.name for f in msgspec.structs.fields(table) if f.name != "directory"]
+        return f"{what} in {field}; allowed: {', '.join(allowed)}"
+    if what.startswith("Invalid enum value") and steps and steps[-1][0]:
+        keys = [key for key, _ in steps[:-1] if key]
+        table = _TABLES.get(keys[-1] if keys else "")
+        hint = typing.get_type_hints(table).get(steps[-1][0]) if table else None
+        if typing.get_origin(hint) is Literal:
+            what += f"; allowed: {', '.join(map(repr, typing.get_args(hint)))}"
+    value = written
+    for key, index in steps:
+        if key and isinstance(value, dict) and key in value:
+            value = value[key]
+        elif index is not None and isinstance(value, list) and index < len(value):
+            value = value[index]
+        else:
+            return f"{field}: {what}"
+    return f"{field} = {value!r}: {what}"
 
 
 def _written_problem(written: dict[str, object]) -> str:

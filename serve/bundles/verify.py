@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 
 from serve.bundles.manifest import FORMAT, MANIFEST_FILE, Manifest, bundle_id, decode, is_canonical
-from serve.config import ModelConfig, model_files, validate_model
+from serve.config import ModelConfig, explain_validation_error, model_files, validate_model
 from serve.errors import InvalidBundleError
 
 CHUNK = 1 << 20
@@ -85,7 +85,10 @@ def read_bundle(
         ) from None
     try:
         manifest = decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except msgspec.ValidationError as exc:  # (valid JSON: only its contents are wrong)
+        why = explain_validation_error(exc, msgspec.json.decode(raw))
+        raise InvalidBundleError(f"bundle {root}: {MANIFEST_FILE} is invalid: {why}") from None
+    except msgspec.DecodeError as exc:
         raise InvalidBundleError(f"bundle {root}: {MANIFEST_FILE} is invalid: {exc}") from None
     if manifest.format != FORMAT:
         raise InvalidBundleError(f"bundle {root}: format {manifest.format}, expected {FORMAT}")

@@ -34,7 +34,7 @@ def test_a_valid_folder_loads_with_power_of_two_buckets_up_to_the_max(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"max_batch_size": "8"}, r"Expected `int`, got `str` - at `\$.max_batch_size`"),
+        ({"max_batch_size": "8"}, r"max_batch_size = '8': Expected `int`, got `str`"),
         ({"backend": "tensorflow"}, "backend"),
         (
             {"inputs": [{"name": "X", "datatype": "FLOAT", "shape": [4]}]},
@@ -435,3 +435,61 @@ def test_a_relay_ring_too_large_to_map_is_refused(monkeypatch):
     monkeypatch.setenv("WARMSERVE_RELAY_RING_SLOT_KIB", "1024")
     monkeypatch.setenv("WARMSERVE_RELAY_RING_SLOTS", "65536")  # (exactly 64 GiB: taken)
     assert server_config_from_env().relay_ring_slots == 65536
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # a typo names the table and every setting it allows
+        (
+            {"pool": {"worker": 2}},
+            r"unknown field `worker` in pool; allowed: workers, max_inflight_per_worker, ",
+        ),
+        ({"max_batchsize": 8}, r"unknown field `max_batchsize` in the top level; allowed: name, "),
+        (
+            {"inputs": [{"name": "X", "datatype": "FP32", "shape": [4], "dims": [4]}]},
+            r"unknown field `dims` in inputs\[0\]; allowed: name, datatype, shape$",
+        ),
+        # a wrong type names the setting and the value written
+        ({"pool": {"workers": "2"}}, r"pool.workers = '2': Expected `int`, got `str`$"),
+        ({"pool": {"watchdog_s": "30s"}}, r"pool.watchdog_s = '30s': Expected `float`"),
+        (
+            {"inputs": [{"name": "X", "datatype": "FP32", "shape": [4, "n"]}]},
+            r"inputs\[0\].shape\[1\] = 'n': Expected `int`, got `str`$",
+        ),
+        (
+            {"backend": "tensorflow"},
+            r"backend = 'tensorflow': Invalid enum value 'tensorflow'; allowed: 'onnx', 'torch'$",
+        ),
+        (
+            {"pool": {"worker_start": "fork"}},
+            r"pool.worker_start = 'fork': Invalid enum value 'fork'; allowed: 'template', 'spawn'",
+        ),
+    ],
+)
+def test_a_typo_or_a_wrong_type_is_explained_as_written(tmp_path, changes, message):
+    with pytest.raises(InvalidBundleError, match=message):
+        load_model_dir(_repo(tmp_path, **changes) / "m")
+
+
+def test_a_manifest_edited_by_hand_is_explained_as_written(tmp_path):
+    import msgspec
+
+    from serve.bundles.build import build_bundle
+    from serve.bundles.verify import verify_bundle
+
+    bundle = build_bundle(_repo(tmp_path) / "m", tmp_path / "bundle")
+    written = msgspec.json.decode((bundle.path / "manifest.json").read_bytes())
+    for table, key, value, message in [
+        ("pool", "workers", "2", r"model.pool.workers = '2': Expected `int`, got `str`$"),
+        (
+            "pool",
+            "worker",
+            2,
+            r"Object contains unknown field `worker` in model.pool; allowed: workers, ",
+        ),
+    ]:
+        edited = {**written, "model": {**written["model"], table: {key: value}}}
+        (bundle.path / "manifest.json").write_bytes(msgspec.json.encode(edited, order="sorted"))
+        with pytest.raises(InvalidBundleError, match=r"manifest.json is invalid: " + message):
+            verify_bundle(bundle.path)
