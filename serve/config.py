@@ -230,6 +230,12 @@ def _tensors_problem(model: ModelConfig) -> str:
                 return f"{kind} {spec.name!r}: {exc}"
             if any(d == 0 or d < -1 for d in spec.shape):
                 return f"{kind} {spec.name!r}: dims must be positive or -1, got {list(spec.shape)}"
+    for field, own in (
+        ("model_inputs", model.model_inputs),
+        ("model_outputs", model.model_outputs),
+    ):
+        if any(not name for name in own) or len(set(own)) != len(own):
+            return f"{field} must be distinct non-empty tensor names, got {list(own)}"
     return ""
 
 

@@ -100,6 +100,8 @@ NAN = float("nan")
         ({"version": ""}, r"version must be non-empty.*got ''"),
         ({"version": "1/2"}, r"version must be .* without '/'.*got '1/2'"),
         # str.isdigit() takes these, the worker's int() does not: it failed every start
+        ({"model_inputs": ["a", ""]}, r"model_inputs must be distinct non-empty .*\['a', ''\]"),
+        ({"model_outputs": ["y", "y"]}, r"model_outputs must be distinct .*\['y', 'y'\]"),
         ({"device": "cuda:\u00b2"}, r"device must be 'auto', 'cpu' or 'cuda:N'"),
         ({"device": "cuda:\uff10"}, r"device must be 'auto', 'cpu' or 'cuda:N'"),
     ],
