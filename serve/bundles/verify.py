@@ -90,6 +90,11 @@ def read_bundle(
         raise InvalidBundleError(f"bundle {root}: {MANIFEST_FILE} is invalid: {why}") from None
     except msgspec.DecodeError as exc:
         raise InvalidBundleError(f"bundle {root}: {MANIFEST_FILE} is invalid: {exc}") from None
+    if manifest.model.directory:  # (replaced by where the bundle lies: it would be ignored)
+        raise InvalidBundleError(
+            f"bundle {root}: {MANIFEST_FILE}: model.directory must be empty (a bundle does not "
+            f"know where it lies), got {manifest.model.directory!r}"
+        )
     if manifest.format != FORMAT:
         raise InvalidBundleError(f"bundle {root}: format {manifest.format}, expected {FORMAT}")
     if not is_canonical(raw):

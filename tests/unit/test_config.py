@@ -495,3 +495,19 @@ def test_a_manifest_edited_by_hand_is_explained_as_written(tmp_path):
         (bundle.path / "manifest.json").write_bytes(msgspec.json.encode(edited, order="sorted"))
         with pytest.raises(InvalidBundleError, match=r"manifest.json is invalid: " + message):
             verify_bundle(bundle.path)
+
+
+def test_a_manifest_with_a_directory_is_refused_not_silently_replaced(tmp_path):
+    import msgspec
+
+    from serve.bundles.build import build_bundle
+    from serve.bundles.verify import verify_bundle
+
+    bundle = build_bundle(_repo(tmp_path) / "m", tmp_path / "bundle")
+    written = msgspec.json.decode((bundle.path / "manifest.json").read_bytes())
+    edited = {**written, "model": {**written["model"], "directory": "/srv/models/m"}}
+    (bundle.path / "manifest.json").write_bytes(msgspec.json.encode(edited, order="sorted"))
+    with pytest.raises(
+        InvalidBundleError, match=r"model.directory must be empty .*'/srv/models/m'"
+    ):
+        verify_bundle(bundle.path)
