@@ -87,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(action, help=text)
         command.add_argument("model")
         if action != "rollback":
-            command.add_argument("--version", default="", help="a version label")
+            command.add_argument(
+                "--version", help="a version label (default: the newest / every version)"
+            )
         command.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
     return parser
 
@@ -154,8 +156,15 @@ def _control(args: argparse.Namespace) -> int:
     from serve.frontend.client import control
 
     values: dict[str, str | bool] = {}
-    if getattr(args, "version", ""):
-        values["version"] = args.version
+    version = getattr(args, "version", None)
+    if version is not None:
+        if not version.strip():  # (an unset shell variable: it acted on every version)
+            default = "the newest version" if args.command == "load" else "every version"
+            raise ConfigError(
+                f"--version is empty: name a version label, or leave the flag out to "
+                f"{args.command} {default}"
+            )
+        values["version"] = version
     if args.command == "rollback":
         values["rollback"] = True
     control(args.url, "unload" if args.command == "unload" else "load", args.model, values)

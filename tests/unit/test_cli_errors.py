@@ -160,3 +160,23 @@ def test_a_control_command_without_a_server_is_one_line_and_exit_2(capsys, argv)
         code, err = _main(capsys, *argv, "--url", url)
     assert code == 2 and err.startswith("warmserve: UNAVAILABLE: ") and url in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "instead"),
+    [("load", "load the newest version"), ("unload", "unload every version")],
+)
+def test_an_empty_version_is_refused_not_read_as_no_version(capsys, monkeypatch, command, instead):
+    # `warmserve unload m --version "$V"` with V unset unloaded every version of m
+    from serve.frontend import client
+
+    sent: list[dict[str, object]] = []
+    monkeypatch.setattr(client, "control", lambda url, action, model, values: sent.append(values))
+    code, err = _main(capsys, command, "m", "--version", "", "--url", "127.0.0.1:1")
+    assert code == 2 and sent == []
+    assert err == (
+        "warmserve: --version is empty: name a version label, or leave the flag out to " + instead
+    )
+    assert _main(capsys, command, "m", "--version", "2", "--url", "127.0.0.1:1")[0] == 0
+    assert _main(capsys, command, "m", "--url", "127.0.0.1:1")[0] == 0
+    assert sent == [{"version": "2"}, {}]
