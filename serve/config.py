@@ -396,6 +396,8 @@ def explain_validation_error(exc: msgspec.ValidationError, written: object) -> s
         hint = typing.get_type_hints(table).get(steps[-1][0]) if table else None
         if typing.get_origin(hint) is Literal:
             what += f"; allowed: {', '.join(map(repr, typing.get_args(hint)))}"
+    if not steps:  # (a required setting missing at the top: the message says which)
+        return what
     value = written
     for key, index in steps:
         if key and isinstance(value, dict) and key in value:
@@ -404,7 +406,8 @@ def explain_validation_error(exc: msgspec.ValidationError, written: object) -> s
             value = value[index]
         else:
             return f"{field}: {what}"
-    return f"{field} = {value!r}: {what}"
+    shown = repr(value)
+    return f"{field} = {shown if len(shown) <= 80 else shown[:77] + '...'}: {what}"
 
 
 def _written_problem(written: dict[str, object]) -> str:

@@ -19,7 +19,9 @@ BASE = {
 
 
 def _repo(tmp_path: Path, **changes) -> Path:
-    folder = write_config(tmp_path / "m", {**BASE, **changes})
+    """A repository with model "m" of BASE with ``changes`` (a None leaves the key out)."""
+    config = {key: value for key, value in {**BASE, **changes}.items() if value is not None}
+    folder = write_config(tmp_path / "m", config)
     (folder / "model.onnx").write_bytes(b"")
     return tmp_path
 
@@ -452,6 +454,9 @@ def test_a_relay_ring_too_large_to_map_is_refused(monkeypatch):
             {"inputs": [{"name": "X", "datatype": "FP32", "shape": [4], "dims": [4]}]},
             r"unknown field `dims` in inputs\[0\]; allowed: name, datatype, shape$",
         ),
+        # a missing setting is named as msgspec names it; a long value is cut short
+        ({"backend": None}, r"model.toml: Object missing required field `backend`$"),
+        ({"pool": {"workers": [1] * 100}}, r"pool.workers = \[1, 1, .*\.\.\.: Expected `int`"),
         # a wrong type names the setting and the value written
         ({"pool": {"workers": "2"}}, r"pool.workers = '2': Expected `int`, got `str`$"),
         ({"pool": {"watchdog_s": "30s"}}, r"pool.watchdog_s = '30s': Expected `float`"),
