@@ -75,10 +75,12 @@ class DeviceUnavailableError(RuntimeError):
 
 
 def resolve_device(requested: str, cuda_available: bool) -> str:
-    """``auto``: the first GPU when there is one, else the CPU. ``cpu`` and ``cuda:N`` stand:
-    a backend refuses ``cuda:N`` it cannot have (DeviceUnavailableError)."""
+    """``auto``: the first GPU when there is one, else the CPU; ``cuda``: the first GPU. ``cpu``
+    and ``cuda:N`` stand: a backend refuses ``cuda:N`` it cannot have (DeviceUnavailableError)."""
     if requested == "auto":
         return "cuda:0" if cuda_available else "cpu"
+    if requested == "cuda":
+        return "cuda:0"
     return requested
 
 

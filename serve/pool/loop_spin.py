@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import weakref
 from typing import Any
+
+from serve.config import loop_spin_from_env
 
 log = logging.getLogger(__name__)
 
 MOST_BATCHES = 2  # spin only while at most this many batches are out (low concurrency)
 LONGEST_S = 0.01  # and for at most this long at a time: a long (or hung) batch is slept through
-
-
-def enabled_by_env() -> bool:
-    return os.environ.get("WARMSERVE_LOOP_SPIN", "0").strip().lower() in ("1", "true", "yes")
 
 
 class LoopSpin:
@@ -60,4 +57,4 @@ class LoopSpin:
             self._task = None  # (the handles stay known: their batches out still count)
 
 
-SPIN = LoopSpin(enabled_by_env())
+SPIN = LoopSpin(loop_spin_from_env())

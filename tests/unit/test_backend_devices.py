@@ -98,6 +98,8 @@ def test_onnx_uses_the_cuda_provider_on_the_requested_device_when_present():
         ("auto", False, "cpu"),
         ("cpu", True, "cpu"),
         ("cuda:2", False, "cuda:2"),
+        ("cuda", True, "cuda:0"),
+        ("cuda", False, "cuda:0"),  # (refused by the backend, naming cuda:0)
     ],
 )
 def test_auto_means_the_first_gpu_when_there_is_one(requested, cuda, expected):

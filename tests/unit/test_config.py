@@ -104,8 +104,10 @@ NAN = float("nan")
         # str.isdigit() takes these, the worker's int() does not: it failed every start
         ({"model_inputs": ["a", ""]}, r"model_inputs must be distinct non-empty .*\['a', ''\]"),
         ({"model_outputs": ["y", "y"]}, r"model_outputs must be distinct .*\['y', 'y'\]"),
-        ({"device": "cuda:\u00b2"}, r"device must be 'auto', 'cpu' or 'cuda:N'"),
-        ({"device": "cuda:\uff10"}, r"device must be 'auto', 'cpu' or 'cuda:N'"),
+        ({"device": "cuda:\u00b2"}, r"device must be 'auto', 'cpu', 'cuda' .* or 'cuda:N'"),
+        ({"device": "cuda:\uff10"}, r"device must be 'auto', 'cpu', 'cuda' .* or 'cuda:N'"),
+        ({"device": "cuda:"}, r"device must be 'auto', 'cpu', 'cuda' .* or 'cuda:N'"),
+        ({"device": "gpu"}, r"device must be .*got 'gpu'"),
     ],
 )
 def test_values_that_cannot_work_are_refused_naming_field_value_and_range(
@@ -122,6 +124,7 @@ def test_values_that_cannot_work_are_refused_naming_field_value_and_range(
         {"pool": {"workers": 2, "max_workers": 2, "p95_target_ms": 0, "scale_up_after_s": 0}},
         {"batching": {"buckets": [1, 4, 12]}},
         {"device": "cuda:1", "version": "2.0-rc1", "latency_budget_ms": 50.0},
+        {"device": "cuda"},  # (as torch writes it: the first GPU)
         {"probe": {"rtol": 0, "atol": 0, "failures_to_replace": 1}},
     ],
 )

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from serve.pool.loop_spin import MOST_BATCHES, LoopSpin, enabled_by_env
+from serve.config import loop_spin_from_env
+from serve.pool.loop_spin import MOST_BATCHES, LoopSpin
 
 
 class _Handle:
@@ -49,7 +50,7 @@ def test_with_many_batches_out_or_when_off_it_does_not_spin():
 )
 def test_the_environment_turns_it_on(monkeypatch, value, expected):
     monkeypatch.setenv("WARMSERVE_LOOP_SPIN", value)
-    assert enabled_by_env() is expected
+    assert loop_spin_from_env() is expected
 
 
 def test_batches_out_at_other_workers_keep_counting_after_a_spin_ends():
