@@ -33,6 +33,15 @@ def version_parameter(value: object) -> str:
     )
 
 
+def _brief(reasons: list[str], most: int = 3, width: int = 300) -> str:
+    """Why bundles were refused, for an answer: the first ``most`` reasons, each cut to
+    ``width`` characters (a bundle whose config cannot be read names no model, so it may be
+    the one the caller meant)."""
+    shown = [r if len(r) <= width else r[: width - 3] + "..." for r in reasons[:most]]
+    more = f" | and {len(reasons) - most} more (see the log)" if len(reasons) > most else ""
+    return " | ".join(shown) + more
+
+
 class ModelControl:
     def __init__(
         self, runtime: Runtime, config: ServerConfig, repository: Path, cache: BundleCache
@@ -93,7 +102,9 @@ class ModelControl:
                     f"no valid bundle of {wanted} in {self._repository}; refused: "
                     + " | ".join(mine)
                 )
-            others = f" ({len(refused)} other bundle(s) refused: see the log)" if refused else ""
+            others = (
+                f" ({len(refused)} other bundle(s) refused: {_brief(refused)})" if refused else ""
+            )
             raise ModelNotFoundError(f"no bundle of {wanted} in {self._repository}{others}")
         source = newest(candidates)
         # (before the next await: another load's collection cannot come in between)

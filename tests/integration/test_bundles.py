@@ -264,7 +264,8 @@ def test_a_tampered_new_version_is_refused_naming_the_file_and_unload_stops_a_mo
         assert "file process.py does not match its sha256" in tampered.stderr
         unknown = _cli("load", "ml", "--url", server.url)  # not mlp's broken bundle's fault
         assert unknown.returncode != 0 and "NOT_FOUND" in unknown.stderr
-        assert "1 other bundle(s) refused" in unknown.stderr
+        assert "1 other bundle(s) refused: " in unknown.stderr
+        assert "process.py does not match its sha256" in unknown.stderr.split("refused: ")[1]
         _, inputs = _input()
         assert server.client.infer("mlp", inputs).get_response().model_version == "1"
         listed = _cli("index", "--url", server.url)
