@@ -13,6 +13,7 @@ from pathlib import Path
 from serve import __version__
 from serve.bundles.manifest import MANIFEST_FILE
 from serve.config import (
+    LOG_LEVELS,
     MODEL_CONFIG_FILE,
     Config,
     cache_dir_from_env,
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         help="bytes of requests held at once, server-wide; beyond: RESOURCE_EXHAUSTED (1 GiB)",
     )
     serve.add_argument("--grace-period", type=float, help="seconds in-flight calls get on SIGTERM")
-    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument("--log-level", help=f"{', '.join(LOG_LEVELS)} (default INFO)")
     serve.add_argument(
         "--frontends",
         type=int,
