@@ -62,9 +62,11 @@ class OnnxBackend(Backend):
         source: str | bytes = str(model.model_path)
         if model_bytes is not None:  # the bytes the bundle's hash was checked on
             source = model_bytes
-            # (a graph with external data finds it beside the model file, as from a path)
+            # (a graph with external data finds it beside the model file, as from a path: the
+            # model file's folder, which may be a folder of the bundle's)
             options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", model.directory
+                "session.model_external_initializers_file_folder_path",
+                str(model.model_path.parent),
             )
         self._session = ort.InferenceSession(source, options, providers=providers)
         check_session_device(device, self._session.get_providers())

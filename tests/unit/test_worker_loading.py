@@ -70,3 +70,29 @@ def test_a_bundle_changed_before_the_check_is_refused_naming_the_file(tmp_path):
     (bundle.path / "model.onnx").write_bytes(b"changed before the worker started")
     with pytest.raises(InvalidBundleError, match=r"model\.onnx does not match"):
         serve.worker.loading.load_model(bundle.model, bundle.id, "cpu", 1, False)
+
+
+@pytest.mark.parametrize("folder", ["", "onnx/"])
+def test_an_onnx_model_with_external_data_loads_from_its_bundle(tmp_path, folder):
+    # The external data lies beside the model file, which may be in a folder of the bundle:
+    # from bytes, onnxruntime must be told that folder (the model file's, not the bundle's).
+    import onnx
+
+    source = build_mlp_onnx(tmp_path / "src", name="mlp")
+    graph = onnx.load(str(source / "model.onnx"))
+    (source / "model.onnx").unlink()
+    (source / folder).mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        graph,
+        str(source / folder / "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    config = (source / "model.toml").read_text()
+    (source / "model.toml").write_text(config.replace('"model.onnx"', f'"{folder}model.onnx"'))
+    bundle = build_bundle(source, tmp_path / "bundle", (f"{folder}model.onnx.data",))
+    processing, backend = serve.worker.loading.load_model(bundle.model, bundle.id, "cpu", 1, False)
+    x = np.random.default_rng(4).standard_normal((2, 64)).astype(np.float32)
+    outputs = processing.postprocess(backend.run(processing.preprocess({"INPUT0": x})))
+    np.testing.assert_allclose(outputs["OUTPUT0"], mlp_reference(x), rtol=1e-4, atol=1e-5)
