@@ -102,6 +102,8 @@ class BundleCache:
                 name = child.name.removesuffix(LOCK_SUFFIX)
                 if child.name.startswith(STAGING_PREFIX):
                     self._remove_staging(child)
+                elif child.name.endswith(PLACING_SUFFIX):
+                    self._remove_placing(child)
                 elif _ENTRY.fullmatch(name) and name not in keep and name not in self._held:
                     entries.add(name)
             for bundle_id in sorted(entries):
@@ -136,6 +138,24 @@ class BundleCache:
             return
         if unpacked:
             log.info("bundle cache: removed %s (%.1f MiB), used by no server", entry, size / 2**20)
+
+    @staticmethod
+    def _remove_placing(lock: Path) -> None:
+        """A placing lock file no process holds: left by one that died while placing (the
+        kernel released its lock, not its file). Removed as ``placing`` removes its own (a
+        process waiting on it retries on a new file: ``_locked``)."""
+        try:
+            fd = _locked(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is None:
+                return  # being placed right now
+            try:
+                lock.unlink()
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("bundle cache: could not remove %s: %s", lock, exc)
+            return
+        log.info("bundle cache: removed %s, left by a process that died while placing", lock)
 
     @staticmethod
     def _remove_staging(staging: Path) -> None:
