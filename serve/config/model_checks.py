@@ -99,8 +99,6 @@ def _batching_problem(model: ModelConfig) -> str:
             f"batching.buckets must lie in 1..max_batch_size ({model.max_batch_size}), "
             f"got {list(batching.buckets)}"
         )
-    if list(batching.buckets) != sorted(set(batching.buckets)):
-        return f"batching.buckets must be increasing, each size once, got {list(batching.buckets)}"
     if batching.max_queue_delay_us < 0:
         return f"batching.max_queue_delay_us must be >= 0, got {batching.max_queue_delay_us}"
     if batching.max_queue_size < 1:
