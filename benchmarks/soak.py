@@ -45,7 +45,7 @@ import uvloop
 from benchmarks.compare import exit_on_sigterm
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.testing.models import build_mlp_onnx, build_mlp_torch
-from tests.integration.harness import ServerProcess, wait_until
+from tests.integration.harness import ServerProcess, live_children, wait_until
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -185,20 +185,6 @@ def format_report(rows: list[dict[str, object]], statuses: Counter[tuple[str, st
 # --- /proc ----------------------------------------------------------------------------------------
 
 
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            out.setdefault(int(fields[1]), []).append(int(entry.name))
-    return out
-
-
 def _role(pid: int, parent_role: str) -> str:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -219,7 +205,7 @@ def _role(pid: int, parent_role: str) -> str:
 
 def tree_roles(root: int) -> dict[int, str]:
     """pid → role of ``root`` ("serving") and every live descendant."""
-    children = _children()
+    children = live_children()
     roles, todo = {root: "serving"}, [root]
     while todo:
         pid = todo.pop()

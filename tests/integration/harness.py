@@ -101,6 +101,21 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def live_children() -> dict[int, list[int]]:
+    """Parent pid → live child pids, for every process (from /proc; zombies left out)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
 class ServerProcess:
     def __init__(
         self,
@@ -169,18 +184,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def _children(self) -> dict[int, list[int]]:
-        """Parent pid → live child pids, for every process (from /proc)."""
-        children: dict[int, list[int]] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry.name))
-        return children
+        return live_children()
 
     def template_pids(self) -> list[int]:
         """The worker templates: the server's children that fork workers."""

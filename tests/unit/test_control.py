@@ -43,16 +43,8 @@ def _bundle(tmp: Path, repo: Path, version: str) -> Path:
 
 def _with_a_broken_version_2(tmp_path: Path) -> tuple[_Runtime, ModelControl]:
     """A repository with bundles 1 and 2 of "mlp", 2 copied in half-written, under control."""
-    repo = tmp_path / "repo"
-    _bundle(tmp_path, repo, "1")
-    (_bundle(tmp_path, repo, "2") / "model.onnx").write_bytes(b"half-written")
-    runtime = _Runtime()
-    control = ModelControl(
-        runtime,  # type: ignore[arg-type]
-        ServerConfig(model_control=True),
-        repo,
-        BundleCache(tmp_path / "cache"),
-    )
+    runtime, control = _control_of_versions(tmp_path, "1", "2")
+    (tmp_path / "repo" / "mlp" / "2" / "model.onnx").write_bytes(b"half-written")
     return runtime, control
 
 
