@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
+from serve.bundles.build import build_bundle
 from serve.testing.models import build_image_cnn, build_mlp_onnx, build_mlp_torch, mlp_reference
 from tests.integration.harness import ServerProcess
 
@@ -20,6 +21,10 @@ def gpu_server(tmp_path_factory):
     # "auto": the lent GPU machines carry the CPU build of onnxruntime (MEASURED.md), and an
     # explicit cuda:0 without the CUDA provider now fails the model's start (as it should)
     build_mlp_onnx(root / "repo" / "mlp_onnx", device="auto")
+    # A bundle: its worker loads the TorchScript from the bytes it verified (a BytesIO onto
+    # cuda:0), not from the file's path as for the plain folders above.
+    source = build_mlp_torch(root / "src" / "mlp_bundled", name="mlp_bundled", device="cuda:0")
+    build_bundle(source, root / "repo" / "mlp_bundled" / "1")
     # Through two relay processes (--frontends 2): the calls of these tests take the relayed
     # path to the CUDA workers; the sticky-error test below serves from one process.
     server = ServerProcess(root / "server.log", root / "repo", args=("--frontends", "2"))
@@ -41,7 +46,7 @@ def test_graph_replay_matches_the_reference_for_padded_and_exact_buckets(gpu_ser
     x = np.random.default_rng(rows).standard_normal((rows, 64)).astype(np.float32)
     tensor = triton.InferInput("INPUT0", [rows, 64], "FP32")
     tensor.set_data_from_numpy(x)
-    for model in ("mlp_torch", "mlp_onnx"):
+    for model in ("mlp_torch", "mlp_onnx", "mlp_bundled"):
         got = gpu_server.client.infer(model, [tensor]).as_numpy("OUTPUT0")
         np.testing.assert_allclose(got, mlp_reference(x), rtol=1e-3, atol=1e-3)
 
