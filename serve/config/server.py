@@ -94,7 +94,6 @@ MAX_RING_KIB = 64 << 20  # a relay's ring (64 slots of 1 MiB by default): 64 GiB
 _WORDS = {
     int: "an integer",
     float: "a number",
-    bool: "true or false (or 1 or 0)",
     str: "a string",
 }
 
@@ -106,6 +105,9 @@ def server_config_from_env(**overrides: object) -> ServerConfig:
     for field, var in SERVER_ENV.items():
         if var in os.environ:
             kind = type(getattr(defaults, field))
+            if kind is bool:  # the words the switches take, too
+                values[field] = _yes_or_no(var, os.environ[var])
+                continue
             try:
                 values[field] = msgspec.convert(os.environ[var], kind, strict=False)
             except msgspec.ValidationError:
@@ -217,6 +219,13 @@ SWITCH_ON = ("1", "true", "yes")
 SWITCH_OFF = ("0", "false", "no")
 
 
+def _yes_or_no(var: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word not in (*SWITCH_ON, *SWITCH_OFF):
+        raise ConfigError(f"{var} must be 1 or 0 (or true / false, yes / no), got {value!r}")
+    return word in SWITCH_ON
+
+
 def _switch_on(var: str) -> bool:
     """A switch that is on unless its variable says off (any case)."""
     return os.environ.get(var, "").strip().lower() not in SWITCH_OFF
@@ -225,8 +234,8 @@ def _switch_on(var: str) -> bool:
 def _check_switches() -> None:
     for var in SWITCH_ENV:
         value = os.environ.get(var)
-        if value is not None and value.strip().lower() not in (*SWITCH_ON, *SWITCH_OFF, ""):
-            raise ConfigError(f"{var} must be 1 or 0 (or true / false, yes / no), got {value!r}")
+        if value is not None and value.strip():  # (set but empty: the default)
+            _yes_or_no(var, value)
 
 
 def malloc_tuning_from_env() -> bool:

@@ -166,7 +166,10 @@ def test_frontends_come_from_env(monkeypatch):
     assert server_config_from_env().frontends == 4
 
 
-@pytest.mark.parametrize(("value", "expected"), [("1", True), ("0", False), ("true", True)])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", True), ("0", False), ("true", True), ("yes", True), (" No ", False), ("FALSE", False)],
+)
 def test_require_gpu_comes_from_env(monkeypatch, value, expected):
     monkeypatch.setenv("WARMSERVE_REQUIRE_GPU", value)
     assert server_config_from_env().require_gpu is expected
@@ -181,7 +184,7 @@ def test_require_gpu_is_off_by_default_and_a_flag_wins_over_env(monkeypatch):
 
 def test_a_require_gpu_that_is_not_a_bool_is_refused(monkeypatch):
     monkeypatch.setenv("WARMSERVE_REQUIRE_GPU", "sometimes")
-    with pytest.raises(ConfigError, match="WARMSERVE_REQUIRE_GPU must be true or false"):
+    with pytest.raises(ConfigError, match=r"WARMSERVE_REQUIRE_GPU must be 1 or 0 .*'sometimes'"):
         server_config_from_env()
 
 
@@ -377,8 +380,8 @@ def test_a_message_limit_gRPC_cannot_take_is_refused():
         ("WARMSERVE_DRAIN_DELAY_S", "5s", r"WARMSERVE_DRAIN_DELAY_S must be a number, got '5s'"),
         (
             "WARMSERVE_MODEL_CONTROL",
-            "yes",
-            r"WARMSERVE_MODEL_CONTROL must be true or false .*'yes'",
+            "on",
+            r"WARMSERVE_MODEL_CONTROL must be 1 or 0 \(or true / false, yes / no\), got 'on'",
         ),
     ],
 )
