@@ -19,6 +19,11 @@ class ModelNotReadyError(ServeError):
     """The model exists but has no warm worker able to take the request."""
 
 
+class ModelFaultError(ModelNotReadyError):
+    """A worker could not start because the model itself failed to load or warm up (its
+    bundle, code, weights or device), not the host: starting it again fails the same way."""
+
+
 class WorkerLostError(ModelNotReadyError):
     """The worker running a request died before answering."""
 

@@ -14,7 +14,7 @@ from serve.batching import BatchResult, DynamicBatcher
 from serve.batching.batcher import STOP_WAIT_S
 from serve.batching.merge import Array
 from serve.config import ModelConfig, TensorSpec
-from serve.errors import InvalidInputError, ModelNotReadyError, ServeError
+from serve.errors import InvalidInputError, ModelFaultError, ModelNotReadyError, ServeError
 from serve.pool.pool import WorkerPool
 from serve.protocol import Datatype, InferRequest, InferResponse, Tensor
 from serve.protocol.tensors import Parameters
@@ -22,7 +22,6 @@ from serve.readiness.controller import WarmPoolController
 from serve.readiness.latency import ModelLatency
 from serve.telemetry.metrics import Metrics, outcome
 from serve.telemetry.stats import ModelStats
-from serve.worker import MODEL_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ class ModelService:
         except Exception as exc:
             self.state = ModelState.UNAVAILABLE
             self.reason = str(exc)
-            self.model_failed = MODEL_FAILED in self.reason
+            self.model_failed = isinstance(exc, ModelFaultError)
             log.error("model %s failed to load: %s", self.config.name, exc)
             await self.batcher.stop()
             await self.pool.stop()

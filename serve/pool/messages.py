@@ -89,6 +89,8 @@ class BatchFailed(msgspec.Struct, frozen=True, tag=True):
 class Fatal(msgspec.Struct, frozen=True, tag=True):
     message: str
     batch_id: int = -1  # the batch that caused it, if one did: that batch is not retried
+    # a start-up failure of the model itself (its load or warm-up), not of the host
+    model_fault: bool = False
 
 
 ToWorker = Init | RunBatch | Shutdown

@@ -19,7 +19,7 @@ from serve.batching.batcher import BatchCallback
 from serve.batching.merge import Array
 from serve.config import ModelConfig
 from serve.cpus import available_cpus
-from serve.errors import ModelNotReadyError
+from serve.errors import ModelFaultError, ModelNotReadyError
 from serve.pool.template import TemplateError, WorkerTemplate
 from serve.pool.worker_handle import WorkerHandle, WorkerSettings, WorkerState
 from serve.protocol.datatypes import Datatype, element_size
@@ -194,7 +194,10 @@ class WorkerPool:
         self._seen_warm.update(w.worker_id for w in self.warm_workers())
         if self.warm_count == 0:
             why = failures[0] if failures else "its workers died as they warmed up"
-            raise ModelNotReadyError(f"model {self.model.name!r}: no worker warmed up: {why}")
+            # every start failed in the model itself: another start would fail the same way
+            faults = failures and all(isinstance(f, ModelFaultError) for f in failures)
+            failed = ModelFaultError if faults else ModelNotReadyError
+            raise failed(f"model {self.model.name!r}: no worker warmed up: {why}")
         self._reconcile()
 
     def acquire_now(self, worker: WorkerHandle | None = None) -> Lease | None:

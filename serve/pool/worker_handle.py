@@ -18,7 +18,13 @@ from serve.batching import BatchResult
 from serve.batching.batcher import BatchCallback
 from serve.batching.merge import Array
 from serve.config import ModelConfig
-from serve.errors import InvalidInputError, ModelExecutionError, ModelNotReadyError, WorkerLostError
+from serve.errors import (
+    InvalidInputError,
+    ModelExecutionError,
+    ModelFaultError,
+    ModelNotReadyError,
+    WorkerLostError,
+)
 from serve.pool.arena import Arena, create_memfd
 from serve.pool.link import WorkerLink
 from serve.pool.loop_spin import SPIN
@@ -442,7 +448,7 @@ class WorkerHandle:
                         f"(it is being replaced): {message.message}"
                     ),
                 )
-            self._die(message.message)
+            self._die(message.message, model_fault=message.model_fault)
 
     def _on_lost(self, reason: str) -> None:
         self._die(reason)
@@ -456,7 +462,8 @@ class WorkerHandle:
             with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
                 process.kill()  # the reaper collects it
 
-    def _die(self, reason: str) -> None:
+    def _die(self, reason: str, *, model_fault: bool = False) -> None:
+        """``model_fault``: the worker said the model itself failed to load or warm up."""
         if self.state is WorkerState.DEAD:
             return
         expected = self.state is WorkerState.STOPPING
@@ -468,8 +475,9 @@ class WorkerHandle:
             f"worker {self.worker_id} of model {self.model.name!r} died: {reason}"
         )
         if self._ready_future is not None and not self._ready_future.done():
+            failed = ModelFaultError if model_fault else ModelNotReadyError
             self._ready_future.set_exception(
-                ModelNotReadyError(f"worker {self.worker_id} failed to start: {reason}")
+                failed(f"worker {self.worker_id} failed to start: {reason}")
             )
         waiter, self._slot_waiter = self._slot_waiter, None
         if waiter is not None and not waiter.done():

@@ -42,7 +42,6 @@ from serve.pool.messages import (
     to_worker_decoder,
 )
 from serve.protocol.datatypes import Datatype, datatype_of, numpy_dtype
-from serve.worker import MODEL_FAILED
 
 log = logging.getLogger("serve.worker")
 
@@ -59,7 +58,7 @@ class ModelStartError(Exception):
     """The model failed to load or to warm up (its bundle, code, weights or device)."""
 
     def __init__(self, cause: Exception) -> None:
-        super().__init__(f"{MODEL_FAILED}: {type(cause).__name__}: {cause}")
+        super().__init__(f"the model failed to load or warm up: {type(cause).__name__}: {cause}")
 
 
 class Channel:
@@ -343,8 +342,9 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
         warm_s = worker.warm_up()
     except Exception as exc:
         log.exception("start-up failed")
-        detail = str(exc) if isinstance(exc, ModelStartError) else f"{type(exc).__name__}: {exc}"
-        channel.send(Fatal(f"start-up failed: {detail}"))
+        fault = isinstance(exc, ModelStartError)
+        detail = str(exc) if fault else f"{type(exc).__name__}: {exc}"
+        channel.send(Fatal(f"start-up failed: {detail}", model_fault=fault))
         return 1
     spin_us = idle_spin_us(init.model.pool.idle_spin_us, worker.backend.device)
     log.info(

@@ -9,16 +9,16 @@ import pytest
 
 from serve.bundles.repository import ModelSource
 from serve.config import load_model_dir
-from serve.errors import InvalidBundleError, ModelNotReadyError
+from serve.errors import InvalidBundleError, ModelFaultError, ModelNotReadyError
 from serve.pool.pool import WorkerPool
 from serve.runtime import ModelStartFailedError, Runtime
 from serve.testing.models import build_mlp_onnx
-from serve.worker import MODEL_FAILED
 
 # what the pool raises when its workers' starts failed, as the worker reported each
 MODELS_FAULT = (
     "model 'mlp': no worker warmed up: worker mlp#1 failed to start: start-up failed: "
-    f"{MODEL_FAILED}: ValueError: output 'OUTPUT0' is FP64, the model config says FP32"
+    "the model failed to load or warm up: ValueError: output 'OUTPUT0' is FP64, the model "
+    "config says FP32"
 )
 PASSING = (
     "worker mlp#1 not warm within 1.0 s",  # a host too busy to warm it in time
@@ -30,7 +30,7 @@ PASSING = (
 def test_a_model_that_fails_its_warm_up_is_refused_as_the_models_fault_naming_the_cause(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(WorkerPool, "start", _failing(MODELS_FAULT))
+    monkeypatch.setattr(WorkerPool, "start", _failing(MODELS_FAULT, ModelFaultError))
     source = ModelSource(load_model_dir(build_mlp_onnx(tmp_path / "mlp", name="mlp")))
     with pytest.raises(ModelStartFailedError, match="did not become ready") as raised:
         asyncio.run(_rollout(source))
@@ -49,9 +49,9 @@ def test_a_version_that_fails_to_start_for_a_passing_cause_stays_unavailable(
     assert not isinstance(raised.value, InvalidBundleError)  # UNAVAILABLE: worth a retry
 
 
-def _failing(message: str):  # type: ignore[no-untyped-def]
+def _failing(message: str, error: type[ModelNotReadyError] = ModelNotReadyError):  # type: ignore[no-untyped-def]
     async def start(self: WorkerPool) -> None:
-        raise ModelNotReadyError(message)
+        raise error(message)
 
     return start
 
