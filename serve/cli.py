@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-        from serve.frontend import grpc_logs
+        from serve.frontend import grpc_logs, grpc_process
 
+        grpc_process.prepare()  # before gRPC is imported (no fork handlers: grpc_process.py)
         grpc_logs.install()  # a client gone before its answer: one INFO line, not a traceback
         from serve.memory import keep_large_buffers_in_heap
 
