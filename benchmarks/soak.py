@@ -5,22 +5,26 @@
 Starts ``warmserve serve`` on 127.0.0.1 with the demo MLP models (ONNX and TorchScript) and
 drives, for ``--minutes``, a mix against it from this process (one uvloop, raw request bytes):
 
-- good unary ModelInfer calls, closed loop, c=8 (no deadline);
+- good unary ModelInfer calls, closed loop, c=8, each with a GOOD_DEADLINE_S deadline (a call
+  stalled that long fails as DEADLINE_EXCEEDED; the slowest good call is printed);
 - good ModelStreamInfer calls, closed loop, c=4 (each stream answers STREAM_CALLS calls, then
   is closed and another opened, so stream set-up and tear-down run too); every
   STREAM_BAD_EVERY-th call on a stream is a bad one, which must get an error_message of its own
   while the stream goes on;
 - a trickle of bad unary calls (wrong shape, unknown model, wrong datatype);
 - calls cancelled by their client mid-flight (a 64-row call cancelled after 0-2 ms);
-- calls with a deadline too short to be met (0.2-2 ms).
+- calls with a deadline too short to be met (0.2-2 ms);
+- model control churn: a third model unloaded and loaded again every RELOAD_INTERVAL_S (the
+  server runs with --model-control), so worker templates and workers start and stop while the
+  other calls run; each load and unload must answer OK.
 
 Every SAMPLE_S it reads RSS (and anonymous RSS), open fds and threads of every process in the
 server's tree (the serving process, worker templates, workers, relays) from /proc, with the
 number of calls answered so far. At the end it prints, per process, a least-squares line of each
 figure against calls over the samples after the warm-up (``--warm-up-s``): growth per 100k
 calls, the change over the fitted window and how well the line fits; then the calls by kind
-and gRPC status. Good calls (unary and streamed, neither cancelled nor with a deadline) must
-all be OK: any other status is printed as a failure and makes the exit status 1.
+and gRPC status. Good calls (unary and streamed, neither cancelled nor with a short deadline)
+must all be OK: any other status is printed as a failure and makes the exit status 1.
 Nothing is asserted about timings.
 """
 
@@ -49,6 +53,12 @@ from tests.integration.harness import ServerProcess, live_children, wait_until
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+LOAD_METHOD = "/inference.GRPCInferenceService/RepositoryModelLoad"
+UNLOAD_METHOD = "/inference.GRPCInferenceService/RepositoryModelUnload"
+RELOAD_MODEL = "mlp_reload"  # the model the reload part unloads and loads again
+RELOAD_INTERVAL_S = 1.0
+RELOAD_TIMEOUT_S = 120.0
+GOOD_DEADLINE_S = 10.0  # far above any good call's latency: only a stalled call reaches it
 MODELS = ("mlp_onnx", "mlp_torch")
 WIDTH = 64
 SAMPLE_S = 5.0
@@ -62,7 +72,7 @@ SHORT_DEADLINE_INTERVAL_S = 0.02
 START_TIMEOUT_S = 300.0
 DRAIN_TIMEOUT_S = 30.0
 GOOD_KINDS = ("unary", "stream")
-PARTS = ("unary", "stream", "bad", "cancel", "deadline")  # the load's parts (--parts)
+PARTS = ("unary", "stream", "bad", "cancel", "deadline", "reload")  # the load's parts (--parts)
 FIGURES = ("rss_kb", "anon_kb", "fds", "threads")
 
 
@@ -266,6 +276,7 @@ class Soak:
         self.calls = 0
         self.series: dict[int, Series] = {}
         self.wrong: Counter[str] = Counter()  # bad calls answered with a status not expected
+        self.slowest_s = 0.0  # the slowest good unary call that ended OK
         self._end = 0.0
         self._started = 0.0
 
@@ -281,9 +292,11 @@ class Soak:
         n = index
         while self.running():
             n += 1
+            start = time.monotonic()
             try:
-                await call(GOOD[MODELS[n % 2]])
+                await call(GOOD[MODELS[n % 2]], timeout=GOOD_DEADLINE_S)
                 self.count("unary", "OK")
+                self.slowest_s = max(self.slowest_s, time.monotonic() - start)
             except grpc.aio.AioRpcError as exc:
                 self.count("unary", exc.code().name)
 
@@ -367,6 +380,27 @@ class Soak:
                 self.wrong["short_deadline"] += 1
             await asyncio.sleep(SHORT_DEADLINE_INTERVAL_S)
 
+    async def reload(self, channel: grpc.aio.Channel) -> None:
+        """Unload RELOAD_MODEL and load it again, over and over: each load starts a worker
+        template and workers in the serving process while the other parts' calls are in flight."""
+        requests = (
+            ("unload", UNLOAD_METHOD, pb.RepositoryModelUnloadRequest(model_name=RELOAD_MODEL)),
+            ("load", LOAD_METHOD, pb.RepositoryModelLoadRequest(model_name=RELOAD_MODEL)),
+        )
+        while self.running():
+            for kind, method, message in requests:
+                try:
+                    await channel.unary_unary(method)(
+                        message.SerializeToString(), timeout=RELOAD_TIMEOUT_S
+                    )
+                    status = "OK"
+                except grpc.aio.AioRpcError as exc:
+                    status = exc.code().name
+                self.count(kind, status)
+                if status != "OK":
+                    self.wrong[kind] += 1
+            await asyncio.sleep(RELOAD_INTERVAL_S)
+
     def sample(self) -> None:
         t = time.monotonic() - self._started
         for pid, role in tree_roles(self.root_pid).items():
@@ -403,6 +437,8 @@ class Soak:
                 jobs.append(self.cancelled(channels[3]))
             if "deadline" in self.parts:
                 jobs.append(self.short_deadline(channels[3]))
+            if "reload" in self.parts:
+                jobs.append(self.reload(channels[3]))
             tasks = [asyncio.ensure_future(job) for job in jobs]
             done, pending = await asyncio.wait(tasks, timeout=self.seconds + DRAIN_TIMEOUT_S)
             for task in pending:  # a call that did not end within the drain: counted, cancelled
@@ -417,9 +453,11 @@ class Soak:
                 await channel.close()
 
 
-def build_repository(folder: Path) -> None:
+def build_repository(folder: Path, reload: bool = False) -> None:
     build_mlp_onnx(folder / "mlp_onnx")
     build_mlp_torch(folder / "mlp_torch")
+    if reload:
+        build_mlp_onnx(folder / RELOAD_MODEL, name=RELOAD_MODEL)
 
 
 def main() -> None:
@@ -439,8 +477,12 @@ def main() -> None:
     warm_up = min(args.warm_up_s, seconds / 3)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        build_repository(root / "repo")
-        options = ("--frontends", str(args.frontends)) if args.frontends > 1 else ()
+        reload = "reload" in args.parts
+        build_repository(root / "repo", reload)
+        options: tuple[str, ...] = (
+            ("--frontends", str(args.frontends)) if args.frontends > 1 else ()
+        )
+        options += ("--model-control",) if reload else ()
         server = ServerProcess(root / "server.log", root / "repo", options)
         try:
             wait_until(server.ready_over_http, START_TIMEOUT_S, "the server ready")
@@ -456,7 +498,8 @@ def main() -> None:
     rows = growth_table(series, warm_up)
     print(f"soak: {soak.calls} calls in {args.minutes} min; fits after {warm_up:.0f} s")
     print(format_report(rows, soak.statuses))
-    print(f"bad calls with an unexpected status: {dict(soak.wrong) or 'none'}")
+    print(f"bad calls, loads and unloads with an unexpected status: {dict(soak.wrong) or 'none'}")
+    print(f"slowest good unary call: {soak.slowest_s * 1000:.1f} ms")
     print(f"server alive at the end: {alive}; exit status {code}")
     errors = [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line]
     print(f"server log: {len(errors)} ERROR/Traceback lines")
@@ -467,6 +510,7 @@ def main() -> None:
             "minutes": args.minutes,
             "frontends": args.frontends,
             "calls": soak.calls,
+            "slowest_good_unary_ms": soak.slowest_s * 1000,
             "warm_up_s": warm_up,
             "rows": rows,
             "statuses": {f"{k}/{s}": n for (k, s), n in soak.statuses.items()},
