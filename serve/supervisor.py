@@ -39,6 +39,22 @@ STOP_MARGIN_S = 5.0  # beyond the grace period, before a relay is killed
 BACKOFF_S = (0.5, 30.0)  # restart delay: first, longest (doubling between)
 STABLE_AFTER_S = 60.0  # a relay that ran this long restarts without delay
 PING_EVERY_S = 1.0  # the hub pings each relay; one silent for relay_hang_s is killed
+# A relay runs at least this long before its memory can get it recycled (relay_max_memory_mib):
+# a limit set below a relay's own size recycles each relay this often, not in a loop.
+RECYCLE_MIN_AGE_S = 120.0
+
+
+def anon_mib(pid: int) -> float | None:
+    """The anonymous memory (heap, not shared or file pages) process ``pid`` holds, in MiB;
+    None if it cannot be read (gone, another kernel)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -170,9 +186,11 @@ class Relays:
         hub_path: Path,
         rings: dict[int, RelayRing] | None = None,
         ping: Callable[[int], float | None] | None = None,
+        memory: Callable[[int], float | None] = anon_mib,
     ) -> None:
         """``ping(index)``: pings relay ``index`` through the hub and says how long it has been
-        silent (None: not connected); without it, hung relays are not looked for."""
+        silent (None: not connected); without it, hung relays are not looked for. ``memory(pid)``:
+        a relay's anonymous memory in MiB (relay_max_memory_mib)."""
         self._config = config
         self._hub_path = hub_path
         self._rings = rings if rings is not None else {}
@@ -181,6 +199,9 @@ class Relays:
         self.members: list[RelayProcess] = []
         self.restarts = [0] * config.frontends
         self.hangs = [0] * config.frontends  # relays killed because they stopped answering
+        self.recycles = [0] * config.frontends  # relays replaced for their memory
+        self._memory = memory
+        self._recycling: set[int] = set()  # relays finishing their calls before a new start
         self._keepers: list[asyncio.Task[None]] = []
         self._all_listened = asyncio.Event()
         self.listening: set[int] = set()
@@ -265,9 +286,20 @@ class Relays:
             except (EOFError, OSError):
                 pass  # it exited before reporting; exited() says how
             code = await self._watch(member)
+            recycled = member.index in self._recycling
+            self._recycling.discard(member.index)
             self.listening.discard(member.index)
             self.on_listening()
             ran_s = time.monotonic() - member.started_at
+            if recycled:  # on purpose: back at once, and no restart counted
+                log.info(
+                    "relay %d recycled (exit code %s after %.0f s); starting it again",
+                    member.index,
+                    code,
+                    ran_s,
+                )
+                delay = BACKOFF_S[0]
+                continue
             if ran_s >= STABLE_AFTER_S:
                 delay = BACKOFF_S[0]
             self.restarts[member.index] += 1
@@ -317,10 +349,21 @@ class Relays:
         exited = asyncio.ensure_future(member.exited())
         hang_s = self._config.relay_hang_s
         over = 0  # checks in a row that found it silent too long
+        stop_by = 0.0  # once recycled: when it must have finished its calls
         try:
             while not exited.done():
                 await asyncio.wait({exited}, timeout=PING_EVERY_S)
-                if exited.done() or self._ping is None:
+                if exited.done():
+                    continue
+                if stop_by:
+                    if time.monotonic() > stop_by:
+                        member.kill(f"(pid {member.pid}) recycled, did not stop in time")
+                        await exited
+                    continue
+                if self._recycle(member):
+                    stop_by = time.monotonic() + self._config.grace_period_s + STOP_MARGIN_S
+                    continue
+                if self._ping is None:
                     continue
                 silent = self._ping(member.index)
                 over = over + 1 if silent is not None and silent > hang_s else 0
@@ -337,6 +380,37 @@ class Relays:
         finally:
             if not exited.done():
                 exited.cancel()
+
+    def _recycle(self, member: RelayProcess) -> bool:
+        """Recycle ``member`` if its memory is over relay_max_memory_mib, it has run
+        RECYCLE_MIN_AGE_S, and another relay listens meanwhile (one relay at a time): SIGTERM,
+        so it finishes its calls within the grace period; its keeper starts it again."""
+        limit = self._config.relay_max_memory_mib
+        if (
+            not limit
+            or member.pid is None
+            or time.monotonic() - member.started_at < RECYCLE_MIN_AGE_S
+            or member.index not in self.listening
+            or not self.listening - self._recycling - {member.index}
+        ):
+            return False
+        used = self._memory(member.pid)
+        if used is None or used <= limit:
+            return False
+        log.warning(
+            "relay %d (pid %s) holds %.0f MiB of anonymous memory, over relay_max_memory_mib "
+            "(%d): recycling it; it finishes its calls and starts again while the others take "
+            "new connections (grpcio keeps a few hundred bytes of every call cancelled or past "
+            "its deadline, grpc/grpc#43360)",
+            member.index,
+            member.pid,
+            used,
+            limit,
+        )
+        self._recycling.add(member.index)
+        self.recycles[member.index] += 1
+        member.terminate()
+        return True
 
 
 class RelayPort:
@@ -368,7 +442,9 @@ class RelayPort:
         frontend.gate.require(lambda: bool(relays.listening))
         relays.on_listening = frontend.gate.changed
         self._registry.register(
-            RelayCollector(hub.calls, relays.restarts, hub.ring_calls, relays.hangs)
+            RelayCollector(
+                hub.calls, relays.restarts, hub.ring_calls, relays.hangs, relays.recycles
+            )
         )
 
     async def wait_listening(self) -> None:

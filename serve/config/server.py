@@ -45,6 +45,11 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # deadlock, a stopped process): it is killed and started again, since the kernel would go on
     # handing it a share of the new connections.
     relay_hang_s: float = 10.0
+    # A relay whose anonymous memory passes this many MiB is recycled (0: never): it finishes
+    # its calls and another takes its place, one relay at a time and only while another
+    # listens. grpcio keeps a few hundred bytes of every call its client cancels or lets
+    # expire (grpc/grpc#43360), which only a new process gives back; a relay starts at ~30 MiB.
+    relay_max_memory_mib: int = 512
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -72,6 +77,7 @@ SERVER_ENV = {
     "relay_ring_slots": "WARMSERVE_RELAY_RING_SLOTS",
     "relay_ring_slot_kib": "WARMSERVE_RELAY_RING_SLOT_KIB",
     "relay_hang_s": "WARMSERVE_RELAY_HANG_S",
+    "relay_max_memory_mib": "WARMSERVE_RELAY_MAX_MEMORY_MIB",
 }
 SERVER_FLAGS = {
     "host": "--host",
@@ -167,6 +173,11 @@ def validate_server(server: ServerConfig) -> None:
         raise ConfigError(
             f"relay_ring_slot_kib (WARMSERVE_RELAY_RING_SLOT_KIB) must be >= 1, "
             f"got {server.relay_ring_slot_kib}"
+        )
+    if server.relay_max_memory_mib < 0:
+        raise ConfigError(
+            "relay_max_memory_mib (WARMSERVE_RELAY_MAX_MEMORY_MIB) must be >= 0 (0: relays are "
+            f"never recycled), got {server.relay_max_memory_mib}"
         )
     ring_kib = server.relay_ring_slots * server.relay_ring_slot_kib
     if ring_kib > MAX_RING_KIB:  # (mapped whole when a relay starts: past the address space,

@@ -245,7 +245,8 @@ class Metrics:
 
 
 class RelayCollector(Collector):
-    """Calls answered per relay (how evenly connections spread), relay restarts and hangs."""
+    """Calls answered per relay (how evenly connections spread), relay restarts, hangs and
+    recycles."""
 
     def __init__(
         self,
@@ -253,11 +254,13 @@ class RelayCollector(Collector):
         restarts: list[int],
         ring_calls: dict[int, int] | None = None,
         hangs: list[int] | None = None,
+        recycles: list[int] | None = None,
     ) -> None:
         self._calls = calls
         self._restarts = restarts
         self._ring_calls = ring_calls if ring_calls is not None else {}
         self._hangs = hangs if hangs is not None else []
+        self._recycles = recycles if recycles is not None else []
 
     def collect(self) -> Iterable[Metric]:
         calls = CounterMetricFamily(
@@ -284,4 +287,11 @@ class RelayCollector(Collector):
         )
         for relay, count in enumerate(self._hangs):
             hangs.add_metric([str(relay)], count)
-        return [calls, restarts, ring, hangs]
+        recycles = CounterMetricFamily(
+            "warmserve_relay_recycles",
+            "Relay processes replaced because their memory passed relay_max_memory_mib",
+            labels=["relay"],
+        )
+        for relay, count in enumerate(self._recycles):
+            recycles.add_metric([str(relay)], count)
+        return [calls, restarts, ring, hangs, recycles]

@@ -245,6 +245,70 @@ def test_a_port_in_use_is_refused_with_a_clear_message(tmp_path: Path):
     assert f"cannot listen on 127.0.0.1:{port}" in run.stderr
 
 
+def _callers(
+    url: str, count: int, salt: int
+) -> tuple[Callable[[], None], list[list[str]], list[int]]:
+    """``count`` closed-loop callers, each on its own connection; (stop, errors, done)."""
+    stop = threading.Event()
+    errors: list[list[str]] = [[] for _ in range(count)]
+    done = [0] * count
+
+    def caller(i: int) -> None:
+        client = triton.InferenceServerClient(url, channel_args=[("warmserve.test.conn", salt + i)])
+        x = np.full((1, 5), i, dtype=np.float32)
+        tensor = triton.InferInput("IN_FP32", [1, 5], "FP32")
+        tensor.set_data_from_numpy(x)
+        try:
+            while not stop.is_set() and done[i] < 20000:
+                try:
+                    out = client.infer("identity", [tensor], client_timeout=30)
+                    np.testing.assert_array_equal(out.as_numpy("OUT_FP32"), x)
+                except triton.InferenceServerException as exc:
+                    errors[i].append(str(exc.status()))
+                done[i] += 1
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+
+    def stop_all() -> None:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+
+    return stop_all, errors, done
+
+
+def test_a_relay_stopped_gracefully_under_load_is_left_by_its_callers_and_comes_back(supervised):
+    """SIGTERM, as a recycle for its memory (relay_max_memory_mib) sends it: the relay finishes
+    its calls, its callers move to the other relay and go on, and it is started again. gRPC's
+    own shutdown cancels a call that reaches the relay in the instant it stops (a bare grpc.aio
+    server does the same: benchmarks/RESULTS.md): at most that one call per caller, CANCELLED."""
+    stop, errors, done = _callers(supervised.url, 8, 2000)
+    try:
+        wait_until(lambda: min(done) >= 20, 60, "every caller under way")
+        victim = relay_pids(supervised)[0]
+        os.kill(victim, signal.SIGTERM)
+        supervised.wait_for_log(r"relay \d exited with code 0")
+        after = list(done)
+        wait_until(
+            lambda: all(d > a + 20 for d, a in zip(done, after, strict=True)), 60, "calls go on"
+        )
+        wait_until(lambda: len(relay_pids(supervised)) == FRONTENDS, 60, "the relay back")
+    finally:
+        stop()
+    assert all(e in ([], ["StatusCode.CANCELLED"]) for e in errors), errors
+    assert victim not in relay_pids(supervised)
+    status, metrics = supervised.http_text("/metrics")
+    assert status == 200
+    restarts = re.findall(r'^warmserve_relay_restarts_total\{relay="\d"\} (\S+)$', metrics, re.M)
+    recycles = re.findall(r'^warmserve_relay_recycles_total\{relay="\d"\} (\S+)$', metrics, re.M)
+    assert sorted(restarts) == ["0.0", "1.0"]  # a SIGTERM from outside: a restart
+    assert recycles == ["0.0", "0.0"]  # (a recycle is the serving process's own decision)
+
+
 def test_killing_a_relay_under_load_fails_only_calls_on_its_connections(supervised):
     """Callers on the other relay's connections see no error at all; callers on the killed
     relay's connections see UNAVAILABLE, reconnect and go on."""

@@ -236,6 +236,18 @@ def test_the_relay_hang_time_comes_from_the_environment(monkeypatch):
     assert server_config_from_env().relay_hang_s == 30.0
 
 
+def test_the_relay_memory_limit_comes_from_the_environment_and_is_not_negative(monkeypatch):
+    assert server_config_from_env().relay_max_memory_mib == 512
+    monkeypatch.setenv("WARMSERVE_RELAY_MAX_MEMORY_MIB", "0")  # never recycled
+    assert server_config_from_env().relay_max_memory_mib == 0
+    monkeypatch.setenv("WARMSERVE_RELAY_MAX_MEMORY_MIB", "-1")
+    with pytest.raises(ConfigError, match=r"WARMSERVE_RELAY_MAX_MEMORY_MIB\) must be >= 0"):
+        server_config_from_env()
+    monkeypatch.setenv("WARMSERVE_RELAY_MAX_MEMORY_MIB", "1.5")
+    with pytest.raises(ConfigError, match="WARMSERVE_RELAY_MAX_MEMORY_MIB"):
+        server_config_from_env()
+
+
 @pytest.mark.parametrize("level", ["verbose", "TRACE", ""])
 def test_an_unknown_log_level_is_refused_naming_the_levels(level):
     with pytest.raises(ConfigError, match=r"log_level .* one of DEBUG, INFO, WARNING, ERROR"):

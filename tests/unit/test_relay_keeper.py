@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from pathlib import Path
 
 import serve.supervisor
@@ -213,3 +215,166 @@ def test_a_relay_slow_to_start_but_answering_pings_is_not_killed(monkeypatch, tm
 
     port, relay, relays = asyncio.run(main())
     assert port == 8001 and relay.reasons == [] and relays.hangs == [0]
+
+
+# --- recycling a relay whose memory passed relay_max_memory_mib ------------------------------
+
+
+class _Recyclable(_HungRelay):
+    """Listening since long ago; SIGTERM (``terminate``) ends it unless ``stubborn``."""
+
+    def __init__(self, index: int, stubborn: bool = False) -> None:
+        super().__init__()
+        self.index, self.pid = index, 5000 + index
+        self.stubborn = stubborn
+        self.terminated = 0
+
+    def terminate(self) -> None:
+        self.terminated += 1
+        if not self.stubborn:
+            self.gone.set()
+
+
+def _recycling(
+    monkeypatch,
+    tmp_path: Path,
+    used_mib: dict[int, float],
+    *,
+    listening: set[int],
+    frontends: int = 2,
+    limit: int = 100,
+    age_s: float = 1000.0,
+    checks: int = 20,
+    grace_s: float = 10.0,
+) -> tuple[Relays, list[_Recyclable]]:
+    """Watch relays 0..frontends-1 (each ``age_s`` old, using ``used_mib[index]``) for
+    ``checks`` ticks each, or until they exit."""
+    monkeypatch.setattr(serve.supervisor, "PING_EVERY_S", 0.001)
+    monkeypatch.setattr(serve.supervisor, "STOP_MARGIN_S", 0.0)
+    members = [_Recyclable(i) for i in range(frontends)]
+    config = ServerConfig(frontends=frontends, relay_max_memory_mib=limit, grace_period_s=grace_s)
+    ticks = {m.index: 0 for m in members}
+
+    def ping(index: int) -> float | None:
+        ticks[index] += 1
+        if ticks[index] >= checks:
+            members[index].gone.set()  # (enough: end its watch)
+        return 0.0
+
+    def memory(pid: int) -> float | None:
+        return used_mib.get(pid - 5000)
+
+    relays = Relays(config, tmp_path / "hub.sock", ping=ping, memory=memory)
+    relays.listening = set(listening)
+
+    async def main() -> None:
+        for member in members:
+            member.started_at = time.monotonic() - age_s
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(relays._watch(m) for m in members))  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    return relays, members
+
+
+def test_a_relay_over_its_memory_limit_is_recycled_while_another_listens(
+    monkeypatch, caplog, tmp_path: Path
+):
+    relays, (big, small) = _recycling(monkeypatch, tmp_path, {0: 150.0, 1: 60.0}, listening={0, 1})
+    assert (big.terminated, small.terminated) == (1, 0)
+    assert relays.recycles == [1, 0] and relays.hangs == [0, 0]
+    assert "relay 0 (pid 5000) holds 150 MiB of anonymous memory" in caplog.text
+    assert "relay_max_memory_mib (100)" in caplog.text
+
+
+def test_no_relay_is_recycled_without_another_listening_or_below_its_limit(
+    monkeypatch, tmp_path: Path
+):
+    alone, members = _recycling(monkeypatch, tmp_path, {0: 150.0, 1: 150.0}, listening={0})
+    assert [m.terminated for m in members] == [0, 0]  # 1 does not listen: 0 stays; 1 is not up
+    under, members = _recycling(monkeypatch, tmp_path, {0: 99.0, 1: 100.0}, listening={0, 1})
+    assert [m.terminated for m in members] == [0, 0]
+    off, members = _recycling(monkeypatch, tmp_path, {0: 1e6, 1: 1e6}, listening={0, 1}, limit=0)
+    assert [m.terminated for m in members] == [0, 0]
+    unknown, members = _recycling(monkeypatch, tmp_path, {}, listening={0, 1})
+    assert [m.terminated for m in members] == [0, 0]
+    assert alone.recycles == under.recycles == off.recycles == unknown.recycles == [0, 0]
+
+
+def test_a_young_relay_is_not_recycled(monkeypatch, tmp_path: Path):
+    age = serve.supervisor.RECYCLE_MIN_AGE_S - 5
+    relays, members = _recycling(
+        monkeypatch, tmp_path, {0: 150.0, 1: 150.0}, listening={0, 1}, age_s=age
+    )
+    assert [m.terminated for m in members] == [0, 0] and relays.recycles == [0, 0]
+
+
+def test_relays_over_the_limit_together_are_recycled_one_at_a_time(monkeypatch, tmp_path: Path):
+    # Both pass the limit: the first recycled still counts as going, so the second waits (its
+    # watch ends before the first is back, here: it is not recycled in this window).
+    relays, members = _recycling(monkeypatch, tmp_path, {0: 150.0, 1: 150.0}, listening={0, 1})
+    assert sorted(m.terminated for m in members) == [0, 1]
+    assert sorted(relays.recycles) == [0, 1]
+
+
+def test_a_recycled_relay_that_does_not_stop_within_the_grace_period_is_killed(
+    monkeypatch, tmp_path: Path
+):
+    monkeypatch.setattr(serve.supervisor, "PING_EVERY_S", 0.001)
+    monkeypatch.setattr(serve.supervisor, "STOP_MARGIN_S", 0.0)
+    stubborn, other = _Recyclable(0, stubborn=True), _Recyclable(1)
+    config = ServerConfig(frontends=2, relay_max_memory_mib=100, grace_period_s=0.05)
+    relays = Relays(config, tmp_path / "hub.sock", ping=lambda i: 0.0, memory=lambda pid: 500.0)
+    relays.listening = {0, 1}
+
+    async def main() -> None:
+        stubborn.started_at = time.monotonic() - 1000
+        async with asyncio.timeout(10):
+            await relays._watch(stubborn)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert stubborn.terminated == 1 and relays.recycles == [1, 0]
+    assert stubborn.reasons == ["(pid 5000) recycled, did not stop in time"]
+    assert other.terminated == 0
+
+
+def test_a_recycled_relay_is_started_again_at_once_and_not_counted_as_a_restart(
+    monkeypatch, caplog, tmp_path: Path
+):
+    monkeypatch.setattr(serve.supervisor, "PING_EVERY_S", 0.001)
+    monkeypatch.setattr(serve.supervisor, "BACKOFF_S", (30.0, 30.0))  # a restart would wait
+    caplog.set_level(logging.INFO, "serve.supervisor")
+    relay = _Recyclable(0)
+    used = iter([500.0])  # over the limit once, then small
+
+    def memory(pid: int) -> float | None:
+        return next(used, 10.0)
+
+    config = ServerConfig(frontends=2, relay_max_memory_mib=100)
+    relays = Relays(config, tmp_path / "hub.sock", ping=lambda i: 0.0, memory=memory)
+    relays.listening = {1}  # the other relay listens all along
+    relays.members = [relay]  # type: ignore[list-item]
+    starts: list[float] = []
+
+    def start() -> None:  # (each start listens at once; the first one long ago)
+        relay.starts += 1
+        relay.gone = asyncio.Event()
+        relay.started_at = time.monotonic() - (1000 if relay.starts == 2 else 0)
+        starts.append(relay.started_at)
+
+    relay.start = start  # type: ignore[method-assign]
+
+    async def main() -> None:
+        keeper = asyncio.create_task(relays._keep(relay))  # type: ignore[arg-type]
+        try:
+            async with asyncio.timeout(10):
+                while relay.starts < 3:
+                    await asyncio.sleep(0.001)
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    asyncio.run(main())
+    assert relay.terminated == 1 and relays.recycles == [1, 0]
+    assert relays.restarts == [0, 0]  # on purpose, not counted as a restart
+    assert "relay 0 recycled (exit code 0" in caplog.text
