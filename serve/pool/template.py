@@ -147,9 +147,16 @@ class WorkerTemplate:
                     if isinstance(exc, TimeoutError)
                     else str(exc) or type(exc).__name__
                 )
-                log.warning(
-                    "worker template for %s given up: fork request failed: %s", self._name, reason
-                )
+                if isinstance(exc, asyncio.CancelledError):  # (its pool stops: on purpose)
+                    log.info(
+                        "worker template for %s closed: a fork request was cancelled", self._name
+                    )
+                else:
+                    log.warning(
+                        "worker template for %s given up: fork request failed: %s",
+                        self._name,
+                        reason,
+                    )
                 if isinstance(exc, OSError | TimeoutError):
                     raise TemplateError(f"fork request failed: {reason}") from exc
                 raise

@@ -168,7 +168,12 @@ class WorkerHandle:
             for arena in (self._inputs, self._outputs):
                 if arena is not None:
                     arena.close()
-            self._die(f"could not be started: {type(exc).__name__}: {exc}")  # the pool forgets it
+            if isinstance(exc, asyncio.CancelledError):  # its pool stops: nothing was lost
+                log.info("worker %s: start cancelled (its pool is stopping)", self.worker_id)
+                self.state = WorkerState.STOPPING
+                self._die("start cancelled")
+            else:  # the pool forgets it
+                self._die(f"could not be started: {type(exc).__name__}: {exc}")
             raise
         finally:
             theirs.close()

@@ -349,3 +349,33 @@ def test_the_watchdog_times_a_batch_from_when_the_worker_could_start_it():
     assert running is WorkerState.WARM
     assert after is WorkerState.DEAD
     assert [type(o) for o in told] == [InvalidInputError, WorkerLostError]
+
+
+def test_a_start_cancelled_by_its_stopping_pool_is_not_logged_as_a_lost_worker(monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, "serve.pool.worker_handle")
+    changes: list[WorkerState] = []
+    settings = WorkerSettings(
+        device="cpu", threads=1, slots=2, slot_bytes=1 << 20, startup_timeout_s=5
+    )
+    handle = WorkerHandle(_model(), "m#2", settings, lambda w: changes.append(w.state))
+
+    async def main() -> None:
+        launching = asyncio.Event()
+
+        async def slow_fork(*args: object) -> None:
+            launching.set()
+            await asyncio.sleep(60)
+
+        monkeypatch.setattr(handle, "_launch", slow_fork)
+        start = asyncio.create_task(handle.start())
+        await launching.wait()
+        start.cancel()  # as WorkerPool.stop does to a worker still starting
+        with pytest.raises(asyncio.CancelledError):
+            await start
+
+    asyncio.run(main())
+    assert handle.state is WorkerState.DEAD and changes == [WorkerState.DEAD]  # the pool is told
+    assert "worker m#2: start cancelled (its pool is stopping)" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

@@ -74,3 +74,32 @@ def test_forks_waiting_behind_one_that_retires_the_template_fail_as_template_err
     assert len(errors) == 3
     assert all(isinstance(e, TemplateError) for e in errors), errors
     assert "fork request failed: no answer within 0.05 s" in str(errors[0])  # (the first one)
+
+
+def test_a_cancelled_fork_request_closes_the_template_quietly(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, "serve.pool.template")
+
+    async def main() -> WorkerTemplate:
+        template = WorkerTemplate("onnx", "m", 5.0)
+        ours, silent = socket.socketpair()  # the template side never answers
+        ours.setblocking(False)
+        template._sock, template._process = ours, _Running()  # type: ignore[assignment]
+        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+        try:
+            request = asyncio.create_task(template.fork(fds[0], fds[1], fds[2], "INFO"))
+            await asyncio.sleep(0.01)  # (sent; waiting for the pid)
+            request.cancel()  # its pool stops
+            with pytest.raises(asyncio.CancelledError):
+                await request
+        finally:
+            for fd in fds:
+                os.close(fd)
+            silent.close()
+        return template
+
+    template = asyncio.run(main())
+    assert not template.alive  # out of step: a late pid must never be read as the next one's
+    assert "worker template for m closed: a fork request was cancelled" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
