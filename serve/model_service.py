@@ -170,13 +170,22 @@ class ModelService:
         self.reason = ""
         self.model_failed = False
         self.controller.start()
-        log.info(
-            "model %s version %s ready: %d of %d warm workers pass their probes",
-            self.config.name,
-            self.config.version,
-            len(self.controller.healthy_workers()),
-            self.config.pool.warm_floor,
-        )
+        healthy, floor = len(self.controller.healthy_workers()), self.config.pool.warm_floor
+        if healthy >= floor:
+            log.info(
+                "model %s version %s ready: %d of %d warm workers pass their probes",
+                self.config.name,
+                self.config.version,
+                healthy,
+                floor,
+            )
+        else:  # (loaded: the controller goes on probing and replacing)
+            log.warning(
+                "model %s version %s loaded but not ready: %s",
+                self.config.name,
+                self.config.version,
+                self.readiness_reason(),
+            )
         self._notify()
 
     async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:

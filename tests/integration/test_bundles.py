@@ -202,6 +202,10 @@ def test_a_broken_new_version_never_takes_traffic(tmp_path):
         # Each load started a worker template under traffic: with gRPC's fork handlers on (they
         # once stalled a call here until its deadline) gRPC logs from fork_posix.cc on each.
         assert "fork_posix" not in log
+        # version 3 loaded, its only worker failed its probe: said so, not "ready"
+        assert "model mlp version 3 loaded but not ready: 0 of 1" in log
+        assert "version 3 ready" not in log
+        assert "CancelledError" not in log  # (a refused version's stop is not a lost worker)
     finally:
         assert server.stop() == 0
 
