@@ -285,8 +285,9 @@ def test_a_relay_stopped_gracefully_under_load_is_left_by_its_callers_and_comes_
     """SIGTERM, as a recycle for its memory (relay_max_memory_mib) sends it: the relay finishes
     its calls, its callers move to the other relay and go on, and it is started again. gRPC's
     own shutdown cancels a call that reaches the relay in the instant it stops (a bare grpc.aio
-    server does the same: benchmarks/RESULTS.md): at most that one call per caller, CANCELLED."""
-    stop, errors, done = _callers(supervised.url, 8, 2000)
+    server does the same: benchmarks/RESULTS.md), and a reconnect can meet the closing port:
+    CANCELLED or UNAVAILABLE, for the callers of that relay only."""
+    stop, errors, done = _callers(supervised.url, CHANNELS, 2000)
     try:
         wait_until(lambda: min(done) >= 20, 60, "every caller under way")
         victim = relay_pids(supervised)[0]
@@ -299,7 +300,9 @@ def test_a_relay_stopped_gracefully_under_load_is_left_by_its_callers_and_comes_
         wait_until(lambda: len(relay_pids(supervised)) == FRONTENDS, 60, "the relay back")
     finally:
         stop()
-    assert all(e in ([], ["StatusCode.CANCELLED"]) for e in errors), errors
+    gone = {"StatusCode.CANCELLED", "StatusCode.UNAVAILABLE"}  # (retryable: never computed)
+    assert all(set(e) <= gone and len(e) <= 2 for e in errors), errors
+    assert any(not e for e in errors), errors  # the other relay's callers saw nothing
     assert victim not in relay_pids(supervised)
     status, metrics = supervised.http_text("/metrics")
     assert status == 200
@@ -312,31 +315,7 @@ def test_a_relay_stopped_gracefully_under_load_is_left_by_its_callers_and_comes_
 def test_killing_a_relay_under_load_fails_only_calls_on_its_connections(supervised):
     """Callers on the other relay's connections see no error at all; callers on the killed
     relay's connections see UNAVAILABLE, reconnect and go on."""
-    stop = threading.Event()
-    errors: list[list[str]] = [[] for _ in range(8)]
-    done = [0] * 8
-
-    def caller(i: int) -> None:
-        client = triton.InferenceServerClient(
-            supervised.url, channel_args=[("warmserve.test.conn", 1000 + i)]
-        )
-        x = np.full((1, 5), i, dtype=np.float32)
-        tensor = triton.InferInput("IN_FP32", [1, 5], "FP32")
-        tensor.set_data_from_numpy(x)
-        try:
-            while not stop.is_set() and done[i] < 20000:
-                try:
-                    out = client.infer("identity", [tensor], client_timeout=30)
-                    np.testing.assert_array_equal(out.as_numpy("OUT_FP32"), x)
-                except triton.InferenceServerException as exc:
-                    errors[i].append(str(exc.status()))
-                done[i] += 1
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
+    stop, errors, done = _callers(supervised.url, CHANNELS, 1000)
     try:
         wait_until(lambda: min(done) >= 20, 60, "every caller under way")
         victim = relay_pids(supervised)[0]
@@ -349,9 +328,7 @@ def test_killing_a_relay_under_load_fails_only_calls_on_its_connections(supervis
             "calls go on",
         )
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(60)
+        stop()
     assert all(e == "StatusCode.UNAVAILABLE" for caller_errors in errors for e in caller_errors), (
         errors
     )
