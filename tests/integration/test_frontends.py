@@ -245,16 +245,18 @@ def test_a_port_in_use_is_refused_with_a_clear_message(tmp_path: Path):
     assert f"cannot listen on 127.0.0.1:{port}" in run.stderr
 
 
-def _callers(
-    url: str, count: int, salt: int
-) -> tuple[Callable[[], None], list[list[str]], list[int]]:
-    """``count`` closed-loop callers, each on its own connection; (stop, errors, done)."""
+def relay_stopped_under_load(server: ServerProcess, sig: int, exit_code: int) -> list[list[str]]:
+    """Send ``sig`` to one relay while CHANNELS closed-loop callers, each on its own connection,
+    call through both; return each caller's error statuses once every caller has gone on (20
+    more calls each) after the relay exited."""
     stop = threading.Event()
-    errors: list[list[str]] = [[] for _ in range(count)]
-    done = [0] * count
+    errors: list[list[str]] = [[] for _ in range(CHANNELS)]
+    done = [0] * CHANNELS
 
     def caller(i: int) -> None:
-        client = triton.InferenceServerClient(url, channel_args=[("warmserve.test.conn", salt + i)])
+        client = triton.InferenceServerClient(
+            server.url, channel_args=[("warmserve.test.conn", 1000 * sig + i)]
+        )
         x = np.full((1, 5), i, dtype=np.float32)
         tensor = triton.InferInput("IN_FP32", [1, 5], "FP32")
         tensor.set_data_from_numpy(x)
@@ -269,16 +271,22 @@ def _callers(
         finally:
             client.close()
 
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(count)]
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(CHANNELS)]
     for thread in threads:
         thread.start()
-
-    def stop_all() -> None:
+    try:
+        wait_until(lambda: min(done) >= 20, 60, "every caller under way")
+        os.kill(relay_pids(server)[0], sig)
+        server.wait_for_log(rf"relay \d exited with code {exit_code}")
+        after = list(done)
+        wait_until(
+            lambda: all(d > a + 20 for d, a in zip(done, after, strict=True)), 60, "calls go on"
+        )
+    finally:
         stop.set()
         for thread in threads:
             thread.join(60)
-
-    return stop_all, errors, done
+    return errors
 
 
 def test_a_relay_stopped_gracefully_under_load_is_left_by_its_callers_and_comes_back(supervised):
@@ -287,22 +295,12 @@ def test_a_relay_stopped_gracefully_under_load_is_left_by_its_callers_and_comes_
     own shutdown cancels a call that reaches the relay in the instant it stops (a bare grpc.aio
     server does the same: benchmarks/RESULTS.md), and a reconnect can meet the closing port:
     CANCELLED or UNAVAILABLE, for the callers of that relay only."""
-    stop, errors, done = _callers(supervised.url, CHANNELS, 2000)
-    try:
-        wait_until(lambda: min(done) >= 20, 60, "every caller under way")
-        victim = relay_pids(supervised)[0]
-        os.kill(victim, signal.SIGTERM)
-        supervised.wait_for_log(r"relay \d exited with code 0")
-        after = list(done)
-        wait_until(
-            lambda: all(d > a + 20 for d, a in zip(done, after, strict=True)), 60, "calls go on"
-        )
-        wait_until(lambda: len(relay_pids(supervised)) == FRONTENDS, 60, "the relay back")
-    finally:
-        stop()
+    victim = relay_pids(supervised)[0]
+    errors = relay_stopped_under_load(supervised, signal.SIGTERM, 0)
     gone = {"StatusCode.CANCELLED", "StatusCode.UNAVAILABLE"}  # (retryable: never computed)
     assert all(set(e) <= gone and len(e) <= 2 for e in errors), errors
     assert any(not e for e in errors), errors  # the other relay's callers saw nothing
+    wait_until(lambda: len(relay_pids(supervised)) == FRONTENDS, 60, "the relay back")
     assert victim not in relay_pids(supervised)
     status, metrics = supervised.http_text("/metrics")
     assert status == 200
@@ -315,20 +313,7 @@ def test_a_relay_stopped_gracefully_under_load_is_left_by_its_callers_and_comes_
 def test_killing_a_relay_under_load_fails_only_calls_on_its_connections(supervised):
     """Callers on the other relay's connections see no error at all; callers on the killed
     relay's connections see UNAVAILABLE, reconnect and go on."""
-    stop, errors, done = _callers(supervised.url, CHANNELS, 1000)
-    try:
-        wait_until(lambda: min(done) >= 20, 60, "every caller under way")
-        victim = relay_pids(supervised)[0]
-        os.kill(victim, signal.SIGKILL)
-        supervised.wait_for_log(r"relay \d exited with code -9")
-        after_kill = list(done)
-        wait_until(
-            lambda: all(d > a + 20 for d, a in zip(done, after_kill, strict=True)),
-            60,
-            "calls go on",
-        )
-    finally:
-        stop()
+    errors = relay_stopped_under_load(supervised, signal.SIGKILL, -9)
     assert all(e == "StatusCode.UNAVAILABLE" for caller_errors in errors for e in caller_errors), (
         errors
     )

@@ -20,15 +20,21 @@ class _Running:
         self.killed = True
 
 
+def _silent_template() -> tuple[WorkerTemplate, socket.socket, list[int]]:
+    """A template whose process never answers (its socket's far end, returned), and three
+    descriptors to pass it (the caller closes them)."""
+    template = WorkerTemplate("onnx", "m", 5.0)
+    ours, silent = socket.socketpair()
+    ours.setblocking(False)
+    template._sock, template._process = ours, _Running()  # type: ignore[assignment]
+    return template, silent, [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+
+
 def test_a_fork_request_that_times_out_retires_the_template(monkeypatch):
     monkeypatch.setattr(serve.pool.template, "FORK_TIMEOUT_S", 0.05)
 
     async def main() -> tuple[WorkerTemplate, bytes]:
-        template = WorkerTemplate("onnx", "m", 5.0)
-        ours, silent = socket.socketpair()  # the template side never answers
-        ours.setblocking(False)
-        template._sock, template._process = ours, _Running()  # type: ignore[assignment]
-        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+        template, silent, fds = _silent_template()
         try:
             with pytest.raises(TemplateError, match="fork request failed"):
                 await template.fork(fds[0], fds[1], fds[2], "INFO")
@@ -54,11 +60,7 @@ def test_forks_waiting_behind_one_that_retires_the_template_fail_as_template_err
     monkeypatch.setattr(serve.pool.template, "FORK_TIMEOUT_S", 0.05)
 
     async def main() -> list[BaseException]:
-        template = WorkerTemplate("onnx", "m", 5.0)
-        ours, silent = socket.socketpair()  # the template side never answers
-        ours.setblocking(False)
-        template._sock, template._process = ours, _Running()  # type: ignore[assignment]
-        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+        template, silent, fds = _silent_template()
         try:
             outcomes = await asyncio.gather(
                 *(template.fork(fds[0], fds[1], fds[2], "INFO") for _ in range(3)),
@@ -82,11 +84,7 @@ def test_a_cancelled_fork_request_closes_the_template_quietly(caplog):
     caplog.set_level(logging.INFO, "serve.pool.template")
 
     async def main() -> WorkerTemplate:
-        template = WorkerTemplate("onnx", "m", 5.0)
-        ours, silent = socket.socketpair()  # the template side never answers
-        ours.setblocking(False)
-        template._sock, template._process = ours, _Running()  # type: ignore[assignment]
-        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+        template, silent, fds = _silent_template()
         try:
             request = asyncio.create_task(template.fork(fds[0], fds[1], fds[2], "INFO"))
             await asyncio.sleep(0.01)  # (sent; waiting for the pid)
