@@ -470,6 +470,7 @@ def main() -> None:
         "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="run only these parts"
     )
     parser.add_argument("--json", type=Path, help="write samples, fits and statuses here")
+    parser.add_argument("--log", type=Path, help="write the server's log here")
     args = parser.parse_args()
     if args.minutes <= 0:
         parser.error("--minutes must be positive")
@@ -501,10 +502,20 @@ def main() -> None:
     print(f"bad calls, loads and unloads with an unexpected status: {dict(soak.wrong) or 'none'}")
     print(f"slowest good unary call: {soak.slowest_s * 1000:.1f} ms")
     print(f"server alive at the end: {alive}; exit status {code}")
-    errors = [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line]
+    lines = log.splitlines()
+    recycled = sum("recycling it" in line for line in lines)
+    restarted = sum("exited with code" in line for line in lines)
+    print(f"relays recycled for their memory: {recycled}; relays that exited: {restarted}")
+    errors = [line for line in lines if " ERROR " in line or "Traceback" in line]
     print(f"server log: {len(errors)} ERROR/Traceback lines")
     for line in errors[:20]:
         print("  " + line)
+    warnings = [line for line in lines if " WARNING " in line]
+    print(f"server log: {len(warnings)} WARNING lines (the first 20 follow)")
+    for line in warnings[:20]:
+        print("  " + line[:300])
+    if args.log:
+        args.log.write_text(log)
     if args.json:
         data = {
             "minutes": args.minutes,
