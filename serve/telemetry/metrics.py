@@ -263,35 +263,36 @@ class RelayCollector(Collector):
         self._recycles = recycles if recycles is not None else []
 
     def collect(self) -> Iterable[Metric]:
-        calls = CounterMetricFamily(
-            "warmserve_relay_calls", "gRPC calls answered through each relay", labels=["relay"]
-        )
-        for relay, count in sorted(self._calls.items()):
-            calls.add_metric([str(relay)], count)
-        restarts = CounterMetricFamily(
-            "warmserve_relay_restarts", "Relay processes restarted after exiting", labels=["relay"]
-        )
-        for relay, count in enumerate(self._restarts):
-            restarts.add_metric([str(relay)], count)
-        ring = CounterMetricFamily(
-            "warmserve_relay_ring_calls",
-            "ModelInfer calls whose tensors came through the relay's shared memory",
-            labels=["relay"],
-        )
-        for relay, count in sorted(self._ring_calls.items()):
-            ring.add_metric([str(relay)], count)
-        hangs = CounterMetricFamily(
-            "warmserve_relay_hangs",
-            "Relay processes killed because they stopped answering the hub (relay_hang_s)",
-            labels=["relay"],
-        )
-        for relay, count in enumerate(self._hangs):
-            hangs.add_metric([str(relay)], count)
-        recycles = CounterMetricFamily(
-            "warmserve_relay_recycles",
-            "Relay processes replaced because their memory passed relay_max_memory_mib",
-            labels=["relay"],
-        )
-        for relay, count in enumerate(self._recycles):
-            recycles.add_metric([str(relay)], count)
-        return [calls, restarts, ring, hangs, recycles]
+        def per_relay(name: str, text: str, counts: Iterable[tuple[int, int]]) -> Metric:
+            family = CounterMetricFamily(name, text, labels=["relay"])
+            for relay, count in counts:
+                family.add_metric([str(relay)], count)
+            return family
+
+        return [
+            per_relay(
+                "warmserve_relay_calls",
+                "gRPC calls answered through each relay",
+                sorted(self._calls.items()),
+            ),
+            per_relay(
+                "warmserve_relay_restarts",
+                "Relay processes restarted after exiting",
+                enumerate(self._restarts),
+            ),
+            per_relay(
+                "warmserve_relay_ring_calls",
+                "ModelInfer calls whose tensors came through the relay's shared memory",
+                sorted(self._ring_calls.items()),
+            ),
+            per_relay(
+                "warmserve_relay_hangs",
+                "Relay processes killed because they stopped answering the hub (relay_hang_s)",
+                enumerate(self._hangs),
+            ),
+            per_relay(
+                "warmserve_relay_recycles",
+                "Relay processes replaced because their memory passed relay_max_memory_mib",
+                enumerate(self._recycles),
+            ),
+        ]
