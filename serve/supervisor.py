@@ -42,6 +42,14 @@ PING_EVERY_S = 1.0  # the hub pings each relay; one silent for relay_hang_s is k
 # A relay runs at least this long before its memory can get it recycled (relay_max_memory_mib):
 # a limit set below a relay's own size recycles each relay this often, not in a loop.
 RECYCLE_MIN_AGE_S = 120.0
+# A drained relay (recycled) waits for its connections' GOAWAYs: their age, gRPC's 10 % jitter,
+# then this long for the calls still on them.
+DRAIN_MARGIN_S = 5.0
+
+
+def drain_limit_s(connection_age_s: float) -> float:
+    """How long a draining relay waits for its last connection (relay_max_connection_age_s)."""
+    return connection_age_s * 1.1 + DRAIN_MARGIN_S
 
 
 def anon_mib(pid: int) -> float | None:
@@ -156,6 +164,11 @@ class RelayProcess:
         if self.alive:
             self._process.terminate()
 
+    def drain(self) -> None:
+        """SIGUSR1: stop listening, let the clients move away, then stop gracefully."""
+        if self.alive:
+            os.kill(self._process.pid, signal.SIGUSR1)
+
     def kill(self, reason: str = "did not stop in time") -> None:
         if self.alive:
             log.warning("relay %d %s; killing it", self.index, reason)
@@ -225,6 +238,8 @@ class Relays:
             config.grace_period_s,
             config.log_level,
             max(1, config.max_inflight_bytes // config.frontends),  # each relay's share
+            config.relay_max_connection_age_s,
+            drain_limit_s(config.relay_max_connection_age_s),
         )
         ring = (config.relay_ring_slots, config.relay_ring_slot_kib * 1024)
         self.members = [RelayProcess(i, args, self._rings, ring) for i in range(config.frontends)]
@@ -361,7 +376,7 @@ class Relays:
                         await exited
                     continue
                 if self._recycle(member):
-                    stop_by = time.monotonic() + self._config.grace_period_s + STOP_MARGIN_S
+                    stop_by = time.monotonic() + self._stop_within_s()
                     continue
                 if self._ping is None:
                     continue
@@ -381,10 +396,19 @@ class Relays:
             if not exited.done():
                 exited.cancel()
 
+    def _stop_within_s(self) -> float:
+        """How long a recycled relay may take to exit before it is killed."""
+        within = self._config.grace_period_s + STOP_MARGIN_S
+        if self._config.relay_max_connection_age_s:
+            within += drain_limit_s(self._config.relay_max_connection_age_s)
+        return within
+
     def _recycle(self, member: RelayProcess) -> bool:
         """Recycle ``member`` if its memory is over relay_max_memory_mib, it has run
-        RECYCLE_MIN_AGE_S, and another relay listens meanwhile (one relay at a time): SIGTERM,
-        so it finishes its calls within the grace period; its keeper starts it again."""
+        RECYCLE_MIN_AGE_S, and another relay listens meanwhile (one relay at a time). With a
+        relay_max_connection_age_s it is drained (it stops listening, its clients move to the
+        other relays as their connections age, then it stops); without, SIGTERM, and it finishes
+        its calls within the grace period. Its keeper starts it again."""
         limit = self._config.relay_max_memory_mib
         if (
             not limit
@@ -397,19 +421,28 @@ class Relays:
         used = self._memory(member.pid)
         if used is None or used <= limit:
             return False
+        age = self._config.relay_max_connection_age_s
         log.warning(
             "relay %d (pid %s) holds %.0f MiB of anonymous memory, over relay_max_memory_mib "
-            "(%d): recycling it; it finishes its calls and starts again while the others take "
-            "new connections (grpcio keeps a few hundred bytes of every call cancelled or past "
-            "its deadline, grpc/grpc#43360)",
+            "(%d): recycling it; %s, then it starts again (grpcio keeps a few hundred bytes of "
+            "every call cancelled or past its deadline, grpc/grpc#43360)",
             member.index,
             member.pid,
             used,
             limit,
+            f"it stops listening and its clients move to the other relays as their connections "
+            f"reach relay_max_connection_age_s ({age:g} s)"
+            if age
+            else "it finishes its calls while the others take new connections",
         )
         self._recycling.add(member.index)
         self.recycles[member.index] += 1
-        member.terminate()
+        if age:
+            member.drain()
+            self.listening.discard(member.index)  # (it has stopped taking connections)
+            self.on_listening()
+        else:
+            member.terminate()
         return True
 
 
@@ -474,6 +507,8 @@ def relay_main(
     grace_s: float,
     log_level: str,
     inflight_bytes: int,
+    connection_age_s: float,
+    drain_s: float,
     ring: tuple[int, int, InheritedFd] | None,
     conn: Connection,
 ) -> None:
@@ -512,6 +547,8 @@ def relay_main(
                 conn,
                 relay_ring,
                 InflightBudget(inflight_bytes),
+                connection_age_s,
+                drain_s,
             )
         )
     sys.exit(code)

@@ -310,6 +310,35 @@ def test_a_relay_stopped_gracefully_under_load_is_left_by_its_callers_and_comes_
     assert recycles == ["0.0", "0.0"]  # (a recycle is the serving process's own decision)
 
 
+def test_a_drained_relay_under_load_is_left_by_its_callers_without_one_failed_call(
+    tmp_path: Path,
+):
+    """SIGUSR1, as a recycle sends it: the relay stops listening, its callers' connections get
+    their GOAWAY at their age (1 s here) and reconnect to the other relay, and only then does it
+    stop. Not one call fails, unlike a plain graceful stop (the test above), and the relay is
+    started again."""
+    repository = tmp_path / "repository"
+    build_identity_onnx(repository / "identity", types=("FP32",))
+    server = ServerProcess(
+        tmp_path / "server.log",
+        repository,
+        args=("--frontends", str(FRONTENDS)),
+        env={"WARMSERVE_RELAY_MAX_CONNECTION_AGE_S": "1"},
+    )
+    try:
+        wait_until(server.ready_over_http, 120, "ready through the relays")
+        victim = relay_pids(server)[0]
+        errors = relay_stopped_under_load(server, signal.SIGUSR1, 0)
+        assert errors == [[]] * CHANNELS, errors
+        server.wait_for_log(r"relay \d draining: stopped listening \(1 socket\)")
+        server.wait_for_log(r"relay \d drained in")
+        wait_until(lambda: len(relay_pids(server)) == FRONTENDS, 60, "the relay back")
+        assert victim not in relay_pids(server)
+        assert "still open after" not in server.log()
+    finally:
+        server.stop()
+
+
 def test_killing_a_relay_under_load_fails_only_calls_on_its_connections(supervised):
     """Callers on the other relay's connections see no error at all; callers on the killed
     relay's connections see UNAVAILABLE, reconnect and go on."""

@@ -248,6 +248,21 @@ def test_the_relay_memory_limit_comes_from_the_environment_and_is_not_negative(m
         server_config_from_env()
 
 
+def test_the_relay_connection_age_comes_from_the_environment(monkeypatch):
+    assert server_config_from_env().relay_max_connection_age_s == 60.0
+    monkeypatch.setenv("WARMSERVE_RELAY_MAX_CONNECTION_AGE_S", "0")  # never
+    assert server_config_from_env().relay_max_connection_age_s == 0
+    monkeypatch.setenv("WARMSERVE_RELAY_MAX_CONNECTION_AGE_S", "2.5")
+    assert server_config_from_env().relay_max_connection_age_s == 2.5
+
+
+@pytest.mark.parametrize("age", ["0.5", "-1", "nan", "inf"])
+def test_a_relay_connection_age_under_a_second_or_not_finite_is_refused(monkeypatch, age):
+    monkeypatch.setenv("WARMSERVE_RELAY_MAX_CONNECTION_AGE_S", age)
+    with pytest.raises(ConfigError, match=r"must be 0 \(never\) or a number of seconds >= 1"):
+        server_config_from_env()
+
+
 @pytest.mark.parametrize("level", ["verbose", "TRACE", ""])
 def test_an_unknown_log_level_is_refused_naming_the_levels(level):
     with pytest.raises(ConfigError, match=r"log_level .* one of DEBUG, INFO, WARNING, ERROR"):

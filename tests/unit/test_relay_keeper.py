@@ -8,6 +8,8 @@ import logging
 import time
 from pathlib import Path
 
+import pytest
+
 import serve.supervisor
 from serve.config import ServerConfig
 from serve.supervisor import Relays
@@ -221,16 +223,27 @@ def test_a_relay_slow_to_start_but_answering_pings_is_not_killed(monkeypatch, tm
 
 
 class _Recyclable(_HungRelay):
-    """Listening since long ago; SIGTERM (``terminate``) ends it unless ``stubborn``."""
+    """Listening since long ago; SIGTERM (``terminate``) or SIGUSR1 (``drain``) ends it unless
+    ``stubborn``."""
 
     def __init__(self, index: int, stubborn: bool = False) -> None:
         super().__init__()
         self.index, self.pid = index, 5000 + index
         self.stubborn = stubborn
-        self.terminated = 0
+        self.told: list[str] = []  # how it was asked to stop
+
+    @property
+    def terminated(self) -> int:
+        return len(self.told)
 
     def terminate(self) -> None:
-        self.terminated += 1
+        self._stop("terminate")
+
+    def drain(self) -> None:
+        self._stop("drain")
+
+    def _stop(self, how: str) -> None:
+        self.told.append(how)
         if not self.stubborn:
             self.gone.set()
 
@@ -246,13 +259,19 @@ def _recycling(
     age_s: float = 1000.0,
     checks: int = 20,
     grace_s: float = 10.0,
+    connection_age_s: float = 60.0,
 ) -> tuple[Relays, list[_Recyclable]]:
     """Watch relays 0..frontends-1 (each ``age_s`` old, using ``used_mib[index]``) for
     ``checks`` ticks each, or until they exit."""
     monkeypatch.setattr(serve.supervisor, "PING_EVERY_S", 0.001)
     monkeypatch.setattr(serve.supervisor, "STOP_MARGIN_S", 0.0)
     members = [_Recyclable(i) for i in range(frontends)]
-    config = ServerConfig(frontends=frontends, relay_max_memory_mib=limit, grace_period_s=grace_s)
+    config = ServerConfig(
+        frontends=frontends,
+        relay_max_memory_mib=limit,
+        grace_period_s=grace_s,
+        relay_max_connection_age_s=connection_age_s,
+    )
     ticks = {m.index: 0 for m in members}
 
     def ping(index: int) -> float | None:
@@ -281,10 +300,23 @@ def test_a_relay_over_its_memory_limit_is_recycled_while_another_listens(
     monkeypatch, caplog, tmp_path: Path
 ):
     relays, (big, small) = _recycling(monkeypatch, tmp_path, {0: 150.0, 1: 60.0}, listening={0, 1})
-    assert (big.terminated, small.terminated) == (1, 0)
+    assert (big.told, small.told) == (["drain"], [])
+    assert relays.listening == {1}  # a draining relay takes no new connections
     assert relays.recycles == [1, 0] and relays.hangs == [0, 0]
     assert "relay 0 (pid 5000) holds 150 MiB of anonymous memory" in caplog.text
     assert "relay_max_memory_mib (100)" in caplog.text
+    assert "reach relay_max_connection_age_s (60 s)" in caplog.text
+
+
+def test_without_a_connection_age_a_recycled_relay_is_stopped_without_draining(
+    monkeypatch, tmp_path: Path
+):
+    # (its clients would never leave a draining relay: nothing sends them a GOAWAY)
+    relays, (big, small) = _recycling(
+        monkeypatch, tmp_path, {0: 150.0, 1: 60.0}, listening={0, 1}, connection_age_s=0
+    )
+    assert (big.told, small.told) == (["terminate"], [])
+    assert relays.recycles == [1, 0]
 
 
 def test_no_relay_is_recycled_without_another_listening_or_below_its_limit(
@@ -317,25 +349,42 @@ def test_relays_over_the_limit_together_are_recycled_one_at_a_time(monkeypatch, 
     assert sorted(relays.recycles) == [0, 1]
 
 
-def test_a_recycled_relay_that_does_not_stop_within_the_grace_period_is_killed(
-    monkeypatch, tmp_path: Path
+@pytest.mark.parametrize("connection_age_s", [0.0, 60.0])
+def test_a_recycled_relay_is_killed_only_past_its_drain_and_grace_period(
+    monkeypatch, tmp_path: Path, connection_age_s: float
 ):
+    """No grace period: a relay that does not exit is killed at once, unless it drains, which
+    gets it the connection age (+10 %, + a margin) first."""
     monkeypatch.setattr(serve.supervisor, "PING_EVERY_S", 0.001)
     monkeypatch.setattr(serve.supervisor, "STOP_MARGIN_S", 0.0)
     stubborn, other = _Recyclable(0, stubborn=True), _Recyclable(1)
-    config = ServerConfig(frontends=2, relay_max_memory_mib=100, grace_period_s=0.05)
+    config = ServerConfig(
+        frontends=2,
+        relay_max_memory_mib=100,
+        grace_period_s=0.0,
+        relay_max_connection_age_s=connection_age_s,
+    )
     relays = Relays(config, tmp_path / "hub.sock", ping=lambda i: 0.0, memory=lambda pid: 500.0)
     relays.listening = {0, 1}
 
     async def main() -> None:
         stubborn.started_at = time.monotonic() - 1000
+        watch = asyncio.create_task(relays._watch(stubborn))  # type: ignore[arg-type]
         async with asyncio.timeout(10):
-            await relays._watch(stubborn)  # type: ignore[arg-type]
+            if connection_age_s:  # (a kill would come within a tick or two: give it 50)
+                while not stubborn.told:
+                    await asyncio.sleep(0.001)
+                await asyncio.sleep(50 * serve.supervisor.PING_EVERY_S)
+                stubborn.gone.set()
+            await watch
 
     asyncio.run(main())
-    assert stubborn.terminated == 1 and relays.recycles == [1, 0]
-    assert stubborn.reasons == ["(pid 5000) recycled, did not stop in time"]
-    assert other.terminated == 0
+    assert relays.recycles == [1, 0] and other.terminated == 0
+    if connection_age_s:
+        assert stubborn.told == ["drain"] and stubborn.reasons == []
+    else:
+        assert stubborn.told == ["terminate"]
+        assert stubborn.reasons == ["(pid 5000) recycled, did not stop in time"]
 
 
 def test_a_recycled_relay_is_started_again_at_once_and_not_counted_as_a_restart(

@@ -1,0 +1,102 @@
+"""A draining relay's view of its own sockets (serve/frontend/listener.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import grpc
+import pytest
+
+from serve.frontend.listener import close_listeners, open_connections
+
+
+def _listener(port: int = 0) -> socket.socket:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(16)
+    return server
+
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_a_listener_on_the_port_is_shut_and_others_are_not():
+    ours, other = _listener(), _listener()
+    port, other_port = ours.getsockname()[1], other.getsockname()[1]
+    try:
+        assert close_listeners(port) == 1
+        with pytest.raises(ConnectionRefusedError):
+            _connect(port)
+        with _connect(other_port):  # another port's listener still takes connections
+            pass
+        assert close_listeners(port) == 0  # nothing listens there any more
+    finally:
+        ours.close()
+        other.close()
+
+
+def test_connections_already_accepted_outlive_the_listener():
+    server = _listener()
+    port = server.getsockname()[1]
+    client = _connect(port)
+    accepted, _ = server.accept()
+    try:
+        close_listeners(port)
+        client.sendall(b"ping")
+        assert accepted.recv(4) == b"ping"
+        accepted.sendall(b"pong")
+        assert client.recv(4) == b"pong"
+    finally:
+        for sock in (client, accepted, server):
+            sock.close()
+
+
+def test_connections_are_counted_at_the_servers_end_only():
+    server = _listener()
+    port = server.getsockname()[1]
+    assert open_connections(port) == 0
+    clients = [_connect(port) for _ in range(3)]
+    accepted = [server.accept()[0] for _ in clients]
+    try:
+        assert open_connections(port) == 3  # the clients' ends (other local ports) not counted
+        accepted[0].close()
+        assert open_connections(port) == 2
+    finally:
+        for sock in [*clients, *accepted, server]:
+            sock.close()
+    assert open_connections(port) == 0
+
+
+def test_a_grpc_aio_server_stops_taking_connections_and_serves_the_ones_it_has():
+    async def scenario() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+
+        async def echo(request: bytes, context: object) -> bytes:
+            return request
+
+        handler = grpc.method_handlers_generic_handler(
+            "t.T", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        old = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        new = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("t.new", 1)])
+        try:
+            assert await old.unary_unary("/t.T/Echo")(b"a", timeout=10) == b"a"
+            assert open_connections(port) == 1
+            assert close_listeners(port) >= 1
+            assert await old.unary_unary("/t.T/Echo")(b"b", timeout=10) == b"b"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await new.unary_unary("/t.T/Echo")(b"c", timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert open_connections(port) == 1
+        finally:
+            await old.close()
+            await new.close()
+            await server.stop(0)
+
+    asyncio.run(scenario())
