@@ -276,6 +276,8 @@ class Soak:
         self.calls = 0
         self.series: dict[int, Series] = {}
         self.wrong: Counter[str] = Counter()  # bad calls answered with a status not expected
+        # every unexpected failure: (kind, status, gRPC's details), so a rare one can be traced
+        self.details: Counter[tuple[str, str, str]] = Counter()
         self.slowest_s = 0.0  # the slowest good unary call that ended OK
         self._end = 0.0
         self._started = 0.0
@@ -283,6 +285,9 @@ class Soak:
     def count(self, kind: str, status: str) -> None:
         self.statuses[(kind, status)] += 1
         self.calls += 1
+
+    def unexpected(self, kind: str, exc: grpc.aio.AioRpcError) -> None:
+        self.details[(kind, exc.code().name, str(exc.details()))] += 1
 
     def running(self) -> bool:
         return time.monotonic() < self._end
@@ -299,6 +304,7 @@ class Soak:
                 self.slowest_s = max(self.slowest_s, time.monotonic() - start)
             except grpc.aio.AioRpcError as exc:
                 self.count("unary", exc.code().name)
+                self.unexpected("unary", exc)
 
     async def streamer(self, channel: grpc.aio.Channel, index: int) -> None:
         method = channel.stream_stream(STREAM_METHOD)
@@ -326,6 +332,7 @@ class Soak:
                     self.count("stream", "EXTRA_ANSWER")  # nothing more should come
             except grpc.aio.AioRpcError as exc:
                 self.count("stream", exc.code().name)
+                self.unexpected("stream", exc)
             finally:
                 stream.cancel()
 
@@ -342,6 +349,8 @@ class Soak:
                 status = "OK"
             except grpc.aio.AioRpcError as exc:
                 status = exc.code().name
+                if status != expected:
+                    self.unexpected(kind, exc)
             self.count(kind, status)
             if status != expected:
                 self.wrong[kind] += 1
@@ -375,6 +384,8 @@ class Soak:
                 status = "OK"
             except grpc.aio.AioRpcError as exc:
                 status = exc.code().name
+                if status != "DEADLINE_EXCEEDED":
+                    self.unexpected("short_deadline", exc)
             self.count("short_deadline", status)
             if status not in ("OK", "DEADLINE_EXCEEDED"):
                 self.wrong["short_deadline"] += 1
@@ -396,6 +407,7 @@ class Soak:
                     status = "OK"
                 except grpc.aio.AioRpcError as exc:
                     status = exc.code().name
+                    self.unexpected(kind, exc)
                 self.count(kind, status)
                 if status != "OK":
                     self.wrong[kind] += 1
@@ -500,6 +512,8 @@ def main() -> None:
     print(f"soak: {soak.calls} calls in {args.minutes} min; fits after {warm_up:.0f} s")
     print(format_report(rows, soak.statuses))
     print(f"bad calls, loads and unloads with an unexpected status: {dict(soak.wrong) or 'none'}")
+    for (kind, status, details), n in soak.details.most_common(10):
+        print(f"  unexpected: {kind} {status} x{n}: {details}")
     print(f"slowest good unary call: {soak.slowest_s * 1000:.1f} ms")
     print(f"server alive at the end: {alive}; exit status {code}")
     lines = log.splitlines()

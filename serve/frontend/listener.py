@@ -102,7 +102,7 @@ async def drain(name: str, port: int, limit_s: float) -> None:
     closed = close_listeners(port)
     connections = open_connections(port)
     log.info(
-        "%s draining: stopped listening (%d socket%s); waiting up to %.0f s for its %d "
+        "%s draining: stopped listening (%d socket%s); waiting up to %.3g s for its %d "
         "connection%s to move to the others on the port",
         name,
         closed,
@@ -117,7 +117,7 @@ async def drain(name: str, port: int, limit_s: float) -> None:
         connections = open_connections(port)
     if connections:
         log.warning(
-            "%s: %d connection%s still open after %.0f s of draining (a stream, or a client "
+            "%s: %d connection%s still open after %.3g s of draining (a stream, or a client "
             "that does not follow GOAWAY); stopping, which ends its calls",
             name,
             connections,

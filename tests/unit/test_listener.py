@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import grpc
 import pytest
 
-from serve.frontend.listener import close_listeners, open_connections
+from serve.frontend.listener import close_listeners, drain, open_connections
 
 
 def _listener(port: int = 0) -> socket.socket:
@@ -100,3 +101,42 @@ def test_a_grpc_aio_server_stops_taking_connections_and_serves_the_ones_it_has()
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_a_drain_ends_when_the_last_connection_goes(caplog):
+    caplog.set_level(logging.INFO, "serve.frontend.listener")
+    server = _listener()
+    port = server.getsockname()[1]
+    client = _connect(port)
+    accepted, _ = server.accept()
+
+    async def scenario() -> None:
+        draining = asyncio.create_task(drain("relay 7", port, limit_s=60))
+        while "draining: stopped listening" not in caplog.text:
+            await asyncio.sleep(0.01)
+        accepted.close()  # (as gRPC closes a connection once its GOAWAY is done)
+        async with asyncio.timeout(30):
+            await draining
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        client.close()
+        server.close()
+    assert "relay 7 draining: stopped listening (1 socket)" in caplog.text
+    assert "for its 1 connection to move" in caplog.text
+    assert "relay 7 drained in" in caplog.text
+
+
+def test_a_drain_gives_up_on_a_connection_that_stays_past_its_limit(caplog):
+    server = _listener()
+    port = server.getsockname()[1]
+    client = _connect(port)
+    accepted, _ = server.accept()
+    try:
+        asyncio.run(drain("relay 7", port, limit_s=0.3))
+        assert open_connections(port) == 1  # (left to the stop that follows)
+    finally:
+        for sock in (client, accepted, server):
+            sock.close()
+    assert "relay 7: 1 connection still open after 0.3 s of draining" in caplog.text
