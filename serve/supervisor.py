@@ -26,6 +26,7 @@ from typing import Any
 
 from serve.config import ServerConfig
 from serve.errors import ConfigError
+from serve.frontend.listener import queued_connections_move
 from serve.frontend.relay_hub import RelayHub
 from serve.frontend.relay_wire import RelayRing
 from serve.frontend.server import GrpcFrontend
@@ -247,6 +248,12 @@ class Relays:
             asyncio.create_task(self._keep(m), name=f"keep-relay-{m.index}") for m in self.members
         ]
         log.info("gRPC on %s through %d relay processes", address, config.frontends)
+        if config.relay_max_connection_age_s and queued_connections_move() is False:
+            log.info(
+                "net.ipv4.tcp_migrate_req is 0: a client whose connection arrives in the instant "
+                "a draining relay stops listening is reset, and retries after its back-off; "
+                "with 1 the kernel hands that connection to another relay"
+            )
 
     async def stop(self, grace_s: float) -> None:
         """Stop restarting; SIGTERM every relay (each finishes its calls within ``grace_s``)."""

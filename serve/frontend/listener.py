@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 ESTABLISHED = "01"  # the state column of /proc/net/tcp{,6}
 TCP_TABLES = ("/proc/self/net/tcp", "/proc/self/net/tcp6")
 DRAIN_POLL_S = 0.2  # how often a draining process counts its connections
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"  # (Linux 5.14+, per network namespace)
 
 
 def _sockets() -> dict[int, int]:
@@ -63,6 +64,17 @@ def close_listeners(port: int) -> int:
                 if exc.errno != errno.ENOTCONN:  # (ENOTCONN: it stopped listening meanwhile)
                     log.warning("cannot stop listening on port %d (fd %d): %s", port, fd, exc)
     return closed
+
+
+def queued_connections_move(path: str = MIGRATE_REQ) -> bool | None:
+    """Whether the kernel hands the connections waiting in the queue of a listening socket that
+    closes to another listener of its SO_REUSEPORT group (net.ipv4.tcp_migrate_req = 1) rather
+    than resetting them; None where it cannot tell."""
+    try:
+        with open(path, encoding="ascii") as setting:
+            return setting.read().strip() != "0"
+    except OSError:
+        return None
 
 
 def open_connections(port: int) -> int:

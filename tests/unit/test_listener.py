@@ -9,7 +9,12 @@ import socket
 import grpc
 import pytest
 
-from serve.frontend.listener import close_listeners, drain, open_connections
+from serve.frontend.listener import (
+    close_listeners,
+    drain,
+    open_connections,
+    queued_connections_move,
+)
 
 
 def _listener(port: int = 0) -> socket.socket:
@@ -140,3 +145,12 @@ def test_a_drain_gives_up_on_a_connection_that_stays_past_its_limit(caplog):
         for sock in (client, accepted, server):
             sock.close()
     assert "relay 7: 1 connection still open after 0.3 s of draining" in caplog.text
+
+
+def test_the_kernels_choice_for_a_closed_listeners_queue_is_read_from_its_setting(tmp_path):
+    setting = tmp_path / "tcp_migrate_req"
+    setting.write_text("0\n")
+    assert queued_connections_move(str(setting)) is False
+    setting.write_text("1\n")
+    assert queued_connections_move(str(setting)) is True
+    assert queued_connections_move(str(tmp_path / "absent")) is None  # (an older kernel)
