@@ -290,11 +290,12 @@ def relay_stopped_under_load(server: ServerProcess, sig: int, exit_code: int) ->
 
 
 def test_a_relay_stopped_gracefully_under_load_is_left_by_its_callers_and_comes_back(supervised):
-    """SIGTERM, as a recycle for its memory (relay_max_memory_mib) sends it: the relay finishes
-    its calls, its callers move to the other relay and go on, and it is started again. gRPC's
-    own shutdown cancels a call that reaches the relay in the instant it stops (a bare grpc.aio
-    server does the same: benchmarks/RESULTS.md), and a reconnect can meet the closing port:
-    CANCELLED or UNAVAILABLE, for the callers of that relay only."""
+    """SIGTERM, as a recycle sends it when relay_max_connection_age_s is 0 (else it drains: the
+    next test): the relay finishes its calls, its callers move to the other relay and go on, and
+    it is started again. gRPC's own shutdown cancels a call that reaches the relay in the
+    instant it stops (a bare grpc.aio server does the same: benchmarks/RESULTS.md), and a
+    reconnect can meet the closing port: CANCELLED or UNAVAILABLE, for the callers of that relay
+    only."""
     victim = relay_pids(supervised)[0]
     errors = relay_stopped_under_load(supervised, signal.SIGTERM, 0)
     gone = {"StatusCode.CANCELLED", "StatusCode.UNAVAILABLE"}  # (retryable: never computed)
