@@ -349,6 +349,28 @@ def test_a_drained_relay_under_load_is_left_by_its_callers_without_one_failed_ca
         server.stop()
 
 
+def test_a_server_stopped_while_a_relay_drains_stops_that_relay_gracefully_at_once(supervised):
+    """SIGTERM during a drain (whose connections would take their 60 s age to go) ends the
+    drain: the relay stops within the grace period like the others, and is not killed."""
+    victim = relay_pids(supervised)[0]
+    clients = [  # (CHANNELS connections: the drained relay has some to wait for)
+        triton.InferenceServerClient(supervised.url, channel_args=[("warmserve.test.conn", i)])
+        for i in range(CHANNELS)
+    ]
+    try:
+        assert all(client.is_server_ready() for client in clients)
+        os.kill(victim, signal.SIGUSR1)
+        supervised.wait_for_log(r"waiting up to 71 s for its [1-9]\d* connections?")
+        assert supervised.stop() == 0
+    finally:
+        for client in clients:
+            client.close()
+    log = supervised.log()
+    assert "drained in" not in log
+    assert "killing it" not in log and "did not stop in time" not in log
+    assert re.search(r"relay \d stopping \(graceful\)", log)
+
+
 def test_killing_a_relay_under_load_fails_only_calls_on_its_connections(supervised):
     """Callers on the other relay's connections see no error at all; callers on the killed
     relay's connections see UNAVAILABLE, reconnect and go on."""
