@@ -30,6 +30,10 @@ from benchmarks import pa_report, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF_ANALYZER = ROOT / "benchmarks" / ".tools" / "perf_analyzer"
+# perf_analyzer's words when no `stability` % window comes in its trials; the second try's
+# criterion is benchmarks.compare's cross-check's
+UNSTABLE = "Failed to obtain stable measurement"
+LOOSE_STABILITY = 50.0
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
@@ -94,6 +98,23 @@ def remote_server(url: str) -> Iterator[str]:
 def run_one(
     exe: Path, url: str, model: str, concurrency: int, ms: int, stability: float, work: Path
 ) -> dict[str, Any]:
+    """One concurrency. Where perf_analyzer finds no ``stability`` % stable windows in its ten
+    (a noisy shared machine), it is run once more at LOOSE_STABILITY, and the row says so."""
+    result = _run_at(exe, url, model, concurrency, ms, stability, work)
+    if stability < LOOSE_STABILITY and UNSTABLE in result.get("error", ""):
+        print(
+            f"{model}: concurrency {concurrency}: no stable measurement within "
+            f"{stability:g} %; once more within {LOOSE_STABILITY:g} %",
+            file=sys.stderr,
+            flush=True,
+        )
+        result = _run_at(exe, url, model, concurrency, ms, LOOSE_STABILITY, work)
+    return result
+
+
+def _run_at(
+    exe: Path, url: str, model: str, concurrency: int, ms: int, stability: float, work: Path
+) -> dict[str, Any]:
     csv_path = work / f"{model}-c{concurrency}.csv"
     cmd = [
         str(exe),
@@ -118,6 +139,7 @@ def run_one(
     return {
         "concurrency": concurrency,
         "throughput_infer_per_s": figures.pop("throughput"),
+        "stability_percentage": stability,
         **figures,
     }
 
@@ -152,6 +174,11 @@ def print_table(model: str, results: list[dict[str, Any]]) -> None:
             print(
                 f"{r['concurrency']:>5} {r['throughput_infer_per_s']:>10.1f} "
                 f"{r['p50_ms']:>8.3f} {r['p95_ms']:>8.3f} {r['p99_ms']:>8.3f}"
+                + (
+                    f"  (stable within {r['stability_percentage']:g} %)"
+                    if r.get("stability_percentage", 0) >= LOOSE_STABILITY
+                    else ""
+                )
             )
 
 
