@@ -52,9 +52,10 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     relay_max_memory_mib: int = 512
     # gRPC sends each connection to a relay a GOAWAY after this long (0: never; gRPC adds up
     # to 10 % either way), and its client takes its next calls to a new connection, which the
-    # kernel may give another relay: clients spread over the relays again, and a relay that is
-    # recycled or stopped first stops listening, then waits for its clients to go this way
-    # (calls still on the old connection finish there), so that they lose no call.
+    # kernel may give another relay: clients spread over the relays again, and a relay being
+    # recycled first stops listening, then waits for its clients to go this way (calls still
+    # on the old connection finish there), so that they lose no call. (0: a recycle is a
+    # plain graceful stop.)
     relay_max_connection_age_s: float = 60.0
 
 
