@@ -15,6 +15,7 @@ from benchmarks.soak import (
     growth,
     growth_table,
     linear_fit,
+    short_deadline_status,
 )
 
 
@@ -79,3 +80,16 @@ def test_only_good_calls_that_were_not_ok_count_as_failures() -> None:
     report = format_report(growth_table([series([1.0, 2.0, 3.0])], 0.0), statuses)
     assert "good calls not OK: {'unary/UNAVAILABLE': 2}" in report
     assert "serving" in report
+
+
+def test_a_short_deadline_call_ended_by_a_connection_age_goaway_is_expected_and_counted_apart():
+    goaway = "Stream removed (Socket closed (GOAWAY received; Error code: 0; Debug Text: max_age))"
+    assert short_deadline_status("UNAVAILABLE", goaway) == ("UNAVAILABLE_AT_GOAWAY", True)
+    assert short_deadline_status("DEADLINE_EXCEEDED", "Deadline Exceeded") == (
+        "DEADLINE_EXCEEDED",
+        True,
+    )
+    # any other UNAVAILABLE (a reset, a refused connection) is still a finding
+    reset = "failed to connect to all addresses; last error: UNAVAILABLE: Connection reset"
+    assert short_deadline_status("UNAVAILABLE", reset) == ("UNAVAILABLE", False)
+    assert short_deadline_status("INTERNAL", goaway) == ("INTERNAL", False)
