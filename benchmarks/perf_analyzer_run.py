@@ -30,10 +30,8 @@ from benchmarks import pa_report, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF_ANALYZER = ROOT / "benchmarks" / ".tools" / "perf_analyzer"
-# perf_analyzer's words when no `stability` % window comes in its trials; the second try's
-# criterion is benchmarks.compare's cross-check's
-UNSTABLE = "Failed to obtain stable measurement"
-LOOSE_STABILITY = 50.0
+UNSTABLE = pa_report.UNSTABLE
+LOOSE_STABILITY = float(pa_report.LOOSE_STABILITY)  # a second try's criterion
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
