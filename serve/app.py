@@ -16,20 +16,24 @@ from serve.frontend.server import GrpcFrontend
 from serve.pool import template, worker_handle
 from serve.pool.loop_spin import MOST_BATCHES, SPIN
 from serve.runtime import Runtime
-from serve.supervisor import STOP_MARGIN_S, RelayPort
+from serve.supervisor import STOP_MARGIN_S, RelayPort, connection_drain_s, wait_until
 from serve.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+__all__ = ["connection_drain_s", "serve", "shutdown_budget_s"]
+
 
 def shutdown_budget_s(server: ServerConfig) -> float:
-    """The longest SIGTERM → exit can take: the drain delay, the grace period for calls in flight
-    (+ the relays' margin before they are killed), then the workers' stop timeout (all at once;
-    running batches are not waited for, their callers are gone) and the worker template's.
+    """The longest SIGTERM → exit can take: the drain delay, the wait for busy clients to move
+    away (connection_drain_s), the grace period for calls in flight (+ the relays' margin before
+    they are killed), then the workers' stop timeout (all at once; running batches are not
+    waited for, their callers are gone) and the worker template's.
     A pod's terminationGracePeriodSeconds must exceed it (tests/unit/test_deploy.py checks)."""
     relays = STOP_MARGIN_S if server.frontends > 1 else 0.0
     return (
         server.drain_delay_s
+        + connection_drain_s(server)
         + server.grace_period_s
         + relays
         + worker_handle.STOP_TIMEOUT_S
@@ -39,7 +43,9 @@ def shutdown_budget_s(server: ServerConfig) -> float:
 
 async def serve(config: Config) -> int:
     """Serve until SIGTERM/SIGINT, then drain: readiness NOT_SERVING, the drain delay (calls are
-    still served), then refuse new calls, finish in-flight ones within the grace period, stop.
+    still served), then stop listening and wait (connection_drain_s) until no client is busy on
+    the port, then refuse new calls, finish in-flight ones within the grace period, stop. A
+    second signal cuts the drain delay and the wait short.
 
     The gRPC port opens before the models warm up, so liveness answers at once while readiness
     stays false until every model has a warm worker. With ``frontends > 1`` the port is served
@@ -70,10 +76,10 @@ async def serve(config: Config) -> int:
         if config.server.frontends > 1
         else None
     )
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, sig, stop)
+        loop.add_signal_handler(sig, _on_signal, sig, stop, hurry)
     await frontend.start(private=relays is not None)  # relayed: loopback, for its own warm-up
     if http is not None:
         await http.start()
@@ -92,13 +98,26 @@ async def serve(config: Config) -> int:
         )
         frontend.begin_drain()
         if config.server.drain_delay_s > 0:
-            log.info("readiness is NOT_SERVING; draining for %.1f s", config.server.drain_delay_s)
-            await asyncio.sleep(config.server.drain_delay_s)  # load balancers notice, stop sending
+            log.info(
+                "readiness is NOT_SERVING; draining for %.1f s (a second signal stops sooner)",
+                config.server.drain_delay_s,
+            )
+            # load balancers notice, stop sending
+            await wait_until(asyncio.sleep(config.server.drain_delay_s), None, hurry)
         if not warm_up.done():
             warm_up.cancel()
         await asyncio.gather(warm_up, return_exceptions=True)
+        wait = 0.0 if hurry.is_set() else connection_drain_s(config.server)
+        if wait > 0:
+            log.info(
+                "stopping once no client is busy on the gRPC port (at most %.3g s; a second "
+                "signal stops at once)",
+                wait,
+            )
         if relays is not None:
-            await relays.stop(grace)
+            await relays.stop(grace, wait, hurry)
+        elif wait > 0:
+            await wait_until(frontend.drain_connections(wait), wait + 1, hurry)
         await frontend.stop(grace)
         if http is not None:
             await http.stop()
@@ -135,6 +154,11 @@ def _on_warm_up_done(task: asyncio.Task[None], stop: asyncio.Event) -> None:
         stop.set()
 
 
-def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+def _on_signal(sig: signal.Signals, stop: asyncio.Event, hurry: asyncio.Event) -> None:
+    if stop.is_set():
+        if not hurry.is_set():
+            log.info("received %s again: stopping without waiting for clients to move", sig.name)
+        hurry.set()
+        return
     log.info("received %s", sig.name)
     stop.set()

@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         help="bytes of requests held at once, server-wide; beyond: RESOURCE_EXHAUSTED (1 GiB)",
     )
     serve.add_argument("--grace-period", type=float, help="seconds in-flight calls get on SIGTERM")
+    serve.add_argument(
+        "--max-connection-age",
+        type=float,
+        help="seconds before a client connection gets a GOAWAY and moves (default 60; 0: never)",
+    )
     serve.add_argument("--log-level", help=f"{', '.join(LOG_LEVELS)} (default INFO)")
     serve.add_argument(
         "--frontends",
@@ -212,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             log_level=args.log_level,
             require_gpu=args.require_gpu,
             frontends=args.frontends,
+            max_connection_age_s=args.max_connection_age,
         )
         logging.basicConfig(
             level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -19,7 +19,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,17 @@ DRAIN_MARGIN_S = 5.0
 
 
 def drain_limit_s(connection_age_s: float) -> float:
-    """How long a draining relay waits for its last connection (relay_max_connection_age_s)."""
+    """How long a draining relay waits for its last connection (max_connection_age_s)."""
     return connection_age_s * 1.1 + DRAIN_MARGIN_S
+
+
+def connection_drain_s(server: ServerConfig) -> float:
+    """How long a stop waits, after the drain delay, for busy clients to leave the gRPC port as
+    their connections reach max_connection_age_s (0 without an age): the grace period, or less
+    where every connection reaches its age (and its calls finish) sooner."""
+    if not server.max_connection_age_s:
+        return 0.0
+    return min(server.grace_period_s, drain_limit_s(server.max_connection_age_s))
 
 
 def anon_mib(pid: int) -> float | None:
@@ -170,10 +179,42 @@ class RelayProcess:
         if self.alive:
             os.kill(self._process.pid, signal.SIGUSR1)
 
+    def leave(self) -> None:
+        """SIGUSR2 (the whole server stops): stop listening, wait until no client is busy on
+        it, then stop gracefully."""
+        if self.alive:
+            os.kill(self._process.pid, signal.SIGUSR2)
+
     def kill(self, reason: str = "did not stop in time") -> None:
         if self.alive:
             log.warning("relay %d %s; killing it", self.index, reason)
             self._process.kill()
+
+
+async def wait_until(
+    work: Awaitable[Any], limit_s: float | None, hurry: asyncio.Event | None
+) -> None:
+    """Wait for ``work`` at most ``limit_s`` (None: no limit) or until ``hurry`` is set; then
+    cancel it if it has not finished. An error it raised is logged, not raised: this waits on
+    the way to a stop, which goes on."""
+    task = asyncio.ensure_future(work)
+    waits = {task}
+    if hurry is not None:
+        waits.add(asyncio.ensure_future(hurry.wait()))
+    try:
+        await asyncio.wait(waits, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        finished = task.done()
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+    if finished and not task.cancelled() and task.exception() is not None:
+        log.error(
+            "%s failed: %s",
+            getattr(work, "__qualname__", work),
+            task.exception(),
+            exc_info=task.exception(),
+        )
 
 
 async def _readable(fd: int) -> None:
@@ -239,8 +280,9 @@ class Relays:
             config.grace_period_s,
             config.log_level,
             max(1, config.max_inflight_bytes // config.frontends),  # each relay's share
-            config.relay_max_connection_age_s,
-            drain_limit_s(config.relay_max_connection_age_s),
+            config.max_connection_age_s,
+            drain_limit_s(config.max_connection_age_s),
+            connection_drain_s(config),
         )
         ring = (config.relay_ring_slots, config.relay_ring_slot_kib * 1024)
         self.members = [RelayProcess(i, args, self._rings, ring) for i in range(config.frontends)]
@@ -248,21 +290,35 @@ class Relays:
             asyncio.create_task(self._keep(m), name=f"keep-relay-{m.index}") for m in self.members
         ]
         log.info("gRPC on %s through %d relay processes", address, config.frontends)
-        if config.relay_max_connection_age_s and queued_connections_move() is False:
+        if config.max_connection_age_s and queued_connections_move() is False:
             log.info(
                 "net.ipv4.tcp_migrate_req is 0: a client whose connection arrives in the instant "
                 "a draining relay stops listening is reset, and retries after its back-off; "
                 "with 1 the kernel hands that connection to another relay"
             )
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop restarting; SIGTERM every relay (each finishes its calls within ``grace_s``)."""
+    async def stop(
+        self, grace_s: float, drain_s: float = 0.0, hurry: asyncio.Event | None = None
+    ) -> None:
+        """Stop restarting. ``drain_s``: first let every relay stop listening and wait until
+        no client is busy on it (listener.drain), for at most that long or until ``hurry`` is
+        set; then SIGTERM every relay still running (each finishes its calls within
+        ``grace_s``)."""
         for keeper in self._keepers:
             keeper.cancel()
         await asyncio.gather(*self._keepers, return_exceptions=True)
         running = [m for m in self.members if m.alive]
+        leaving = [m for m in running if m.index in self.listening]  # (others: not yet)
+        if drain_s > 0 and leaving:
+            for member in running:
+                if member in leaving:
+                    member.leave()
+                else:
+                    member.terminate()
+            await wait_until(asyncio.gather(*(m.exited() for m in leaving)), drain_s, hurry)
         for member in running:
-            member.terminate()
+            if member.alive:
+                member.terminate()  # (one that is stopping already: nothing more)
         try:
             async with asyncio.timeout(grace_s + STOP_MARGIN_S):
                 await asyncio.gather(*(m.exited() for m in running))
@@ -406,14 +462,14 @@ class Relays:
     def _stop_within_s(self) -> float:
         """How long a recycled relay may take to exit before it is killed."""
         within = self._config.grace_period_s + STOP_MARGIN_S
-        if self._config.relay_max_connection_age_s:
-            within += drain_limit_s(self._config.relay_max_connection_age_s)
+        if self._config.max_connection_age_s:
+            within += drain_limit_s(self._config.max_connection_age_s)
         return within
 
     def _recycle(self, member: RelayProcess) -> bool:
         """Recycle ``member`` if its memory is over relay_max_memory_mib, it has run
         RECYCLE_MIN_AGE_S, and another relay listens meanwhile (one relay at a time). With a
-        relay_max_connection_age_s it is drained (it stops listening, its clients move to the
+        max_connection_age_s it is drained (it stops listening, its clients move to the
         other relays as their connections age, then it stops); without, SIGTERM, and it finishes
         its calls within the grace period. Its keeper starts it again."""
         limit = self._config.relay_max_memory_mib
@@ -428,7 +484,7 @@ class Relays:
         used = self._memory(member.pid)
         if used is None or used <= limit:
             return False
-        age = self._config.relay_max_connection_age_s
+        age = self._config.max_connection_age_s
         log.warning(
             "relay %d (pid %s) holds %.0f MiB of anonymous memory, over relay_max_memory_mib "
             "(%d): recycling it; %s, then it starts again (grpcio keeps a few hundred bytes of "
@@ -438,7 +494,7 @@ class Relays:
             used,
             limit,
             f"it stops listening and its clients move to the other relays as their connections "
-            f"reach relay_max_connection_age_s ({age:g} s)"
+            f"reach max_connection_age_s ({age:g} s)"
             if age
             else "it finishes its calls while the others take new connections",
         )
@@ -496,10 +552,13 @@ class RelayPort:
         """The gRPC port the relays serve."""
         return self._relays.port if self._relays is not None else 0
 
-    async def stop(self, grace_s: float) -> None:
-        """The relays first (their calls in flight finish through the hub), then the hub."""
+    async def stop(
+        self, grace_s: float, drain_s: float = 0.0, hurry: asyncio.Event | None = None
+    ) -> None:
+        """The relays first (their calls in flight finish through the hub), then the hub.
+        ``drain_s``, ``hurry``: as Relays.stop."""
         if self._relays is not None:
-            await self._relays.stop(grace_s)
+            await self._relays.stop(grace_s, drain_s, hurry)
         if self._hub is not None:
             await self._hub.stop()
         if self._folder is not None:
@@ -516,6 +575,7 @@ def relay_main(
     inflight_bytes: int,
     connection_age_s: float,
     drain_s: float,
+    leave_s: float,
     ring: tuple[int, int, InheritedFd] | None,
     conn: Connection,
 ) -> None:
@@ -523,6 +583,8 @@ def relay_main(
     signal.signal(
         signal.SIGINT, signal.SIG_IGN
     )  # Ctrl-C reaches the serving process, which decides
+    for drain_signal in (signal.SIGUSR1, signal.SIGUSR2):  # (handled once it listens)
+        signal.signal(drain_signal, signal.SIG_IGN)
     logging.basicConfig(
         level=log_level.upper(),
         format=f"%(asctime)s %(levelname)s relay-{index} %(name)s: %(message)s",
@@ -556,6 +618,7 @@ def relay_main(
                 InflightBudget(inflight_bytes),
                 connection_age_s,
                 drain_s,
+                leave_s,
             )
         )
     sys.exit(code)

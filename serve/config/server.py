@@ -50,13 +50,14 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # listens. grpcio keeps a few hundred bytes of every call its client cancels or lets
     # expire (grpc/grpc#43360), which only a new process gives back; a relay starts at ~30 MiB.
     relay_max_memory_mib: int = 512
-    # gRPC sends each connection to a relay a GOAWAY after this long (0: never; gRPC adds up
-    # to 10 % either way), and its client takes its next calls to a new connection, which the
-    # kernel may give another relay: clients spread over the relays again, and a relay being
-    # recycled first stops listening, then waits for its clients to go this way (calls still
-    # on the old connection finish there), so that they lose no call. (0: a recycle is a
-    # plain graceful stop.)
-    relay_max_connection_age_s: float = 60.0
+    # gRPC sends each connection to the public port (this process's, or each relay's) a GOAWAY
+    # after this long (0: never; gRPC adds up to 10 % either way); its client takes its next
+    # calls to a new connection, which a Service or the kernel may give another pod or relay.
+    # Clients spread again over pods the HPA adds and over the relays; a relay being recycled,
+    # and the whole server on SIGTERM after its drain delay, first stop listening, then wait
+    # (bounded) for their busy clients to go this way, so that gRPC's stop finds no call to
+    # cancel (calls still on an old connection finish there). (0: a plain graceful stop.)
+    max_connection_age_s: float = 60.0
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -85,7 +86,7 @@ SERVER_ENV = {
     "relay_ring_slot_kib": "WARMSERVE_RELAY_RING_SLOT_KIB",
     "relay_hang_s": "WARMSERVE_RELAY_HANG_S",
     "relay_max_memory_mib": "WARMSERVE_RELAY_MAX_MEMORY_MIB",
-    "relay_max_connection_age_s": "WARMSERVE_RELAY_MAX_CONNECTION_AGE_S",
+    "max_connection_age_s": "WARMSERVE_MAX_CONNECTION_AGE_S",
 }
 SERVER_FLAGS = {
     "host": "--host",
@@ -100,6 +101,7 @@ SERVER_FLAGS = {
     "log_level": "--log-level",
     "require_gpu": "--require-gpu",
     "frontends": "--frontends",
+    "max_connection_age_s": "--max-connection-age",
 }
 MAX_PORT = 65535
 MAX_FRONTENDS = 64  # relay processes; past a few the serving process's loop is the limit
@@ -224,11 +226,11 @@ def _validate_durations(server: ServerConfig) -> None:
         seconds = getattr(server, field)
         if not (math.isfinite(seconds) and seconds >= 0):  # (NaN, infinity: a stop never ends)
             raise ConfigError(f"{_setting(field)} must be a number of seconds >= 0, got {seconds}")
-    age = server.relay_max_connection_age_s
+    age = server.max_connection_age_s
     if not (math.isfinite(age) and (age == 0 or age >= 1.0)):
         # (under a second, clients would spend their time reconnecting)
         raise ConfigError(
-            "relay_max_connection_age_s (WARMSERVE_RELAY_MAX_CONNECTION_AGE_S) must be 0 (never) "
+            "max_connection_age_s (WARMSERVE_MAX_CONNECTION_AGE_S) must be 0 (never) "
             f"or a number of seconds >= 1, got {age}"
         )
     if not (math.isfinite(server.relay_hang_s) and server.relay_hang_s >= 1.0):

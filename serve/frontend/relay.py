@@ -8,8 +8,10 @@ over them. The serving process answers readiness, errors and results. The relay 
 large ModelInfer request, to put its raw tensors into its ring (relay_wire.RelayRing) and pass
 the rest of the request; a request it cannot parse or place goes on whole. When
 the hub goes away (the serving process died or is stopping) every call in flight fails with
-UNAVAILABLE and the relay stops; SIGTERM stops it gracefully. SIGUSR1 drains it first: it stops
-listening and waits for its clients to move to the other relays (listener.drain), then stops.
+UNAVAILABLE and the relay stops; SIGTERM stops it gracefully. SIGUSR1 drains it first (a
+recycle): it stops listening and waits for its clients to move to the other relays
+(listener.drain), then stops. SIGUSR2 does the same for the whole server's stop, but waits only
+until no client is busy on it (the supervisor sends SIGTERM if that takes too long).
 """
 
 from __future__ import annotations
@@ -344,12 +346,15 @@ async def run_relay(
     budget: InflightBudget | None = None,
     connection_age_s: float = 0.0,
     drain_s: float = 0.0,
+    leave_s: float = 0.0,
 ) -> int:
-    """Serve until SIGTERM (graceful), SIGUSR1 (drain, then a graceful stop) or until the hub
-    goes away. ``budget``: for the answers this relay has not sent yet (its share of
-    max_inflight_bytes). ``connection_age_s``: gRPC sends each connection a GOAWAY after this
-    long (0: never), and its client moves to a new one; ``drain_s``: how long a drain waits for
-    the last connection to go."""
+    """Serve until SIGTERM (graceful), SIGUSR1 (drain, then a graceful stop), SIGUSR2 (drain
+    until no client is busy, then a graceful stop) or until the hub goes away. ``budget``: for
+    the answers this relay has not sent yet (its share of max_inflight_bytes).
+    ``connection_age_s``: gRPC sends each connection a GOAWAY after this long (0: never), and
+    its client moves to a new one; ``drain_s``: how long a drain (SIGUSR1) waits for the last
+    connection to go; ``leave_s``: how long the whole server's stop (SIGUSR2) waits for the
+    last busy client."""
     link = HubLink(hub_path, index, max_message_bytes + FRAME_MARGIN, ring)
     await link.connect()
     server = grpc.aio.server(
@@ -357,7 +362,7 @@ async def run_relay(
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.so_reuseport", 1),  # beside the sibling relays
-            *connection_age_options(connection_age_s),
+            *listener.connection_age_options(connection_age_s),
         ]
     )
     server.add_generic_rpc_handlers((Forwarder(link, budget),))
@@ -367,29 +372,26 @@ async def run_relay(
         log.error("cannot listen on %s: %s", address, exc)
         return 2
     await server.start()
-    stop, draining = asyncio.Event(), asyncio.Event()
+    stop, draining, leaving = asyncio.Event(), asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, draining.set)  # (before the port is reported)
+    loop.add_signal_handler(signal.SIGUSR2, leaving.set)
     conn.send(port)
     log.info("relay %d listening on %s", index, address)
-    await _first(stop.wait(), draining.wait(), link.lost.wait())
-    if draining.is_set() and not stop.is_set() and not link.lost.is_set():
-        await _first(listener.drain(f"relay {index}", port, drain_s), stop.wait(), link.lost.wait())
+    await _first(stop.wait(), draining.wait(), leaving.wait(), link.lost.wait())
+    if (draining.is_set() or leaving.is_set()) and not stop.is_set() and not link.lost.is_set():
+        quiet = leaving.is_set() and not draining.is_set()
+        await _first(
+            listener.drain(f"relay {index}", port, leave_s if quiet else drain_s, quiet=quiet),
+            stop.wait(),
+            link.lost.wait(),
+        )
     lost = link.lost.is_set()
     log.info("relay %d stopping (%s)", index, "hub gone" if lost else "graceful")
     await server.stop(0 if lost else grace_s)
     await link.close()
     return 0
-
-
-def connection_age_options(age_s: float) -> list[tuple[str, int]]:
-    """gRPC server options that send a GOAWAY to each connection after ``age_s`` (0: never;
-    gRPC adds up to 10 % either way). Calls already on the connection finish there, however
-    long (a ModelStreamInfer stream too); the client takes new calls to a new connection."""
-    if age_s <= 0:
-        return []
-    return [("grpc.max_connection_age_ms", max(1, round(age_s * 1000)))]
 
 
 async def _first(*waits: Any) -> None:

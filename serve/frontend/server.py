@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2_grpc
 from serve.config import ServerConfig
 from serve.control import ModelControl
 from serve.errors import ConfigError
+from serve.frontend import listener
 from serve.frontend.admission import InflightBudget
 from serve.frontend.convert import loopback_request
 from serve.frontend.gate import ReadinessGate
@@ -42,11 +43,14 @@ class GrpcFrontend:
         """Listen on the configured address; ``private``: on a loopback port of the system's
         choosing instead (relay processes serve the configured one)."""
         limit = self._config.max_message_bytes
+        age = 0.0 if private else self._config.max_connection_age_s
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),  # two servers must never silently share a port
+                # (relayed, the relays serve the public port and send its GOAWAYs)
+                *listener.connection_age_options(age),
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
@@ -106,6 +110,16 @@ class GrpcFrontend:
     def begin_drain(self) -> None:
         """Readiness answers NOT_SERVING from now on; calls are still taken until stop()."""
         self.gate.set(False)
+
+    async def drain_connections(self, limit_s: float) -> bool:
+        """Stop listening on the gRPC port, then wait (at most ``limit_s``) until no client is
+        busy on it: each connection gets its GOAWAY at its age (max_connection_age_s) and its
+        client takes its next calls elsewhere, so the stop that follows cancels none of them
+        (gRPC cancels the calls that reach it in the instant it stops, grpc/grpc#41785). Calls
+        are served meanwhile. Whether no client was busy any more."""
+        if self._server is None:
+            return True
+        return await listener.drain("the gRPC port", self.port, limit_s, quiet=True)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls now; in-flight calls get ``grace_s`` to finish, then are cancelled."""

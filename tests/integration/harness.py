@@ -241,6 +241,8 @@ class ServerProcess:
         self.process.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 60) -> int:
+        # (the harness's own connection first: a server stops once no client is busy on it)
+        self.client.close()
         if self.process.poll() is None:
             self.terminate()
             try:
@@ -248,6 +250,5 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-        self.client.close()
         self._log.close()
         return int(self.process.returncode)

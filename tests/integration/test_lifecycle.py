@@ -7,6 +7,7 @@ import queue
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import grpc
@@ -37,10 +38,13 @@ def small_repository(tmp_path):
 def test_sigterm_finishes_calls_in_flight_then_refuses_new_ones(
     tmp_path, small_repository, frontends
 ):
+    # (no connection age: the plain graceful stop, new calls refused at once; with an age the
+    # server first waits for its busy clients to move away: the tests further down)
     server = ServerProcess(
         tmp_path / "server.log",
         small_repository,
         args=("--log-level", "DEBUG", "--grace-period", "30", "--frontends", str(frontends)),
+        env={"WARMSERVE_MAX_CONNECTION_AGE_S": "0"},
     )
     try:
         server.wait_ready()
@@ -204,7 +208,7 @@ def test_sigterm_with_a_batch_that_outlasts_the_grace_period_exits_within_the_bu
         _, error = results.get(timeout=10)
         assert error is not None  # the call was cancelled, not left hanging
         log = server.log()
-        assert "shutting down within 16 s" in log
+        assert "shutting down within 17 s" in log  # (+ up to 1 s for a busy client to move)
         assert "model spin: 1 batches still running at stop" in log
         assert "did not exit within 10 s; killing it" in log
     finally:
@@ -281,3 +285,161 @@ def test_a_repository_with_nothing_to_serve_never_turns_ready_and_says_so(tmp_pa
         assert not server.client.is_server_ready()
     finally:
         assert server.stop() == 0
+
+
+CALLERS = 8  # closed-loop callers through a stop, each on a connection of its own
+
+
+class CallersThroughAStop:
+    """CALLERS closed-loop MLP callers, each on its own connection, each checking its answers and
+    going on until its first error (the server gone) or MAX_CALLS; ``served_after`` counts the
+    good answers after ``stopping`` is set."""
+
+    MAX_CALLS = 20000
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.errors: list[list[str]] = [[] for _ in range(CALLERS)]
+        self.done = [0] * CALLERS
+        self.served_after = [0] * CALLERS
+        self.stopping = threading.Event()
+        self._url = server.url
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(CALLERS)]
+
+    def __enter__(self) -> CallersThroughAStop:
+        for thread in self._threads:
+            thread.start()
+        wait_until(lambda: min(self.done) >= 20 or any(self.errors), 60, "every caller under way")
+        assert not any(self.errors), self.errors
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for thread in self._threads:
+            thread.join(60)
+
+    def _run(self, i: int) -> None:
+        client = triton.InferenceServerClient(self._url, channel_args=[("warmserve.test.conn", i)])
+        x = np.full((1, 64), i / CALLERS, np.float32)
+        want = mlp_reference(x)
+        try:
+            while not self.errors[i] and self.done[i] < self.MAX_CALLS:
+                try:
+                    got = client.infer("mlp_onnx", _mlp_input(x), client_timeout=30)
+                    np.testing.assert_allclose(got.as_numpy("OUTPUT0"), want, rtol=1e-4, atol=1e-5)
+                    if self.stopping.is_set():
+                        self.served_after[i] += 1
+                except triton.InferenceServerException as exc:
+                    self.errors[i].append(str(exc.status()))
+                self.done[i] += 1
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("frontends", [1, 2])  # 2: the relays drain, each on its own
+def test_sigterm_under_load_serves_busy_clients_until_they_move_away_and_cancels_none(
+    tmp_path, frontends
+):
+    """With a connection age, a stop first stops listening and waits for the busy clients'
+    connections to reach their age (1 s here): each client's next calls go to a new connection,
+    which here finds no server (UNAVAILABLE: retryable, never computed; in a cluster, another
+    pod). gRPC's own stop then finds no call to cancel: without the wait it cancels about one
+    call per busy connection (CANCELLED, grpc/grpc#41785; benchmarks/RESULTS.md)."""
+    build_mlp_onnx(tmp_path / "repo" / "mlp_onnx")
+    server = ServerProcess(
+        tmp_path / "server.log",
+        tmp_path / "repo",
+        args=("--frontends", str(frontends), "--max-connection-age", "1", "--grace-period", "10"),
+    )
+    try:
+        server.wait_ready()
+        with CallersThroughAStop(server) as callers:
+            callers.stopping.set()
+            server.terminate()
+            assert server.process.wait(60) == 0
+        assert all(e == ["StatusCode.UNAVAILABLE"] for e in callers.errors), callers.errors
+        assert sum(callers.served_after) > 0  # (served while their connections aged)
+        log = server.log()
+        drained = r"the gRPC port drained in" if frontends == 1 else r"relay \d drained in"
+        assert len(re.findall(drained, log)) == frontends, log
+        assert "still open after" not in log
+    finally:
+        server.stop()
+
+
+def test_a_second_sigterm_stops_without_waiting_for_busy_clients(tmp_path):
+    """A client that stays busy (its connection far from its 60 s age) would hold the stop for
+    the grace period (30 s here); a second signal cuts the wait short, as a second Ctrl-C does."""
+    build_mlp_onnx(tmp_path / "repo" / "mlp_onnx")
+    server = ServerProcess(
+        tmp_path / "server.log", tmp_path / "repo", args=("--grace-period", "30")
+    )
+    try:
+        server.wait_ready()
+        with CallersThroughAStop(server):
+            server.terminate()
+            server.wait_for_log(r"waiting up to 30 s for its [1-9]\d* busy connections? to move")
+            server.terminate()
+            assert server.process.wait(20) == 0  # (not the 30 s wait, nor the 30 s grace)
+        log = server.log()
+        assert "received SIGTERM again: stopping without waiting for clients to move" in log
+        assert "drained in" not in log
+    finally:
+        server.stop()
+
+
+def test_a_server_stopped_under_load_beside_another_fails_no_call_of_a_balancing_client(tmp_path):
+    """Two servers, as two pods behind a client-side balancer (round_robin over both addresses,
+    as against a headless Service), and one stopped under load: its busy clients' connections
+    reach their age (1 s) while it waits, each client's balancer takes its next calls to the
+    other server, and the stop finds nothing to cancel. Not one call fails (without the age:
+    3–10 CANCELLED per stop, benchmarks/RESULTS.md)."""
+    build_mlp_onnx(tmp_path / "repo" / "mlp_onnx")
+    servers = [
+        ServerProcess(
+            tmp_path / f"server-{side}.log",
+            tmp_path / "repo",
+            args=("--max-connection-age", "1", "--grace-period", "10"),
+        )
+        for side in "ab"
+    ]
+    stopped, other = servers
+    x = np.ones((1, 64), np.float32)
+    request = service_pb2.ModelInferRequest(model_name="mlp_onnx")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(x.tobytes())
+    want = mlp_reference(x)
+    done, failed = [0] * CALLERS, [[] for _ in range(CALLERS)]
+    halt = threading.Event()
+
+    def caller(i: int) -> None:
+        target = f"ipv4:127.0.0.1:{stopped.port},127.0.0.1:{other.port}"
+        options = [("grpc.lb_policy_name", "round_robin"), ("warmserve.test.conn", i)]
+        with grpc.insecure_channel(target, options=options) as channel:
+            infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            while not halt.is_set() and done[i] < 20000:
+                try:
+                    reply = infer(request, timeout=30)
+                    got = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(1, -1)
+                    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+                except grpc.RpcError as exc:
+                    failed[i].append(exc.code().name)
+                done[i] += 1
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(CALLERS)]
+    try:
+        for server in servers:
+            server.wait_ready()
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: min(done) >= 20, 60, "every caller under way")
+        stopped.terminate()
+        assert stopped.process.wait(60) == 0
+        after = list(done)
+        wait_until(lambda: all(d > a + 20 for d, a in zip(done, after, strict=True)), 60, "more")
+    finally:
+        halt.set()
+        for thread in threads:
+            thread.join(60)
+        for server in servers:
+            server.stop()
+    assert not any(failed), failed
+    assert "the gRPC port drained in" in stopped.log()

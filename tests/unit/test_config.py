@@ -4,7 +4,7 @@ import pytest
 
 from serve.bundles.cache import BundleCache
 from serve.bundles.repository import scan
-from serve.config import load_model_dir, server_config_from_env
+from serve.config import ServerConfig, load_model_dir, server_config_from_env
 from serve.errors import ConfigError, InvalidBundleError
 from serve.testing.models import write_config
 
@@ -249,16 +249,16 @@ def test_the_relay_memory_limit_comes_from_the_environment_and_is_not_negative(m
 
 
 def test_the_relay_connection_age_comes_from_the_environment(monkeypatch):
-    assert server_config_from_env().relay_max_connection_age_s == 60.0
-    monkeypatch.setenv("WARMSERVE_RELAY_MAX_CONNECTION_AGE_S", "0")  # never
-    assert server_config_from_env().relay_max_connection_age_s == 0
-    monkeypatch.setenv("WARMSERVE_RELAY_MAX_CONNECTION_AGE_S", "2.5")
-    assert server_config_from_env().relay_max_connection_age_s == 2.5
+    assert server_config_from_env().max_connection_age_s == 60.0
+    monkeypatch.setenv("WARMSERVE_MAX_CONNECTION_AGE_S", "0")  # never
+    assert server_config_from_env().max_connection_age_s == 0
+    monkeypatch.setenv("WARMSERVE_MAX_CONNECTION_AGE_S", "2.5")
+    assert server_config_from_env().max_connection_age_s == 2.5
 
 
 @pytest.mark.parametrize("age", ["0.5", "-1", "nan", "inf"])
 def test_a_relay_connection_age_under_a_second_or_not_finite_is_refused(monkeypatch, age):
-    monkeypatch.setenv("WARMSERVE_RELAY_MAX_CONNECTION_AGE_S", age)
+    monkeypatch.setenv("WARMSERVE_MAX_CONNECTION_AGE_S", age)
     with pytest.raises(ConfigError, match=r"must be 0 \(never\) or a number of seconds >= 1"):
         server_config_from_env()
 
@@ -556,3 +556,16 @@ def test_a_manifest_with_a_directory_is_refused_not_silently_replaced(tmp_path):
 def test_buckets_written_out_of_order_or_twice_are_warmed_sorted_and_once(tmp_path):
     model = load_model_dir(_repo(tmp_path, batching={"buckets": [8, 2, 8, 1]}) / "m")
     assert model.batch_buckets == (1, 2, 8)
+
+
+def test_a_stop_waits_for_busy_clients_at_most_the_grace_period_or_the_connections_age():
+    from serve.app import connection_drain_s, shutdown_budget_s
+
+    assert connection_drain_s(ServerConfig(max_connection_age_s=0)) == 0  # (no age: no wait)
+    assert connection_drain_s(ServerConfig(grace_period_s=10, max_connection_age_s=60)) == 10
+    # every connection gone by its age + gRPC's 10 % + the margin for its last calls
+    assert connection_drain_s(
+        ServerConfig(grace_period_s=30, max_connection_age_s=2)
+    ) == pytest.approx(2 * 1.1 + 5)
+    deployed = ServerConfig(drain_delay_s=10, grace_period_s=10, max_connection_age_s=10)
+    assert shutdown_budget_s(deployed) == 10 + 10 + 10 + 15  # (+ the workers' and template's)

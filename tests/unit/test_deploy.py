@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from serve import __version__
-from serve.app import shutdown_budget_s
+from serve.app import connection_drain_s, shutdown_budget_s
 from serve.config import (
     LIVENESS_SERVICE,
     READINESS_SERVICE,
@@ -219,8 +219,17 @@ def check_deployment(objects: list[Obj]) -> list[str]:
     if grace < needed:
         found.append(
             f"terminationGracePeriodSeconds {grace} < the server's shutdown budget "
-            f"{shutdown_budget_s(config):g} s (drain delay {config.drain_delay_s:g} + grace period "
+            f"{shutdown_budget_s(config):g} s (drain delay {config.drain_delay_s:g} + waiting "
+            f"for busy clients {connection_drain_s(config):g} + grace period "
             f"{config.grace_period_s:g} + stopping workers) + {SHUTDOWN_MARGIN_S:g} s margin"
+        )
+    age = config.max_connection_age_s
+    if not age or age * 1.1 > config.drain_delay_s + connection_drain_s(config):
+        found.append(
+            f"max_connection_age_s {age:g}: a client connection must reach its age (+10 %) "
+            f"within the drain delay and the wait for busy clients "
+            f"({config.drain_delay_s:g} + {connection_drain_s(config):g} s), or a busy client "
+            "still on it at the stop loses the calls gRPC's stop cancels"
         )
     for variable in manifest_env(c):
         if variable.startswith("WARMSERVE_") and not read_by_server(variable):
@@ -540,12 +549,20 @@ MUTATIONS: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
         lambda o: _deployment(o)["spec"].update(replicas=2),
         "Deployment sets replicas: 2",
     ),
+    "connections that outlive the drain": (
+        lambda o: _env(o, "WARMSERVE_MAX_CONNECTION_AGE_S").update(value="60"),
+        "max_connection_age_s 60: a client connection must reach its age",
+    ),
+    "no connection age": (
+        lambda o: _env(o, "WARMSERVE_MAX_CONNECTION_AGE_S").update(value="0"),
+        "max_connection_age_s 0: a client connection must reach its age",
+    ),
     "relays without room to stop": (
         lambda o: (
             container(_deployment(o))["env"].append({"name": "WARMSERVE_FRONTENDS", "value": "4"})
             or _deployment(o)["spec"]["template"]["spec"].update(terminationGracePeriodSeconds=40)
         ),
-        "terminationGracePeriodSeconds 40 < the server's shutdown budget 40 s",
+        "terminationGracePeriodSeconds 40 < the server's shutdown budget 50 s",
     ),
     "startup budget too short": (
         lambda o: container(_deployment(o))["startupProbe"].update(failureThreshold=2),

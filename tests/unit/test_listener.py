@@ -9,11 +9,15 @@ import socket
 import grpc
 import pytest
 
+from serve.frontend import listener
 from serve.frontend.listener import (
+    busy_connections,
     close_listeners,
+    connection_age_options,
     drain,
     open_connections,
     queued_connections_move,
+    quiet_for_s,
 )
 
 
@@ -145,6 +149,65 @@ def test_a_drain_gives_up_on_a_connection_that_stays_past_its_limit(caplog):
         for sock in (client, accepted, server):
             sock.close()
     assert "relay 7: 1 connection still open after 0.3 s of draining" in caplog.text
+
+
+def test_a_connection_is_busy_while_it_received_data_within_the_quiet_time():
+    server = _listener()
+    port = server.getsockname()[1]
+    talker, silent = _connect(port), _connect(port)
+    accepted = [server.accept()[0] for _ in range(2)]
+    try:
+        talker.sendall(b"call")
+        assert accepted[0].recv(4) == b"call"
+        assert quiet_for_s(accepted[0].fileno()) < 3600
+        # the kernel counts in milliseconds: a day's quiet time takes in both, none has a 0 s one
+        assert busy_connections(port, quiet_s=86400) == 2
+        assert busy_connections(port, quiet_s=0) == 0
+        accepted[1].close()  # gone: neither busy nor counted
+        assert busy_connections(port, quiet_s=86400) == 1
+    finally:
+        for sock in (talker, silent, *accepted, server):
+            sock.close()
+    assert quiet_for_s(accepted[0].fileno()) is None  # (closed: nothing to read)
+
+
+def test_a_quiet_drain_ends_once_no_connection_is_busy_though_connections_stay(caplog):
+    caplog.set_level(logging.INFO, "serve.frontend.listener")
+    server = _listener()
+    port = server.getsockname()[1]
+    client = _connect(port)
+    accepted, _ = server.accept()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(listener, "QUIET_S", 0.0)  # (every connection counts as quiet)
+            assert asyncio.run(drain("the gRPC port", port, limit_s=60, quiet=True)) is True
+        assert open_connections(port) == 1  # (an idle client: the stop's GOAWAY moves it)
+    finally:
+        for sock in (client, accepted, server):
+            sock.close()
+    assert "for its 0 busy connections to move" in caplog.text
+    assert "the gRPC port drained in" in caplog.text
+
+
+def test_a_quiet_drain_gives_up_on_a_client_that_stays_busy_past_its_limit(caplog):
+    server = _listener()
+    port = server.getsockname()[1]
+    client = _connect(port)
+    accepted, _ = server.accept()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(listener, "QUIET_S", 86400.0)  # (every connection counts as busy)
+            assert asyncio.run(drain("the gRPC port", port, limit_s=0.3, quiet=True)) is False
+    finally:
+        for sock in (client, accepted, server):
+            sock.close()
+    assert "the gRPC port: 1 busy connection still open after 0.3 s of draining" in caplog.text
+
+
+def test_connection_age_becomes_grpcs_option_in_milliseconds_and_zero_means_none():
+    assert connection_age_options(0) == []
+    assert connection_age_options(10) == [("grpc.max_connection_age_ms", 10000)]
+    assert connection_age_options(1.5) == [("grpc.max_connection_age_ms", 1500)]
 
 
 def test_the_kernels_choice_for_a_closed_listeners_queue_is_read_from_its_setting(tmp_path):

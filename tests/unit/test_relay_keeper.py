@@ -242,6 +242,13 @@ class _Recyclable(_HungRelay):
     def drain(self) -> None:
         self._stop("drain")
 
+    def leave(self) -> None:
+        self._stop("leave")
+
+    @property
+    def alive(self) -> bool:
+        return not self.gone.is_set()
+
     def _stop(self, how: str) -> None:
         self.told.append(how)
         if not self.stubborn:
@@ -270,7 +277,7 @@ def _recycling(
         frontends=frontends,
         relay_max_memory_mib=limit,
         grace_period_s=grace_s,
-        relay_max_connection_age_s=connection_age_s,
+        max_connection_age_s=connection_age_s,
     )
     ticks = {m.index: 0 for m in members}
 
@@ -305,7 +312,7 @@ def test_a_relay_over_its_memory_limit_is_recycled_while_another_listens(
     assert relays.recycles == [1, 0] and relays.hangs == [0, 0]
     assert "relay 0 (pid 5000) holds 150 MiB of anonymous memory" in caplog.text
     assert "relay_max_memory_mib (100)" in caplog.text
-    assert "reach relay_max_connection_age_s (60 s)" in caplog.text
+    assert "reach max_connection_age_s (60 s)" in caplog.text
 
 
 def test_without_a_connection_age_a_recycled_relay_is_stopped_without_draining(
@@ -362,7 +369,7 @@ def test_a_recycled_relay_is_killed_only_past_its_drain_and_grace_period(
         frontends=2,
         relay_max_memory_mib=100,
         grace_period_s=0.0,
-        relay_max_connection_age_s=connection_age_s,
+        max_connection_age_s=connection_age_s,
     )
     relays = Relays(config, tmp_path / "hub.sock", ping=lambda i: 0.0, memory=lambda pid: 500.0)
     relays.listening = {0, 1}
@@ -427,3 +434,83 @@ def test_a_recycled_relay_is_started_again_at_once_and_not_counted_as_a_restart(
     assert relay.terminated == 1 and relays.recycles == [1, 0]
     assert relays.restarts == [0, 0]  # on purpose, not counted as a restart
     assert "relay 0 recycled (exit code 0" in caplog.text
+
+
+def _stopping(
+    monkeypatch,
+    tmp_path: Path,
+    members: list[_Recyclable],
+    listening: set[int],
+    drain_s: float,
+    hurry: bool = False,
+) -> None:
+    """Relays.stop(grace 5 s, ``drain_s``) over stand-in relays; ``hurry``: set at once."""
+    monkeypatch.setattr(serve.supervisor, "STOP_MARGIN_S", 0.0)
+    relays = Relays(ServerConfig(frontends=len(members)), tmp_path / "hub.sock")
+    relays.members = members  # type: ignore[assignment]
+    relays.listening = set(listening)
+
+    async def main() -> None:
+        event = asyncio.Event()
+        if hurry:
+            event.set()
+        async with asyncio.timeout(10):
+            await relays.stop(5.0, drain_s, event)
+
+    asyncio.run(main())
+
+
+def test_on_stop_listening_relays_leave_first_and_one_not_yet_listening_is_stopped(
+    monkeypatch, tmp_path: Path
+):
+    members = [_Recyclable(0), _Recyclable(1)]
+    _stopping(monkeypatch, tmp_path, members, listening={0}, drain_s=60.0)
+    assert members[0].told == ["leave"]  # (it left on its own: no SIGTERM after)
+    assert members[1].told == ["terminate"]  # (starting: nothing to drain, and no handler yet)
+
+
+def test_a_relay_whose_clients_stay_busy_is_stopped_after_the_drain_time(
+    monkeypatch, tmp_path: Path
+):
+    busy = _Recyclable(0, stubborn=True)
+
+    def terminate() -> None:  # (SIGTERM ends its drain and it stops)
+        busy.told.append("terminate")
+        busy.gone.set()
+
+    busy.terminate = terminate  # type: ignore[method-assign]
+    _stopping(monkeypatch, tmp_path, [busy], listening={0}, drain_s=0.05)
+    assert busy.told == ["leave", "terminate"] and busy.reasons == []
+
+
+def test_a_second_signal_ends_the_relays_drain_at_once(monkeypatch, tmp_path: Path):
+    busy = _Recyclable(0, stubborn=True)
+
+    def terminate() -> None:
+        busy.told.append("terminate")
+        busy.gone.set()
+
+    busy.terminate = terminate  # type: ignore[method-assign]
+    _stopping(monkeypatch, tmp_path, [busy], listening={0}, drain_s=3600.0, hurry=True)
+    assert busy.told == ["leave", "terminate"] and busy.reasons == []  # (not 3600 s later)
+
+
+def test_waiting_on_the_way_to_a_stop_logs_what_failed_and_does_not_raise(caplog):
+    async def counting_connections() -> None:
+        raise OSError(2, "No such file or directory: '/proc/self/net/tcp'")
+
+    async def slow() -> None:
+        await asyncio.sleep(3600)
+
+    async def main() -> None:
+        await serve.supervisor.wait_until(counting_connections(), 10, None)
+        async with asyncio.timeout(10):  # (cut off at its limit, and cancelled: not an error)
+            await serve.supervisor.wait_until(slow(), 0.01, None)
+
+    asyncio.run(main())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, caplog.text
+    message = errors[0].getMessage()
+    assert message.endswith(
+        "counting_connections failed: [Errno 2] No such file or directory: '/proc/self/net/tcp'"
+    )
