@@ -308,7 +308,8 @@ class Relays:
             keeper.cancel()
         await asyncio.gather(*self._keepers, return_exceptions=True)
         running = [m for m in self.members if m.alive]
-        leaving = [m for m in running if m.index in self.listening]  # (others: not yet)
+        # (a relay being recycled drains already: it follows the stop; others have not listened)
+        leaving = [m for m in running if m.index in self.listening | self._recycling]
         if drain_s > 0 and leaving:
             for member in running:
                 if member in leaving:

@@ -380,13 +380,14 @@ async def run_relay(
     conn.send(port)
     log.info("relay %d listening on %s", index, address)
     await _first(stop.wait(), draining.wait(), leaving.wait(), link.lost.wait())
-    if (draining.is_set() or leaving.is_set()) and not stop.is_set() and not link.lost.is_set():
-        quiet = leaving.is_set() and not draining.is_set()
+    name = f"relay {index}"
+    if draining.is_set() and not leaving.is_set() and not stop.is_set() and not link.lost.is_set():
+        # (a recycle; the whole server's stop, if it comes meanwhile, takes over)
         await _first(
-            listener.drain(f"relay {index}", port, leave_s if quiet else drain_s, quiet=quiet),
-            stop.wait(),
-            link.lost.wait(),
+            listener.drain(name, port, drain_s), leaving.wait(), stop.wait(), link.lost.wait()
         )
+    if leaving.is_set() and not stop.is_set() and not link.lost.is_set():
+        await _first(listener.drain(name, port, leave_s, quiet=True), stop.wait(), link.lost.wait())
     lost = link.lost.is_set()
     log.info("relay %d stopping (%s)", index, "hub gone" if lost else "graceful")
     await server.stop(0 if lost else grace_s)
