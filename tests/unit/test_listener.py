@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -31,6 +33,20 @@ def _listener(port: int = 0) -> socket.socket:
 
 def _connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+@contextlib.contextmanager
+def _one_client() -> Iterator[tuple[int, socket.socket]]:
+    """A listener with one client connected: its port and the server's end."""
+    server = _listener()
+    port = server.getsockname()[1]
+    client = _connect(port)
+    accepted, _ = server.accept()
+    try:
+        yield port, accepted
+    finally:
+        for sock in (client, accepted, server):
+            sock.close()
 
 
 def test_a_listener_on_the_port_is_shut_and_others_are_not():
@@ -138,16 +154,9 @@ def test_a_drain_ends_when_the_last_connection_goes(caplog):
 
 
 def test_a_drain_gives_up_on_a_connection_that_stays_past_its_limit(caplog):
-    server = _listener()
-    port = server.getsockname()[1]
-    client = _connect(port)
-    accepted, _ = server.accept()
-    try:
+    with _one_client() as (port, _):
         asyncio.run(drain("relay 7", port, limit_s=0.3))
         assert open_connections(port) == 1  # (left to the stop that follows)
-    finally:
-        for sock in (client, accepted, server):
-            sock.close()
     assert "relay 7: 1 connection still open after 0.3 s of draining" in caplog.text
 
 
@@ -173,34 +182,18 @@ def test_a_connection_is_busy_while_it_received_data_within_the_quiet_time():
 
 def test_a_quiet_drain_ends_once_no_connection_is_busy_though_connections_stay(caplog):
     caplog.set_level(logging.INFO, "serve.frontend.listener")
-    server = _listener()
-    port = server.getsockname()[1]
-    client = _connect(port)
-    accepted, _ = server.accept()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(listener, "QUIET_S", 0.0)  # (every connection counts as quiet)
-            assert asyncio.run(drain("the gRPC port", port, limit_s=60, quiet=True)) is True
+    with _one_client() as (port, _), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(listener, "QUIET_S", 0.0)  # (every connection counts as quiet)
+        assert asyncio.run(drain("the gRPC port", port, limit_s=60, quiet=True)) is True
         assert open_connections(port) == 1  # (an idle client: the stop's GOAWAY moves it)
-    finally:
-        for sock in (client, accepted, server):
-            sock.close()
     assert "for its 0 busy connections to move" in caplog.text
     assert "the gRPC port drained in" in caplog.text
 
 
 def test_a_quiet_drain_gives_up_on_a_client_that_stays_busy_past_its_limit(caplog):
-    server = _listener()
-    port = server.getsockname()[1]
-    client = _connect(port)
-    accepted, _ = server.accept()
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(listener, "QUIET_S", 86400.0)  # (every connection counts as busy)
-            assert asyncio.run(drain("the gRPC port", port, limit_s=0.3, quiet=True)) is False
-    finally:
-        for sock in (client, accepted, server):
-            sock.close()
+    with _one_client() as (port, _), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(listener, "QUIET_S", 86400.0)  # (every connection counts as busy)
+        assert asyncio.run(drain("the gRPC port", port, limit_s=0.3, quiet=True)) is False
     assert "the gRPC port: 1 busy connection still open after 0.3 s of draining" in caplog.text
 
 
