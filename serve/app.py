@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from serve.bundles.cache import BundleCache
@@ -21,7 +23,7 @@ from serve.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["connection_drain_s", "serve", "shutdown_budget_s"]
+__all__ = ["StopSignals", "connection_drain_s", "serve", "shutdown_budget_s"]
 
 
 def shutdown_budget_s(server: ServerConfig) -> float:
@@ -76,10 +78,11 @@ async def serve(config: Config) -> int:
         if config.server.frontends > 1
         else None
     )
-    stop, hurry = asyncio.Event(), asyncio.Event()
+    signals = StopSignals()
+    stop, hurry = signals.stop, signals.hurry
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, sig, stop, hurry)
+        loop.add_signal_handler(sig, signals.received, sig)
     await frontend.start(private=relays is not None)  # relayed: loopback, for its own warm-up
     if http is not None:
         await http.start()
@@ -154,11 +157,25 @@ def _on_warm_up_done(task: asyncio.Task[None], stop: asyncio.Event) -> None:
         stop.set()
 
 
-def _on_signal(sig: signal.Signals, stop: asyncio.Event, hurry: asyncio.Event) -> None:
-    if stop.is_set():
-        if not hurry.is_set():
+class StopSignals:
+    """SIGTERM/SIGINT: the first sets ``stop``; a second one (a second Ctrl-C) sets ``hurry``.
+    One that comes within REPEAT_WITHIN_S of the first is the same request delivered twice (a
+    wrapper that forwards it while the terminal's process group gets it too) and is ignored."""
+
+    REPEAT_WITHIN_S = 1.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self._clock = clock
+        self._first_at = 0.0
+
+    def received(self, sig: signal.Signals) -> None:
+        now = self._clock()
+        if not self.stop.is_set():
+            log.info("received %s", sig.name)
+            self._first_at = now
+            self.stop.set()
+        elif not self.hurry.is_set() and now - self._first_at >= self.REPEAT_WITHIN_S:
             log.info("received %s again: stopping without waiting for clients to move", sig.name)
-        hurry.set()
-        return
-    log.info("received %s", sig.name)
-    stop.set()
+            self.hurry.set()

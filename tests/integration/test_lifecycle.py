@@ -16,6 +16,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from serve.app import StopSignals
 from serve.testing.models import build_mlp_onnx, build_spin_torch, mlp_reference
 from tests.integration.conftest import spin_inputs
 from tests.integration.harness import ServerProcess, free_port, wait_until
@@ -376,7 +377,13 @@ def test_a_second_sigterm_stops_without_waiting_for_busy_clients(tmp_path):
         server.wait_ready()
         with CallersThroughAStop(server):
             server.terminate()
+            first = time.monotonic()
+            server.terminate()  # (at once: the same signal twice, as a forwarding wrapper does)
             server.wait_for_log(r"waiting up to 30 s for its [1-9]\d* busy connections? to move")
+            # the second signal must come later than a repeat: that much time is the behaviour
+            # under test, not a synchronisation
+            wait_until(lambda: time.monotonic() > first + StopSignals.REPEAT_WITHIN_S, 10, "a gap")
+            assert "again" not in server.log()  # (the repeat was not taken for a second one)
             server.terminate()
             assert server.process.wait(20) == 0  # (not the 30 s wait, nor the 30 s grace)
         log = server.log()
