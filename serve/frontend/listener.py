@@ -148,10 +148,7 @@ async def drain(name: str, port: int, limit_s: float, quiet: bool = False) -> bo
     port waited out the client's one-second backoff. ``quiet``: the wait ends as soon as no
     connection has received anything for QUIET_S (idle clients lose nothing to a stop's GOAWAY);
     otherwise only once every connection has gone. Whether the wait ended before its limit."""
-    log.info(
-        "%s draining: closing its listening socket (gRPC logs a failed accept4: expected)", name
-    )
-    closed = close_listeners(port)
+    closed = close_listeners(port)  # (0 when an earlier drain closed it)
 
     def count(port: int) -> int:
         return busy_connections(port, QUIET_S) if quiet else open_connections(port)
@@ -159,11 +156,12 @@ async def drain(name: str, port: int, limit_s: float, quiet: bool = False) -> bo
     what = "busy connection" if quiet else "connection"
     connections = count(port)
     log.info(
-        "%s draining: stopped listening (%d socket%s); waiting up to %.3g s for its %d "
+        "%s draining: stopped listening (%d socket%s%s); waiting up to %.3g s for its %d "
         "%s%s to move away",
         name,
         closed,
         "" if closed == 1 else "s",
+        ": gRPC logs a failed accept4 for it, as expected" if closed else "",
         limit_s,
         connections,
         what,

@@ -340,7 +340,7 @@ def test_a_drained_relay_under_load_is_left_by_its_callers_without_one_failed_ca
             assert {e for caller in failed for e in caller} <= {"StatusCode.UNAVAILABLE"}, errors
         else:
             assert not failed, errors
-        server.wait_for_log(r"relay \d draining: stopped listening \(1 socket\)")
+        server.wait_for_log(r"relay \d draining: stopped listening \(1 socket: gRPC logs")
         server.wait_for_log(r"relay \d drained in")
         wait_until(lambda: len(relay_pids(server)) == FRONTENDS, 60, "the relay back")
         assert victim not in relay_pids(server)

@@ -148,7 +148,7 @@ def test_a_drain_ends_when_the_last_connection_goes(caplog):
     finally:
         client.close()
         server.close()
-    assert "relay 7 draining: stopped listening (1 socket)" in caplog.text
+    assert "relay 7 draining: stopped listening (1 socket: gRPC logs a failed" in caplog.text
     assert "for its 1 connection to move" in caplog.text
     assert "relay 7 drained in" in caplog.text
 
