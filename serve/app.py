@@ -18,7 +18,13 @@ from serve.frontend.server import GrpcFrontend
 from serve.pool import template, worker_handle
 from serve.pool.loop_spin import MOST_BATCHES, SPIN
 from serve.runtime import Runtime
-from serve.supervisor import STOP_MARGIN_S, RelayPort, connection_drain_s, wait_until
+from serve.supervisor import (
+    STOP_MARGIN_S,
+    RelayPort,
+    clients_left_busy_at_stop,
+    connection_drain_s,
+    wait_until,
+)
 from serve.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,9 @@ async def serve(config: Config) -> int:
     cache.collect(s.bundle_id for s in sources)  # what earlier runs left that none uses
     if not sources:
         log.warning("no models in %s: the server will never be ready", config.repository)
+    left_busy = clients_left_busy_at_stop(config.server)
+    if left_busy is not None:
+        log.warning("%s", left_busy)
     runtime = Runtime(
         sources,
         log_level=config.server.log_level,

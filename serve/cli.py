@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-connection-age",
         type=float,
-        help="seconds before a client connection gets a GOAWAY and moves (default 60; 0: never)",
+        help="seconds before a client connection gets a GOAWAY and moves (default 8; 0: never)",
     )
     serve.add_argument("--log-level", help=f"{', '.join(LOG_LEVELS)} (default INFO)")
     serve.add_argument(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Any
 
 from serve.config import ServerConfig
 from serve.errors import ConfigError
-from serve.frontend.listener import queued_connections_move
+from serve.frontend.listener import QUIET_S, queued_connections_move
 from serve.frontend.relay_hub import RelayHub
 from serve.frontend.relay_wire import RelayRing
 from serve.frontend.server import GrpcFrontend
@@ -60,6 +61,36 @@ def connection_drain_s(server: ServerConfig) -> float:
     if not server.max_connection_age_s:
         return 0.0
     return min(server.grace_period_s, drain_limit_s(server.max_connection_age_s))
+
+
+def longest_age_that_moves_every_client_s(server: ServerConfig) -> float:
+    """The longest max_connection_age_s with which every busy client moves off before a stop's
+    graceful gRPC stop: a connection opened just before SIGTERM gets its GOAWAY within its age
+    + gRPC's 10 %, and the stop sees it quiet QUIET_S later; meanwhile the drain delay and then
+    at most the grace period (connection_drain_s) go by."""
+    return (server.drain_delay_s + server.grace_period_s - QUIET_S) / 1.1
+
+
+def clients_left_busy_at_stop(server: ServerConfig) -> str | None:
+    """Why some busy clients may still be on the port when a stop's wait ends (and may have a
+    call cancelled by gRPC's stop, grpc/grpc#41785), as a line for the log; None if they all
+    move first (or there is no age: the stop then cancels such calls, as asked)."""
+    age = server.max_connection_age_s
+    longest = longest_age_that_moves_every_client_s(server)
+    if not age or age <= longest:
+        return None
+    fix = "lengthen the drain delay or the grace period"
+    if longest >= 1.0:  # (the shortest age allowed)
+        most = math.floor(longest * 10) / 10
+        flag = "--max-connection-age / WARMSERVE_MAX_CONNECTION_AGE_S"
+        fix = f"set {flag} to {most:g} or less, or {fix}"
+    return (
+        f"a client connection gets its GOAWAY up to {age * 1.1:.3g} s after it opens "
+        f"(max_connection_age_s {age:g} s + gRPC's 10 %), but a stop waits at most "
+        f"{server.drain_delay_s + server.grace_period_s:.3g} s for busy clients to move away "
+        f"(drain delay {server.drain_delay_s:g} s + grace period {server.grace_period_s:g} s): "
+        "a client still busy then can have a call CANCELLED by the stop (grpc/grpc#41785); " + fix
+    )
 
 
 def anon_mib(pid: int) -> float | None:

@@ -350,9 +350,9 @@ def test_a_drained_relay_under_load_is_left_by_its_callers_without_one_failed_ca
 
 
 def test_a_server_stopped_while_a_relay_drains_stops_that_relay_as_the_others(supervised):
-    """The whole server's stop during a relay's drain (whose connections would take their 60 s
-    age to go) takes the drain over: the relay waits only until no client is busy on it, as the
-    other does, then stops within the grace period, and is not killed."""
+    """The whole server's stop during a relay's drain (whose connections would take up to their
+    8 s age, + 10 %, to go) takes the drain over: the relay waits only until no client is busy
+    on it, as the other does, then stops within the grace period, and is not killed."""
     victim = relay_pids(supervised)[0]
     index = re.search(rf"relay (\d) \(pid {victim}\) listening", supervised.log())
     assert index is not None
@@ -363,7 +363,7 @@ def test_a_server_stopped_while_a_relay_drains_stops_that_relay_as_the_others(su
     try:
         assert all(client.is_server_ready() for client in clients)
         os.kill(victim, signal.SIGUSR1)
-        supervised.wait_for_log(r"waiting up to 71 s for its [1-9]\d* connections?")
+        supervised.wait_for_log(r"waiting up to 13.8 s for its [1-9]\d* connections?")
         assert supervised.stop() == 0
     finally:
         for client in clients:

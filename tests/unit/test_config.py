@@ -249,7 +249,7 @@ def test_the_relay_memory_limit_comes_from_the_environment_and_is_not_negative(m
 
 
 def test_the_relay_connection_age_comes_from_the_environment(monkeypatch):
-    assert server_config_from_env().max_connection_age_s == 60.0
+    assert server_config_from_env().max_connection_age_s == 8.0
     monkeypatch.setenv("WARMSERVE_MAX_CONNECTION_AGE_S", "0")  # never
     assert server_config_from_env().max_connection_age_s == 0
     monkeypatch.setenv("WARMSERVE_MAX_CONNECTION_AGE_S", "2.5")
@@ -569,3 +569,32 @@ def test_a_stop_waits_for_busy_clients_at_most_the_grace_period_or_the_connectio
     ) == pytest.approx(2 * 1.1 + 5)
     deployed = ServerConfig(drain_delay_s=10, grace_period_s=10, max_connection_age_s=10)
     assert shutdown_budget_s(deployed) == 10 + 10 + 10 + 15  # (+ the workers' and template's)
+
+
+def test_an_age_that_outlasts_the_stops_wait_is_warned_of_with_the_longest_that_fits():
+    from serve.supervisor import clients_left_busy_at_stop
+
+    # the defaults: every connection reaches its age (8 s + 10 %) and is quiet 1 s later,
+    # within the 10 s grace period the stop waits
+    assert clients_left_busy_at_stop(ServerConfig()) is None
+    assert clients_left_busy_at_stop(ServerConfig(max_connection_age_s=0)) is None  # (no age)
+    assert clients_left_busy_at_stop(ServerConfig(max_connection_age_s=8.1)) is None
+    warning = clients_left_busy_at_stop(ServerConfig(max_connection_age_s=8.3))
+    assert warning is not None
+    assert "up to 9.13 s after it opens" in warning
+    assert "at most 10 s for busy clients" in warning
+    assert "WARMSERVE_MAX_CONNECTION_AGE_S to 8.1 or less" in warning
+    # the drain delay counts: connections age during it too
+    assert (
+        clients_left_busy_at_stop(
+            ServerConfig(drain_delay_s=10, grace_period_s=10, max_connection_age_s=10)
+        )
+        is None
+    )
+    warning = clients_left_busy_at_stop(ServerConfig(drain_delay_s=5, max_connection_age_s=60))
+    assert warning is not None and "to 12.7 or less" in warning  # ((5 + 10 - 1) / 1.1)
+    # no age of a second or more fits: only a longer wait helps
+    warning = clients_left_busy_at_stop(ServerConfig(grace_period_s=1, max_connection_age_s=1))
+    assert warning is not None
+    assert "MAX_CONNECTION_AGE_S to" not in warning
+    assert warning.endswith("lengthen the drain delay or the grace period")
