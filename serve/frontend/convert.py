@@ -44,6 +44,10 @@ CONTENTS_FIELD: dict[Datatype, str] = {
 SHARED_MEMORY_REGION = "shared_memory_region"
 NO_SHARED_MEMORY = "the shared-memory extension is not supported by this server"
 
+# Triton's request parameter (the schedule-policy extension) that gives the request its own
+# timeout, in microseconds: an int64 (tritonclient's ``timeout=``); 0 means none.
+TIMEOUT = "timeout"
+
 # The most dimensions a tensor may have: numpy's limit (32 before numpy 2, which allows 64).
 MAX_DIMS = 32
 
@@ -177,6 +181,12 @@ def infer_request_from_pb(
                     f"{NO_SHARED_MEMORY}; read it from the response (raw_output_contents)"
                 )
             outputs.append(out.name)
+    now = time.monotonic()
+    deadline = None if time_remaining is None else now + time_remaining
+    timed = False  # gRPC ends the call at its deadline itself
+    timeout_us = request_timeout_us(request.parameters) if request.parameters else 0
+    if timeout_us and (deadline is None or now + timeout_us / 1e6 < deadline):
+        deadline, timed = now + timeout_us / 1e6, True  # ours to end: gRPC would not
     return InferRequest(
         request.model_name,
         inputs,
@@ -184,9 +194,31 @@ def infer_request_from_pb(
         request.id,
         outputs,
         _parameters(request.parameters) if request.parameters else {},
-        None if time_remaining is None else time.monotonic() + time_remaining,
-        timed=False,  # gRPC ends the call at its deadline itself
+        deadline,
+        timed=timed,
     )
+
+
+def request_timeout_us(params: Any) -> int:
+    """The request's ``timeout`` parameter in microseconds (0: none). As in Triton, the request
+    fails DEADLINE_EXCEEDED once it has not finished within it, queued or computing; the earlier
+    of it and the call's gRPC deadline holds."""
+    if TIMEOUT not in params:
+        return 0
+    value = params[TIMEOUT]
+    kind = value.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidInputError(
+            f"parameter {TIMEOUT!r} must be a whole number of microseconds (int64_param), "
+            f"got {kind or 'no value'}"
+        )
+    timeout_us = int(getattr(value, kind))
+    if timeout_us < 0:
+        raise InvalidInputError(
+            f"parameter {TIMEOUT!r} is {timeout_us}: give the request's timeout in "
+            "microseconds, or 0 for none"
+        )
+    return timeout_us
 
 
 def infer_response_to_pb(response: InferResponse) -> Any:

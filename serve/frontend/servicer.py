@@ -15,7 +15,13 @@ from typing import Any, NoReturn, TypeAlias, cast
 import grpc
 
 from serve.control import ModelControl
-from serve.errors import AnswerTooLargeError, InflightLimitError, InvalidInputError, ServeError
+from serve.errors import (
+    AnswerTooLargeError,
+    DeadlineExceededError,
+    InflightLimitError,
+    InvalidInputError,
+    ServeError,
+)
 from serve.frontend import metadata
 from serve.frontend.admission import (
     ANSWER_COPIES,
@@ -25,6 +31,7 @@ from serve.frontend.admission import (
     held_bytes,
 )
 from serve.frontend.convert import (
+    TIMEOUT,
     PlainCodec,
     infer_request_from_pb,
     infer_response_to_pb,
@@ -307,7 +314,15 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
                 arrays = [t.data for t in response.outputs]
                 sized.append((message, self._answer_size(arrays, message)))
 
-            await service.infer(infer_request, check)
+            try:
+                await service.infer(infer_request, check)
+            except DeadlineExceededError as exc:
+                timeout_us = infer_request.parameters.get(TIMEOUT)
+                if not (timeout_us and infer_request.timed):
+                    raise
+                raise DeadlineExceededError(
+                    f"{exc}: its {TIMEOUT!r} parameter ({timeout_us} µs) passed"
+                ) from None
             answered = time.perf_counter_ns()
             ((message, size),) = sized
             service.codec.learn_answer(rows, size)

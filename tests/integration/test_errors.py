@@ -277,6 +277,37 @@ def test_a_call_that_runs_past_its_deadline_is_counted_as_deadline_exceeded(
     _wait_for_executions(client, "spin", executed + 1)  # the expired call's batch ran on
 
 
+def test_a_request_whose_timeout_parameter_passes_while_queued_fails_and_is_never_computed(
+    server, client, spin_iters
+):
+    """Triton's ``timeout`` request parameter (µs; tritonclient's ``timeout=``), with no gRPC
+    deadline: a request queued behind two long ones fails DEADLINE_EXCEEDED once it passes,
+    saying so, and is never computed; a later one whose timeout is not reached is answered."""
+    expired = 'warmserve_requests_total{code="deadline_exceeded",model="spin"}'
+    before, executed = _metric(server, expired), _executions(client, "spin")
+    results: queue.Queue[tuple[str, object]] = queue.Queue()
+    for name in ("long", "queued"):  # (spin: one worker, one row a batch)
+        client.async_infer(
+            "spin",
+            spin_inputs(spin_iters(1.0)),
+            lambda result, error, name=name: results.put((name, error)),
+        )
+    depth = 'warmserve_queue_depth{model="spin"}'
+    wait_until(lambda: _metric(server, depth) >= 1, 30, "one long call computing, one queued")
+    status, message = _status(
+        lambda: client.infer("spin", spin_inputs(1), timeout=300_000)  # 0.3 s
+    )
+    assert status == "StatusCode.DEADLINE_EXCEEDED"
+    assert "did not finish within its deadline: its 'timeout' parameter (300000 µs)" in message
+    assert _metric(server, expired) == before + 1
+    answered = client.infer("spin", spin_inputs(1, 7.0), timeout=30_000_000)  # queued behind
+    assert answered.as_numpy("Y") is not None
+    assert sorted(results.get(timeout=30) for _ in range(2)) == [("long", None), ("queued", None)]
+    # the two long calls and the last one ran; the expired one, queued before the last, did not
+    _wait_for_executions(client, "spin", executed + 3)
+    assert _executions(client, "spin") == executed + 3
+
+
 def test_a_call_its_caller_cancels_is_counted_as_cancelled(server, client, spin_iters):
     """Two slow calls to spin (one batch at a time), cancelled by their caller once one of them
     waits in the queue: that one at least reached the server, and is counted as cancelled and
