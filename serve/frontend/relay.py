@@ -52,7 +52,7 @@ from serve.frontend.relay_wire import (
     stream_methods,
     unary_methods,
 )
-from serve.frontend.streams import answer_concurrently
+from serve.frontend.streams import StreamClosed, answer_concurrently
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,8 @@ class Forwarder(grpc.GenericRpcHandler):
         # answers makes gRPC keep them here), until gRPC has sent them; while they hold all of
         # it, new ModelInfer calls are refused. (The serving process counts the requests.)
         self._budget = budget if budget is not None else InflightBudget(DEFAULT_BUDGET_BYTES)
+        # set when the relay stops: open streams are answered and closed (close_streams)
+        self._streams_closing = asyncio.Event()
         self._handlers = {
             method: grpc.unary_unary_rpc_method_handler(functools.partial(self._forward, method))
             for method in unary_methods()
@@ -314,13 +316,23 @@ class Forwarder(grpc.GenericRpcHandler):
             return message, budget.hold(RELAYED_ANSWER_COPIES * len(message))
 
         answers = answer_concurrently(
-            requests, answer, release=lambda done: budget.release(done[1])
+            requests,
+            answer,
+            release=lambda done: budget.release(done[1]),
+            closing=self._streams_closing,
         )
         try:
             async for message, _ in answers:
                 yield message
+        except StreamClosed as closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(closed))
         except HubGoneError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the serving process is restarting")
+
+    def close_streams(self) -> None:
+        """The relay is stopping: open streams answer what they have read, then end
+        UNAVAILABLE (as the serving process's own, InferenceServicer.close_streams)."""
+        self._streams_closing.set()
 
 
 def _request_id(payload: bytes) -> str:
@@ -365,7 +377,8 @@ async def run_relay(
             *listener.connection_age_options(connection_age_s),
         ]
     )
-    server.add_generic_rpc_handlers((Forwarder(link, budget),))
+    forwarder = Forwarder(link, budget)
+    server.add_generic_rpc_handlers((forwarder,))
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
@@ -390,6 +403,7 @@ async def run_relay(
         await _first(listener.drain(name, port, leave_s, quiet=True), stop.wait(), link.lost.wait())
     lost = link.lost.is_set()
     log.info("relay %d stopping (%s)", index, "hub gone" if lost else "graceful")
+    forwarder.close_streams()
     await server.stop(0 if lost else grace_s)
     await link.close()
     return 0

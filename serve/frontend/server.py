@@ -122,9 +122,11 @@ class GrpcFrontend:
         return await listener.drain("the gRPC port", self.port, limit_s, quiet=True)
 
     async def stop(self, grace_s: float) -> None:
-        """Refuse new calls now; in-flight calls get ``grace_s`` to finish, then are cancelled."""
+        """Refuse new calls now; in-flight calls get ``grace_s`` to finish, then are cancelled.
+        Open streams are answered and closed at once (InferenceServicer.close_streams)."""
         self.begin_drain()
         if self._server is not None:
+            self.servicer.close_streams()
             await self._server.stop(grace_s)
             self._server = None
         if self._health_server is not None:

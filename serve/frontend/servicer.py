@@ -41,7 +41,7 @@ from serve.frontend.gate import ReadinessGate
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
 from serve.frontend.status import abort_with, translate_errors
-from serve.frontend.streams import answer_concurrently
+from serve.frontend.streams import StreamClosed, answer_concurrently
 from serve.frontend.unserved import UnservedRpcs
 from serve.model_service import ModelService
 from serve.protocol import InferResponse
@@ -135,6 +135,8 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
         # answer_bytes beyond which an answer may be too large (its message's own fields are
         # small beside its data): only then is the message measured
         self._answer_limit = ANSWER_COPIES * (max_message_bytes - ANSWER_HEADROOM)
+        # set when the server stops: open streams are answered and closed (close_streams)
+        self._streams_closing = asyncio.Event()
 
     @translate_errors
     async def ServerLive(self, request: Any, context: Context) -> Any:
@@ -275,10 +277,24 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
 
         budget = self._budget
         answers = answer_concurrently(
-            request_iterator, answer, release=lambda done: budget.release(done[1])
+            request_iterator,
+            answer,
+            release=lambda done: budget.release(done[1]),
+            closing=self._streams_closing,
         )
-        async for message, _ in answers:
-            yield message
+        try:
+            async for message, _ in answers:
+                yield message
+        except StreamClosed as closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(closed))
+
+    def close_streams(self) -> None:
+        """The server is stopping: every open ModelStreamInfer stream reads no further
+        request, answers those it has read, and ends UNAVAILABLE (StreamClosed), so its caller
+        resends the rest on a new stream, which gRPC's stop sends to another server. Otherwise
+        such a stream would hold the stop for the whole grace period and then be cancelled
+        with its requests in flight."""
+        self._streams_closing.set()
 
     async def _infer(
         self,

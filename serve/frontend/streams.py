@@ -27,11 +27,21 @@ class _End:
     """The requests ended and every answer was queued."""
 
 
+class _Closed:
+    """The stream was closed (``closing``) and every answer to what it had read was queued."""
+
+
+class StreamClosed(Exception):
+    """The server closed the stream (it is stopping) once it had answered every request it had
+    read; its caller should send any request that got no answer again, on a new stream."""
+
+
 async def answer_concurrently(
     requests: AsyncIterable[Request],
     answer: Callable[[Request], Awaitable[Answer]],
     limit: int = STREAM_INFLIGHT,
     release: Callable[[Answer], None] | None = None,
+    closing: asyncio.Event | None = None,
 ) -> AsyncIterator[Answer]:
     """Each answer as it completes. ``answer`` must turn a request's own failure into an
     answer; anything it raises ends the stream with that error (after the requests in flight
@@ -41,10 +51,15 @@ async def answer_concurrently(
     ``release`` is called exactly once for every answer ``answer`` returned: when the caller
     asks for the one after it (gRPC has sent it), or when the stream ends with it unsent. So an
     answer can hold a share of the in-flight budget from the moment it is made (``answer``
-    takes it just before it returns) until it has left."""
-    answers: asyncio.Queue[Answer | _End | BaseException] = asyncio.Queue()
+    takes it just before it returns) until it has left.
+
+    Once ``closing`` is set (the server is stopping) no further request is read; the answers
+    to those in flight still come, then StreamClosed ends the stream (unless the requests had
+    ended by then: the stream then ends as usual)."""
+    answers: asyncio.Queue[Answer | _End | _Closed | BaseException] = asyncio.Queue()
     room = asyncio.Semaphore(limit)
     running: set[asyncio.Task[None]] = set()
+    read_all = False  # the requests ended: closing no longer matters
 
     async def one(request: Request) -> None:
         try:
@@ -55,12 +70,19 @@ async def answer_concurrently(
             answers.put_nowait(exc)
 
     async def read() -> None:
+        nonlocal read_all
         try:
-            async for request in requests:
-                await room.acquire()
+            incoming = aiter(requests)
+            while True:
+                await room.acquire()  # (room first: a request, once read, is always answered)
+                try:
+                    request = await anext(incoming)
+                except StopAsyncIteration:
+                    break
                 task = asyncio.create_task(one(request))
                 running.add(task)
                 task.add_done_callback(running.discard)
+            read_all = True
             if running:
                 await asyncio.wait(set(running))
             answers.put_nowait(_End())
@@ -69,7 +91,18 @@ async def answer_concurrently(
         except BaseException as exc:
             answers.put_nowait(exc)
 
+    async def close_when(closing: asyncio.Event) -> None:
+        await closing.wait()
+        if read_all or reader.done():
+            return
+        reader.cancel()  # (it waits for room or for the next request: none is lost)
+        await asyncio.gather(reader, return_exceptions=True)
+        if running:
+            await asyncio.wait(set(running))
+        answers.put_nowait(_Closed())
+
     reader = asyncio.create_task(read())
+    closer = None if closing is None else asyncio.create_task(close_when(closing))
     sent = 0
     in_hand: Answer | None = None  # the answer yielded, until the caller asks for the next
     try:
@@ -77,6 +110,11 @@ async def answer_concurrently(
             item = await answers.get()
             if isinstance(item, _End):
                 return
+            if isinstance(item, _Closed):
+                raise StreamClosed(
+                    "the server is stopping: this stream was closed once every request it had "
+                    "read was answered; send any request that got no answer again, on a new stream"
+                )
             if isinstance(item, BaseException):
                 raise item
             in_hand = item
@@ -88,13 +126,15 @@ async def answer_concurrently(
             room.release()  # sent (the caller asked for the next): room for another request
     finally:
         reader.cancel()
+        if closer is not None:
+            closer.cancel()
         for task in list(running):
             task.cancel()  # (a cancelled request queues no answer: it raises where it waits)
         if release is not None:
             unsent = [] if in_hand is None else [in_hand]
             while not answers.empty():
                 leftover = answers.get_nowait()
-                if not isinstance(leftover, (_End, BaseException)):
+                if not isinstance(leftover, (_End, _Closed, BaseException)):
                     unsent.append(leftover)
             for item in unsent:
                 release(item)

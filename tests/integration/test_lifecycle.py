@@ -74,6 +74,47 @@ def test_sigterm_finishes_calls_in_flight_then_refuses_new_ones(
         server.stop()
 
 
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_sigterm_answers_what_a_stream_sent_then_closes_it_unavailable_without_the_grace(
+    tmp_path, small_repository, frontends
+):
+    """A ModelStreamInfer stream outlives its connection's age (a GOAWAY ends no call), so it
+    would hold the stop for the whole grace period (30 s here) and then be cancelled with its
+    requests in flight. The stop answers the requests the stream sent, then ends it
+    UNAVAILABLE, asking for the rest on a new stream; the relays do the same."""
+    server = ServerProcess(
+        tmp_path / "server.log",
+        small_repository,
+        args=("--log-level", "DEBUG", "--grace-period", "30", "--frontends", str(frontends)),
+    )
+    answers: queue.Queue = queue.Queue()
+    client = None
+    try:
+        server.wait_ready()
+        started = time.monotonic()
+        server.client.infer("spin", spin_inputs(200))
+        iters = int(200 * 2.0 / max(time.monotonic() - started, 1e-3))  # about 2 s of work
+        client = triton.InferenceServerClient(server.url)
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        dispatched = server.count_log("model spin: dispatching")
+        client.async_stream_infer("spin", spin_inputs(iters, 4.0), request_id="in flight")
+        server.wait_for_log_count("model spin: dispatching", dispatched + 1)
+        server.terminate()
+        result, error = answers.get(timeout=60)
+        assert error is None, error
+        assert result.get_response().id == "in flight"
+        assert result.as_numpy("Y")[0, 0] == 4.0
+        result, error = answers.get(timeout=60)
+        assert result is None and error.status() == "StatusCode.UNAVAILABLE"
+        assert "the server is stopping: this stream was closed" in error.message()
+        assert server.process.wait(20) == 0  # (a bound: the stream no longer holds the grace)
+    finally:
+        if client is not None:
+            client.stop_stream()
+            client.close()
+        server.stop()
+
+
 def test_a_killed_worker_is_replaced_and_the_model_serves_again(tmp_path, small_repository):
     server = ServerProcess(tmp_path / "server.log", small_repository)
     try:

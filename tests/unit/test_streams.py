@@ -12,7 +12,7 @@ import pytest
 
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.relay_wire import stream_answer, stream_error
-from serve.frontend.streams import answer_concurrently
+from serve.frontend.streams import StreamClosed, answer_concurrently
 
 
 async def _requests(items: list[int]) -> AsyncIterator[int]:
@@ -242,3 +242,82 @@ def test_answers_unsent_when_the_stream_breaks_are_released_once():
 
     asyncio.run(main())
     assert sorted(ledger.released) == sorted(ledger.taken)
+
+
+class OpenStream:
+    """A client's stream that stays open: its requests as the test sends them, never an end
+    unless the test half-closes it; records how many were read."""
+
+    def __init__(self) -> None:
+        self._items: asyncio.Queue[int | None] = asyncio.Queue()
+        self.read = 0
+
+    def send(self, *items: int | None) -> None:
+        for item in items:
+            self._items.put_nowait(item)
+
+    async def requests(self) -> AsyncIterator[int]:
+        while (item := await self._items.get()) is not None:
+            self.read += 1
+            yield item
+
+
+def test_a_closed_stream_answers_what_it_read_then_ends_stream_closed_reading_no_more():
+    async def main() -> tuple[list[str], OpenStream, Gates]:
+        gates, client, closing = Gates(4), OpenStream(), asyncio.Event()
+        stream = answer_concurrently(client.requests(), gates.answer, closing=closing)
+        client.send(0, 1)
+        first = asyncio.ensure_future(anext(stream))
+        while len(gates.started) < 2:
+            await asyncio.sleep(0)
+        gates.open[0].set()
+        got = [await first]
+        closing.set()  # the server stops with request 1 in flight
+        client.send(2, 3)  # sent, never read
+        gates.open[1].set()
+        got.append(await anext(stream))  # the one in flight is still answered
+        with pytest.raises(StreamClosed, match="send any request that got no answer again"):
+            await anext(stream)
+        return got, client, gates
+
+    got, client, gates = asyncio.run(main())
+    assert got == ["answer 0", "answer 1"]
+    assert client.read == 2 and gates.started == [0, 1] and gates.cancelled == []
+
+
+def test_a_stream_whose_requests_ended_ends_as_usual_when_closed():
+    async def main() -> list[str]:
+        gates, closing = Gates(1), asyncio.Event()
+        stream = answer_concurrently(_requests([0]), gates.answer, closing=closing)
+        pending = asyncio.ensure_future(anext(stream))
+        while not gates.started:  # (read, and the requests' end read with it)
+            await asyncio.sleep(0)
+        closing.set()  # the client had half-closed: nothing is left unread
+        gates.open[0].set()
+        return [await pending] + [answer async for answer in stream]  # no StreamClosed
+
+    assert asyncio.run(main()) == ["answer 0"]
+
+
+def test_a_stream_closed_while_waiting_for_room_reads_nothing_more():
+    """At the limit the reader waits for room before it reads: closing then loses no request
+    it read (the third stays unread, with its caller)."""
+
+    async def main() -> tuple[list[str], OpenStream]:
+        gates, client, closing = Gates(3), OpenStream(), asyncio.Event()
+        stream = answer_concurrently(client.requests(), gates.answer, limit=2, closing=closing)
+        client.send(0, 1, 2)
+        pending = asyncio.ensure_future(anext(stream))
+        while len(gates.started) < 2:
+            await asyncio.sleep(0)
+        closing.set()
+        gates.open[0].set()
+        gates.open[1].set()
+        got = [await pending, await anext(stream)]
+        with pytest.raises(StreamClosed):
+            await anext(stream)
+        return got, client
+
+    got, client = asyncio.run(main())
+    assert sorted(got) == ["answer 0", "answer 1"]
+    assert client.read == 2
