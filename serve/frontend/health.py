@@ -4,7 +4,9 @@ Service names: ``""`` and ``"readiness"`` are the whole server (every model has 
 minimum passing probes); ``"liveness"`` is answered by the event loop alone and never touches a
 worker or the GPU; each model's name is that model's readiness. ``Watch`` streams every change
 to every watcher (the reference servicer in grpcio-health-checking drops other watchers of a
-service when one disconnects, so this one keeps a queue per watcher).
+service when one disconnects, so this one keeps a queue per watcher). When the server stops,
+each Watch, having streamed NOT_SERVING, ends (close_watches): a watcher (a client balancer's
+health check, a mesh) would otherwise hold the stop for its whole grace period.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+CLOSED = -1  # not a status: the server is stopping, the Watch ends
 
 
 class HealthService(health_pb2_grpc.HealthServicer):
@@ -33,6 +36,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
         self._gate = gate
         self._status: dict[str, int] = {}
         self._watchers: dict[str, set[asyncio.Queue[int]]] = {}
+        self._closed = False
         runtime.add_listener(self.refresh)
         gate.add_listener(self.refresh)
         self.refresh()
@@ -69,6 +73,15 @@ class HealthService(health_pb2_grpc.HealthServicer):
                 for queue in self._watchers.get(service, ()):
                     queue.put_nowait(status)
 
+    def close_watches(self) -> None:
+        """The server is stopping: every Watch ends (OK) once it has sent what it has queued
+        (NOT_SERVING, since the stop closed the readiness gate first); a Watch that starts
+        from now on sends its status and ends at once."""
+        self._closed = True
+        for queues in self._watchers.values():
+            for queue in queues:
+                queue.put_nowait(CLOSED)
+
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         status = self._status.get(request.service)
         if status is None:
@@ -82,8 +95,10 @@ class HealthService(health_pb2_grpc.HealthServicer):
         try:
             last = self._status.get(request.service, SERVICE_UNKNOWN)
             await context.write(health_pb2.HealthCheckResponse(status=last))
-            while True:
+            while not self._closed:
                 status = await queue.get()
+                if status == CLOSED:
+                    break
                 if status != last:
                     await context.write(health_pb2.HealthCheckResponse(status=status))
                     last = status

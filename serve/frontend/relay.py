@@ -72,7 +72,11 @@ class RelayError(Exception):
         self.reply = reply
 
 
-StreamItem = bytes | RelayReply | HubGoneError
+class _Closing:
+    """The relay is stopping: a server-streaming call it passes on ends (HubLink.end_streams)."""
+
+
+StreamItem = bytes | RelayReply | HubGoneError | _Closing
 
 
 class HubLink(FramedProtocol[RelayReply | RelayStream | Ping]):
@@ -145,6 +149,8 @@ class HubLink(FramedProtocol[RelayReply | RelayStream | Ping]):
                 if isinstance(item, bytes):
                     yield item
                     continue
+                if isinstance(item, _Closing):  # the hub drops its end (_give_up)
+                    break
                 ended = True
                 if isinstance(item, HubGoneError):
                     raise item
@@ -157,6 +163,14 @@ class HubLink(FramedProtocol[RelayReply | RelayStream | Ping]):
             raise
         finally:
             self._streams.pop(call_id, None)
+        self._give_up(call_id, method)  # (closed by end_streams: the hub's end goes too)
+
+    def end_streams(self) -> None:
+        """The relay is stopping: every server-streaming call it passes on (a health Watch,
+        which would otherwise hold the graceful stop for its whole grace period) ends, after
+        the messages already received, with OK; the hub drops its end."""
+        for queue in self._streams.values():
+            queue.put_nowait(_Closing())
 
     def _place(self, payload: bytes) -> tuple[bytes, list[tuple[int, int]], int] | None:
         """A ModelInfer request's raw tensors put into the ring: (the request without them,
@@ -331,8 +345,10 @@ class Forwarder(grpc.GenericRpcHandler):
 
     def close_streams(self) -> None:
         """The relay is stopping: open streams answer what they have read, then end
-        UNAVAILABLE (as the serving process's own, InferenceServicer.close_streams)."""
+        UNAVAILABLE (as the serving process's own, InferenceServicer.close_streams); passed-on
+        server streams (health Watch) end (HubLink.end_streams)."""
         self._streams_closing.set()
+        self._link.end_streams()
 
 
 def _request_id(payload: bytes) -> str:

@@ -123,10 +123,12 @@ class GrpcFrontend:
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls now; in-flight calls get ``grace_s`` to finish, then are cancelled.
-        Open streams are answered and closed at once (InferenceServicer.close_streams)."""
+        Open streams are answered and closed at once (InferenceServicer.close_streams), and
+        health Watch streams end (HealthService.close_watches): neither holds the grace."""
         self.begin_drain()
         if self._server is not None:
             self.servicer.close_streams()
+            self.health.close_watches()
             await self._server.stop(grace_s)
             self._server = None
         if self._health_server is not None:

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from serve.app import StopSignals
@@ -112,6 +113,45 @@ def test_sigterm_answers_what_a_stream_sent_then_closes_it_unavailable_without_t
         if client is not None:
             client.stop_stream()
             client.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_sigterm_ends_a_health_watch_after_not_serving_without_the_grace(
+    tmp_path, small_repository, frontends
+):
+    """A Health/Watch stream (a client balancer's health check, a mesh) never ends by itself:
+    the stop streams NOT_SERVING to it, then ends it with OK, rather than holding the graceful
+    stop for the whole grace period (30 s here) and cancelling it."""
+    server = ServerProcess(
+        tmp_path / "server.log",
+        small_repository,
+        args=("--grace-period", "30", "--frontends", str(frontends)),
+    )
+    seen: queue.Queue = queue.Queue()
+    channel = grpc.insecure_channel(server.url)
+
+    def watch() -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            for message in stub.Watch(health_pb2.HealthCheckRequest(service="")):
+                seen.put(message.status)
+            seen.put("OK")
+        except grpc.RpcError as exc:
+            seen.put(exc.code().name)
+
+    try:
+        server.wait_ready()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        assert seen.get(timeout=30) == health_pb2.HealthCheckResponse.SERVING
+        server.client.close()  # (the harness's own connection: idle from here)
+        server.terminate()
+        assert seen.get(timeout=30) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert seen.get(timeout=30) == "OK"
+        assert server.process.wait(20) == 0  # (a bound: the Watch no longer holds the grace)
+    finally:
+        channel.close()
         server.stop()
 
 

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from serve.frontend.gate import ReadinessGate
-from serve.frontend.health import SERVICE_UNKNOWN, SERVING, HealthService
+from serve.frontend.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING, HealthService
 
 
 class _Runtime:
@@ -82,3 +82,31 @@ def test_an_unloaded_model_is_an_unknown_service_to_check_and_watch():
 
     before, written = asyncio.run(main())
     assert before == SERVING and written == [SERVING, SERVICE_UNKNOWN]
+
+
+def test_a_stop_ends_every_watch_after_its_not_serving_and_a_later_watch_at_once():
+    async def main() -> tuple[list[int], list[int], list[int]]:
+        runtime, gate = _Runtime(), ReadinessGate()
+        gate.set(True)
+        health = HealthService(runtime, gate)  # type: ignore[arg-type]
+        watches = {service: _Context() for service in ("", "a")}
+        watching = [
+            asyncio.create_task(health.Watch(health_pb2.HealthCheckRequest(service=s), c))  # type: ignore[arg-type]
+            for s, c in watches.items()
+        ]
+        async with asyncio.timeout(5):
+            while not all(c.written for c in watches.values()):
+                await asyncio.sleep(0)
+        gate.set(False)  # the stop: readiness first ...
+        health.close_watches()  # ... then the graceful stop
+        async with asyncio.timeout(5):  # every Watch returns by itself (not cancelled)
+            await asyncio.gather(*watching)
+        late = _Context()
+        async with asyncio.timeout(5):
+            await health.Watch(health_pb2.HealthCheckRequest(service=""), late)  # type: ignore[arg-type]
+        return watches[""].written, watches["a"].written, late.written
+
+    whole, model, late = asyncio.run(main())
+    assert whole == [SERVING, NOT_SERVING]
+    assert model == [SERVING, NOT_SERVING]
+    assert late == [NOT_SERVING]
