@@ -52,7 +52,7 @@ from serve.frontend.relay_wire import (
     stream_methods,
     unary_methods,
 )
-from serve.frontend.streams import StreamClosed, answer_concurrently
+from serve.frontend.streams import serve_stream
 
 log = logging.getLogger(__name__)
 
@@ -329,17 +329,11 @@ class Forwarder(grpc.GenericRpcHandler):
             message = stream_answer(reply.payload)
             return message, budget.hold(RELAYED_ANSWER_COPIES * len(message))
 
-        answers = answer_concurrently(
-            requests,
-            answer,
-            release=lambda done: budget.release(done[1]),
-            closing=self._streams_closing,
-        )
         try:
-            async for message, _ in answers:
+            async for message in serve_stream(
+                requests, answer, budget, self._streams_closing, context
+            ):
                 yield message
-        except StreamClosed as closed:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(closed))
         except HubGoneError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the serving process is restarting")
 

@@ -41,7 +41,7 @@ from serve.frontend.gate import ReadinessGate
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
 from serve.frontend.status import abort_with, translate_errors
-from serve.frontend.streams import StreamClosed, answer_concurrently
+from serve.frontend.streams import serve_stream
 from serve.frontend.unserved import UnservedRpcs
 from serve.model_service import ModelService
 from serve.protocol import InferResponse
@@ -275,18 +275,9 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
             response.parameters[FINAL_RESPONSE].bool_param = True
             return pb.ModelStreamInferResponse(infer_response=response), call.answer_held
 
-        budget = self._budget
-        answers = answer_concurrently(
-            request_iterator,
-            answer,
-            release=lambda done: budget.release(done[1]),
-            closing=self._streams_closing,
-        )
-        try:
-            async for message, _ in answers:
-                yield message
-        except StreamClosed as closed:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(closed))
+        closing = self._streams_closing
+        async for message in serve_stream(request_iterator, answer, self._budget, closing, context):
+            yield message
 
     def close_streams(self) -> None:
         """The server is stopping: every open ModelStreamInfer stream reads no further

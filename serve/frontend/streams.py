@@ -13,7 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import grpc
+
+from serve.frontend.admission import InflightBudget
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +143,23 @@ async def answer_concurrently(
             for item in unsent:
                 release(item)
         log.debug("stream ended: %d answers sent, %d requests cancelled", sent, len(running))
+
+
+async def serve_stream(
+    requests: AsyncIterable[Request],
+    answer: Callable[[Request], Awaitable[tuple[Answer, int]]],
+    budget: InflightBudget,
+    closing: asyncio.Event,
+    context: Any,
+) -> AsyncIterator[Answer]:
+    """A ModelStreamInfer handler's answers (answer_concurrently): ``answer`` returns the
+    message and the bytes of ``budget`` it holds until sent; once ``closing`` is set (the
+    stop), the stream ends UNAVAILABLE after the answers to what it read (StreamClosed)."""
+    answers = answer_concurrently(
+        requests, answer, release=lambda done: budget.release(done[1]), closing=closing
+    )
+    try:
+        async for message, _ in answers:
+            yield message
+    except StreamClosed as closed:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(closed))
