@@ -19,6 +19,8 @@ FEW_FOR_P99 calls, where fewer than ten lie above its p99 (it is little more tha
 The open loop counts latency from each call's scheduled arrival (no coordinated omission), and
 reports how late the generator itself sent: ``send_lag_p99_ms``, and ``generator_behind`` when
 that exceeds LATE_SEND_MS (the latencies then hold the client's lag too, not only the server's).
+Arrivals wake on a timerfd at their exact time (benchmarks/arrivals.py): the event loop's own
+timers are about 1 ms coarse, and uvloop's wake early as often as late.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import grpc
 import numpy as np
 import uvloop
 
+from benchmarks.arrivals import ArrivalClock
 from serve.frontend.pb import grpc_service_pb2 as pb
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -278,16 +281,15 @@ async def open_loop(
             in_window += now <= started + seconds
 
         tasks: list[asyncio.Task[None]] = []
-        if window is not None:
-            window()
-        started = time.perf_counter()
-        arrival = started + rng.expovariate(rate)
-        while arrival < started + seconds:  # (no arrival scheduled after the window)
-            delay = arrival - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)  # the arrival process itself
-            tasks.append(asyncio.create_task(one(arrival)))
-            arrival += rng.expovariate(rate)
+        with ArrivalClock() as clock:  # (the loop's timers are about 1 ms coarse)
+            if window is not None:
+                window()
+            started = time.perf_counter()
+            arrival = started + rng.expovariate(rate)
+            while arrival < started + seconds:  # (no arrival scheduled after the window)
+                await clock.until(arrival)  # the arrival process itself
+                tasks.append(asyncio.create_task(one(arrival)))
+                arrival += rng.expovariate(rate)
         await asyncio.gather(*tasks)
         if window is not None:
             window()
