@@ -17,7 +17,10 @@ second process reached over a socketpair, nothing else) shows what the process h
 The floor, the hop floor and warmserve stay up side by side and take turns under the closed
 loop, round after round (--rounds, default 3; rounds.py): every closed-loop figure is the median
 over the rounds, and the c=1 ratios are also printed round by round. Peers run one at a time
-afterwards, with the same rounds. The model is the demo MLP (ONNX, 64→256→256→10). For each
+afterwards, with the same rounds. The open loop (Poisson arrivals) follows, at rates scaled to
+this machine: 25, 50 and 80 % of the floor's closed-loop throughput at the highest concurrency
+in the same run (OPEN_LOOP_SHARES), the same rates for every server; --rates fixes them. The
+model is the demo MLP (ONNX, 64→256→256→10). For each
 load level it records P50/P95/P99/max, throughput, errors and the server's CPU time per call
 (its whole process tree: warmserve's workers included, and processes that ended meanwhile; read
 where the measured calls start and end). Results go to benchmarks/out/ as JSON,
@@ -69,6 +72,11 @@ PERF_ANALYZER_INTERVAL_MS = 2000
 PERF_ANALYZER_STABILITY = pa_report.LOOSE_STABILITY
 WARM_UP_CONCURRENCY = 4
 WARM_UP_SECONDS = 1.0
+# Open loop, unless --rates gives the rates: these shares of the floor's closed-loop throughput
+# at the highest concurrency of the same run, so that queueing shows on any machine (fixed rates
+# that load a 2-vCPU VM to 80 % would leave a large host idle). Every server gets the same rates.
+OPEN_LOOP_SHARES = (0.25, 0.5, 0.8)
+FALLBACK_RATES = [250.0, 500.0, 1000.0]  # the floor did not run, or answered nothing
 
 
 @dataclass(frozen=True)
@@ -307,6 +315,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "concurrency": args.concurrency,
         "open_loop_rates": args.rates,
+        "open_loop_rates_from": getattr(args, "rates_from", "given (--rates)"),
         "peers": args.peers,
         "warm_up": {"concurrency": WARM_UP_CONCURRENCY, "seconds": WARM_UP_SECONDS},
         "model": MODEL,
@@ -402,6 +411,9 @@ def run_servers(
         )
 
     closed = rounds.alternate(list(servers), args.concurrency, args.rounds, closed_loop)
+    if args.rates is None:  # the first servers measured, the floor among them, set the rates
+        args.rates, args.rates_from = open_loop_rates(closed.get("floor", []))
+        print(f"open loop at {', '.join(f'{r:g}' for r in args.rates)} calls/s: {args.rates_from}")
     out: dict[str, dict[str, Any]] = {}
     for name, (url, pid) in servers.items():
         streaming = name.endswith(STREAMED)
@@ -419,6 +431,23 @@ def run_servers(
             )
         out[name] = {"closed": closed[name], "open": opened, "perf_analyzer": cross}
     return out
+
+
+def open_loop_rates(floor_closed: list[dict[str, Any]]) -> tuple[list[float], str]:
+    """The open loop's arrival rates, from the floor's closed-loop rows of this run: shares
+    (OPEN_LOOP_SHARES) of its throughput at the highest concurrency, to two significant figures;
+    FALLBACK_RATES without such a row. Also how they were chosen, for the report."""
+    answered = [row for row in floor_closed if row.get("throughput", 0) > 0]
+    if not answered:
+        return list(FALLBACK_RATES), "fixed (no closed-loop figure of the floor to scale them by)"
+    top = max(answered, key=lambda row: row["level"])
+    rates = [float(f"{top['throughput'] * share:.2g}") for share in OPEN_LOOP_SHARES]
+    shares = "/".join(f"{share:.0%}".rstrip("%") for share in OPEN_LOOP_SHARES)
+    how = (
+        f"{shares} % of the floor's closed-loop throughput at c={top['level']} in this run "
+        f"({top['throughput']:.0f}/s)"
+    )
+    return rates, how
 
 
 def _warnings(row: dict[str, Any]) -> str:
@@ -670,7 +699,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="c=1 and c=16 only, 1 s a round")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16])
-    parser.add_argument("--rates", type=float, nargs="*", default=[250, 500, 1000])
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="*",
+        help="open-loop arrival rates (calls/s); default: 25, 50 and 80 %% of the floor's "
+        "closed-loop throughput at the highest concurrency, measured in the same run",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="closed-loop rounds (medians)")
     parser.add_argument(
         "--peers",

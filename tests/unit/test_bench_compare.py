@@ -233,3 +233,65 @@ def test_a_partial_record_keeps_what_was_measured_and_names_the_failed_peers(tmp
     assert record["peers"]["failed"] == failed
     assert record["warmserve"]["closed"][0]["level"] == 1
     assert "latencies" not in json.dumps(record)  # the raw samples stay out, as in the full one
+
+
+def test_open_loop_rates_scale_with_the_floors_throughput_in_the_same_run():
+    floor = [
+        {"level": 1, "throughput": 1014.0},
+        {"level": 16, "throughput": 1858.0},
+        {"level": 4, "throughput": 1845.0},
+    ]
+    rates, how = compare.open_loop_rates(floor)
+    assert rates == [460.0, 930.0, 1500.0]  # 25/50/80 % of c=16's, two significant figures
+    assert "c=16" in how and "1858/s" in how and "25/50/80 %" in how
+    fast = compare.open_loop_rates([{"level": 16, "throughput": 61_234.0}])[0]
+    assert fast == [15_000.0, 31_000.0, 49_000.0]  # a large host gets rates that load it
+
+
+def test_without_a_floor_figure_the_open_loop_falls_back_to_fixed_rates():
+    for floor in ([], [{"level": 16, "throughput": 0.0}]):  # not run; answered nothing
+        rates, how = compare.open_loop_rates(floor)
+        assert rates == compare.FALLBACK_RATES and "fixed" in how
+    rates, _ = compare.open_loop_rates([])
+    rates.append(1.0)  # the caller's list, not the constant
+    assert compare.FALLBACK_RATES == [250.0, 500.0, 1000.0]
+
+
+def test_the_first_servers_closed_loop_sets_the_open_loop_rates_every_server_then_gets(
+    monkeypatch,
+):
+    """run_servers: the floor's closed-loop figure of this run sets the rates (the peers,
+    measured later, get the same ones); rates given with --rates are kept."""
+    import argparse
+
+    measured: list[tuple[str, str, float]] = []
+    throughput = {"floor-url": 2000.0, "warm-url": 1900.0, "peer-url": 800.0}
+
+    def fake_measure(url, pid, *, concurrency=0, rate=0, seconds, streaming=False):
+        measured.append((url, "open" if rate else "closed", rate or concurrency))
+        return {
+            "mode": "open" if rate else "closed",
+            "level": rate or concurrency,
+            "throughput": rate or throughput[url],
+            **dict.fromkeys(("p50_ms", "p95_ms", "p99_ms", "max_ms"), 1.0),
+            "server_cpu_us_per_call": 500.0,
+            "errors": 0,
+            "count": 100,
+        }
+
+    monkeypatch.setattr(compare, "_measure", fake_measure)
+    monkeypatch.setattr(compare.loadgen, "run", lambda *a, **k: None)  # (the warm-up)
+    args = argparse.Namespace(quick=True, seconds=1.0, concurrency=[1, 16], rounds=1, rates=None)
+    compare.run_servers({"floor": ("floor-url", 1), "warmserve": ("warm-url", 2)}, args)
+    assert args.rates == [500.0, 1000.0, 1600.0]  # 25/50/80 % of the floor's 2000/s
+    compare.run_servers({"peer": ("peer-url", 3)}, args)
+    for url in throughput:
+        assert [r for u, mode, r in measured if u == url and mode == "open"] == args.rates
+    args.peers = None
+    assert "2000/s" in compare._settings(args)["open_loop_rates_from"]
+    given = argparse.Namespace(quick=True, seconds=1.0, concurrency=[16], rounds=1, rates=[300.0])
+    measured.clear()
+    compare.run_servers({"floor": ("floor-url", 1)}, given)
+    assert given.rates == [300.0] and [m for m in measured if m[1] == "open"] == [
+        ("floor-url", "open", 300.0)
+    ]
