@@ -14,7 +14,9 @@ measures both at every level (who goes first alternates) and stops them: where t
 happens to place their processes is then no bias that lasts the whole run (two instances of
 the same code kept up for ten rounds differed by 3-5 %; started afresh each round, by 0-0.3 %).
 It prints, per level and figure, both medians and the ratio new / base round by round: the
-ratio's median and its spread say whether the change shows above the machine's noise.
+ratio's median, its spread, and a distribution-free 95 % interval for the median (rounds.py;
+6 rounds at least), which says whether the change shows above the machine's noise ("not told
+apart" when the interval holds 1).
 Figures: throughput, p50, p99, the server tree's CPU per call, and the serving process's
 busiest thread per call (its event loop). Timings are printed, never asserted.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shutil
 import subprocess
 import tempfile
@@ -81,6 +84,16 @@ def measure(
     return row
 
 
+def verdict(low: float, high: float) -> str:
+    """What a 95 % interval for the median ratio new / base says."""
+    if math.isnan(low):
+        return "too few rounds for a 95 % interval: 6 at least"
+    span = f"95 % interval {low:.3f}–{high:.3f}"
+    if low <= 1.0 <= high:
+        return f"{span}: not told apart"
+    return f"{span}: new {'higher' if low > 1.0 else 'lower'}"
+
+
 def report(results: dict[str, list[dict[str, Any]]], levels: list[int]) -> dict[str, Any]:
     """Print and return, per level and figure: both medians and new / base round by round."""
     out: dict[str, Any] = {}
@@ -90,11 +103,17 @@ def report(results: dict[str, list[dict[str, Any]]], levels: list[int]) -> dict[
         for key, label, fmt in FIGURES:
             ratios = rounds.paired_ratios(new, base, key)
             median = float(np.median(ratios))
+            low, high = rounds.median_interval(ratios)
             print(
                 f"  {label:13s} base {fmt.format(base[key]):>8s}  new {fmt.format(new[key]):>8s}"
-                f"  new/base median {median:.3f} (rounds {min(ratios):.3f}–{max(ratios):.3f})"
+                f"  new/base median {median:.3f} (rounds {min(ratios):.3f}–{max(ratios):.3f}; "
+                f"{verdict(low, high)})"
             )
-            out[f"c{level}_{key}"] = {"median": median, "rounds": ratios}
+            out[f"c{level}_{key}"] = {
+                "median": median,
+                "interval_95": [low, high],
+                "rounds": ratios,
+            }
     return out
 
 

@@ -74,3 +74,26 @@ def paired_ratios(numerator: Row, denominator: Row, key: str) -> list[float]:
     NaN for a round whose denominator is 0 (no call answered)."""
     top, bottom = numerator["rounds"][key], denominator["rounds"][key]
     return [a / b if b else math.nan for a, b in zip(top, bottom, strict=True)]
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of what ``values`` sample (ratios round by
+    round): the narrowest pair of order statistics, the j-th smallest and the j-th largest, that
+    holds the median with at least ``confidence`` (the rank of the median among n draws is
+    binomial(n, 1/2)). NaN values (rounds without answers) are left out. (NaN, NaN) when too few
+    rounds remain for that confidence: 6 at least for 95 %. An interval that holds 1.0 means the
+    rounds do not tell the two sides apart at that confidence."""
+    ordered = sorted(v for v in values if not math.isnan(v))
+    n = len(ordered)
+
+    def coverage(j: int) -> float:  # of [j-th smallest, j-th largest]
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j)) / 2.0**n
+
+    best = 0
+    for j in range(1, (n + 1) // 2 + 1):
+        if coverage(j) < confidence:
+            break
+        best = j
+    if best == 0:
+        return math.nan, math.nan
+    return ordered[best - 1], ordered[n - best]

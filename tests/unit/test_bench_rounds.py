@@ -1,10 +1,14 @@
-"""Alternated benchmark rounds: who goes first rotates, and each figure is the median."""
+"""Alternated benchmark rounds: who goes first rotates, each figure is the median, and the
+median ratio gets a distribution-free 95 % interval."""
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 
-from benchmarks.rounds import alternate, median_row, paired_ratios
+from benchmarks.rounds import alternate, median_interval, median_row, paired_ratios
 
 
 def row(level: int, value: float, **extra: float) -> dict:
@@ -48,3 +52,37 @@ def test_no_rounds_is_refused():
         alternate(["a"], [1], 0, lambda name, level: row(level, 1.0))
     with pytest.raises(ValueError):
         median_row([])
+
+
+def test_the_median_interval_is_the_order_statistics_that_hold_it_at_95_percent():
+    # n=10: the 2nd smallest and 2nd largest (97.9 %); the 3rd would hold it only 89.1 %
+    assert median_interval([7, 1, 10, 3, 5, 2, 9, 4, 8, 6]) == (2, 9)
+    # n=16: the 4th (97.9 %); n=6: only the extremes (96.9 %)
+    assert median_interval(list(range(1, 17))) == (4, 13)
+    assert median_interval([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == (1.0, 6.0)
+
+
+def test_the_median_interval_needs_six_rounds_and_leaves_out_rounds_without_answers():
+    assert all(math.isnan(v) for v in median_interval([1.0, 2.0, 3.0, 4.0, 5.0]))  # 93.8 %
+    assert median_interval([1.0, math.nan, 2.0, 3.0, 4.0, 5.0, 6.0]) == (1.0, 6.0)
+
+
+def test_the_median_interval_holds_the_true_median_as_often_as_it_claims():
+    """Over many samples from a known distribution, the interval misses its median at most
+    about 5 % of the time (the order statistics' coverage is exact, not asymptotic)."""
+    rng = random.Random(7)
+    for n in (6, 10, 16):
+        misses = 0
+        for _ in range(4000):
+            low, high = median_interval([rng.lognormvariate(0.0, 0.2) for _ in range(n)])
+            misses += not low <= 1.0 <= high  # the lognormal's median is exp(0) = 1
+        assert misses / 4000 < 0.05 + 0.015  # (3 binomial standard errors of slack)
+
+
+def test_ab_says_whether_the_interval_tells_the_sides_apart():
+    from benchmarks.ab import verdict
+
+    assert verdict(0.95, 1.08).endswith("not told apart")
+    assert verdict(1.02, 1.10).endswith("new higher")
+    assert verdict(0.80, 0.97).endswith("new lower")
+    assert verdict(math.nan, math.nan).startswith("too few rounds")
