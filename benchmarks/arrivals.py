@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import errno
 import logging
 import os
 import sys
@@ -129,11 +128,7 @@ class ArrivalClock:
     def _fired(self) -> None:
         try:
             os.read(self._fd, 8)  # (the expiry count; reading rearms the fd's readiness)
-        except BlockingIOError:
+        except BlockingIOError:  # (os.read retries EINTR itself, PEP 475)
             return  # (a timer re-armed since it became readable: not expired yet)
-        except OSError as exc:
-            if exc.errno != errno.EINTR:
-                raise
-            return
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
