@@ -18,6 +18,10 @@ Serves just enough of the protocol for perf_analyzer and the load generator: Ser
 ServerMetadata,
 ServerReady, ModelReady, ModelMetadata, ModelConfig, ModelStatistics (no counts) and ModelInfer
 (raw contents, FP32 inputs of the demo MLP).
+
+It registers its service as warmserve does (``add_inference_service``: only the inference methods
+as gRPC registered methods, which spares grpc.aio's loop a wait over one task per method on every
+call), so the floor stays the least Python gRPC can cost here, not a handicapped one.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from serve.config import load_model_dir
 from serve.frontend import metadata
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
+from serve.frontend.server import add_inference_service
 
 LENGTH = struct.Struct("<I")
 
@@ -171,7 +176,7 @@ async def serve(model_dir: Path, host: str, port: int, hop: bool, echo: int = 0)
         theirs.close()
         _, link = await asyncio.get_running_loop().connect_accepted_socket(_HopLink, sock=ours)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(model_dir, link, echo), server)
+    add_inference_service(FloorServicer(model_dir, link, echo), server)
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
     stop = asyncio.Event()

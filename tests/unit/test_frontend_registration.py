@@ -1,0 +1,96 @@
+"""The front end registers only its inference methods with gRPC's core (serve/frontend/server.py,
+REGISTERED_METHODS) and still serves every method, registered or not, on a real grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serve.frontend.pb import grpc_service_pb2 as pb
+from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
+from serve.frontend.server import add_health_service, add_inference_service
+
+SERVICE = "inference.GRPCInferenceService"
+EVERY_METHOD = {m.name for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
+
+
+class _Recorder:
+    """A server that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.generic: list[Any] = []
+        self.registered: dict[str, set[str]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.registered.setdefault(service, set()).update(handlers)
+
+
+class _Details:
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+
+def _generic_serves(recorder: _Recorder, method: str) -> bool:
+    return any(h.service(_Details(method)) is not None for h in recorder.generic)
+
+
+def test_only_the_inference_methods_are_registered_and_every_method_is_served():
+    recorder = _Recorder()
+    add_inference_service(pb_grpc.GRPCInferenceServiceServicer(), recorder)
+    add_health_service(health_pb2_grpc.HealthServicer(), recorder)
+    assert recorder.registered == {SERVICE: {"ModelInfer", "ModelStreamInfer"}}
+    assert len(EVERY_METHOD) > 10  # the service's methods, from its descriptor
+    for method in EVERY_METHOD:
+        assert _generic_serves(recorder, f"/{SERVICE}/{method}"), method
+    for method in ("Check", "Watch"):
+        assert _generic_serves(recorder, f"/grpc.health.v1.Health/{method}"), method
+    assert not _generic_serves(recorder, f"/{SERVICE}/NoSuchMethod")
+
+
+class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+
+
+class _Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    async def Check(self, request: Any, context: Any) -> Any:
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_registered_and_generic_methods_answer_on_a_real_server():
+    async def main() -> tuple[Any, Any, Any, grpc.StatusCode]:
+        server = grpc.aio.server()
+        add_inference_service(_Servicer(), server)
+        add_health_service(_Health(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                live = await stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+                infer = await stub.ModelInfer(pb.ModelInferRequest(model_name="m", id="7"))
+                health = health_pb2_grpc.HealthStub(channel)
+                checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                try:  # served by the base servicer, through the generic path
+                    await stub.ModelMetadata(pb.ModelMetadataRequest(name="m"), timeout=10)
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                return live, infer, checked, code
+        finally:
+            await server.stop(None)
+
+    live, infer, checked, code = asyncio.run(main())
+    assert live.live is True
+    assert (infer.model_name, infer.id) == ("m", "7")
+    assert checked.status == health_pb2.HealthCheckResponse.SERVING
+    assert code == grpc.StatusCode.UNIMPLEMENTED
