@@ -2,6 +2,12 @@
 
     python -m benchmarks.ab BASE [--concurrency 1 16] [--rounds 10] [--seconds 2] [--streaming]
     python -m benchmarks.ab BASE --image --frontends 2 --concurrency 64
+    python -m benchmarks.ab BASE --concurrency 16 --rates 1500 2500
+
+``--rates``: open-loop levels (Poisson arrivals at that many calls/s, latency counted from each
+call's scheduled send), measured after the closed-loop ones. There the server's CPU per call is
+its capacity: a server that needs more CPU per call saturates the machine at a lower rate, and
+its queue (and latency) grows without bound, which a closed loop never shows.
 
 ``--image``: relay_cost's model with ResNet-50's request size (150 KB) that computes next to
 nothing, driven by 2 client processes of 4 connections each; ``--frontends N``: both servers
@@ -67,14 +73,26 @@ def worktree(commit: str, folder: Path) -> Iterator[Path]:
         run("worktree", "remove", "--force", str(folder))
 
 
+Level = tuple[str, float]  # ("c", concurrency): closed loop; ("r", calls/s): open loop
+
+
+def level_name(level: Level) -> str:
+    kind, value = level
+    return f"c={value:g}" if kind == "c" else f"r={value:g}"
+
+
 def measure(
-    server: ServerProcess, level: int, seconds: float, load: dict[str, Any]
+    server: ServerProcess, level: Level, seconds: float, load: dict[str, Any]
 ) -> dict[str, Any]:
-    """One closed-loop run (``load``: loadgen.run's model and options): loadgen's figures, the
+    """One run at ``level`` (``load``: loadgen.run's model and options): loadgen's figures, the
     tree's CPU per call and the busiest thread's (the serving process's event loop) per call."""
     pid = server.process.pid
     tree0, threads0 = proctree.tree_cpu_seconds(pid), proctree.thread_cpu_seconds(pid)
-    result = loadgen.run(server.url, concurrency=level, seconds=seconds, **load)
+    kind, value = level
+    if kind == "c":
+        result = loadgen.run(server.url, concurrency=int(value), seconds=seconds, **load)
+    else:
+        result = loadgen.run(server.url, rate=value, seconds=seconds, **load)
     tree1, threads1 = proctree.tree_cpu_seconds(pid), proctree.thread_cpu_seconds(pid)
     calls = max(1, result.count)
     busiest = max(threads1[t] - threads0.get(t, 0.0) for t in threads1)
@@ -94,12 +112,13 @@ def verdict(low: float, high: float) -> str:
     return f"{span}: new {'higher' if low > 1.0 else 'lower'}"
 
 
-def report(results: dict[str, list[dict[str, Any]]], levels: list[int]) -> dict[str, Any]:
+def report(results: dict[str, list[dict[str, Any]]], levels: list[Level]) -> dict[str, Any]:
     """Print and return, per level and figure: both medians and new / base round by round."""
     out: dict[str, Any] = {}
     for index, level in enumerate(levels):
         base, new = results["base"][index], results["new"][index]
-        print(f"c={level}: {len(base['rounds']['throughput'])} rounds")
+        name = level_name(level)
+        print(f"{name}: {len(base['rounds']['throughput'])} rounds")
         for key, label, fmt in FIGURES:
             ratios = rounds.paired_ratios(new, base, key)
             median = float(np.median(ratios))
@@ -109,7 +128,7 @@ def report(results: dict[str, list[dict[str, Any]]], levels: list[int]) -> dict[
                 f"  new/base median {median:.3f} (rounds {min(ratios):.3f}–{max(ratios):.3f}; "
                 f"{verdict(low, high)})"
             )
-            out[f"c{level}_{key}"] = {
+            out[f"{name.replace('=', '')}_{key}"] = {
                 "median": median,
                 "interval_95": [low, high],
                 "rounds": ratios,
@@ -121,7 +140,8 @@ def main() -> None:
     exit_on_sigterm()  # the servers and the base's worktree are removed on SIGTERM too
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", help="the commit to compare the working tree with")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--rates", type=float, nargs="*", default=[], help="open loop: calls/s")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--streaming", action="store_true", help="streaming clients")
@@ -130,6 +150,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    levels: list[Level] = [("c", c) for c in args.concurrency] + [("r", r) for r in args.rates]
+    if not levels or min(value for _, value in levels) <= 0:
+        parser.error("give at least one --concurrency or --rates level, each above 0")
+    if args.rates and args.streaming:
+        parser.error("--streaming is a closed-loop mode: no --rates with it")
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as checkout:
         root = Path(tmp)
         trees = {"base": checkout.enter_context(worktree(args.base, root / "base")), "new": ROOT}
@@ -142,8 +167,8 @@ def main() -> None:
             build_mlp_onnx(root / "repo" / MODEL)
         options = ("--frontends", str(args.frontends)) if args.frontends > 1 else ()
         print(f"{args.base} against the working tree: {args.rounds} rounds of {args.seconds} s")
-        samples: dict[str, dict[int, list[dict[str, Any]]]] = {
-            side: {level: [] for level in args.concurrency} for side in trees
+        samples: dict[str, dict[Level, list[dict[str, Any]]]] = {
+            side: {level: [] for level in levels} for side in trees
         }
         for index in range(args.rounds):
             order = ["base", "new"] if index % 2 == 0 else ["new", "base"]
@@ -159,14 +184,13 @@ def main() -> None:
                     wait_until(servers[side].ready_over_http, 300, f"the {side} server ready")
                     loadgen.run(servers[side].url, concurrency=4, seconds=1.0, **load)
                 for side in order:
-                    for level in args.concurrency:
+                    for level in levels:
                         row = measure(servers[side], level, args.seconds, load)
                         samples[side][level].append(row)
         results = {
-            side: [rounds.median_row(samples[side][level]) for level in args.concurrency]
-            for side in trees
+            side: [rounds.median_row(samples[side][level]) for level in levels] for side in trees
         }
-        report(results, args.concurrency)
+        report(results, levels)
 
 
 if __name__ == "__main__":

@@ -53,11 +53,12 @@ def test_the_load_generator_can_send_its_calls_on_streams(server):
 def test_the_ab_tool_serves_a_commit_beside_the_working_tree_and_compares_them():
     run = _run(
         "benchmarks.ab", "HEAD", "--rounds", "1", "--seconds", "0.3", "--concurrency", "1",
-        timeout=300,
+        "--rates", "200", timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "c=1: 1 rounds" in run.stdout and "r=200: 1 rounds" in run.stdout  # (closed, open)
     lines = [line for line in run.stdout.splitlines() if "new/base median" in line]
-    assert len(lines) == 5  # calls/s, p50, p99, tree and loop CPU per call
+    assert len(lines) == 10  # per level: calls/s, p50, p99, tree and loop CPU per call
     assert all(float(line.split("median ")[1].split()[0]) > 0 for line in lines)
     worktrees = subprocess.run(
         ["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True, check=True
