@@ -13,20 +13,22 @@ one flush for the end of the current event-loop iteration, which sends everythin
 meanwhile as the next batch.
 
 Holding under load: when the event loop itself is the bottleneck (its thread busy at least
-``HOLD_LOAD`` of the time) requests reach the batcher one at a time, each finds a free worker, and
-every batch is one row: the per-batch costs (the shared-memory copy, two socket hops, waking the
-worker) are paid per request by the busiest thread. Then a lone request is held until company
-arrives or ``HOLD_CAP_S`` passes, which divides those costs by the batch's size at the price of a
-few inter-arrival gaps. How much company a hold waits for adapts: it starts at ``HOLD_ROWS``,
-doubles each time a hold fills up within the cap (up to ``HOLD_ROWS_MAX`` and max_batch_size),
-and halves when the cap passes with only some company. When holds that waited for more gather,
-``HOLD_GATHERED`` times in a row, exactly as many rows as the last one that filled, those are
-all the callers there are (a few closed-loop callers, whose next requests come only after this
-batch's replies): the target then stays at that many instead of doubling into the cap every
-other hold, and probes one row higher after ``HOLD_PROBE_FILLS`` holds that fill. A request is
-held only while a worker has a free slot (otherwise it waits, and batches, in any case). An idle
-or lightly loaded server never holds, and ``HOLD_MISSES`` holds in a row that catch nobody (a
-single closed-loop caller) switch holding off for ``HOLD_BACKOFF_S``.
+``HOLD_LOAD`` of the time, or busy or waiting for a CPU at least ``HOLD_PRESSED`` of the time: on a
+machine with fewer free cores than busy threads the loop's own CPU time stays low while it cannot
+keep up) requests reach the batcher one at a time, each finds a free worker, and every batch is one
+row: the per-batch costs (the shared-memory copy, two socket hops, waking the worker) are paid per
+request by the busiest thread, and by the machine. Then a lone request is held until company arrives
+or ``HOLD_CAP_S`` passes, which divides those costs by the batch's size at the price of a few
+inter-arrival gaps. How much company a hold waits for adapts: it starts at ``HOLD_ROWS``, doubles
+each time a hold fills up within the cap (up to ``HOLD_ROWS_MAX`` and max_batch_size), and halves
+when the cap passes with only some company. When holds that waited for more gather,
+``HOLD_GATHERED`` times in a row, exactly as many rows as the last one that filled, those are all
+the callers there are (a few closed-loop callers, whose next requests come only after this batch's
+replies): the target then stays at that many instead of doubling into the cap every other hold, and
+probes one row higher after ``HOLD_PROBE_FILLS`` holds that fill. A request is held only while a
+worker has a free slot (otherwise it waits, and batches, in any case). An idle or lightly loaded
+server never holds, and ``HOLD_MISSES`` holds in a row that catch nobody (a single closed-loop
+caller) switch holding off for ``HOLD_BACKOFF_S``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ log = logging.getLogger(__name__)
 SWEEP_EVERY_S = 0.01  # a full queue is swept of requests nobody waits for at most this often
 RETRY_WAIT_S = 30.0  # longest a retried batch without a deadline waits for another worker
 STOP_WAIT_S = 60.0  # longest stop() waits for running batches (the pool's watchdog is 30 s)
-HOLD_LOAD = 0.75  # event-loop thread busy fraction from which lone requests are held
+HOLD_LOAD = 0.75  # event-loop thread busy fraction from which lone requests are held ...
+HOLD_PRESSED = 0.9  # ... or busy-or-waiting-for-a-CPU fraction (LoopLoad.pressed)
 HOLD_ROWS = 2  # a held batch leaves once it has this many rows at first ...
 HOLD_ROWS_MAX = 8  # ... doubling up to this many while holds fill up within the cap
 HOLD_CAP_S = 0.002  # longest hold (the event loop's timers have millisecond resolution)
@@ -155,22 +158,50 @@ class _Batch:
             self.batcher._abandon(self, exc)
 
 
+def run_queue_wait_ns() -> int | None:
+    """Nanoseconds the calling thread has waited, runnable, for a CPU (Linux schedstat), or
+    None where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as stats:
+            return int(stats.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class LoopLoad:
-    """The busy fraction of the event-loop thread, from its CPU time, over short windows."""
+    """The event-loop thread's load over short windows: ``busy``, the fraction of the time it
+    ran (its CPU clock), and ``pressed``, the fraction it ran or waited for a CPU to run on
+    (``waited_ns``: the thread's run-queue wait so far, or None where unknown; then
+    ``pressed`` is ``busy``). ``saturated``: either is past its line (HOLD_LOAD,
+    HOLD_PRESSED). A loop that must share too few cores with the workers and the callers waits
+    for a CPU instead of running: its CPU time stays under HOLD_LOAD while requests queue."""
 
-    __slots__ = ("_count", "_cpu", "_since", "busy")
+    __slots__ = ("_cpu", "_since", "_waited", "_waited_ns", "busy", "pressed", "saturated")
 
-    def __init__(self) -> None:
+    def __init__(self, waited_ns: Callable[[], int | None] = run_queue_wait_ns) -> None:
         self.busy = 0.0
+        self.pressed = 0.0
+        self.saturated = False
         self._since = time.monotonic()
         self._cpu = time.thread_time()
+        self._waited_ns: Callable[[], int | None] | None = waited_ns
+        self._waited: int | None = None  # read at the first sample, on the loop's own thread
 
     def sample(self, now: float) -> None:
-        """Read the thread's CPU clock; the batcher calls this every 32nd request."""
+        """Read the thread's clocks; the batcher calls this every 32nd request."""
         elapsed = now - self._since
         if elapsed >= LOAD_WINDOW_S:
             cpu = time.thread_time()
             self.busy = (cpu - self._cpu) / elapsed
+            self.pressed = self.busy
+            if self._waited_ns is not None:
+                waited = self._waited_ns()
+                if waited is None:  # not on this kernel: stop asking
+                    self._waited_ns = None
+                elif self._waited is not None:
+                    self.pressed += max(0, waited - self._waited) / 1e9 / elapsed
+                self._waited = waited
+            self.saturated = self.busy >= HOLD_LOAD or self.pressed >= HOLD_PRESSED
             self._since, self._cpu = now, cpu
         elif elapsed < 0:
             self._since = now
@@ -391,7 +422,7 @@ class DynamicBatcher:
                     log.debug("model %s: %d requests wait for a worker", self._name, len(queue))
                 break  # a freed slot kicks the next flush
             # Hold only with a worker free: without one, requests wait (and batch) anyway.
-            if (self._holding or self._load.busy >= HOLD_LOAD) and self._should_hold(head):
+            if (self._holding or self._load.saturated) and self._should_hold(head):
                 lease.release()  # its notice finds the hold's timer set: no flush now
                 return
             if (
@@ -444,7 +475,7 @@ class DynamicBatcher:
             or head.lost is not None
             or head.alone
             or sum(i.rows for i in self._queue) >= self._hold_rows
-            or self._load.busy < HOLD_LOAD
+            or not self._load.saturated
             or time.monotonic() < self._no_hold_until
         ):
             return False

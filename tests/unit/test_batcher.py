@@ -505,7 +505,7 @@ def test_a_bug_handling_a_batch_outcome_fails_its_callers_instead_of_leaving_the
 
 def _loaded(batcher: DynamicBatcher) -> None:
     """Make the batcher see a saturated event loop (its thread busy all the time)."""
-    batcher._load.busy = 1.0
+    batcher._load.saturated = True
 
 
 def test_a_saturated_loop_holds_a_lone_request_until_a_second_arrives():

@@ -1,0 +1,98 @@
+"""How the batcher judges its event loop saturated (LoopLoad): by the loop thread's CPU time, and
+by the time it waited, runnable, for a CPU (Linux's schedstat), fed here by a fake counter."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+
+from serve.batching import batcher as batcher_module
+from serve.batching.batcher import LoopLoad, run_queue_wait_ns
+
+WINDOW = batcher_module.LOAD_WINDOW_S
+
+
+class WaitCounter:
+    """A fake run-queue counter: each read returns the next of ``values`` (ns)."""
+
+    def __init__(self, *values: int | None) -> None:
+        self.values = list(values)
+        self.reads = 0
+
+    def __call__(self) -> int | None:
+        self.reads += 1
+        return self.values.pop(0)
+
+
+class Windows:
+    """Samples ``load`` at the ends of successive windows of 2 × LOAD_WINDOW_S from its start
+    (in the future: the samples take the window's end as their ``now``; the thread does next
+    to nothing meanwhile, so its CPU share stays near 0)."""
+
+    def __init__(self, load: LoopLoad) -> None:
+        self.load = load
+        self.end = time.monotonic()
+
+    def __call__(self, count: int = 1) -> None:
+        for _ in range(count):
+            self.end += 2 * WINDOW
+            self.load.sample(self.end)
+
+
+def test_a_loop_that_waits_for_a_cpu_most_of_the_time_is_saturated_though_its_cpu_is_low():
+    waited = int(2 * WINDOW * 0.95 * 1e9)  # 95 % of the next window spent waiting for a CPU
+    load = LoopLoad(WaitCounter(10**9, 10**9 + waited))
+    windows = Windows(load)
+    windows()  # the first window only reads the counter
+    assert not load.saturated
+    windows()
+    assert load.busy < batcher_module.HOLD_LOAD  # its own CPU time would never hold
+    assert load.pressed >= 0.95 and load.pressed >= batcher_module.HOLD_PRESSED
+    assert load.saturated
+
+
+def test_a_loop_that_seldom_waits_for_a_cpu_is_not_saturated():
+    waited = int(2 * WINDOW * 0.2 * 1e9)
+    load = LoopLoad(WaitCounter(0, waited, 2 * waited))
+    Windows(load)(3)
+    assert 0.2 <= load.pressed < batcher_module.HOLD_PRESSED
+    assert not load.saturated
+
+
+def test_where_the_kernel_does_not_say_pressed_is_the_cpu_time_and_the_counter_is_not_read_again():
+    counter = WaitCounter(None, 10**12)
+    load = LoopLoad(counter)
+    Windows(load)(3)
+    assert counter.reads == 1
+    assert load.pressed == load.busy
+    assert not load.saturated
+
+
+def test_a_counter_that_goes_backwards_adds_no_wait():
+    load = LoopLoad(WaitCounter(10**9, 0))
+    Windows(load)(2)
+    assert load.pressed == load.busy
+
+
+def test_no_sample_before_a_window_has_passed():
+    counter = WaitCounter(0)
+    load = LoopLoad(counter)
+    load.sample(time.monotonic())  # (a window is LOAD_WINDOW_S: not over yet)
+    assert counter.reads == 0 and not load.saturated
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's schedstat")
+def test_the_kernel_counter_reads_on_any_thread_and_never_falls():
+    first = run_queue_wait_ns()
+    if first is None:
+        pytest.skip("this kernel keeps no schedstat")
+    assert first >= 0
+    assert run_queue_wait_ns() >= first
+    seen: list[int | None] = []
+    thread = threading.Thread(target=lambda: seen.append(run_queue_wait_ns()))
+    thread.start()
+    thread.join(10)
+    assert seen and seen[0] is not None and seen[0] >= 0
