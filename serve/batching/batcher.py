@@ -15,20 +15,21 @@ meanwhile as the next batch.
 Holding under load: when the event loop itself is the bottleneck (its thread busy at least
 ``HOLD_LOAD`` of the time, or busy or waiting for a CPU at least ``HOLD_PRESSED`` of the time: on a
 machine with fewer free cores than busy threads the loop's own CPU time stays low while it cannot
-keep up) requests reach the batcher one at a time, each finds a free worker, and every batch is one
-row: the per-batch costs (the shared-memory copy, two socket hops, waking the worker) are paid per
-request by the busiest thread, and by the machine. Then a lone request is held until company arrives
-or ``HOLD_CAP_S`` passes, which divides those costs by the batch's size at the price of a few
-inter-arrival gaps. How much company a hold waits for adapts: it starts at ``HOLD_ROWS``, doubles
-each time a hold fills up within the cap (up to ``HOLD_ROWS_MAX`` and max_batch_size), and halves
-when the cap passes with only some company. When holds that waited for more gather,
-``HOLD_GATHERED`` times in a row, exactly as many rows as the last one that filled, those are all
-the callers there are (a few closed-loop callers, whose next requests come only after this batch's
-replies): the target then stays at that many instead of doubling into the cap every other hold, and
-probes one row higher after ``HOLD_PROBE_FILLS`` holds that fill. A request is held only while a
-worker has a free slot (otherwise it waits, and batches, in any case). An idle or lightly loaded
-server never holds, and ``HOLD_MISSES`` holds in a row that catch nobody (a single closed-loop
-caller) switch holding off for ``HOLD_BACKOFF_S``.
+keep up), or when the process's CPU limit (a container's CFS quota, cgroup.py) stopped it within
+the last ``THROTTLE_MEMORY_S``, requests reach the batcher one at a time, each finds a free
+worker, and every batch is one row: the per-batch costs (the shared-memory copy, two socket hops,
+waking the worker) are paid per request by the busiest thread, and by the machine (or out of the
+quota). Then a lone request is held until company arrives or ``HOLD_CAP_S`` passes, which divides
+those costs by the batch's size at the price of a few inter-arrival gaps. How much company a hold
+waits for adapts: it starts at ``HOLD_ROWS``, doubles each time a hold fills up within the cap (up
+to ``HOLD_ROWS_MAX`` and max_batch_size), and halves when the cap passes with only some company.
+When holds that waited for more gather, ``HOLD_GATHERED`` times in a row, exactly as many rows as
+the last one that filled, those are all the callers there are (a few closed-loop callers, whose next
+requests come only after this batch's replies): the target then stays at that many instead of
+doubling into the cap every other hold, and probes one row higher after ``HOLD_PROBE_FILLS`` holds
+that fill. A request is held only while a worker has a free slot (otherwise it waits, and batches,
+in any case). An idle or lightly loaded server never holds, and ``HOLD_MISSES`` holds in a row that
+catch nobody (a single closed-loop caller) switch holding off for ``HOLD_BACKOFF_S``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from serve.batching.cgroup import throttle_counter
 from serve.batching.merge import Array, Signature, signature, split
 from serve.errors import (
     DeadlineExceededError,
@@ -67,6 +69,7 @@ HOLD_BACKOFF_S = 0.5  # ... for this long
 HOLD_PROBE_FILLS = 8  # holds that fill in a row before a lowered ceiling rises by one row
 HOLD_GATHERED = 2  # timed-out holds in a row with exactly the last fill's rows: all callers
 LOAD_WINDOW_S = 0.05  # the loop's busy fraction is measured over windows this long
+THROTTLE_MEMORY_S = 1.0  # a CPU limit's throttling counts as saturation for this long after
 
 
 # The phases of a batch the pool times, in the order of BatchResult.timings_ns.
@@ -172,20 +175,44 @@ class LoopLoad:
     """The event-loop thread's load over short windows: ``busy``, the fraction of the time it
     ran (its CPU clock), and ``pressed``, the fraction it ran or waited for a CPU to run on
     (``waited_ns``: the thread's run-queue wait so far, or None where unknown; then
-    ``pressed`` is ``busy``). ``saturated``: either is past its line (HOLD_LOAD,
-    HOLD_PRESSED). A loop that must share too few cores with the workers and the callers waits
-    for a CPU instead of running: its CPU time stays under HOLD_LOAD while requests queue."""
+    ``pressed`` is ``busy``). ``throttled``: the process's CPU limit stopped it within the last
+    THROTTLE_MEMORY_S (``throttled_periods``: the cgroup's count of such periods so far, or
+    None without a limit). ``saturated``: busy or pressed is past its line (HOLD_LOAD,
+    HOLD_PRESSED), or throttled. A loop that must share too few cores with the workers and the
+    callers waits for a CPU instead of running: its CPU time stays under HOLD_LOAD while requests
+    queue. A throttled process is stopped as a whole, often while its loop sits in epoll: neither
+    clock of the loop's own thread shows that it is out of CPU."""
 
-    __slots__ = ("_cpu", "_since", "_waited", "_waited_ns", "busy", "pressed", "saturated")
+    __slots__ = (
+        "_cpu",
+        "_since",
+        "_throttled",
+        "_throttled_periods",
+        "_throttled_until",
+        "_waited",
+        "_waited_ns",
+        "busy",
+        "pressed",
+        "saturated",
+        "throttled",
+    )
 
-    def __init__(self, waited_ns: Callable[[], int | None] = run_queue_wait_ns) -> None:
+    def __init__(
+        self,
+        waited_ns: Callable[[], int | None] = run_queue_wait_ns,
+        throttled_periods: Callable[[], int | None] | None = None,
+    ) -> None:
         self.busy = 0.0
         self.pressed = 0.0
+        self.throttled = False
         self.saturated = False
         self._since = time.monotonic()
         self._cpu = time.thread_time()
         self._waited_ns: Callable[[], int | None] | None = waited_ns
         self._waited: int | None = None  # read at the first sample, on the loop's own thread
+        self._throttled_periods = throttled_periods
+        self._throttled = None if throttled_periods is None else throttled_periods()
+        self._throttled_until = 0.0
 
     def sample(self, now: float) -> None:
         """Read the thread's clocks; the batcher calls this every 32nd request."""
@@ -201,7 +228,18 @@ class LoopLoad:
                 elif self._waited is not None:
                     self.pressed += max(0, waited - self._waited) / 1e9 / elapsed
                 self._waited = waited
-            self.saturated = self.busy >= HOLD_LOAD or self.pressed >= HOLD_PRESSED
+            if self._throttled_periods is not None:
+                periods = self._throttled_periods()
+                if periods is None:  # the limit's file went away: stop asking
+                    self._throttled_periods = None
+                else:
+                    if self._throttled is not None and periods > self._throttled:
+                        self._throttled_until = now + THROTTLE_MEMORY_S
+                    self._throttled = periods
+            self.throttled = now < self._throttled_until
+            self.saturated = (
+                self.busy >= HOLD_LOAD or self.pressed >= HOLD_PRESSED or self.throttled
+            )
             self._since, self._cpu = now, cpu
         elif elapsed < 0:
             self._since = now
@@ -234,7 +272,7 @@ class DynamicBatcher:
         self._idle.set()
         self._is_idle = True  # mirrors _idle without a method call per request
         self._running = False
-        self._load = LoopLoad()
+        self._load = LoopLoad(throttled_periods=throttle_counter())
         self._load_count = 0
         self._may_hold = hold_when_saturated
         self._holding = False  # a lone request is held for company

@@ -96,3 +96,48 @@ def test_the_kernel_counter_reads_on_any_thread_and_never_falls():
     thread.start()
     thread.join(10)
     assert seen and seen[0] is not None and seen[0] >= 0
+
+
+def quiet() -> WaitCounter:
+    """A run-queue counter that shows no wait."""
+    return WaitCounter(*([0] * 64))
+
+
+def test_a_process_its_cpu_limit_stopped_is_saturated_for_a_while_though_its_loop_is_idle():
+    throttled = WaitCounter(5, 5, 6, *([6] * 20))  # one more throttled period in window 2
+    load = LoopLoad(quiet(), throttled_periods=throttled)
+    windows = Windows(load)
+    windows()
+    assert not load.throttled and not load.saturated  # (no new period: only the count)
+    windows()
+    assert load.busy < batcher_module.HOLD_LOAD and load.pressed < batcher_module.HOLD_PRESSED
+    assert load.throttled and load.saturated
+    memory_windows = round(batcher_module.THROTTLE_MEMORY_S / (2 * WINDOW))
+    windows(memory_windows - 1)  # no more throttling: still within THROTTLE_MEMORY_S
+    assert load.saturated
+    windows(2)
+    assert not load.throttled and not load.saturated
+
+
+def test_a_limit_that_never_stops_the_process_is_not_saturation():
+    load = LoopLoad(quiet(), throttled_periods=WaitCounter(*([3] * 10)))
+    Windows(load)(5)
+    assert not load.throttled and not load.saturated
+
+
+def test_a_throttle_count_that_cannot_be_read_any_more_is_not_read_again():
+    throttled = WaitCounter(1, None, 9)
+    load = LoopLoad(quiet(), throttled_periods=throttled)
+    Windows(load)(3)
+    assert throttled.reads == 2  # at the start, then the None: never again
+    assert not load.saturated
+
+
+def test_the_batcher_watches_the_process_cpu_limit(monkeypatch):
+    counter = WaitCounter(*([0] * 8))
+    monkeypatch.setattr(batcher_module, "throttle_counter", lambda: counter)
+    batcher = batcher_module.DynamicBatcher(
+        "m", executor=None, max_batch_size=8, max_queue_delay_us=0, max_queue_size=8
+    )  # type: ignore[arg-type]
+    assert batcher._load._throttled_periods is counter
+    assert counter.reads == 1  # the count the first window starts from
