@@ -1,4 +1,5 @@
-"""How many CPUs this process may actually use: what thread and process counts are sized by.
+"""How many CPUs this process may actually use: what thread and process counts are sized by; and
+how often its CPU limit stopped it.
 
 ``os.cpu_count()`` counts the node's cores. A container limited to 4 CPUs on a 64-core node
 sees 64 there; sizing intra-op threads by it makes every worker run 16 times the threads it has
@@ -6,13 +7,22 @@ CPU time for, and the kernel throttles them all. The real bound is the smaller o
 mask (cpusets, ``taskset``: the kernel keeps it within ``cpuset.cpus.effective``) and the CPU
 quota of the process's cgroup and of every cgroup above it (a Kubernetes CPU limit sits on the
 container's cgroup or on the pod's, a systemd ``CPUQuota=`` on a slice or a service).
+
+A quota lets a cgroup run ``quota`` µs of CPU, summed over all its threads, every ``period`` µs;
+past that the kernel stops every thread until the next period. ``nr_throttled`` in the cgroup's
+``cpu.stat`` (v1 and v2 alike) counts the periods in which that happened: the batcher reads it
+(throttle_counter) because a throttled server's event loop, stopped while it sits in epoll, looks
+neither busy nor short of a CPU from its own thread's clocks.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 log = logging.getLogger(__name__)
@@ -21,33 +31,79 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 
 
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A CPU quota on the process's cgroup path: ``cpus`` (quota / period), set on the cgroup
+    ``folder``, whose ``cpu.stat`` counts the periods in which it stopped the cgroup."""
+
+    folder: Path
+    cpus: float
+
+
 def available_cpus(cgroup_root: Path | None = None, proc_cgroup: Path | None = None) -> int:
     """The CPUs this process may use: its affinity mask, capped by the tightest CPU quota on
-    its cgroup's path (cgroup v2 ``cpu.max`` of its own cgroup, named in ``proc_cgroup``, by
-    default /proc/self/cgroup, and of each ancestor up to ``cgroup_root``, by default
-    /sys/fs/cgroup; else v1 ``cpu/cpu.cfs_quota_us`` under ``cgroup_root``); at least 1."""
+    its cgroup's path (cpu_quotas), rounded up; at least 1."""
     cpus = len(os.sched_getaffinity(0))
-    root = CGROUP_ROOT if cgroup_root is None else cgroup_root
-    own = own_cgroup(PROC_SELF_CGROUP if proc_cgroup is None else proc_cgroup)
-    quota = cgroup_cpu_quota(root, own)
-    if quota is not None:
-        cpus = min(cpus, quota)
+    quotas = cpu_quotas(cgroup_root, proc_cgroup)
+    if quotas:
+        cpus = min(cpus, *(max(1, math.ceil(quota.cpus)) for quota in quotas))
     return max(1, cpus)
 
 
-def own_cgroup(proc_cgroup: Path) -> str:
-    """The process's cgroup v2 path ("0::/kubepods/pod1/c1" → "/kubepods/pod1/c1"), relative to
-    the hierarchy's root as this process sees it; "/" when there is no v2 line (cgroup v1
-    alone) or the file cannot be read."""
+def cpu_quotas(cgroup_root: Path | None = None, proc_cgroup: Path | None = None) -> list[Quota]:
+    """Every CPU quota on the process's cgroup path (a limit on any ancestor binds its
+    descendants too): cgroup v2 ``cpu.max`` of its own cgroup, named in ``proc_cgroup`` (by
+    default /proc/self/cgroup), and of each ancestor up to ``cgroup_root`` (by default
+    /sys/fs/cgroup); without any v2 ``cpu.max``, v1 ``cpu/cpu.cfs_quota_us`` at the root of the
+    v1 cpu hierarchy (a container's own cgroup) and on the path to the process's v1 cpu cgroup
+    where that lies under it (a host's). Unreadable or malformed limits are skipped, with a
+    warning."""
+    root = CGROUP_ROOT if cgroup_root is None else cgroup_root
+    own, own_v1 = own_cgroups(PROC_SELF_CGROUP if proc_cgroup is None else proc_cgroup)
+    quotas: list[Quota] = []
+    found_v2 = False
+    for level in cgroup_levels(root, own):
+        v2 = level / "cpu.max"
+        if not v2.is_file():
+            continue
+        found_v2 = True
+        cpus = _v2_limit(v2)
+        if cpus is not None:
+            quotas.append(Quota(level, cpus))
+    if found_v2:
+        return quotas
+    for level in cgroup_levels(root / "cpu", own_v1):
+        v1 = level / "cpu.cfs_quota_us"
+        if not v1.exists():
+            continue
+        quota, period = _read(v1), _read(level / "cpu.cfs_period_us")
+        if quota is None or period is None or quota.strip() == "-1":
+            continue
+        cpus = _cpus(v1, quota.strip(), period.strip())
+        if cpus is not None:
+            quotas.append(Quota(level, cpus))
+    return quotas
+
+
+def own_cgroups(proc_cgroup: Path) -> tuple[str, str]:
+    """The process's cgroup v2 path ("0::/kubepods/pod1/c1" → "/kubepods/pod1/c1") and its v1
+    cpu controller's ("4:cpu,cpuacct:/docker/c1" → "/docker/c1"), relative to each hierarchy's
+    root as this process sees it; "/" for one that is not there or when the file cannot be
+    read."""
     try:
         text = proc_cgroup.read_text()
     except OSError as exc:
         log.debug("cannot read %s (%s); looking at the cgroup root only", proc_cgroup, exc)
-        return "/"
+        return "/", "/"
+    v2 = v1 = "/"
     for line in text.splitlines():
-        if line.startswith("0::"):
-            return line[3:].strip() or "/"
-    return "/"
+        number, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if number == "0" and not controllers:
+            v2 = path.strip() or "/"
+        elif "cpu" in controllers.split(","):
+            v1 = path.strip() or "/"
+    return v2, v1
 
 
 def cgroup_levels(cgroup_root: Path, own: str) -> list[Path]:
@@ -64,33 +120,7 @@ def cgroup_levels(cgroup_root: Path, own: str) -> list[Path]:
     return levels
 
 
-def cgroup_cpu_quota(cgroup_root: Path, own: str = "/") -> int | None:
-    """The CPU limit in whole CPUs (rounded up) on cgroup ``own``'s path: the smallest v2
-    ``cpu.max`` from ``cgroup_root`` down to ``own`` (a limit on any ancestor binds its
-    descendants too); without any, cgroup v1's ``cpu/cpu.cfs_quota_us`` under ``cgroup_root``.
-    None when there is no limit or none can be read."""
-    limits: list[int] = []
-    found_v2 = False
-    for level in cgroup_levels(cgroup_root, own):
-        v2 = level / "cpu.max"
-        if not v2.is_file():
-            continue
-        found_v2 = True
-        limit = _v2_limit(v2)
-        if limit is not None:
-            limits.append(limit)
-    if found_v2:
-        return min(limits) if limits else None
-    v1 = cgroup_root / "cpu" / "cpu.cfs_quota_us"
-    if v1.exists():
-        quota, period = _read(v1), _read(cgroup_root / "cpu" / "cpu.cfs_period_us")
-        if quota is None or period is None or quota.strip() == "-1":
-            return None
-        return _cpus(v1, quota.strip(), period.strip())
-    return None
-
-
-def _v2_limit(path: Path) -> int | None:
+def _v2_limit(path: Path) -> float | None:
     text = _read(path)
     if text is None:
         return None
@@ -108,7 +138,7 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _cpus(path: Path, quota: str, period: str) -> int | None:
+def _cpus(path: Path, quota: str, period: str) -> float | None:
     try:
         quota_us, period_us = int(quota), int(period)
     except ValueError:
@@ -116,4 +146,59 @@ def _cpus(path: Path, quota: str, period: str) -> int | None:
     if quota_us <= 0 or period_us <= 0:
         log.warning("unexpected CPU limit %r %r in %s; ignoring it", quota, period, path)
         return None
-    return max(1, math.ceil(quota_us / period_us))
+    return quota_us / period_us
+
+
+class ThrottleCount:
+    """The periods so far in which a CPU quota stopped the process's cgroup: ``nr_throttled``
+    summed over the ``cpu.stat`` of each cgroup on its path that has a quota. Called, it returns
+    that count, or None when a file cannot be read (any more)."""
+
+    def __init__(self, quotas: list[Quota]) -> None:
+        self.stats = [quota.folder / "cpu.stat" for quota in quotas]
+
+    def __call__(self) -> int | None:
+        total = 0
+        for stat in self.stats:
+            count = _nr_throttled(stat)
+            if count is None:
+                return None
+            total += count
+        return total
+
+
+def _nr_throttled(stat: Path) -> int | None:
+    try:
+        with open(stat, "rb") as lines:
+            for line in lines:
+                if line.startswith(b"nr_throttled "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+@functools.cache
+def throttle_counter() -> Callable[[], int | None] | None:
+    """The process's ThrottleCount, or None without a CPU quota (or an unreadable one): found
+    once per process, and logged."""
+    quotas = cpu_quotas()
+    if not quotas:
+        log.info("no CPU limit (CFS quota) on this process's cgroup: no throttling to watch")
+        return None
+    count = ThrottleCount(quotas)
+    limit = min(quota.cpus for quota in quotas)
+    if count() is None:
+        log.warning(
+            "CPU limit %.2f CPUs, but %s cannot be read: batching does not watch for throttling",
+            limit,
+            " or ".join(str(stat) for stat in count.stats),
+        )
+        return None
+    log.info(
+        "CPU limit %.2f CPUs (%s): the periods in which it stops this process count as "
+        "saturation for batching",
+        limit,
+        ", ".join(str(quota.folder) for quota in quotas),
+    )
+    return count

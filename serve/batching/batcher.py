@@ -15,7 +15,7 @@ meanwhile as the next batch.
 Holding under load: when the event loop itself is the bottleneck (its thread busy at least
 ``HOLD_LOAD`` of the time, or busy or waiting for a CPU at least ``HOLD_PRESSED`` of the time: on a
 machine with fewer free cores than busy threads the loop's own CPU time stays low while it cannot
-keep up), or when the process's CPU limit (a container's CFS quota, cgroup.py) stopped it within
+keep up), or when the process's CPU limit (a container's CFS quota, serve/cpus.py) stopped it within
 the last ``THROTTLE_MEMORY_S``, requests reach the batcher one at a time, each finds a free
 worker, and every batch is one row: the per-batch costs (the shared-memory copy, two socket hops,
 waking the worker) are paid per request by the busiest thread, and by the machine (or out of the
@@ -42,8 +42,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from serve.batching.cgroup import throttle_counter
 from serve.batching.merge import Array, Signature, signature, split
+from serve.cpus import throttle_counter
 from serve.errors import (
     DeadlineExceededError,
     InvalidInputError,

@@ -1,8 +1,13 @@
-"""The CPUs a process may use: its affinity mask capped by its cgroup's CPU quota."""
+"""The CPUs a process may use: its affinity mask capped by its cgroup's CPU quota; and the
+periods in which a quota stopped it."""
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -146,3 +151,122 @@ def test_a_pool_sizes_its_workers_threads_by_the_cpu_limit_not_the_node(tmp_path
     monkeypatch.setattr(cpus, "PROC_SELF_CGROUP", _proc_cgroup(tmp_path / "proc", f"0::/{LEAF}\n"))
     assert WorkerPool(_model(workers=2, threads=0)).settings.threads == 2
     assert WorkerPool(_model(workers=2, threads=3)).settings.threads == 3  # the model's own
+
+
+# Throttling: the quotas on the process's path and the periods in which they stopped it.
+
+
+def _stat(folder: Path, throttled: int) -> None:
+    (folder / "cpu.stat").write_text(f"usage_usec 9\nnr_periods 50\nnr_throttled {throttled}\n")
+
+
+def test_every_quota_on_the_path_is_found_with_its_folder(tmp_path):
+    root = _nested(tmp_path / "cgroup", {"kubepods.slice": "800000 100000\n", LEAF: "max 100000\n"})
+    _cgroup_v2(root / "kubepods.slice/pod1.slice", "150000 100000\n")
+    proc = _proc_cgroup(tmp_path / "proc", f"0::/{LEAF}\n")
+    assert cpus.cpu_quotas(root, proc) == [
+        cpus.Quota(root / "kubepods.slice", 8.0),
+        cpus.Quota(root / "kubepods.slice/pod1.slice", 1.5),
+    ]
+
+
+def test_a_v1_host_cgroup_below_the_hierarchy_root_is_found(tmp_path):
+    """A host (not a container) with cgroup v1: the process's cpu cgroup lies below the mount."""
+    group = tmp_path / "cgroup" / "cpu" / "serving"
+    group.mkdir(parents=True)
+    (group.parent / "cpu.cfs_quota_us").write_text("-1\n")
+    (group.parent / "cpu.cfs_period_us").write_text("100000\n")
+    (group / "cpu.cfs_quota_us").write_text("50000\n")
+    (group / "cpu.cfs_period_us").write_text("100000\n")
+    proc = _proc_cgroup(tmp_path / "proc", "4:cpu:/serving\n1:name=systemd:/\n0::/\n")
+    assert cpus.cpu_quotas(tmp_path / "cgroup", proc) == [cpus.Quota(group, 0.5)]
+    assert available_cpus(tmp_path / "cgroup", proc) == 1
+
+
+def test_the_throttled_periods_of_every_quota_on_the_path_add_up(tmp_path):
+    pod, container = tmp_path / "pod", tmp_path / "container"
+    for folder, throttled in ((pod, 4), (container, 7)):
+        folder.mkdir()
+        _stat(folder, throttled)
+    count = cpus.ThrottleCount([cpus.Quota(pod, 2.0), cpus.Quota(container, 1.0)])
+    assert count() == 11
+    _stat(container, 9)
+    assert count() == 13
+    (pod / "cpu.stat").write_text("usage_usec 9\n")  # no nr_throttled (no cpu controller)
+    assert count() is None
+    (pod / "cpu.stat").unlink()
+    assert count() is None
+
+
+@pytest.fixture
+def found_afresh():
+    cpus.throttle_counter.cache_clear()
+    yield
+    cpus.throttle_counter.cache_clear()
+
+
+def test_the_process_counter_watches_its_quotas_and_says_so(
+    tmp_path, monkeypatch, caplog, found_afresh
+):
+    root = _nested(tmp_path / "cgroup", {LEAF: "50000 100000\n"})
+    _stat(root / LEAF, 3)
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", root)
+    monkeypatch.setattr(cpus, "PROC_SELF_CGROUP", _proc_cgroup(tmp_path / "proc", f"0::/{LEAF}\n"))
+    with caplog.at_level(logging.INFO, logger="serve.cpus"):
+        count = cpus.throttle_counter()
+    assert count is not None and count() == 3
+    assert "CPU limit 0.50 CPUs" in caplog.text
+    assert cpus.throttle_counter() is count  # found once per process
+
+
+def test_no_quota_or_an_unreadable_count_means_nothing_to_watch(
+    tmp_path, monkeypatch, found_afresh
+):
+    root = _nested(tmp_path / "cgroup", {LEAF: "max 100000\n"})
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", root)
+    monkeypatch.setattr(cpus, "PROC_SELF_CGROUP", _proc_cgroup(tmp_path / "proc", f"0::/{LEAF}\n"))
+    assert cpus.throttle_counter() is None
+    cpus.throttle_counter.cache_clear()
+    _cgroup_v2(root / LEAF, "50000 100000\n")  # a quota, but its cpu.stat is missing
+    assert cpus.throttle_counter() is None
+
+
+CHILD = """
+import time
+from serve import cpus
+count = cpus.throttle_counter()
+first = count()
+end = time.monotonic() + 0.6
+while time.monotonic() < end:
+    pass
+print(min(quota.cpus for quota in cpus.cpu_quotas()), first, count())
+"""
+
+
+def test_the_real_kernel_counts_the_periods_a_quota_stopped_a_busy_process(tmp_path):
+    """Where this test may make a cgroup-v1 cpu group (root, a writable v1 cpu hierarchy)."""
+    hierarchy = cpus.CGROUP_ROOT / "cpu"
+    if not (hierarchy / "cgroup.procs").exists() or not os.access(hierarchy, os.W_OK):
+        pytest.skip("no writable cgroup-v1 cpu hierarchy here")
+    group = hierarchy / f"warmserve-test-{uuid.uuid4().hex[:8]}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup here: {exc}")
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("20000")  # 0.2 CPU
+        enter = f'echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "$0"'
+        done = subprocess.run(
+            ["sh", "-c", enter, CHILD],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).parents[2],
+        )
+        assert done.returncode == 0, done.stderr
+        limit, first, last = done.stdout.split()
+        assert float(limit) == pytest.approx(0.2)
+        assert int(last) > int(first)  # 0.6 s of spinning at 0.2 CPU: throttled most periods
+    finally:
+        group.rmdir()
