@@ -21,6 +21,7 @@ import functools
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -202,3 +203,41 @@ def throttle_counter() -> Callable[[], int | None] | None:
         ", ".join(str(quota.folder) for quota in quotas),
     )
     return count
+
+
+class ThrottleWatch:
+    """When the process's CPU limit last stopped it, for decisions that latency would mislead
+    while it does (the controller's slow workers and probe budgets, a rollout's latency
+    watch): the kernel stops the serving process and every worker alike, so a worker or a
+    version looks slow that is not. ``count``: a ThrottleCount, or None without a limit (then
+    nothing is ever throttled). Each read that finds the count risen since the previous read
+    records the time."""
+
+    def __init__(self, count: Callable[[], int | None] | None) -> None:
+        self._count = count
+        self._last: int | None = None
+        self._seen = -math.inf  # time.monotonic() of the last read that found the count risen
+
+    def periods(self) -> int | None:
+        """The count of throttled periods so far, or None (no limit, or unreadable)."""
+        if self._count is None:
+            return None
+        current = self._count()
+        if current is None:
+            return None
+        if self._last is not None and current > self._last:
+            self._seen = time.monotonic()
+        self._last = current
+        return current
+
+    def throttled_within(self, seconds: float) -> bool:
+        """Whether a read in about the last ``seconds`` found the limit had stopped the
+        process (this one included)."""
+        self.periods()
+        return time.monotonic() - self._seen <= seconds
+
+
+@functools.cache
+def throttle_watch() -> ThrottleWatch:
+    """The process's ThrottleWatch (one, shared by every model)."""
+    return ThrottleWatch(throttle_counter())

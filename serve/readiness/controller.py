@@ -1,5 +1,9 @@
 """The warm-pool controller: probes workers, replaces failing, hung or slow ones, and scales the
-pool between ``min_warm`` and ``max_workers`` on P95 latency and queue depth."""
+pool between ``min_warm`` and ``max_workers`` on P95 latency and queue depth.
+
+While the process's CPU limit stops it (its CFS quota spent: serve/cpus.py), every worker's
+latency carries the kernel's pauses: a worker over the latency budget then is not counted slow,
+because a new one would wait just the same and its cold start would cost more CPU."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from serve.config import ModelConfig
+from serve.cpus import ThrottleWatch, throttle_watch
 from serve.pool.pool import WorkerPool
 from serve.pool.worker_handle import WorkerHandle
 from serve.readiness.latency import ModelLatency
@@ -30,11 +35,15 @@ class WarmPoolController:
         latency: ModelLatency,
         queue_depth: Callable[[], int],
         on_change: Callable[[], None],
+        throttle: ThrottleWatch | None = None,
     ) -> None:
+        """``throttle``: the process's CPU limit; by default cpus.throttle_watch()."""
         self.model = model
         self.pool = pool
         self.latency = latency
-        self.prober = Prober(model, pool)
+        self._throttle = throttle_watch() if throttle is None else throttle
+        self._throttle_said = False  # the current throttled stretch's log line was written
+        self.prober = Prober(model, pool, self._throttle)
         self._queue_depth = queue_depth
         self._on_change = on_change
         self._tick_s = min(1.0, model.probe.interval_s)
@@ -152,9 +161,25 @@ class WarmPoolController:
         if not budget:
             return
         counted, self._slow_ticks = self._slow_ticks, {}  # warm workers only: none long gone
+        throttled = self._throttle.throttled_within(DECISION_WINDOW_S)
+        if not throttled:
+            self._throttle_said = False
         for worker in self.pool.warm_workers():
             stats = self.latency.worker(worker.worker_id).percentiles(last_s=DECISION_WINDOW_S)
             slow = stats.count >= MIN_SAMPLES and stats.p95_ms > budget
+            if slow and throttled:
+                if not self._throttle_said:
+                    self._throttle_said = True
+                    log.info(
+                        "model %s: worker %s P95 %.1f ms, over the %g ms budget, while the CPU "
+                        "limit stops this server: not counted slow (a new worker would wait "
+                        "just the same)",
+                        self.model.name,
+                        worker.worker_id,
+                        stats.p95_ms,
+                        budget,
+                    )
+                slow = False
             ticks = counted.get(worker.worker_id, 0) + 1 if slow else 0
             self._slow_ticks[worker.worker_id] = ticks
             if ticks >= SLOW_TICKS and not worker.retiring:

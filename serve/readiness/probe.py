@@ -10,6 +10,11 @@ healthy worker under load failed its probes). One busy without an answer for tha
 probed (a hung worker fails it), and a batch that never returns is the watchdog's case. Once
 its live batches fail in the model, the probe takes the next slot that frees, ahead of them: a
 busy worker cannot dodge its probe.
+
+A probe over the latency budget during which the process's CPU limit stopped it (a period of its
+CFS quota spent: serve/cpus.py) is not held against the worker: the kernel stopped the serving
+process and the worker alike, and a new worker would wait just the same. It passes, and the log
+says so. Wrong answers and timeouts fail as ever.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from serve.config import ModelConfig
+from serve.cpus import ThrottleWatch
 from serve.errors import ServeError
 from serve.pool.pool import WorkerPool
 from serve.pool.worker_handle import WorkerHandle
@@ -48,9 +54,16 @@ def _load_npz(path: Path) -> dict[str, npt.NDArray[Any]]:
 
 
 class Prober:
-    def __init__(self, model: ModelConfig, pool: WorkerPool) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        pool: WorkerPool,
+        throttle: ThrottleWatch | None = None,
+    ) -> None:
+        """``throttle``: the process's CPU limit (cpus.throttle_watch); None: none."""
         self.model = model
         self.pool = pool
+        self._throttle = throttle
         rows = 1 if model.max_batch_size > 0 else None
         if model.probe.inputs_file:
             given = _load_npz(Path(model.directory) / model.probe.inputs_file)
@@ -95,6 +108,8 @@ class Prober:
                     worker, start, f"busy, its batches failing, no slot free within {timeout_s:g} s"
                 )
             start = time.monotonic()
+        throttle = self._throttle
+        before = None if throttle is None else throttle.periods()
         try:
             async with asyncio.timeout(timeout_s):
                 result = await lease.run(self.inputs, self.rows)
@@ -103,13 +118,25 @@ class Prober:
         except ServeError as exc:
             return self._result(worker, start, str(exc))
         latency = time.monotonic() - start
-        return self._result(worker, start, self.check(result.outputs, latency))
+        reason = self.check(result.outputs)
+        if not reason and (over := self.over_budget(latency)):
+            after = None if throttle is None else throttle.periods()
+            if before is not None and after is not None and after > before:
+                log.info(
+                    "worker %s: %s, but the CPU limit stopped this server meanwhile: not held "
+                    "against the worker",
+                    worker.worker_id,
+                    over,
+                )
+            else:
+                reason = over
+        return self._result(worker, start, reason)
 
     def _result(self, worker: WorkerHandle, start: float, reason: str) -> ProbeResult:
         return ProbeResult(worker, not reason, reason, time.monotonic() - start)
 
-    def check(self, outputs: list[npt.NDArray[Any]], latency_s: float) -> str:
-        """Empty when the probe passed; otherwise what was wrong."""
+    def check(self, outputs: list[npt.NDArray[Any]]) -> str:
+        """Empty when the probe's answer is right; otherwise what was wrong with it."""
         model = self.model
         if len(outputs) != len(model.outputs):
             return f"{len(outputs)} outputs, expected {len(model.outputs)}"
@@ -130,7 +157,11 @@ class Prober:
                     out, want, rtol=model.probe.rtol, atol=model.probe.atol
                 ):
                     return f"output {spec.name!r} differs from the expected probe output"
-        budget_ms = model.latency_budget_ms
+        return ""
+
+    def over_budget(self, latency_s: float) -> str:
+        """Empty within the model's latency budget (or without one); otherwise by how much."""
+        budget_ms = self.model.latency_budget_ms
         if budget_ms and latency_s * 1e3 > budget_ms:
             return f"probe took {latency_s * 1e3:.1f} ms, over the {budget_ms:g} ms budget"
         return ""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import types
 from dataclasses import dataclass, field
 
 from serve.config import ModelConfig, PoolConfig, TensorSpec
@@ -62,7 +64,14 @@ def _model(**pool: object) -> ModelConfig:
 
 
 def _controller(model: ModelConfig, pool: FakePool, depth: int = 0) -> WarmPoolController:
-    return WarmPoolController(model, pool, ModelLatency(), lambda: depth, lambda: None)  # type: ignore[arg-type]
+    return WarmPoolController(
+        model,
+        pool,  # type: ignore[arg-type]
+        ModelLatency(),
+        lambda: depth,
+        lambda: None,
+        FakeThrottle(limited=False),  # type: ignore[arg-type]
+    )
 
 
 def test_a_worker_persistently_over_budget_is_replaced_while_it_keeps_serving():
@@ -309,3 +318,105 @@ def test_a_worker_computing_a_live_batch_is_not_probed_behind_it():
     result, probes, free = asyncio.run(main())
     assert free == 1  # a slot was free: the probe could have been sent
     assert result is None and probes == 0
+
+
+# The CPU limit (serve/cpus.py): while it stops the process, latency is not a worker's fault.
+
+
+class FakeThrottle:
+    """A ThrottleWatch whose count rises by one at each ``stop()``."""
+
+    def __init__(self, limited: bool = True) -> None:
+        self.count = 0 if limited else None
+        self.recent = False
+
+    def stop(self) -> None:
+        assert self.count is not None
+        self.count += 1
+        self.recent = True
+
+    def periods(self) -> int | None:
+        return self.count
+
+    def throttled_within(self, seconds: float) -> bool:
+        return self.recent
+
+
+class SlowLease:
+    """A probe's lease whose batch takes ``seconds`` on the probe module's clock, during which
+    the CPU limit stops the process if ``throttle`` is given; its answer is ``outputs``."""
+
+    def __init__(self, clock: list[float], seconds: float, throttle: FakeThrottle | None, outputs):
+        self.clock, self.seconds, self.throttle, self.outputs = clock, seconds, throttle, outputs
+
+    async def run(self, inputs: object, rows: int) -> object:
+        self.clock[0] += self.seconds
+        if self.throttle is not None:
+            self.throttle.stop()
+        return types.SimpleNamespace(outputs=self.outputs)
+
+
+def _probe(monkeypatch, *, seconds: float, stopped: bool, outputs=None) -> tuple[object, str]:
+    """Probe one idle worker whose answer takes ``seconds`` (the model's budget is 5 ms),
+    with the CPU limit stopping the process meanwhile or not."""
+    import numpy as np
+
+    from serve.readiness import probe as probe_module
+    from serve.readiness.probe import Prober
+
+    clock = [100.0]
+    monkeypatch.setattr(probe_module.time, "monotonic", lambda: clock[0])
+    throttle = FakeThrottle()
+    answer = [np.zeros((1, 1), np.float32)] if outputs is None else outputs
+    lease = SlowLease(clock, seconds, throttle if stopped else None, answer)
+    pool = types.SimpleNamespace(acquire_now=lambda worker: lease)
+    prober = Prober(_model(), pool, throttle)  # type: ignore[arg-type]
+    result = asyncio.run(prober.probe(FakeWorker("m#1")))  # type: ignore[arg-type]
+    assert result is not None
+    return result, result.reason
+
+
+def test_a_probe_over_its_budget_fails_the_worker(monkeypatch):
+    result, reason = _probe(monkeypatch, seconds=0.060, stopped=False)
+    assert not result.ok and "probe took 60.0 ms, over the 5 ms budget" in reason
+
+
+def test_a_probe_over_its_budget_while_the_cpu_limit_stopped_the_server_passes(monkeypatch, caplog):
+    with caplog.at_level(logging.INFO, logger="serve.readiness.probe"):
+        result, _ = _probe(monkeypatch, seconds=0.060, stopped=True)
+    assert result.ok
+    assert "the CPU limit stopped this server meanwhile: not held against the worker" in caplog.text
+
+
+def test_a_wrong_answer_fails_even_while_the_cpu_limit_stops_the_server(monkeypatch):
+    import numpy as np
+
+    nan = [np.full((1, 1), np.nan, np.float32)]
+    result, reason = _probe(monkeypatch, seconds=0.001, stopped=True, outputs=nan)
+    assert not result.ok and "non-finite" in reason
+
+
+def test_a_slow_worker_is_not_replaced_while_the_cpu_limit_stops_the_server(caplog):
+    slow = FakeWorker("m#1")
+    pool = FakePool([slow])
+    throttle = FakeThrottle()
+    throttle.stop()
+    control = WarmPoolController(
+        _model(),
+        pool,
+        ModelLatency(),
+        lambda: 0,
+        lambda: None,
+        throttle,  # type: ignore[arg-type]
+    )
+    for _ in range(controller_module.MIN_SAMPLES):
+        control.latency.worker("m#1").add(0.020)
+    with caplog.at_level(logging.INFO, logger="serve.readiness.controller"):
+        for _ in range(2 * controller_module.SLOW_TICKS):
+            control._check_slow_workers()
+    assert pool.replaced == []
+    assert caplog.text.count("while the CPU limit stops this server: not counted slow") == 1
+    throttle.recent = False  # the limit no longer stops it: the budget holds again
+    for _ in range(controller_module.SLOW_TICKS):
+        control._check_slow_workers()
+    assert pool.replaced == [("m#1", False)]

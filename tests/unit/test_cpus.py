@@ -270,3 +270,35 @@ def test_the_real_kernel_counts_the_periods_a_quota_stopped_a_busy_process(tmp_p
         assert int(last) > int(first)  # 0.6 s of spinning at 0.2 CPU: throttled most periods
     finally:
         group.rmdir()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_throttle_watch_remembers_when_a_read_found_the_count_risen(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(cpus.time, "monotonic", clock)
+    counts = iter([5, 5, 6, 6, 6])
+    watch = cpus.ThrottleWatch(lambda: next(counts))
+    assert not watch.throttled_within(5.0)  # the first read: only the count
+    clock.now += 1
+    assert not watch.throttled_within(5.0)  # unchanged
+    clock.now += 1
+    assert watch.throttled_within(5.0)  # risen: throttled now
+    clock.now += 4
+    assert watch.throttled_within(5.0)  # 4 s ago
+    clock.now += 2
+    assert not watch.throttled_within(5.0)  # 6 s ago
+
+
+def test_a_throttle_watch_without_a_limit_never_says_throttled():
+    watch = cpus.ThrottleWatch(None)
+    assert watch.periods() is None
+    assert not watch.throttled_within(1e9)
+    unreadable = cpus.ThrottleWatch(lambda: None)
+    assert unreadable.periods() is None and not unreadable.throttled_within(1e9)

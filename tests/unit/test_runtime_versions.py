@@ -8,6 +8,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 import serve.runtime
@@ -434,3 +435,48 @@ def test_a_server_stopping_while_a_refused_version_stops_stops_it_still(monkeypa
         assert made["2"].stopped
 
     asyncio.run(main())
+
+
+class _Throttle:
+    def __init__(self, stopping: bool) -> None:
+        self.stopping = stopping
+
+    def throttled_within(self, seconds: float) -> bool:
+        return self.stopping
+
+
+@pytest.mark.parametrize("cpu_limit_stops_it", [False, True])
+def test_a_version_over_its_latency_budget_is_rolled_back_unless_the_cpu_limit_stops_the_server(
+    monkeypatch, caplog, cpu_limit_stops_it
+):
+    """While the CPU limit stops the server, the old version would wait just the same."""
+    timers = _Timers()
+    monkeypatch.setattr(serve.runtime, "asyncio", timers.module)
+    monkeypatch.setattr(serve.runtime, "throttle_watch", lambda: _Throttle(cpu_limit_stops_it))
+
+    def budgeted(version: str) -> ModelSource:
+        model = ModelConfig("m", "onnx", "m.onnx", SPEC, SPEC, version=version)
+        return ModelSource(msgspec.structs.replace(model, latency_budget_ms=5.0), f"b-{version}")
+
+    async def main() -> None:
+        runtime, made = _runtime(monkeypatch)
+        monkeypatch.setattr(serve.runtime, "WATCH_TICK_S", 7)  # a tick ends when the test says
+        try:
+            await runtime.rollout(budgeted("1"), watch_s=0, keep_previous_s=0)
+            await runtime.rollout(budgeted("2"), watch_s=1000, keep_previous_s=1000)
+            for _ in range(20):
+                made["2"].latency.end_to_end.add(0.050)  # P95 50 ms, over the 5 ms budget
+            await timers.end(7)  # the first tick: the watch finds version 2 over its budget
+            async with asyncio.timeout(10):  # (the rollback switches within a few loop turns)
+                while not cpu_limit_stops_it and _active(runtime) == "2":
+                    await asyncio.sleep(0)
+            if cpu_limit_stops_it:
+                await timers.end(7)  # the watch waits for its next tick: the first is over
+            assert _active(runtime) == ("2" if cpu_limit_stops_it else "1")
+        finally:
+            await runtime.stop()
+
+    with caplog.at_level(logging.INFO, logger="serve.runtime"):
+        asyncio.run(main())
+    said = "P95 50.0 ms over the 5 ms budget while the CPU limit stops this server"
+    assert (said in caplog.text) == cpu_limit_stops_it
