@@ -481,14 +481,20 @@ def _ratio(top: float, bottom: float) -> float:
     return top / bottom if bottom else float("nan")
 
 
-def _rows_per_batch(metrics: str) -> float:
-    """Average batch size over the server's life, from its Prometheus batch-rows histogram."""
+def batch_rows(metrics: str) -> tuple[float, float]:
+    """Rows and batches so far, from a server's Prometheus batch-rows histogram (every model)."""
     total = count = 0.0
     for line in metrics.splitlines():
         if line.startswith("warmserve_batch_rows_sum{"):
             total += float(line.rsplit(" ", 1)[1])
         elif line.startswith("warmserve_batch_rows_count{"):
             count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def _rows_per_batch(metrics: str) -> float:
+    """Average batch size over the server's life, from its Prometheus batch-rows histogram."""
+    total, count = batch_rows(metrics)
     return total / count if count else 0.0
 
 

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks import loadgen
-from benchmarks.compare import MODEL
+from benchmarks.compare import MODEL, batch_rows
 from serve.testing.models import build_mlp_onnx
 from tests.integration.harness import ServerProcess, wait_until
 
@@ -44,24 +44,17 @@ def schedstat(pid: int) -> tuple[int, int]:
     return int(run), int(wait)
 
 
-def batch_rows(server: ServerProcess) -> tuple[float, float]:
+def rows_and_batches(server: ServerProcess) -> tuple[float, float]:
     url = f"http://127.0.0.1:{server.http_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as answer:
-        text = answer.read().decode()
-    total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith("warmserve_batch_rows_sum{"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("warmserve_batch_rows_count{"):
-            count += float(line.rsplit(" ", 1)[1])
-    return total, count
+        return batch_rows(answer.read().decode())
 
 
 def measure(server: ServerProcess, level: str) -> tuple[float, ...]:
     value = float(level[1:])
     pid = server.process.pid
     throttled0, (run0, wait0) = throttled_ns(), schedstat(pid)
-    rows0, batches0 = batch_rows(server)
+    rows0, batches0 = rows_and_batches(server)
     start = time.monotonic()
     if level.startswith("c"):
         result = loadgen.run(server.url, MODEL, concurrency=int(value), seconds=SECONDS)
@@ -69,7 +62,7 @@ def measure(server: ServerProcess, level: str) -> tuple[float, ...]:
         result = loadgen.run(server.url, MODEL, rate=value, seconds=SECONDS)
     wall = (time.monotonic() - start) * 1e9
     throttled1, (run1, wait1) = throttled_ns(), schedstat(pid)
-    rows1, batches1 = batch_rows(server)
+    rows1, batches1 = rows_and_batches(server)
     summary = result.summary()
     if result.errors:
         print(f"    {result.errors} errors", flush=True)
