@@ -11,7 +11,7 @@ container's cgroup or on the pod's, a systemd ``CPUQuota=`` on a slice or a serv
 A quota lets a cgroup run ``quota`` µs of CPU, summed over all its threads, every ``period`` µs;
 past that the kernel stops every thread until the next period. ``nr_throttled`` in the cgroup's
 ``cpu.stat`` (v1 and v2 alike) counts the periods in which that happened: the batcher reads it
-(throttle_counter) because a throttled server's event loop, stopped while it sits in epoll, looks
+(throttle_watch) because a throttled server's event loop, stopped while it sits in epoll, looks
 neither busy nor short of a CPU from its own thread's clocks.
 """
 
@@ -206,35 +206,39 @@ def throttle_counter() -> Callable[[], int | None] | None:
 
 
 class ThrottleWatch:
-    """When the process's CPU limit last stopped it, for decisions that latency would mislead
-    while it does (the controller's slow workers and probe budgets, a rollout's latency
-    watch): the kernel stops the serving process and every worker alike, so a worker or a
-    version looks slow that is not. ``count``: a ThrottleCount, or None without a limit (then
-    nothing is ever throttled). Each read that finds the count risen since the previous read
-    records the time."""
+    """When the process's CPU limit last stopped it: for the batcher, which batches more then,
+    and for decisions that latency would mislead (the controller's slow workers and probe
+    budgets, a rollout's latency watch): the kernel stops the serving process and every worker
+    alike, so a worker or a version looks slow that is not. ``count``: a ThrottleCount, or None
+    without a limit (then nothing is ever throttled). Each read that finds the count risen since
+    the previous read records the time; a count that cannot be read any more is not read again."""
 
     def __init__(self, count: Callable[[], int | None] | None) -> None:
         self._count = count
         self._last: int | None = None
         self._seen = -math.inf  # time.monotonic() of the last read that found the count risen
 
-    def periods(self) -> int | None:
-        """The count of throttled periods so far, or None (no limit, or unreadable)."""
+    def periods(self, now: float | None = None) -> int | None:
+        """The count of throttled periods so far, or None (no limit, or unreadable). ``now``:
+        time.monotonic() if the caller has it."""
         if self._count is None:
             return None
         current = self._count()
         if current is None:
+            log.warning("the CPU limit's throttle count cannot be read any more: not watched")
+            self._count = None
             return None
         if self._last is not None and current > self._last:
-            self._seen = time.monotonic()
+            self._seen = time.monotonic() if now is None else now
         self._last = current
         return current
 
-    def throttled_within(self, seconds: float) -> bool:
+    def throttled_within(self, seconds: float, now: float | None = None) -> bool:
         """Whether a read in about the last ``seconds`` found the limit had stopped the
         process (this one included)."""
-        self.periods()
-        return time.monotonic() - self._seen <= seconds
+        now = time.monotonic() if now is None else now
+        self.periods(now)
+        return now - self._seen <= seconds
 
 
 @functools.cache

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from serve.batching.merge import Array, Signature, signature, split
-from serve.cpus import throttle_counter
+from serve.cpus import ThrottleWatch, throttle_watch
 from serve.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -175,9 +175,9 @@ class LoopLoad:
     """The event-loop thread's load over short windows: ``busy``, the fraction of the time it
     ran (its CPU clock), and ``pressed``, the fraction it ran or waited for a CPU to run on
     (``waited_ns``: the thread's run-queue wait so far, or None where unknown; then
-    ``pressed`` is ``busy``). ``throttled``: the process's CPU limit stopped it within the last
-    THROTTLE_MEMORY_S (``throttled_periods``: the cgroup's count of such periods so far, or
-    None without a limit). ``saturated``: busy or pressed is past its line (HOLD_LOAD,
+    ``pressed`` is ``busy``). ``throttled``: the process's CPU limit (``throttle``; None:
+    none) stopped it within the last THROTTLE_MEMORY_S. ``saturated``: busy or pressed is past
+    its line (HOLD_LOAD,
     HOLD_PRESSED), or throttled. A loop that must share too few cores with the workers and the
     callers waits for a CPU instead of running: its CPU time stays under HOLD_LOAD while requests
     queue. A throttled process is stopped as a whole, often while its loop sits in epoll: neither
@@ -186,9 +186,7 @@ class LoopLoad:
     __slots__ = (
         "_cpu",
         "_since",
-        "_throttled",
-        "_throttled_periods",
-        "_throttled_until",
+        "_throttle",
         "_waited",
         "_waited_ns",
         "busy",
@@ -200,7 +198,7 @@ class LoopLoad:
     def __init__(
         self,
         waited_ns: Callable[[], int | None] = run_queue_wait_ns,
-        throttled_periods: Callable[[], int | None] | None = None,
+        throttle: ThrottleWatch | None = None,
     ) -> None:
         self.busy = 0.0
         self.pressed = 0.0
@@ -210,9 +208,9 @@ class LoopLoad:
         self._cpu = time.thread_time()
         self._waited_ns: Callable[[], int | None] | None = waited_ns
         self._waited: int | None = None  # read at the first sample, on the loop's own thread
-        self._throttled_periods = throttled_periods
-        self._throttled = None if throttled_periods is None else throttled_periods()
-        self._throttled_until = 0.0
+        self._throttle = throttle
+        if throttle is not None:
+            throttle.periods()  # the count the first window starts from
 
     def sample(self, now: float) -> None:
         """Read the thread's clocks; the batcher calls this every 32nd request."""
@@ -228,15 +226,10 @@ class LoopLoad:
                 elif self._waited is not None:
                     self.pressed += max(0, waited - self._waited) / 1e9 / elapsed
                 self._waited = waited
-            if self._throttled_periods is not None:
-                periods = self._throttled_periods()
-                if periods is None:  # the limit's file went away: stop asking
-                    self._throttled_periods = None
-                else:
-                    if self._throttled is not None and periods > self._throttled:
-                        self._throttled_until = now + THROTTLE_MEMORY_S
-                    self._throttled = periods
-            self.throttled = now < self._throttled_until
+            throttle = self._throttle
+            self.throttled = throttle is not None and throttle.throttled_within(
+                THROTTLE_MEMORY_S, now
+            )
             self.saturated = (
                 self.busy >= HOLD_LOAD or self.pressed >= HOLD_PRESSED or self.throttled
             )
@@ -272,7 +265,7 @@ class DynamicBatcher:
         self._idle.set()
         self._is_idle = True  # mirrors _idle without a method call per request
         self._running = False
-        self._load = LoopLoad(throttled_periods=throttle_counter())
+        self._load = LoopLoad(throttle=throttle_watch())
         self._load_count = 0
         self._may_hold = hold_when_saturated
         self._holding = False  # a lone request is held for company

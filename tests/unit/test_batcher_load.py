@@ -11,6 +11,7 @@ import pytest
 
 from serve.batching import batcher as batcher_module
 from serve.batching.batcher import LoopLoad, run_queue_wait_ns
+from serve.cpus import ThrottleWatch
 
 WINDOW = batcher_module.LOAD_WINDOW_S
 
@@ -105,7 +106,7 @@ def quiet() -> WaitCounter:
 
 def test_a_process_its_cpu_limit_stopped_is_saturated_for_a_while_though_its_loop_is_idle():
     throttled = WaitCounter(5, 5, 6, *([6] * 20))  # one more throttled period in window 2
-    load = LoopLoad(quiet(), throttled_periods=throttled)
+    load = LoopLoad(quiet(), throttle=ThrottleWatch(throttled))
     windows = Windows(load)
     windows()
     assert not load.throttled and not load.saturated  # (no new period: only the count)
@@ -120,14 +121,14 @@ def test_a_process_its_cpu_limit_stopped_is_saturated_for_a_while_though_its_loo
 
 
 def test_a_limit_that_never_stops_the_process_is_not_saturation():
-    load = LoopLoad(quiet(), throttled_periods=WaitCounter(*([3] * 10)))
+    load = LoopLoad(quiet(), throttle=ThrottleWatch(WaitCounter(*([3] * 10))))
     Windows(load)(5)
     assert not load.throttled and not load.saturated
 
 
 def test_a_throttle_count_that_cannot_be_read_any_more_is_not_read_again():
     throttled = WaitCounter(1, None, 9)
-    load = LoopLoad(quiet(), throttled_periods=throttled)
+    load = LoopLoad(quiet(), throttle=ThrottleWatch(throttled))
     Windows(load)(3)
     assert throttled.reads == 2  # at the start, then the None: never again
     assert not load.saturated
@@ -135,9 +136,10 @@ def test_a_throttle_count_that_cannot_be_read_any_more_is_not_read_again():
 
 def test_the_batcher_watches_the_process_cpu_limit(monkeypatch):
     counter = WaitCounter(*([0] * 8))
-    monkeypatch.setattr(batcher_module, "throttle_counter", lambda: counter)
+    watch = ThrottleWatch(counter)
+    monkeypatch.setattr(batcher_module, "throttle_watch", lambda: watch)
     batcher = batcher_module.DynamicBatcher(
         "m", executor=None, max_batch_size=8, max_queue_delay_us=0, max_queue_size=8
     )  # type: ignore[arg-type]
-    assert batcher._load._throttled_periods is counter
+    assert batcher._load._throttle is watch
     assert counter.reads == 1  # the count the first window starts from
