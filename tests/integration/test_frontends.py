@@ -296,11 +296,17 @@ def test_a_relay_stopped_gracefully_under_load_is_left_by_its_callers_and_comes_
     it is started again. gRPC's own shutdown cancels a call that reaches the relay in the
     instant it stops (a bare grpc.aio server does the same: benchmarks/RESULTS.md), and a
     reconnect can meet the closing port: CANCELLED or UNAVAILABLE, for the callers of that relay
-    only."""
+    only. Where the kernel resets connections queued at a closing listener (tcp_migrate_req = 0,
+    the next test's window), a reconnect that lands there fails its channel's calls UNAVAILABLE
+    until the client's back-off ends: one caller at most, and only UNAVAILABLE after its first
+    two."""
     victim = relay_pids(supervised)[0]
     errors = relay_stopped_under_load(supervised, signal.SIGTERM, 0)
     gone = {"StatusCode.CANCELLED", "StatusCode.UNAVAILABLE"}  # (retryable: never computed)
-    assert all(set(e) <= gone and len(e) <= 2 for e in errors), errors
+    assert all(set(e) <= gone for e in errors), errors
+    reset = [e for e in errors if len(e) > 2]  # a channel that met the reset window
+    assert len(reset) <= (1 if queued_connections_move() is False else 0), errors
+    assert all(set(e[2:]) <= {"StatusCode.UNAVAILABLE"} for e in reset), errors
     assert any(not e for e in errors), errors  # the other relay's callers saw nothing
     wait_until(lambda: len(relay_pids(supervised)) == FRONTENDS, 60, "the relay back")
     assert victim not in relay_pids(supervised)
