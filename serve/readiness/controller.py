@@ -3,7 +3,10 @@ pool between ``min_warm`` and ``max_workers`` on P95 latency and queue depth.
 
 While the process's CPU limit stops it (its CFS quota spent: serve/cpus.py), every worker's
 latency carries the kernel's pauses: a worker over the latency budget then is not counted slow,
-because a new one would wait just the same and its cold start would cost more CPU."""
+because a new one would wait just the same and its cold start would cost more CPU. For the same
+reason the pool does not grow then: another worker shares the same quota, so it adds no capacity
+(its start-up and warm-up spend the quota the live traffic is short of); the way out is a higher
+CPU limit or more replicas, which the log line says."""
 
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class WarmPoolController:
         self.latency = latency
         self._throttle = throttle_watch() if throttle is None else throttle
         self._throttle_said = False  # the current throttled stretch's log line was written
+        self._scale_held_said = False  # ... and its "not scaling up" line
         self.prober = Prober(model, pool, self._throttle)
         self._queue_depth = queue_depth
         self._on_change = on_change
@@ -202,6 +206,20 @@ class WarmPoolController:
         self._over_since = (self._over_since or now) if over else None
         self._under_since = (self._under_since or now) if under else None
         pool = self.model.pool
+        if over and self._throttle.throttled_within(DECISION_WINDOW_S):
+            self._over_since = None  # the hold time starts again once the limit lets go
+            if not self._scale_held_said and self.pool.target < pool.worker_ceiling:
+                self._scale_held_said = True
+                log.warning(
+                    "model %s: P95 %.1f ms / queue %d over target, but the CPU limit stops this "
+                    "server: not adding a worker (it would share the same limit and its start "
+                    "would spend more of it); raise the CPU limit or add replicas",
+                    self.model.name,
+                    e2e.p95_ms,
+                    depth,
+                )
+        elif over:
+            self._scale_held_said = False
         if self._over_since is not None and now - self._over_since >= pool.scale_up_after_s:
             self._over_since = None
             self.pool.scale_to(

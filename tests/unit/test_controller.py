@@ -113,6 +113,42 @@ def test_p95_over_target_scales_up_after_the_hold_time_and_back_down_when_quiet(
     assert pool.scaled == [2, 1]
 
 
+def test_no_worker_is_added_while_the_cpu_limit_stops_the_server(caplog):
+    """Over target while the CPU quota binds: another worker would share the same quota, so the
+    pool holds (one warning per stretch, saying what to do), and the hold time starts again once
+    the limit lets go."""
+    pool = FakePool([FakeWorker("m#1")])
+    model = _model(max_workers=3, p95_target_ms=2.0, scale_up_after_s=5.0)
+    throttle = FakeThrottle()
+    control = WarmPoolController(
+        model,
+        pool,  # type: ignore[arg-type]
+        ModelLatency(),
+        lambda: 0,
+        lambda: None,
+        throttle,  # type: ignore[arg-type]
+    )
+
+    def slow_traffic_then_tick(now: float) -> None:
+        for i in range(20):
+            control.latency.end_to_end.add(0.010, now=now - i * 0.01)
+        control._scale(now)
+
+    throttle.stop()
+    with caplog.at_level(logging.WARNING, logger=controller_module.__name__):
+        for now in (100.0, 103.0, 106.0, 109.0):
+            slow_traffic_then_tick(now)
+    assert pool.scaled == []
+    held = [r for r in caplog.records if "CPU limit" in r.getMessage()]
+    assert len(held) == 1 and "raise the CPU limit or add replicas" in held[0].getMessage()
+    throttle.recent = False  # the limit lets go: a full hold time from here
+    slow_traffic_then_tick(110.0)
+    slow_traffic_then_tick(114.0)
+    assert pool.scaled == []
+    slow_traffic_then_tick(115.5)
+    assert pool.scaled == [2]
+
+
 def test_a_deep_queue_alone_scales_up():
     pool = FakePool([FakeWorker("m#1")])
     model = _model(max_workers=2, p95_target_ms=50.0, scale_up_after_s=1.0)
