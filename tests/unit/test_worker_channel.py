@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
+import types
 
 import pytest
 
@@ -119,3 +121,50 @@ def test_it_spins_only_while_batches_come_closer_together_than_the_spin(pair, mo
     parent.sendall(frame(RunBatch(2, 0, 1, [])))  # this one was waiting at once: a short wait
     assert channel.recv() == RunBatch(2, 0, 1, [])
     assert spins == [1]
+
+
+def test_the_spin_pauses_while_the_cpu_limit_stops_the_process_and_resumes_after(
+    pair, monkeypatch, caplog
+):
+    """Polling spends the quota the rest of the server is short of: a worker whose CPU limit
+    stopped the process lately sleeps in recv instead, and polls again once the limit has let
+    go for SPIN_THROTTLE_MEMORY_S."""
+    from serve.cpus import ThrottleWatch
+    from serve.worker import main
+
+    caplog.set_level(logging.INFO, logger="serve.worker")
+    clock = [1000.0]
+    monkeypatch.setattr(
+        main,
+        "time",
+        types.SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter),
+    )
+    periods = [0]
+    parent, child = pair
+    channel = Channel(child, spin_s=0.5, throttle=ThrottleWatch(lambda: periods[0]))
+    spins: list[float] = []
+    monkeypatch.setattr(channel, "_spin", lambda: spins.append(clock[0]))
+
+    def batch_at(now: float, batch_id: int) -> None:
+        clock[0] = now
+        parent.sendall(frame(RunBatch(batch_id, 0, 1, [])))
+        assert channel.recv() == RunBatch(batch_id, 0, 1, [])
+
+    batch_at(1000.0, 1)  # no period stopped yet: it polls
+    periods[0] = 3  # the limit stops the process
+    batch_at(1000.1, 2)
+    batch_at(1000.12, 3)  # (within SPIN_CHECK_S of the last look: the answer stands)
+    periods[0] = 4
+    batch_at(1000.5, 4)
+    assert spins == [1000.0]
+    later = 1000.5 + main.SPIN_THROTTLE_MEMORY_S + main.SPIN_CHECK_S
+    batch_at(later, 5)  # no new stop for longer than the memory: polling again
+    assert spins == [1000.0, later]
+    assert channel.pauses == 1
+    assert "idle spin paused" in caplog.text
+
+
+def test_without_a_cpu_limit_the_spin_is_never_paused(pair):
+    _, child = pair
+    channel = Channel(child, spin_s=0.5, throttle=None)
+    assert channel._throttled() is False
