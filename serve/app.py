@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -13,6 +14,7 @@ from serve.bundles.cache import BundleCache
 from serve.bundles.repository import scan
 from serve.config import Config, ServerConfig
 from serve.control import ModelControl
+from serve.cpus import cpu_quotas, read_limit, tightest_quota
 from serve.frontend.http_health import HttpHealth
 from serve.frontend.server import GrpcFrontend
 from serve.pool import template, worker_handle
@@ -77,6 +79,9 @@ async def serve(config: Config) -> int:
     frontend = GrpcFrontend(config.server, runtime, control)
     budget = frontend.budget
     runtime.metrics.watch_inflight(lambda: (budget.held, budget.limit))
+    quota = tightest_quota(cpu_quotas())
+    if quota is not None:
+        runtime.metrics.watch_cpu_limit(functools.partial(read_limit, quota))
     http = (
         HttpHealth(runtime, frontend.gate, config.server.host, config.server.http_port)
         if config.server.http_port >= 0

@@ -179,6 +179,44 @@ def _nr_throttled(stat: Path) -> int | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class LimitStat:
+    """What a quota's ``cpu.stat`` says so far: ``periods`` (enforcement periods elapsed while
+    the cgroup ran), ``throttled`` (periods in which the quota stopped it) and ``throttled_s``
+    (how long it stood stopped, summed over its CPUs' run queues), for Prometheus."""
+
+    cpus: float
+    periods: int
+    throttled: int
+    throttled_s: float
+
+
+def tightest_quota(quotas: list[Quota]) -> Quota | None:
+    """The quota with the fewest CPUs (the one that binds first), or None."""
+    return min(quotas, key=lambda quota: quota.cpus, default=None)
+
+
+def read_limit(quota: Quota) -> LimitStat | None:
+    """``quota``'s LimitStat now (v1 ``throttled_time`` in ns, v2 ``throttled_usec``), or None
+    when its ``cpu.stat`` cannot be read or lacks the counts."""
+    try:
+        text = (quota.folder / "cpu.stat").read_text()
+    except OSError:
+        return None
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            values[key] = int(value)
+    if "nr_periods" not in values or "nr_throttled" not in values:
+        return None
+    if "throttled_usec" in values:
+        throttled_s = values["throttled_usec"] / 1e6
+    else:
+        throttled_s = values.get("throttled_time", 0) / 1e9
+    return LimitStat(quota.cpus, values["nr_periods"], values["nr_throttled"], throttled_s)
+
+
 @functools.cache
 def throttle_counter() -> Callable[[], int | None] | None:
     """The process's ThrottleCount, or None without a CPU quota (or an unreadable one): found

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from serve import errors
+from serve.cpus import LimitStat
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -96,6 +97,44 @@ class InflightGauges(Collector):
             value=limit,
         )
         return [inflight, budget]
+
+
+class CpuLimitGauges(Collector):
+    """The process's CPU limit (the tightest CFS quota on its cgroup path) and how often it
+    stopped the process, read at scrape time from ``source`` (serve/cpus.py: read_limit; None
+    when the count cannot be read: no series then). A throttled server's own latency windows
+    miss most of those pauses, which fall before a call reaches the handler."""
+
+    def __init__(self, source: Callable[[], LimitStat | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        stat = self._source()
+        if stat is None:
+            return []
+        return [
+            GaugeMetricFamily(
+                "warmserve_cpu_limit_cpus",
+                "CPU limit of the server's cgroup (CFS quota / period, the tightest on its path)",
+                value=stat.cpus,
+            ),
+            CounterMetricFamily(
+                "warmserve_cpu_limit_periods",
+                "CFS enforcement periods elapsed while the server's cgroup ran",
+                value=stat.periods,
+            ),
+            CounterMetricFamily(
+                "warmserve_cpu_limit_throttled_periods",
+                "CFS periods in which the CPU limit stopped the server's processes until the "
+                "next period",
+                value=stat.throttled,
+            ),
+            CounterMetricFamily(
+                "warmserve_cpu_limit_throttled_seconds",
+                "Time the CPU limit held the server's processes stopped (summed over CPUs)",
+                value=stat.throttled_s,
+            ),
+        ]
 
 
 class ModelCounters:
@@ -242,6 +281,9 @@ class Metrics:
 
     def watch_inflight(self, source: Callable[[], tuple[int, int]]) -> None:
         self.registry.register(InflightGauges(source))
+
+    def watch_cpu_limit(self, source: Callable[[], LimitStat | None]) -> None:
+        self.registry.register(CpuLimitGauges(source))
 
 
 class RelayCollector(Collector):

@@ -198,6 +198,39 @@ def test_the_throttled_periods_of_every_quota_on_the_path_add_up(tmp_path):
     assert count() is None
 
 
+@pytest.mark.parametrize(
+    ("stat", "expected"),
+    [
+        # cgroup v1: throttled_time in ns
+        ("nr_periods 120\nnr_throttled 45\nthrottled_time 3500000000\n", (120, 45, 3.5)),
+        # cgroup v2: throttled_usec, among the usage lines
+        (
+            "usage_usec 9\nuser_usec 5\nsystem_usec 4\nnr_periods 80\nnr_throttled 8\n"
+            "throttled_usec 250000\nnr_bursts 0\nburst_usec 0\n",
+            (80, 8, 0.25),
+        ),
+        ("usage_usec 9\n", None),  # no cpu controller's counts
+    ],
+)
+def test_a_quotas_cpu_stat_reads_as_periods_throttled_and_time_stopped(tmp_path, stat, expected):
+    (tmp_path / "cpu.stat").write_text(stat)
+    found = cpus.read_limit(cpus.Quota(tmp_path, 0.5))
+    if expected is None:
+        assert found is None
+    else:
+        assert found == cpus.LimitStat(0.5, *expected)
+
+
+def test_an_unreadable_cpu_stat_reads_as_nothing(tmp_path):
+    assert cpus.read_limit(cpus.Quota(tmp_path / "gone", 1.0)) is None
+
+
+def test_the_tightest_quota_is_the_one_with_the_fewest_cpus(tmp_path):
+    pod, container = cpus.Quota(tmp_path / "pod", 4.0), cpus.Quota(tmp_path / "c", 1.5)
+    assert cpus.tightest_quota([pod, container]) == container
+    assert cpus.tightest_quota([]) is None
+
+
 @pytest.fixture
 def found_afresh():
     cpus.throttle_counter.cache_clear()
@@ -239,7 +272,8 @@ first = count()
 end = time.monotonic() + 0.6
 while time.monotonic() < end:
     pass
-print(min(quota.cpus for quota in cpus.cpu_quotas()), first, count())
+stat = cpus.read_limit(cpus.tightest_quota(cpus.cpu_quotas()))
+print(min(quota.cpus for quota in cpus.cpu_quotas()), first, count(), stat.throttled_s)
 """
 
 
@@ -265,9 +299,10 @@ def test_the_real_kernel_counts_the_periods_a_quota_stopped_a_busy_process(tmp_p
             cwd=Path(__file__).parents[2],
         )
         assert done.returncode == 0, done.stderr
-        limit, first, last = done.stdout.split()
+        limit, first, last, stopped_s = done.stdout.split()
         assert float(limit) == pytest.approx(0.2)
         assert int(last) > int(first)  # 0.6 s of spinning at 0.2 CPU: throttled most periods
+        assert float(stopped_s) > 0.1  # stood stopped for most of those 0.6 s
     finally:
         group.rmdir()
 

@@ -118,3 +118,20 @@ def test_a_model_not_ready_at_the_warm_up_s_end_and_one_loaded_later_count_user_
     assert s['warmserve_warm_up_requests_total{code="unavailable",model="late"}'] == 1
     assert s['warmserve_requests_total{code="ok",model="loaded"}'] == 1
     assert not any("warm_up" in name and "loaded" in name for name in s)
+
+
+def test_the_cpu_limit_and_its_throttling_are_scraped_as_its_cpu_stat_says_now():
+    from serve.cpus import LimitStat
+
+    metrics = Metrics()
+    now: list[LimitStat | None] = [LimitStat(1.5, 400, 30, 2.25)]
+    metrics.watch_cpu_limit(lambda: now[0])
+    s = _samples(metrics)
+    assert s["warmserve_cpu_limit_cpus{}"] == 1.5
+    assert s["warmserve_cpu_limit_periods_total{}"] == 400
+    assert s["warmserve_cpu_limit_throttled_periods_total{}"] == 30
+    assert s["warmserve_cpu_limit_throttled_seconds_total{}"] == 2.25
+    now[0] = LimitStat(1.5, 410, 36, 2.5)
+    assert _samples(metrics)["warmserve_cpu_limit_throttled_periods_total{}"] == 36
+    now[0] = None  # cpu.stat unreadable: no series rather than made-up zeros
+    assert not any(name.startswith("warmserve_cpu_limit") for name in _samples(metrics))
