@@ -17,6 +17,7 @@ from serve.control import ModelControl
 from serve.cpus import cpu_quotas, read_limit, tightest_quota
 from serve.frontend.http_health import HttpHealth
 from serve.frontend.server import GrpcFrontend
+from serve.memory import freeze_long_lived
 from serve.pool import template, worker_handle
 from serve.pool.loop_spin import MOST_BATCHES, SPIN
 from serve.runtime import Runtime
@@ -151,6 +152,7 @@ async def _warm_up(runtime: Runtime, frontend: GrpcFrontend, relays: RelayPort |
     await runtime.start()
     if relays is not None:
         await relays.wait_listening()  # ready only once the port takes calls
+    freeze_long_lived("serving process")  # (before readiness: its full collection is long)
     await frontend.open_gate(relays.port if relays is not None else None)
     runtime.metrics.warm_up_over()  # (the user series start here, and only ever grow)
     statuses = ", ".join(f"{s.name} {s.state.value}" for s in runtime.statuses())

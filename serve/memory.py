@@ -1,4 +1,5 @@
-"""Large buffers stay in the process's heap instead of fresh memory mappings.
+"""Large buffers stay in the process's heap instead of fresh memory mappings; start-up's
+long-lived objects leave the garbage collector's full passes.
 
 glibc gives an allocation above its mmap threshold (128 KiB at first, raised as such blocks are
 freed) a mapping of its own, and hands free memory at the top of the heap back to the kernel
@@ -13,14 +14,26 @@ tuning).
 do with jemalloc or tcmalloc settings. Memory a process has used stays with it up to the trim
 threshold, which is bounded (TRIM_THRESHOLD) and small beside a model's weights. Set
 ``WARMSERVE_MALLOC_TUNING=0`` to keep glibc's defaults.
+
+``freeze_long_lived`` moves every object alive at that moment (imported modules, the model, the
+server's own structures) into the collector's permanent generation (``gc.freeze``). CPython's
+full collection walks every tracked object: with the serving process's ~44,000 objects after
+start-up, each one stopped the event loop for 18–30 ms on the 2-vCPU dev VM, and it was the
+slowest call of every 10-second run. Frozen, a full pass walks only what was made since (under
+1 ms). Each process freezes once it is set up: the serving process and each relay when they
+take traffic, the worker template before it forks (a child's collections then never write to
+the pages it shares with the template, which is what the CPython documentation advises for
+fork servers), and each worker once warm. Frozen objects are never collected; they are the ones
+that live as long as the process anyway. ``WARMSERVE_GC_FREEZE=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 
-from serve.config import malloc_tuning_from_env
+from serve.config import gc_freeze_from_env, malloc_tuning_from_env
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +58,18 @@ def keep_large_buffers_in_heap() -> bool:
     if not done:
         log.warning("mallopt refused the thresholds; large buffers keep glibc's defaults")
     return done
+
+
+def freeze_long_lived(where: str) -> int:
+    """Collect what is garbage now, then freeze every object still alive out of the
+    collector's passes (module doc); logged with ``where``. The objects frozen so far (0 when
+    WARMSERVE_GC_FREEZE=0)."""
+    if not gc_freeze_from_env():
+        return 0
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.info(
+        "%s: %d long-lived objects frozen out of the garbage collector's passes", where, frozen
+    )
+    return frozen

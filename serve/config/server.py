@@ -244,7 +244,12 @@ def _validate_durations(server: ServerConfig) -> None:
 
 # on/off switches read where they act (workers too): checked once at start, in
 # server_config_from_env, since a worker has no one to tell
-SWITCH_ENV = ("WARMSERVE_MALLOC_TUNING", "WARMSERVE_PAGE_LOCK", "WARMSERVE_LOOP_SPIN")
+SWITCH_ENV = (
+    "WARMSERVE_MALLOC_TUNING",
+    "WARMSERVE_PAGE_LOCK",
+    "WARMSERVE_LOOP_SPIN",
+    "WARMSERVE_GC_FREEZE",
+)
 SWITCH_ON = ("1", "true", "yes")
 SWITCH_OFF = ("0", "false", "no")
 
@@ -271,6 +276,12 @@ def _check_switches() -> None:
 def malloc_tuning_from_env() -> bool:
     """WARMSERVE_MALLOC_TUNING=0 keeps glibc's allocation thresholds (serve/memory.py)."""
     return _switch_on("WARMSERVE_MALLOC_TUNING")
+
+
+def gc_freeze_from_env() -> bool:
+    """WARMSERVE_GC_FREEZE=0: the long-lived objects of start-up stay in the collector's full
+    passes (serve/memory.py: freeze_long_lived)."""
+    return _switch_on("WARMSERVE_GC_FREEZE")
 
 
 def loop_spin_from_env() -> bool:

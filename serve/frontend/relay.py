@@ -53,6 +53,7 @@ from serve.frontend.relay_wire import (
     unary_methods,
 )
 from serve.frontend.streams import serve_stream
+from serve.memory import freeze_long_lived
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +403,7 @@ async def run_relay(
     loop.add_signal_handler(signal.SIGUSR2, leaving.set)
     conn.send(port)
     log.info("relay %d listening on %s", index, address)
+    freeze_long_lived(f"relay {index}")
     await _first(stop.wait(), draining.wait(), leaving.wait(), link.lost.wait())
     name = f"relay {index}"
     if draining.is_set() and not leaving.is_set() and not stop.is_set() and not link.lost.is_set():

@@ -25,7 +25,7 @@ import numpy as np
 from serve.config import CUDA_IDLE_SPIN_US, ModelConfig
 from serve.cpus import ThrottleCount, ThrottleWatch, cpu_quotas
 from serve.errors import InvalidInputError
-from serve.memory import keep_large_buffers_in_heap
+from serve.memory import freeze_long_lived, keep_large_buffers_in_heap
 from serve.pool.arena import Arena
 from serve.pool.messages import (
     FRAME_HEADER,
@@ -396,6 +396,7 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
         detail = str(exc) if fault else f"{type(exc).__name__}: {exc}"
         channel.send(Fatal(f"start-up failed: {detail}", model_fault=fault))
         return 1
+    freeze_long_lived("worker")  # the model and its framework live as long as the worker
     spin_us = idle_spin_us(init.model.pool.idle_spin_us, worker.backend.device)
     log.info(
         "warm: %s, buckets %s, load %.2f s, warm-up %.2f s, idle spin %g µs",

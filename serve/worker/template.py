@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fd", type=int, required=True, help="inherited socket to the pool")
     parser.add_argument("--preload", nargs="*", default=[], help="modules to import up front")
     args = parser.parse_args(argv)
-    from serve.memory import keep_large_buffers_in_heap
+    from serve.memory import freeze_long_lived, keep_large_buffers_in_heap
     from serve.worker.main import ignore_group_signals
 
     ignore_group_signals()
@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
             importlib.import_module(module)
         except ImportError as exc:  # the worker will report it properly when it loads
             print(f"worker template: cannot preload {module}: {exc}", file=sys.stderr)
+    freeze_long_lived("worker template")  # (its children's collections leave these pages be)
     sock = socket.socket(fileno=args.fd)
     sock.sendall(b"R")
     while True:

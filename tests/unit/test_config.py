@@ -428,22 +428,31 @@ def test_an_empty_listen_address_is_refused(monkeypatch, host):
         server_config_from_env()
 
 
-@pytest.mark.parametrize("variable", ["WARMSERVE_MALLOC_TUNING", "WARMSERVE_PAGE_LOCK"])
+@pytest.mark.parametrize(
+    "variable", ["WARMSERVE_MALLOC_TUNING", "WARMSERVE_PAGE_LOCK", "WARMSERVE_GC_FREEZE"]
+)
 @pytest.mark.parametrize("value", ["false", "no", "FALSE", "0 "])
 def test_a_switch_written_as_false_turns_it_off(monkeypatch, variable, value):
     # only "0" did: "false" left glibc tuning and page-locking on without a word
-    from serve.config import malloc_tuning_from_env, page_lock_from_env
+    from serve.config import gc_freeze_from_env, malloc_tuning_from_env, page_lock_from_env
 
     monkeypatch.setenv(variable, value)
     read = {
         "WARMSERVE_MALLOC_TUNING": malloc_tuning_from_env,
         "WARMSERVE_PAGE_LOCK": page_lock_from_env,
+        "WARMSERVE_GC_FREEZE": gc_freeze_from_env,
     }
     assert read[variable]() is False
 
 
 @pytest.mark.parametrize(
-    "variable", ["WARMSERVE_MALLOC_TUNING", "WARMSERVE_PAGE_LOCK", "WARMSERVE_LOOP_SPIN"]
+    "variable",
+    [
+        "WARMSERVE_MALLOC_TUNING",
+        "WARMSERVE_PAGE_LOCK",
+        "WARMSERVE_LOOP_SPIN",
+        "WARMSERVE_GC_FREEZE",
+    ],
 )
 @pytest.mark.parametrize("value", ["off", "on", "enabled"])
 def test_a_switch_of_another_word_is_refused_at_start(monkeypatch, variable, value):
