@@ -29,7 +29,7 @@ import grpc
 
 from serve.errors import InflightLimitError
 from serve.frontend import listener
-from serve.frontend.admission import RELAYED_ANSWER_COPIES, InflightBudget
+from serve.frontend.admission import RELAYED_ANSWER_COPIES, InflightBudget, release_once_sent
 from serve.frontend.relay_wire import (
     FRAME_MARGIN,
     MODEL_INFER,
@@ -278,8 +278,7 @@ class Forwarder(grpc.GenericRpcHandler):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             raise  # not reached: abort raises
         answer = await self._forward_call(method, payload, context)
-        held = budget.hold(RELAYED_ANSWER_COPIES * len(answer))
-        context.add_done_callback(functools.partial(budget.release, held))
+        release_once_sent(budget, budget.hold(RELAYED_ANSWER_COPIES * len(answer)))
         return answer
 
     async def _forward_call(

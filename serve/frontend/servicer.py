@@ -6,7 +6,6 @@ RPCs not served answer UNIMPLEMENTED saying what is not supported (unserved.py).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -29,6 +28,7 @@ from serve.frontend.admission import (
     Source,
     answer_bytes,
     held_bytes,
+    release_once_sent,
 )
 from serve.frontend.convert import (
     TIMEOUT,
@@ -359,10 +359,8 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
         stream's requests and relayed calls have contexts without ``add_done_callback``: a stream
         releases its answers as it sends them (streams.answer_concurrently), a relay holds them
         in its own budget."""
-        when_done = getattr(context, "add_done_callback", None)
-        if when_done is not None:
-            self._budget.hold(size)
-            when_done(functools.partial(self._budget.release, size))
+        if hasattr(context, "add_done_callback"):  # a gRPC call's own context
+            release_once_sent(self._budget, self._budget.hold(size))
         elif isinstance(context, _StreamCall):  # released once the stream has sent it
             context.answer_held = self._budget.hold(size)
 
