@@ -23,12 +23,19 @@ slowest call of every 10-second run. Frozen, a full pass walks only what was mad
 1 ms). Each process freezes once it is set up: the serving process and each relay when they
 take traffic, the worker template before it forks (a child's collections then never write to
 the pages it shares with the template, which is what the CPython documentation advises for
-fork servers), and each worker once warm. Frozen objects are never collected; they are the ones
-that live as long as the process anyway. ``WARMSERVE_GC_FREEZE=0`` turns it off.
+fork servers), and each worker once warm. ``WARMSERVE_GC_FREEZE=0`` turns it off.
+
+A frozen object is never collected while frozen. Most live as long as the process; a model
+version's do not: its service, batcher, pool and latency windows are reference cycles that the
+collector must free once the version is stopped. So stopping a version asks for
+``refreeze_soon``: a second later (once the stopping code has let go) the frozen objects are
+unfrozen, one full collection frees the dead version, and what is left is frozen again. That
+one pause, at an unload or a version switch, stands in for one at every full collection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import logging
@@ -41,6 +48,9 @@ M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit; bigger blocks are mapped
 TRIM_THRESHOLD = 128 << 20  # free memory kept at the top of the heap before it is returned
+REFREEZE_AFTER_S = 1.0  # after a model version stopped: its last references are gone by then
+
+_refreeze: asyncio.TimerHandle | None = None  # the refreeze asked for, not done yet
 
 
 def keep_large_buffers_in_heap() -> bool:
@@ -73,3 +83,36 @@ def freeze_long_lived(where: str) -> int:
         "%s: %d long-lived objects frozen out of the garbage collector's passes", where, frozen
     )
     return frozen
+
+
+def refreeze_soon(why: str) -> None:
+    """Objects frozen earlier may be garbage now (``why``: a model version stopped): in
+    REFREEZE_AFTER_S, unfreeze everything, collect, and freeze what is left (module doc). Once
+    for several asks meanwhile; nothing when nothing is frozen or no event loop runs."""
+    global _refreeze
+    if gc.get_freeze_count() == 0 or _refreeze is not None:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    _refreeze = loop.call_later(REFREEZE_AFTER_S, refreeze, why)
+
+
+def refreeze(why: str) -> int:
+    """Unfreeze, collect what became garbage among the frozen objects, freeze the rest; logged.
+    The objects freed."""
+    global _refreeze
+    _refreeze = None
+    was = gc.get_freeze_count()
+    gc.unfreeze()
+    freed = gc.collect()
+    gc.freeze()
+    log.info(
+        "%s: %d objects freed among the %d frozen ones; %d frozen again",
+        why,
+        freed,
+        was,
+        gc.get_freeze_count(),
+    )
+    return freed

@@ -15,6 +15,7 @@ from serve.batching.batcher import STOP_WAIT_S
 from serve.batching.merge import Array
 from serve.config import ModelConfig, TensorSpec
 from serve.errors import InvalidInputError, ModelFaultError, ModelNotReadyError, ServeError
+from serve.memory import refreeze_soon
 from serve.pool.pool import WorkerPool
 from serve.protocol import Datatype, InferRequest, InferResponse, Tensor
 from serve.protocol.tensors import Parameters
@@ -208,6 +209,8 @@ class ModelService:
         await self.batcher.stop(batch_wait_s)
         await self.pool.stop()
         self._notify()
+        # (this version's objects, frozen if it started with the server, become garbage)
+        refreeze_soon(f"model {self.config.name} version {self.config.version} stopped")
 
     def forget_warm_up(self) -> None:
         """Start statistics, latency windows and metrics from zero: the front end's own warm-up

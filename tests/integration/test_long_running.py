@@ -63,6 +63,11 @@ def test_an_unloaded_model_leaves_no_metrics_series(server):
         _infer(server, "other")
         assert len(_series(server, "other")) == len(loaded)
     assert _series(server, "mlp")  # the model still loaded keeps its own
+    # its objects, frozen with the server's at start-up, are unfrozen and collected
+    # (serve/memory.py: a frozen reference cycle is never freed)
+    server.wait_for_log(
+        r"model other version \S* stopped: \d+ objects freed among the \d{4,} frozen"
+    )
 
 
 def _live_worker_pid(server: ServerProcess, model: str) -> int:

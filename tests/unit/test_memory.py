@@ -77,3 +77,52 @@ def test_long_lived_objects_leave_the_collectors_passes_and_garbage_is_still_fre
     frozen, count, freed = _full_collection("0")
     assert frozen == count == 0
     assert freed >= 1000
+
+
+# a model version's objects, frozen with the server's, become garbage when it stops
+STOPPED_VERSION = """
+import asyncio, gc, weakref
+from serve import memory
+
+class Service:  # a stopped version's service: a reference cycle (its batcher's observer, say)
+    pass
+
+service = Service()
+service.batcher_observer = service
+gone = weakref.ref(service)
+memory.freeze_long_lived("test")
+del service
+gc.collect()
+kept_while_frozen = gone() is not None
+memory.REFREEZE_AFTER_S = 0.0
+
+async def stopped() -> int:
+    memory.refreeze_soon("version 1 stopped")
+    asked = memory._refreeze
+    memory.refreeze_soon("version 2 stopped")  # (one refreeze for both)
+    once = memory._refreeze is asked and asked is not None
+    for _ in range(1000):  # loop turns until the timer has run
+        if memory._refreeze is None:
+            break
+        await asyncio.sleep(0)
+    return once
+
+once = asyncio.run(stopped())
+print(kept_while_frozen, once, gone() is None, gc.get_freeze_count() > 0)
+"""
+
+
+def test_a_stopped_versions_frozen_objects_are_freed_and_the_rest_frozen_again():
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED_VERSION],
+        env={**os.environ, "WARMSERVE_GC_FREEZE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    kept_while_frozen, once, freed, frozen_again = done.stdout.split()
+    assert kept_while_frozen == "True"  # (why: frozen cycles are invisible to the collector)
+    assert once == "True"
+    assert freed == "True"
+    assert frozen_again == "True"
