@@ -229,14 +229,14 @@ def throttle_counter() -> Callable[[], int | None] | None:
     limit = min(quota.cpus for quota in quotas)
     if count() is None:
         log.warning(
-            "CPU limit %.2f CPUs, but %s cannot be read: batching does not watch for throttling",
+            "CPU limit %.2f CPUs, but %s cannot be read: its throttling is not watched",
             limit,
             " or ".join(str(stat) for stat in count.stats),
         )
         return None
     log.info(
-        "CPU limit %.2f CPUs (%s): the periods in which it stops this process count as "
-        "saturation for batching",
+        "CPU limit %.2f CPUs (%s): the periods in which it stops this process are watched "
+        "(batching, health checks, scaling, workers' idle spin)",
         limit,
         ", ".join(str(quota.folder) for quota in quotas),
     )

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from serve.config import CUDA_IDLE_SPIN_US, ModelConfig
-from serve.cpus import ThrottleCount, ThrottleWatch, cpu_quotas
+from serve.cpus import ThrottleWatch, throttle_watch
 from serve.errors import InvalidInputError
 from serve.memory import freeze_long_lived, keep_large_buffers_in_heap
 from serve.pool.arena import Arena
@@ -167,20 +167,6 @@ def idle_spin_us(configured: float, device: str) -> float:
     if configured >= 0:
         return configured
     return CUDA_IDLE_SPIN_US if device.startswith("cuda") else 0.0
-
-
-def spin_throttle() -> ThrottleWatch | None:
-    """A watch on the CPU limit for a spinning worker's Channel, or None without a limit."""
-    quotas = cpu_quotas()
-    if not quotas:
-        return None
-    count = ThrottleCount(quotas)
-    limit = min(quota.cpus for quota in quotas)
-    if count() is None:
-        log.warning("CPU limit %.2f CPUs, throttle count unreadable: idle spin not paused", limit)
-        return None
-    log.info("CPU limit %.2f CPUs: idle spin pauses while it stops this process", limit)
-    return ThrottleWatch(count)
 
 
 def bucket_for(rows: int, buckets: tuple[int, ...]) -> int:
@@ -420,7 +406,7 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
     )
     channel.spin_s = spin_us / 1e6  # (not while loading and warming)
     if spin_us > 0:
-        channel.throttle = spin_throttle()
+        channel.throttle = throttle_watch()  # (reads nothing without a CPU limit)
     try:
         worker.serve_forever()
     except EOFError:
