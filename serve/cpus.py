@@ -152,31 +152,21 @@ def _cpus(path: Path, quota: str, period: str) -> float | None:
 
 class ThrottleCount:
     """The periods so far in which a CPU quota stopped the process's cgroup: ``nr_throttled``
-    summed over the ``cpu.stat`` of each cgroup on its path that has a quota. Called, it returns
-    that count, or None when a file cannot be read (any more)."""
+    summed over the ``cpu.stat`` of each cgroup on its path that has a quota (read_limit).
+    Called, it returns that count, or None when a file cannot be read (any more)."""
 
     def __init__(self, quotas: list[Quota]) -> None:
+        self.quotas = quotas
         self.stats = [quota.folder / "cpu.stat" for quota in quotas]
 
     def __call__(self) -> int | None:
         total = 0
-        for stat in self.stats:
-            count = _nr_throttled(stat)
-            if count is None:
+        for quota in self.quotas:
+            stat = read_limit(quota)
+            if stat is None:
                 return None
-            total += count
+            total += stat.throttled
         return total
-
-
-def _nr_throttled(stat: Path) -> int | None:
-    try:
-        with open(stat, "rb") as lines:
-            for line in lines:
-                if line.startswith(b"nr_throttled "):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 @dataclass(frozen=True, slots=True)
