@@ -29,6 +29,8 @@ from pathlib import Path, PurePosixPath
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+SPIN_CHECK_S = 0.05  # a busy poll asks this often whether the CPU limit has stopped the process
+SPIN_THROTTLE_MEMORY_S = 1.0  # and pauses for this long after it last found it had
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 
 
@@ -226,7 +228,7 @@ def throttle_counter() -> Callable[[], int | None] | None:
         return None
     log.info(
         "CPU limit %.2f CPUs (%s): the periods in which it stops this process are watched "
-        "(batching, health checks, scaling, workers' idle spin)",
+        "(batching, health checks, scaling, the idle spins)",
         limit,
         ", ".join(str(quota.folder) for quota in quotas),
     )
@@ -267,6 +269,54 @@ class ThrottleWatch:
         now = time.monotonic() if now is None else now
         self.periods(now)
         return now - self._seen <= seconds
+
+
+class SpinPause:
+    """Whether a busy poll (a worker's idle spin, the serving loop's WARMSERVE_LOOP_SPIN) should
+    pause because the CPU limit stopped the process lately: a poll spends the quota that the
+    rest of the server is short of, so the whole server would wait in the kernel for the next
+    period. ``watch``: the process's ThrottleWatch, or None (no limit: never paused). It asks
+    the watch at most every ``check_s`` and stays paused for ``memory_s`` after the last stop it
+    found. ``who`` names the poll in the log line of its first pause; ``clock``: monotonic
+    seconds."""
+
+    def __init__(
+        self,
+        watch: ThrottleWatch | None,
+        who: str,
+        check_s: float = SPIN_CHECK_S,
+        memory_s: float = SPIN_THROTTLE_MEMORY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.watch = watch
+        self.who = who
+        self.check_s = check_s
+        self.memory_s = memory_s
+        self._clock = clock
+        self._asked = -math.inf  # the clock at the last look at the limit
+        self.paused = False  # the limit stopped the process lately: no polling
+        self.pauses = 0  # times polling paused for the limit (logged the first time)
+
+    def __call__(self) -> bool:
+        if self.watch is None:
+            return False
+        now = self._clock()
+        if now - self._asked < self.check_s:
+            return self.paused
+        self._asked = now
+        paused = self.watch.throttled_within(self.memory_s, now)
+        if paused and not self.paused:
+            self.pauses += 1
+            log.log(
+                logging.INFO if self.pauses == 1 else logging.DEBUG,
+                "%s paused (%d times so far): the CPU limit stopped this process; it resumes "
+                "%g s after the last stop",
+                self.who,
+                self.pauses,
+                self.memory_s,
+            )
+        self.paused = paused
+        return paused
 
 
 @functools.cache

@@ -6,7 +6,9 @@ The workers' own spin (pool.idle_spin_us) took 0.09–0.33 ms off ResNet-50's c=
 host. On the 2-vCPU dev VM this one took 4 % off the MLP's c=1 p50 for 13 % more CPU per call
 (loop thread +30 %), so it stays off until a GPU host measures it (benchmarks/gpu_check.sh,
 run ``loopspin``). With more batches out the loop has work anyway and does not spin; a spin
-lasts LONGEST_S at most (it starts again with the next batch sent or answered).
+lasts LONGEST_S at most (it starts again with the next batch sent or answered). Nor does it
+spin while the process's CPU limit has stopped it lately (serve/cpus.SpinPause): the spin would
+spend the quota that the workers are short of.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import weakref
 from typing import Any
 
 from serve.config import loop_spin_from_env
+from serve.cpus import SpinPause, throttle_watch
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,9 @@ class LoopSpin:
     """Spins the running event loop (``await asyncio.sleep(0)``: each turn polls for I/O with no
     timeout) while the registered worker handles have 1..MOST_BATCHES batches out."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, pause: SpinPause | None = None) -> None:
         self.enabled = enabled
+        self.pause = pause  # (None: the process's own, found at the first batch)
         self._handles: weakref.WeakSet[Any] = weakref.WeakSet()
         self._task: asyncio.Task[None] | None = None
         self.turns = 0  # loop turns spent spinning (for tests)
@@ -40,8 +44,13 @@ class LoopSpin:
         if not self.enabled:
             return
         self._handles.add(handle)
-        if self._task is None:
+        if self.pause is None:
+            self.pause = SpinPause(throttle_watch(), "the serving loop's spin")
+        if self._task is None and not self.pause():
             self._task = asyncio.get_running_loop().create_task(self._spin(), name="loop-spin")
+
+    def _paused(self) -> bool:
+        return self.pause is not None and self.pause()
 
     def _out(self) -> int:
         return sum(len(h._pending) for h in self._handles)
@@ -50,7 +59,7 @@ class LoopSpin:
         loop = asyncio.get_running_loop()
         end = loop.time() + LONGEST_S
         try:
-            while 0 < self._out() <= MOST_BATCHES and loop.time() < end:
+            while 0 < self._out() <= MOST_BATCHES and loop.time() < end and not self._paused():
                 self.turns += 1
                 await asyncio.sleep(0)
         finally:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from serve.config import CUDA_IDLE_SPIN_US, ModelConfig
-from serve.cpus import ThrottleWatch, throttle_watch
+from serve.cpus import SpinPause, throttle_watch
 from serve.errors import InvalidInputError
 from serve.memory import freeze_long_lived, keep_large_buffers_in_heap
 from serve.pool.arena import Arena
@@ -45,9 +45,6 @@ from serve.pool.messages import (
 from serve.protocol.datatypes import Datatype, datatype_of, numpy_dtype
 
 log = logging.getLogger("serve.worker")
-
-SPIN_CHECK_S = 0.05  # a spinning worker asks this often whether the CPU limit has stopped it
-SPIN_THROTTLE_MEMORY_S = 1.0  # and pauses its spin for this long after it last found it had
 
 
 class FatalBatchError(Exception):
@@ -75,23 +72,20 @@ class Channel:
     It polls only while the last wait for a batch was no longer than ``spin_s``: under light
     load, when batches come further apart than that, polling would burn the core for nothing.
 
-    ``throttle``: the process's CPU limit (serve/cpus.py), or None. While the limit has stopped
-    the process within the last SPIN_THROTTLE_MEMORY_S the worker does not poll: a poll spends
-    the quota that the serving process and the other workers are short of, so the whole server
-    would wait in the kernel for the next period instead of the worker in ``recv``.
+    ``pause``: whether the CPU limit stopped the process lately (serve/cpus.SpinPause): then the
+    worker does not poll, since a poll spends the quota that the serving process and the other
+    workers are short of, and the whole server would wait in the kernel for the next period
+    instead of the worker in ``recv``.
     """
 
     def __init__(
-        self, sock: socket.socket, spin_s: float = 0.0, throttle: ThrottleWatch | None = None
+        self, sock: socket.socket, spin_s: float = 0.0, pause: SpinPause | None = None
     ) -> None:
         self._sock = sock
         self._buffer = bytearray()
         self.spin_s = spin_s
-        self.throttle = throttle
+        self.pause = pause or SpinPause(None, "idle spin")
         self._last_wait = 0.0  # seconds the last receive waited for its first bytes
-        self._throttle_asked = -SPIN_CHECK_S  # time.monotonic() of the last look at the limit
-        self.spin_paused = False  # the limit stopped the process lately: no polling
-        self.pauses = 0  # times polling paused for the limit (logged the first time)
 
     def recv(self) -> Init | RunBatch | Shutdown:
         header = FRAME_HEADER.size
@@ -111,7 +105,7 @@ class Channel:
     def _fill(self, mid_message: bool = False) -> None:
         if self.spin_s > 0 and not mid_message:
             started = time.perf_counter()
-            if self._last_wait <= self.spin_s and not self._throttled():
+            if self._last_wait <= self.spin_s and not self.pause():
                 self._spin()
             data = self._sock.recv(1 << 16)
             self._last_wait = time.perf_counter() - started
@@ -124,27 +118,6 @@ class Channel:
                 else "parent closed the channel"
             )
         self._buffer += data
-
-    def _throttled(self) -> bool:
-        """Whether polling is paused for the CPU limit (asked at most every SPIN_CHECK_S)."""
-        if self.throttle is None:
-            return False
-        now = time.monotonic()
-        if now - self._throttle_asked < SPIN_CHECK_S:
-            return self.spin_paused
-        self._throttle_asked = now
-        paused = self.throttle.throttled_within(SPIN_THROTTLE_MEMORY_S, now)
-        if paused and not self.spin_paused:
-            self.pauses += 1
-            log.log(
-                logging.INFO if self.pauses == 1 else logging.DEBUG,
-                "idle spin paused (%d times so far): the CPU limit stopped this process; it "
-                "resumes %g s after the last stop",
-                self.pauses,
-                SPIN_THROTTLE_MEMORY_S,
-            )
-        self.spin_paused = paused
-        return paused
 
     def _spin(self) -> None:
         """Poll until data (or the parent's close) is waiting, or ``spin_s`` has passed."""
@@ -406,7 +379,7 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
     )
     channel.spin_s = spin_us / 1e6  # (not while loading and warming)
     if spin_us > 0:
-        channel.throttle = throttle_watch()  # (reads nothing without a CPU limit)
+        channel.pause = SpinPause(throttle_watch(), "idle spin")  # (no limit: reads nothing)
     try:
         worker.serve_forever()
     except EOFError:

@@ -337,3 +337,36 @@ def test_a_throttle_watch_without_a_limit_never_says_throttled():
     assert not watch.throttled_within(1e9)
     unreadable = cpus.ThrottleWatch(lambda: None)
     assert unreadable.periods() is None and not unreadable.throttled_within(1e9)
+
+
+def test_a_busy_poll_pauses_for_the_cpu_limit_asks_at_most_every_check_and_logs_once(caplog):
+    """SpinPause: paused while a look at the limit within ``memory_s`` found it had stopped the
+    process; between looks (``check_s``) the last answer stands; the first pause is logged."""
+    caplog.set_level(logging.DEBUG, logger="serve.cpus")
+    clock, periods, reads = [50.0], [0], [0]
+
+    def count() -> int:
+        reads[0] += 1
+        return periods[0]
+
+    pause = cpus.SpinPause(
+        cpus.ThrottleWatch(count), "a poll", check_s=0.05, memory_s=1.0, clock=lambda: clock[0]
+    )
+    assert pause() is False  # (learns the count)
+    periods[0] = 1
+    clock[0] = 50.01
+    assert pause() is False and reads[0] == 1  # within check_s of the last look: not read
+    clock[0] = 50.1
+    assert pause() is True and reads[0] == 2
+    clock[0] = 50.9
+    assert pause() is True  # no new stop, but within memory_s of the last
+    clock[0] = 51.2
+    assert pause() is False  # a second and more since: polling again
+    periods[0], clock[0] = 2, 51.3
+    assert pause() is True
+    assert pause.pauses == 2
+    first = [r for r in caplog.records if "a poll paused (1 times" in r.getMessage()]
+    second = [r for r in caplog.records if "a poll paused (2 times" in r.getMessage()]
+    assert [r.levelno for r in first] == [logging.INFO]
+    assert [r.levelno for r in second] == [logging.DEBUG]
+    assert cpus.SpinPause(None, "no limit")() is False
