@@ -16,7 +16,8 @@ Holding under load: when the event loop itself is the bottleneck (its thread bus
 ``HOLD_LOAD`` of the time, or busy or waiting for a CPU at least ``HOLD_PRESSED`` of the time: on a
 machine with fewer free cores than busy threads the loop's own CPU time stays low while it cannot
 keep up), or when the process's CPU limit (a container's CFS quota, serve/cpus.py) stopped it within
-the last ``THROTTLE_MEMORY_S``, requests reach the batcher one at a time, each finds a free
+the last ``THROTTLE_MEMORY_S`` (and, once so, until it is ``HOLD_HYSTERESIS`` below both lines:
+holding lowers the load it answers), requests reach the batcher one at a time, each finds a free
 worker, and every batch is one row: the per-batch costs (the shared-memory copy, two socket hops,
 waking the worker) are paid per request by the busiest thread, and by the machine (or out of the
 quota). Then a lone request is held until company arrives or ``HOLD_CAP_S`` passes, which divides
@@ -61,6 +62,7 @@ RETRY_WAIT_S = 30.0  # longest a retried batch without a deadline waits for anot
 STOP_WAIT_S = 60.0  # longest stop() waits for running batches (the pool's watchdog is 30 s)
 HOLD_LOAD = 0.75  # event-loop thread busy fraction from which lone requests are held ...
 HOLD_PRESSED = 0.9  # ... or busy-or-waiting-for-a-CPU fraction (LoopLoad.pressed)
+HOLD_HYSTERESIS = 0.1  # once saturated, until both fractions are this far below their lines
 HOLD_ROWS = 2  # a held batch leaves once it has this many rows at first ...
 HOLD_ROWS_MAX = 8  # ... doubling up to this many while holds fill up within the cap
 HOLD_CAP_S = 0.002  # longest hold (the event loop's timers have millisecond resolution)
@@ -177,11 +179,11 @@ class LoopLoad:
     (``waited_ns``: the thread's run-queue wait so far, or None where unknown; then
     ``pressed`` is ``busy``). ``throttled``: the process's CPU limit (``throttle``; None:
     none) stopped it within the last THROTTLE_MEMORY_S. ``saturated``: busy or pressed is past
-    its line (HOLD_LOAD,
-    HOLD_PRESSED), or throttled. A loop that must share too few cores with the workers and the
-    callers waits for a CPU instead of running: its CPU time stays under HOLD_LOAD while requests
-    queue. A throttled process is stopped as a whole, often while its loop sits in epoll: neither
-    clock of the loop's own thread shows that it is out of CPU."""
+    its line (HOLD_LOAD, HOLD_PRESSED), or throttled; once saturated, until both are more than
+    HOLD_HYSTERESIS below their lines (and it is not throttled). A loop that must share too few
+    cores with the workers and the callers waits for a CPU instead of running: its CPU time stays
+    under HOLD_LOAD while requests queue. A throttled process is stopped as a whole, often while
+    its loop sits in epoll: neither clock of the loop's own thread shows that it is out of CPU."""
 
     __slots__ = (
         "_cpu",
@@ -230,8 +232,15 @@ class LoopLoad:
             self.throttled = throttle is not None and throttle.throttled_within(
                 THROTTLE_MEMORY_S, now
             )
+            # Holding itself lowers the load it answers (a held batch's rows share one batch's
+            # costs, and the loop waits for company): judged on the same lines, a loop that holds
+            # dips under them every few windows and dispatches its lone requests one by one until
+            # it is saturated again. So it leaves only once clearly below them.
+            margin = HOLD_HYSTERESIS if self.saturated else 0.0
             self.saturated = (
-                self.busy >= HOLD_LOAD or self.pressed >= HOLD_PRESSED or self.throttled
+                self.busy >= HOLD_LOAD - margin
+                or self.pressed >= HOLD_PRESSED - margin
+                or self.throttled
             )
             self._since, self._cpu = now, cpu
         elif elapsed < 0:

@@ -72,6 +72,26 @@ def test_where_the_kernel_does_not_say_pressed_is_the_cpu_time_and_the_counter_i
     assert not load.saturated
 
 
+def test_once_saturated_a_loop_stays_so_until_clearly_below_the_lines():
+    """Holding lowers the load it answers: a loop that holds dips under the lines every few
+    windows. It stops holding only HOLD_HYSTERESIS below them, and starts again only on them."""
+    line, margin = batcher_module.HOLD_PRESSED, batcher_module.HOLD_HYSTERESIS
+    fractions = [0.95, line - margin / 2, line - 1.5 * margin, line - margin / 2, 0.95]
+    window_ns = 2 * WINDOW * 1e9
+    counts = [10**9]
+    for fraction in fractions:  # each window waits this fraction of its time for a CPU
+        counts.append(counts[-1] + int(window_ns * fraction))
+    load = LoopLoad(WaitCounter(*counts))
+    windows = Windows(load)
+    windows()  # (the first window only reads the counter)
+    seen = []
+    for _ in fractions:
+        windows()
+        assert load.busy < batcher_module.HOLD_LOAD - margin  # (decided by the wait alone)
+        seen.append(load.saturated)
+    assert seen == [True, True, False, False, True]
+
+
 def test_a_counter_that_goes_backwards_adds_no_wait():
     load = LoopLoad(WaitCounter(10**9, 0))
     Windows(load)(2)
