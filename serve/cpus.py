@@ -29,9 +29,9 @@ from pathlib import Path, PurePosixPath
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 SPIN_CHECK_S = 0.05  # a busy poll asks this often whether the CPU limit has stopped the process
 SPIN_THROTTLE_MEMORY_S = 1.0  # and pauses for this long after it last found it had
-PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 
 
 @dataclass(frozen=True, slots=True)

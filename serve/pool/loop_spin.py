@@ -49,17 +49,16 @@ class LoopSpin:
         if self._task is None and not self.pause():
             self._task = asyncio.get_running_loop().create_task(self._spin(), name="loop-spin")
 
-    def _paused(self) -> bool:
-        return self.pause is not None and self.pause()
-
     def _out(self) -> int:
         return sum(len(h._pending) for h in self._handles)
 
     async def _spin(self) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + LONGEST_S
+        pause = self.pause
+        assert pause is not None  # (set by busy(), which starts every spin)
         try:
-            while 0 < self._out() <= MOST_BATCHES and loop.time() < end and not self._paused():
+            while 0 < self._out() <= MOST_BATCHES and loop.time() < end and not pause():
                 self.turns += 1
                 await asyncio.sleep(0)
         finally:
