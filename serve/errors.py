@@ -58,5 +58,10 @@ class ModelExecutionError(ServeError):
     """The model raised while computing a batch (reported to that batch's callers only)."""
 
 
+class ModelOutOfMemoryError(ModelExecutionError):
+    """The model ran out of memory (its device's or the host's) computing a batch. The batch
+    failed, not the worker; the caller may send fewer rows per request, or retry later."""
+
+
 class UnsupportedError(ServeError):
     """The request asks for something this server does not implement."""

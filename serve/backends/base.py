@@ -13,6 +13,34 @@ from serve.protocol.samples import sample_arrays
 
 Arrays = dict[str, npt.NDArray[Any]]
 
+# How the frameworks say memory ran out, where no exception type says it: CUDA's own
+# ("out of memory", as torch's "CUDA out of memory" and onnxruntime's "CUDA failure 2: out of
+# memory" quote it), onnxruntime's arenas ("Failed to allocate memory for requested buffer"),
+# cuBLAS's and cuDNN's workspaces.
+OUT_OF_MEMORY_TEXT = (
+    "out of memory",
+    "failed to allocate memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+)
+
+
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from or while handling, says that memory
+    ran out: the host's (MemoryError, numpy's included) or a device's (torch's OutOfMemoryError,
+    or the messages of OUT_OF_MEMORY_TEXT). Not a sticky device error: the process can go on
+    serving batches that fit."""
+    for _ in range(8):  # (a chain is short; a cycle must not loop)
+        if exc is None:
+            return False
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            return True
+        text = str(exc).lower()
+        if any(words in text for words in OUT_OF_MEMORY_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
 
 class Backend(abc.ABC):
     """Loads one model on one device and runs batches of numpy arrays through it."""
@@ -51,6 +79,11 @@ class Backend(abc.ABC):
     def is_fatal(self, exc: BaseException) -> bool:
         """Whether ``exc`` leaves this process unable to serve (e.g. a sticky CUDA error)."""
         return False
+
+    def release_memory(self) -> None:
+        """A batch ran out of memory: give back what the framework caches, so that the next
+        (smaller) batches find it. Default: nothing cached."""
+        return
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"

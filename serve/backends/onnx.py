@@ -82,20 +82,24 @@ class OnnxBackend(Backend):
                 f"graph inputs {sorted(graph_inputs)}, outputs {sorted(graph_outputs)}"
             )
         self._output_names = output_names
+        # After a batch ran out of memory: the next run shrinks the memory arenas back
+        # (release_memory); None on every other run.
+        self._run_options: ort.RunOptions | None = None
         # no string tensors in or out: run() hands arrays straight through
         self._plain = not any(
             "string" in t.type for t in (*self._session.get_inputs(), *self._session.get_outputs())
         )
 
     def run(self, inputs: Arrays) -> Arrays:
+        options, self._run_options = self._run_options, None
         if self._plain:
-            results = self._session.run(self._output_names, inputs)
+            results = self._session.run(self._output_names, inputs, options)
             return dict(zip(self._output_names, results, strict=True))
         # onnxruntime takes and returns string tensors as str; the protocol's BYTES are bytes
         feed = {
             name: _strings(name, a) if a.dtype == np.object_ else a for name, a in inputs.items()
         }
-        results = self._session.run(self._output_names, feed)
+        results = self._session.run(self._output_names, feed, options)
         out: Arrays = {}
         for name, value in zip(self._output_names, results, strict=True):
             array = np.asarray(value)
@@ -103,6 +107,16 @@ class OnnxBackend(Backend):
                 array = np.vectorize(_to_bytes, otypes=[np.object_])(array)
             out[name] = array
         return out
+
+    def release_memory(self) -> None:
+        """onnxruntime frees nothing on request: its arenas keep what the failed batch made them
+        grow by. The next run shrinks them back to what that run uses."""
+        arenas = "cpu:0"
+        if self.device.startswith("cuda"):
+            arenas += f";gpu:{self.device.partition(':')[2] or 0}"
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
+        self._run_options = options
 
     def describe(self) -> str:
         return (

@@ -229,6 +229,10 @@ class TorchBackend(Backend):
             "CUDA error" in text or "device-side assert" in text or "illegal memory access" in text
         )
 
+    def release_memory(self) -> None:
+        if self._torch_device.type == "cuda":  # the caching allocator's free blocks
+            torch.cuda.empty_cache()
+
     def describe(self) -> str:
         graphs = f", {len(self._graphs)} CUDA graphs" if self._graphs else ""
         return f"torch {torch.__version__} on {self.device}{graphs}"

@@ -24,6 +24,7 @@ STATUS: tuple[tuple[type[errors.ServeError], grpc.StatusCode], ...] = (
     (errors.InvalidBundleError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.UnsupportedError, grpc.StatusCode.UNIMPLEMENTED),
+    (errors.ModelOutOfMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # before its base
     (errors.ModelExecutionError, grpc.StatusCode.INTERNAL),
 )
 

@@ -82,7 +82,7 @@ class BatchDone(msgspec.Struct, frozen=True, tag=True):
 
 class BatchFailed(msgspec.Struct, frozen=True, tag=True):
     batch_id: int
-    kind: str  # "invalid_input" | "execution"
+    kind: str  # "invalid_input" | "execution" | "out_of_memory"
     message: str
 
 

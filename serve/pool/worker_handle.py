@@ -23,6 +23,7 @@ from serve.errors import (
     ModelExecutionError,
     ModelFaultError,
     ModelNotReadyError,
+    ModelOutOfMemoryError,
     WorkerLostError,
 )
 from serve.pool.arena import Arena, create_memfd
@@ -55,6 +56,19 @@ class WorkerState(enum.Enum):
 
 
 STOP_TIMEOUT_S = 10.0  # a stopping worker that has not exited by then is killed
+
+# A failed batch's error, by the kind the worker gave (any other kind: ModelExecutionError),
+# and what its callers are told they can do about it.
+BATCH_FAILED: dict[str, type[ModelExecutionError | InvalidInputError]] = {
+    "invalid_input": InvalidInputError,
+    "execution": ModelExecutionError,
+    "out_of_memory": ModelOutOfMemoryError,
+}
+ADVICE: dict[type[Exception], str] = {
+    InvalidInputError: "",
+    ModelExecutionError: "",
+    ModelOutOfMemoryError: "; send fewer rows per request, or retry later",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,9 +367,9 @@ class WorkerHandle:
         outcome: BatchResult | BaseException
         try:
             if isinstance(reply, BatchFailed):
-                error = InvalidInputError if reply.kind == "invalid_input" else ModelExecutionError
-                outcome = error(f"model {self.model.name!r}: {reply.message}")
-                if error is ModelExecutionError:  # the client's input is not the worker's fault
+                error = BATCH_FAILED.get(reply.kind, ModelExecutionError)
+                outcome = error(f"model {self.model.name!r}: {reply.message}{ADVICE[error]}")
+                if error is not InvalidInputError:  # the client's input is not the worker's fault
                     self._model_failed(reply.message)
             else:
                 arena = self._outputs

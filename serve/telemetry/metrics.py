@@ -38,6 +38,7 @@ OUTCOMES: tuple[tuple[type[errors.ServeError], str], ...] = (
     (errors.QueueFullError, "queue_full"),
     (errors.AnswerTooLargeError, "answer_too_large"),
     (errors.DeadlineExceededError, "deadline_exceeded"),
+    (errors.ModelOutOfMemoryError, "out_of_memory"),  # (a ModelExecutionError: first)
     (errors.ModelExecutionError, "model_error"),
 )
 

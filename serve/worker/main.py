@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from serve.backends.base import is_out_of_memory
 from serve.config import CUDA_IDLE_SPIN_US, ModelConfig
 from serve.cpus import SpinPause, throttle_watch
 from serve.errors import InvalidInputError
@@ -239,6 +240,7 @@ class Worker:
         except Exception as exc:
             return BatchFailed(message.batch_id, "invalid_input", f"cannot read inputs: {exc}")
         t1 = time.perf_counter_ns()
+        out_of_memory: BatchFailed | None = None
         try:
             inputs = self.processing.preprocess(arrays)
             if self.pad:  # on the warmed shape of the smallest bucket that holds the batch
@@ -253,10 +255,22 @@ class Worker:
             log.info("batch %d: invalid input: %s", message.batch_id, exc)
             return BatchFailed(message.batch_id, "invalid_input", str(exc))
         except Exception as exc:
-            if self.backend.is_fatal(exc):
+            if is_out_of_memory(exc):  # (before is_fatal: "CUDA error: out of memory" is not)
+                out_of_memory = self._out_of_memory(message, exc)
+            elif self.backend.is_fatal(exc):
                 raise FatalBatchError(message.batch_id) from exc
-            log.warning("batch %d failed: %s: %s", message.batch_id, type(exc).__name__, exc)
-            return BatchFailed(message.batch_id, "execution", f"{type(exc).__name__}: {exc}")
+            else:
+                log.warning("batch %d failed: %s: %s", message.batch_id, type(exc).__name__, exc)
+                return BatchFailed(message.batch_id, "execution", f"{type(exc).__name__}: {exc}")
+        if out_of_memory is not None:
+            # Out of the except clause, the exception's frames (and the tensors they held) are
+            # gone: what the framework caches of them can be given back now.
+            del arrays
+            try:
+                self.backend.release_memory()
+            except Exception as exc:  # the next batch tells whether the device is still usable
+                log.warning("releasing cached memory failed: %s: %s", type(exc).__name__, exc)
+            return out_of_memory
         t2 = time.perf_counter_ns()
         tensors = [
             (
@@ -279,6 +293,38 @@ class Worker:
             return BatchFailed(message.batch_id, "execution", detail)
         t3 = time.perf_counter_ns()
         return BatchDone(message.batch_id, refs, t1 - t0, t2 - t1, t3 - t2)
+
+    def _out_of_memory(self, message: RunBatch, exc: Exception) -> BatchFailed:
+        """A batch needed more memory than its device (or the host) had: that batch fails
+        (RESOURCE_EXHAUSTED; a merged batch's requests run again each on its own), not the
+        worker."""
+        shape = f"{message.rows} rows"
+        if self.pad and (bucket := bucket_for(message.rows, self.buckets)) != message.rows:
+            shape += f" (run as the {bucket}-row bucket)"
+        log.warning(
+            "batch %d: out of memory computing %s: %s", message.batch_id, shape, _brief(exc)
+        )
+        text = f"out of memory computing a batch of {shape}: {_brief(exc)}"
+        return BatchFailed(message.batch_id, "out_of_memory", text)
+
+
+def _brief(exc: BaseException) -> str:
+    """The exception's type and the first line of its message (torch's out-of-memory message
+    goes on for lines of allocator advice), at most 300 characters of it."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+def start_failed(exc: Exception) -> Fatal:
+    """What the parent is told when the worker could not start. Running out of memory (a GPU
+    another process holds, say) is the host's condition, not the model's fault: its start may
+    pass later, so it is not reported as one (a model load then answers UNAVAILABLE, not
+    FAILED_PRECONDITION)."""
+    if isinstance(exc, ModelStartError):
+        if is_out_of_memory(exc.__cause__):
+            return Fatal(f"start-up failed: out of memory: {exc}")
+        return Fatal(f"start-up failed: {exc}", model_fault=True)
+    return Fatal(f"start-up failed: {type(exc).__name__}: {exc}")
 
 
 def exit_with_the_server(pid: int) -> None:
@@ -351,9 +397,7 @@ def run(fd: int, in_fd: int, out_fd: int, log_level: str) -> int:
         warm_s = worker.warm_up()
     except Exception as exc:
         log.exception("start-up failed")
-        fault = isinstance(exc, ModelStartError)
-        detail = str(exc) if fault else f"{type(exc).__name__}: {exc}"
-        channel.send(Fatal(f"start-up failed: {detail}", model_fault=fault))
+        channel.send(start_failed(exc))
         return 1
     freeze_long_lived("worker")  # the model and its framework live as long as the worker
     spin_us = idle_spin_us(init.model.pool.idle_spin_us, worker.backend.device)

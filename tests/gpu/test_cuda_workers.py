@@ -118,3 +118,40 @@ def test_a_sticky_cuda_error_ends_the_worker_and_the_pool_replaces_it(tmp_path):
         assert server.client.infer("gather", [good]).as_numpy("VALUE").tolist() == [[[3.0]]]
     finally:
         server.stop()
+
+
+# Asks the GPU for 1 PiB on any batch that holds the value 9.0: a real CUDA out-of-memory error
+# from torch's caching allocator, in the worker, beside a model on the same device.
+OUT_OF_GPU_MEMORY = """\
+import torch
+
+
+def preprocess(inputs):
+    if (inputs["INPUT0"] == 9.0).any():
+        torch.empty(1 << 50, dtype=torch.uint8, device="cuda")
+    return inputs
+"""
+
+
+def test_a_batch_out_of_gpu_memory_fails_resource_exhausted_and_the_worker_serves_on(tmp_path):
+    folder = build_mlp_torch(tmp_path / "repo" / "mlp_torch", device="cuda:0", process="process.py")
+    (folder / "process.py").write_text(OUT_OF_GPU_MEMORY)
+    server = ServerProcess(tmp_path / "server.log", tmp_path / "repo")
+    try:
+        server.wait_ready(timeout=300)
+        workers = server.worker_pids()
+        x = triton.InferInput("INPUT0", [1, 64], "FP32")
+        x.set_data_from_numpy(np.full((1, 64), 9.0, dtype=np.float32))
+        with pytest.raises(triton.InferenceServerException) as caught:
+            server.client.infer("mlp_torch", [x])
+        assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED", caught.value.message()
+        assert "out of memory computing a batch of 1 rows" in caught.value.message()
+        assert "CUDA out of memory" in caught.value.message()
+        good = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+        x = triton.InferInput("INPUT0", [3, 64], "FP32")
+        x.set_data_from_numpy(good)
+        out = server.client.infer("mlp_torch", [x]).as_numpy("OUTPUT0")
+        np.testing.assert_allclose(out, mlp_reference(good), rtol=1e-3, atol=1e-3)
+        assert server.worker_pids() == workers  # not ended, not replaced
+    finally:
+        server.stop()

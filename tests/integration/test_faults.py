@@ -108,6 +108,73 @@ def test_a_merged_batch_with_one_malformed_answer_fails_only_that_request(bad_ou
     assert "output 'Y'" in error.message()
 
 
+# Runs out of memory on any batch that holds X = 9.0: a request that needs more of the GPU than
+# is left (CPU torch raises the same exception type as CUDA's allocator).
+OUT_OF_MEMORY = """\
+import torch
+
+
+def preprocess(inputs):
+    if (inputs["X"] == 9.0).any():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    return inputs
+"""
+
+
+def test_a_request_that_runs_out_of_memory_fails_alone_resource_exhausted(tmp_path):
+    _spin_with(tmp_path, OUT_OF_MEMORY, max_batch_size=8, batching={"max_queue_size": 16})
+    server = ServerProcess(
+        tmp_path / "server.log", tmp_path / "repo", args=("--log-level", "DEBUG")
+    )
+    try:
+        server.wait_ready()
+        (worker,) = server.worker_pids()
+        client = server.client
+        results: queue.Queue = queue.Queue()
+
+        def send(iters: int, value: float) -> None:
+            client.async_infer(
+                "spin",
+                spin_inputs(iters, value),
+                lambda result, error, value=value: results.put((value, result, error)),
+            )
+
+        send(20000, 1.0)  # keeps the only worker busy while the next three queue
+        server.wait_for_log_count("model spin: dispatching 1 rows from 1 requests", 1)
+        for value in (2.0, 9.0, 4.0):
+            send(1, value)
+        server.wait_for_log("model spin: 3 requests wait for a worker")
+        outcomes = {}
+        for _ in range(4):
+            value, result, error = results.get(timeout=60)
+            outcomes[value] = (result, error)
+        assert "dispatching 3 rows from 3 requests" in server.log()  # they did merge
+        for value in (1.0, 2.0, 4.0):  # run again each on its own: they fit
+            result, error = outcomes[value]
+            assert error is None, f"{value}: {error}"
+            assert result.as_numpy("Y").tolist() == [[value]]
+        _, error = outcomes[9.0]
+        assert error is not None and error.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert error.message() == (
+            "model 'spin': out of memory computing a batch of 1 rows: OutOfMemoryError: CUDA "
+            "out of memory. Tried to allocate 20.00 GiB; send fewer rows per request, or retry "
+            "later"
+        )
+        assert server.worker_pids() == [worker]  # the worker serves on
+        oom = 'warmserve_requests_total{code="out_of_memory",model="spin"}'
+        assert _metric(server, oom) == 1.0
+    finally:
+        assert server.stop() == 0
+
+
+def _metric(server: ServerProcess, sample: str) -> float:
+    _, text = server.http_text("/metrics")
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 # Exits the worker on the probe's input (X = 7.0): it warms up, reports warm, dies on its probe.
 DIES_ON_PROBE = """\
 import os

@@ -15,6 +15,7 @@ from serve.errors import (
     InvalidInputError,
     ModelExecutionError,
     ModelNotReadyError,
+    ModelOutOfMemoryError,
     QueueFullError,
     WorkerLostError,
 )
@@ -326,7 +327,12 @@ def _merged_behind_a_busy_worker(pool: FakePool, values: list[float], observer=N
 
 
 @pytest.mark.parametrize(
-    "error", [ModelExecutionError("negative input"), InvalidInputError("negative input")]
+    "error",
+    [
+        ModelExecutionError("negative input"),
+        InvalidInputError("negative input"),
+        ModelOutOfMemoryError("negative input needs more memory than there is"),
+    ],
 )
 def test_one_bad_request_in_a_merged_batch_fails_alone_and_the_others_get_their_results(error):
     pool = FakePool()
