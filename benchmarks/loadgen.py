@@ -21,6 +21,10 @@ reports how late the generator itself sent: ``send_lag_p99_ms``, and ``generator
 that exceeds LATE_SEND_MS (the latencies then hold the client's lag too, not only the server's).
 Arrivals wake on a timerfd at their exact time (benchmarks/arrivals.py): the event loop's own
 timers are about 1 ms coarse, and uvloop's wake early as often as late.
+
+The client's own full garbage collections are held off while it runs (``no_full_collections``):
+each walks the client's whole heap with its event loop stopped, 12-25 ms on the dev VM, and
+every call in flight then looked that much slower, whichever server answered it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import multiprocessing
@@ -35,7 +40,7 @@ import multiprocessing.synchronize
 import queue
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Literal, cast
 
@@ -54,6 +59,7 @@ START_TIMEOUT_S = 120.0  # client processes connecting (spawn, imports, first ca
 PERCENTILE_METHOD: Literal["linear"] = "linear"  # numpy's default, named in every result
 FEW_FOR_P99 = 1000  # fewer calls: fewer than 10 above the p99
 LATE_SEND_MS = 1.0  # open loop: a p99 send lag above this and the generator fell behind
+NO_FULL_COLLECTIONS = 1 << 30  # the oldest generation's threshold while a run goes on
 
 
 @dataclass
@@ -296,6 +302,24 @@ async def open_loop(
     return _result("open", rate, seconds, latencies, errors, send_lags, in_window)
 
 
+@contextlib.contextmanager
+def no_full_collections() -> Iterator[None]:
+    """Hold off the client's full (oldest-generation) garbage collections while a run goes on.
+    One walks every object the client holds (gRPC, protobuf, numpy, the run's own tasks) with
+    the event loop stopped: 12-25 ms on the dev VM, at times set by the client's allocations, and
+    every call in flight then waits that long for its answer to be read. In an open loop that
+    made the worst episode of a run, the p99 with it (the twenty-fifth session's RESULTS). Young
+    collections go on (the calls' short-lived cycles are still freed); what outlives them waits
+    for the one full collection made after the run, outside any measured window."""
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(young, middle, NO_FULL_COLLECTIONS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(young, middle, old)
+        gc.collect()
+
+
 def _closed_share(
     url: str,
     payload: bytes,
@@ -310,8 +334,9 @@ def _closed_share(
     try:
         connected = lambda: barrier.wait(START_TIMEOUT_S)  # noqa: E731
         job = closed_loop(url, payload, concurrency, seconds, connected, connections, streaming)
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            results.put(runner.run(job))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner, no_full_collections():
+            result = runner.run(job)
+        results.put(result)
     except BaseException as exc:
         barrier.abort()
         results.put(f"client process failed: {exc!r}")
@@ -424,7 +449,7 @@ def run(
             streaming=streaming,
             window=window,
         )
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner, no_full_collections():
         return runner.run(job)
 
 

@@ -172,3 +172,42 @@ def test_throughput_counts_the_calls_that_ended_within_the_window_over_the_windo
 def test_throughput_is_the_calls_within_the_window_over_it():
     result = loadgen._result("closed", 4, 2.0, [0.001] * 1000, 0, in_window=900)
     assert (result.count, result.completed_in_window, result.throughput) == (1000, 900, 450.0)
+
+
+def _full_collections_while(allocate) -> int:  # type: ignore[no-untyped-def]
+    """How many full (oldest-generation) collections ran during ``allocate()``."""
+    import gc
+
+    full: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append(1)
+
+    gc.callbacks.append(seen)
+    try:
+        allocate()
+    finally:
+        gc.callbacks.remove(seen)
+    return len(full)
+
+
+def _objects_that_live_on() -> None:
+    """Enough container objects that outlive young collections to set off full ones."""
+    kept = [[i] for i in range(300_000)]
+    assert len(kept) == 300_000
+
+
+def test_a_run_holds_off_the_clients_full_garbage_collections_and_makes_one_after():
+    import gc
+
+    thresholds = gc.get_threshold()
+    assert _full_collections_while(_objects_that_live_on) > 0  # what a run would otherwise get
+
+    def inside_a_run() -> None:
+        with loadgen.no_full_collections():
+            assert gc.get_threshold()[:2] == thresholds[:2]  # young collections go on
+            assert _full_collections_while(_objects_that_live_on) == 0
+
+    assert _full_collections_while(inside_a_run) == 1  # the one after the run
+    assert gc.get_threshold() == thresholds
