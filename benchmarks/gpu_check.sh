@@ -23,7 +23,7 @@ set -u; OUT=${OUT:-/tmp/o}; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH"
 { nproc; nvidia-smi --query-gpu=name --format=csv,noheader; timeout 30 python3 -m \
     benchmarks.wakeup; } 2>&1 | tee "$OUT/wakeup.txt"  # what waking an idle process costs here
-timeout 60 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gt tests/gpu 2>&1 \
+timeout 90 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gt tests/gpu 2>&1 \
     | tee "$OUT/gpu_tests.txt" | tail -4
 find /tmp/gt -name '*.log' -print0 | tar czf "$OUT/gpu_test_logs.tgz" --null -T - 2>/dev/null
 lv=${LV:-1,64}

@@ -34,7 +34,7 @@ cat "$OUT/machine.txt"
 echo "== GPU benchmark"
 timeout 400 python3 -m benchmarks.gpu_bench --out "$OUT" ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.txt"
 echo "== GPU tests"
-timeout 60 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gpu-tests tests/gpu 2>&1 \
+timeout 90 python3 -m pytest -q -p no:cacheprovider --basetemp=/tmp/gpu-tests tests/gpu 2>&1 \
     | tee "$OUT/gpu_tests.txt" | tail -25
 find /tmp/gpu-tests -name '*.log' -print0 2>/dev/null \
     | tar czf "$OUT/gpu_test_logs.tgz" --null -T - 2>/dev/null
