@@ -18,7 +18,8 @@ machine with fewer free cores than busy threads the loop's own CPU time stays lo
 keep up), or when the process's CPU limit (a container's CFS quota, serve/cpus.py) stopped it within
 the last ``THROTTLE_MEMORY_S`` (and, once so, until it is ``HOLD_HYSTERESIS`` below both lines,
 or ``HOLD_HYSTERESIS_KEPT`` while requests still come at ``HOLD_RATE_KEPT`` of the rate that
-saturated it: holding lowers the load it answers, not the rate), requests reach the batcher one
+saturated it, unless its holds found the callers to be a few closed-loop ones, whose rate each hold
+slows: holding lowers the load it answers, not the rate), requests reach the batcher one
 at a time, each finds a free worker, and every batch is one row: the per-batch costs (the
 shared-memory copy, two socket hops, waking the worker) are paid per request by the busiest
 thread, and by the machine (or out of the quota). Then a lone request is held until company
@@ -185,7 +186,8 @@ class LoopLoad:
     none) stopped it within the last THROTTLE_MEMORY_S. ``saturated``: busy or pressed is past
     its line (HOLD_LOAD, HOLD_PRESSED), or throttled; once saturated, until both are more than
     HOLD_HYSTERESIS below their lines (and it is not throttled), or HOLD_HYSTERESIS_KEPT below
-    them while requests come at HOLD_RATE_KEPT of the rate they came at when it saturated. A
+    them while requests come at HOLD_RATE_KEPT of the rate they came at when it saturated (and
+    not from a few closed-loop callers). A
     loop that must share too few cores with the workers and the callers waits for a CPU instead
     of running: its CPU time stays under HOLD_LOAD while requests queue. A throttled process is
     stopped as a whole, often while its loop sits in epoll: neither clock of the loop's own
@@ -224,9 +226,11 @@ class LoopLoad:
         if throttle is not None:
             throttle.periods()  # the count the first window starts from
 
-    def sample(self, now: float, requests: int = 0) -> None:
+    def sample(self, now: float, requests: int = 0, few_callers: bool = False) -> None:
         """Read the thread's clocks; the batcher calls this every 32nd request, with how many
-        requests it has had so far (``requests``)."""
+        requests it has had so far (``requests``), and whether its holds found all the callers
+        there are to be a few closed-loop ones (``few_callers``): their rate falls with every
+        hold, so it is not kept to the wider margin for them."""
         elapsed = now - self._since
         if elapsed >= LOAD_WINDOW_S:
             cpu = time.thread_time()
@@ -255,7 +259,9 @@ class LoopLoad:
             self._requests = requests
             margin = 0.0
             if self.saturated:  # (rate > 0: a caller that counts no requests gets the plain margin)
-                kept = rate > 0 and rate >= HOLD_RATE_KEPT * self._saturated_rate
+                kept = (
+                    not few_callers and rate > 0 and rate >= HOLD_RATE_KEPT * self._saturated_rate
+                )
                 margin = HOLD_HYSTERESIS_KEPT if kept else HOLD_HYSTERESIS
             saturated = (
                 self.busy >= HOLD_LOAD - margin
@@ -413,7 +419,8 @@ class DynamicBatcher:
             self._idle.clear()
         self._load_count += 1
         if not self._load_count & 31:
-            self._load.sample(now, self._load_count)
+            few_callers = self._hold_ceiling < HOLD_ROWS_MAX  # (lowered to the callers there are)
+            self._load.sample(now, self._load_count, few_callers)
         if len(queue) == 1 and self._flush_handle is None:
             self._flush()  # nothing else waits: dispatch now, without a loop hop
         elif self._holding:  # a held batch leaves once enough company came
