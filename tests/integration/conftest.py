@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import queue
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,6 +53,36 @@ def server(repository, tmp_path_factory):
 @pytest.fixture()
 def client(server) -> triton.InferenceServerClient:
     return server.client
+
+
+def merged_behind_a_busy_worker(
+    server: ServerProcess, requests: list[tuple[int, float]]
+) -> dict[float, tuple[Any, Any]]:
+    """On a server whose spin model has one worker taking one batch at a time: send a long
+    request (ITERS 20000, X 1.0) that keeps the worker busy, then ``requests`` ((ITERS, X)
+    each) that queue behind it and leave together as one batch (checked). Each X's (result,
+    error), the long request's too."""
+    results: queue.Queue[tuple[float, Any, Any]] = queue.Queue()
+
+    def send(iters: int, value: float) -> None:
+        server.client.async_infer(
+            "spin",
+            spin_inputs(iters, value),
+            lambda result, error, value=value: results.put((value, result, error)),
+        )
+
+    send(20000, 1.0)
+    server.wait_for_log_count("model spin: dispatching 1 rows from 1 requests", 1)
+    for iters, value in requests:
+        send(iters, value)
+    count = len(requests)
+    server.wait_for_log(f"model spin: {count} requests wait for a worker")
+    outcomes = {}
+    for _ in range(count + 1):
+        value, result, error = results.get(timeout=60)
+        outcomes[value] = (result, error)
+    assert f"dispatching {count} rows from {count} requests" in server.log()  # they did merge
+    return outcomes
 
 
 def spin_inputs(iters: int, value: float = 0.0) -> list[triton.InferInput]:

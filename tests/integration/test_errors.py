@@ -18,7 +18,7 @@ from serve.testing.models import (
     build_spin_torch,
     mlp_reference,
 )
-from tests.integration.conftest import spin_inputs
+from tests.integration.conftest import merged_behind_a_busy_worker, spin_inputs
 from tests.integration.harness import ServerProcess, wait_until
 
 
@@ -192,26 +192,7 @@ def test_one_bad_request_merged_with_good_ones_fails_alone(tmp_path):
     )
     try:
         server.wait_ready()
-        client = server.client
-        results: queue.Queue = queue.Queue()
-
-        def send(iters: int, value: float) -> None:
-            client.async_infer(
-                "spin",
-                spin_inputs(iters, value),
-                lambda result, error, value=value: results.put((value, result, error)),
-            )
-
-        send(20000, 1.0)  # keeps the only worker busy while the next three queue
-        server.wait_for_log_count("model spin: dispatching 1 rows from 1 requests", 1)
-        for iters, value in ((1, 2.0), (-1, 3.0), (1, 4.0)):
-            send(iters, value)
-        server.wait_for_log("model spin: 3 requests wait for a worker")
-        outcomes = {}
-        for _ in range(4):
-            value, result, error = results.get(timeout=60)
-            outcomes[value] = (result, error)
-        assert "dispatching 3 rows from 3 requests" in server.log()  # they did merge
+        outcomes = merged_behind_a_busy_worker(server, [(1, 2.0), (-1, 3.0), (1, 4.0)])
         for value in (1.0, 2.0, 4.0):
             result, error = outcomes[value]
             assert error is None, f"{value}: {error}"

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from serve.testing.models import build_spin_torch
-from tests.integration.conftest import spin_inputs
+from tests.integration.conftest import merged_behind_a_busy_worker, spin_inputs
 from tests.integration.harness import ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -44,6 +44,13 @@ def _spin_with(tmp_path: Path, code: str, **config: Any) -> Path:
     return folder
 
 
+def _merging_spin_server(tmp_path: Path, code: str) -> ServerProcess:
+    """A server (not yet ready) of the spin model with ``code`` as its process module, whose
+    queued requests merge into batches of up to 8, logging each dispatch (DEBUG)."""
+    _spin_with(tmp_path, code, max_batch_size=8, batching={"max_queue_size": 16})
+    return ServerProcess(tmp_path / "server.log", tmp_path / "repo", args=("--log-level", "DEBUG"))
+
+
 def _status(call) -> tuple[str, str]:
     with pytest.raises(triton.InferenceServerException) as caught:
         call()
@@ -52,10 +59,7 @@ def _status(call) -> tuple[str, str]:
 
 @pytest.fixture()
 def bad_outputs(tmp_path):
-    _spin_with(tmp_path, BAD_OUTPUTS, max_batch_size=8, batching={"max_queue_size": 16})
-    server = ServerProcess(
-        tmp_path / "server.log", tmp_path / "repo", args=("--log-level", "DEBUG")
-    )
+    server = _merging_spin_server(tmp_path, BAD_OUTPUTS)
     try:
         server.wait_ready()
         yield server
@@ -78,27 +82,7 @@ def test_an_output_of_the_wrong_shape_fails_that_call_and_the_worker_lives_on(ba
 
 
 def test_a_merged_batch_with_one_malformed_answer_fails_only_that_request(bad_outputs):
-    server = bad_outputs
-    client = server.client
-    results: queue.Queue = queue.Queue()
-
-    def send(iters: int, value: float) -> None:
-        client.async_infer(
-            "spin",
-            spin_inputs(iters, value),
-            lambda result, error, value=value: results.put((value, result, error)),
-        )
-
-    send(20000, 1.0)  # keeps the only worker busy while the next three queue
-    server.wait_for_log_count("model spin: dispatching 1 rows from 1 requests", 1)
-    for value in (2.0, 8.0, 4.0):
-        send(1, value)
-    server.wait_for_log("model spin: 3 requests wait for a worker")
-    outcomes = {}
-    for _ in range(4):
-        value, result, error = results.get(timeout=60)
-        outcomes[value] = (result, error)
-    assert "dispatching 3 rows from 3 requests" in server.log()  # they did merge
+    outcomes = merged_behind_a_busy_worker(bad_outputs, [(1, 2.0), (1, 8.0), (1, 4.0)])
     for value in (1.0, 2.0, 4.0):
         result, error = outcomes[value]
         assert error is None, f"{value}: {error}"
@@ -122,33 +106,11 @@ def preprocess(inputs):
 
 
 def test_a_request_that_runs_out_of_memory_fails_alone_resource_exhausted(tmp_path):
-    _spin_with(tmp_path, OUT_OF_MEMORY, max_batch_size=8, batching={"max_queue_size": 16})
-    server = ServerProcess(
-        tmp_path / "server.log", tmp_path / "repo", args=("--log-level", "DEBUG")
-    )
+    server = _merging_spin_server(tmp_path, OUT_OF_MEMORY)
     try:
         server.wait_ready()
         (worker,) = server.worker_pids()
-        client = server.client
-        results: queue.Queue = queue.Queue()
-
-        def send(iters: int, value: float) -> None:
-            client.async_infer(
-                "spin",
-                spin_inputs(iters, value),
-                lambda result, error, value=value: results.put((value, result, error)),
-            )
-
-        send(20000, 1.0)  # keeps the only worker busy while the next three queue
-        server.wait_for_log_count("model spin: dispatching 1 rows from 1 requests", 1)
-        for value in (2.0, 9.0, 4.0):
-            send(1, value)
-        server.wait_for_log("model spin: 3 requests wait for a worker")
-        outcomes = {}
-        for _ in range(4):
-            value, result, error = results.get(timeout=60)
-            outcomes[value] = (result, error)
-        assert "dispatching 3 rows from 3 requests" in server.log()  # they did merge
+        outcomes = merged_behind_a_busy_worker(server, [(1, 2.0), (1, 9.0), (1, 4.0)])
         for value in (1.0, 2.0, 4.0):  # run again each on its own: they fit
             result, error = outcomes[value]
             assert error is None, f"{value}: {error}"
@@ -287,10 +249,7 @@ def postprocess(outputs):
 def test_a_request_that_kills_its_worker_fails_alone_not_with_those_merged_with_it(tmp_path):
     # Its batch is retried once; run merged again it would kill the replacement together with
     # the others' second (and last) chance. Retried one by one, only it fails.
-    _spin_with(tmp_path, EXITS_ON_SEVEN, max_batch_size=8, batching={"max_queue_size": 16})
-    server = ServerProcess(
-        tmp_path / "server.log", tmp_path / "repo", args=("--log-level", "DEBUG")
-    )
+    server = _merging_spin_server(tmp_path, EXITS_ON_SEVEN)
     try:
         server.wait_ready()
         client = server.client
