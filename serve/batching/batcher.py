@@ -18,15 +18,15 @@ machine with fewer free cores than busy threads the loop's own CPU time stays lo
 keep up), or when the process's CPU limit (a container's CFS quota, serve/cpus.py) stopped it within
 the last ``THROTTLE_MEMORY_S`` (and, once so, until it is ``HOLD_HYSTERESIS`` below both lines,
 or ``HOLD_HYSTERESIS_KEPT`` while requests still come at ``HOLD_RATE_KEPT`` of the rate that
-saturated it, unless its holds found the callers to be a few closed-loop ones, whose rate each hold
-slows: holding lowers the load it answers, not the rate), requests reach the batcher one
-at a time, each finds a free worker, and every batch is one row: the per-batch costs (the
+saturated it, unless its holds found the callers to be a few closed-loop ones, whose rate each
+hold slows: holding lowers the load it answers, not the rate), requests reach the batcher one at
+a time, each finds a free worker, and every batch is one row: the per-batch costs (the
 shared-memory copy, two socket hops, waking the worker) are paid per request by the busiest
 thread, and by the machine (or out of the quota). Then a lone request is held until company
 arrives or ``HOLD_CAP_S`` passes, which divides those costs by the batch's size at the price of a
-few inter-arrival gaps. How much company a hold
-waits for adapts: it starts at ``HOLD_ROWS``, doubles each time a hold fills up within the cap (up
-to ``HOLD_ROWS_MAX`` and max_batch_size), and halves when the cap passes with only some company.
+few inter-arrival gaps. How much company a hold waits for adapts: it starts at ``HOLD_ROWS``,
+doubles each time a hold fills up within the cap (up to ``HOLD_ROWS_MAX`` and max_batch_size), and
+halves when the cap passes with only some company.
 When holds that waited for more gather, ``HOLD_GATHERED`` times in a row, exactly as many rows as
 the last one that filled, those are all the callers there are (a few closed-loop callers, whose next
 requests come only after this batch's replies): the target then stays at that many instead of
@@ -187,11 +187,10 @@ class LoopLoad:
     its line (HOLD_LOAD, HOLD_PRESSED), or throttled; once saturated, until both are more than
     HOLD_HYSTERESIS below their lines (and it is not throttled), or HOLD_HYSTERESIS_KEPT below
     them while requests come at HOLD_RATE_KEPT of the rate they came at when it saturated (and
-    not from a few closed-loop callers). A
-    loop that must share too few cores with the workers and the callers waits for a CPU instead
-    of running: its CPU time stays under HOLD_LOAD while requests queue. A throttled process is
-    stopped as a whole, often while its loop sits in epoll: neither clock of the loop's own
-    thread shows that it is out of CPU."""
+    not from a few closed-loop callers). A loop that must share too few cores with the workers
+    and the callers waits for a CPU instead of running: its CPU time stays under HOLD_LOAD while
+    requests queue. A throttled process is stopped as a whole, often while its loop sits in
+    epoll: neither clock of the loop's own thread shows that it is out of CPU."""
 
     __slots__ = (
         "_cpu",

@@ -57,18 +57,13 @@ class WorkerState(enum.Enum):
 
 STOP_TIMEOUT_S = 10.0  # a stopping worker that has not exited by then is killed
 
-# A failed batch's error, by the kind the worker gave (any other kind: ModelExecutionError),
-# and what its callers are told they can do about it.
+# A failed batch's error, by the kind the worker gave (any other kind: ModelExecutionError)
 BATCH_FAILED: dict[str, type[ModelExecutionError | InvalidInputError]] = {
     "invalid_input": InvalidInputError,
     "execution": ModelExecutionError,
     "out_of_memory": ModelOutOfMemoryError,
 }
-ADVICE: dict[type[Exception], str] = {
-    InvalidInputError: "",
-    ModelExecutionError: "",
-    ModelOutOfMemoryError: "; send fewer rows per request, or retry later",
-}
+OUT_OF_MEMORY_ADVICE = "; send fewer rows per request, or retry later"
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +363,8 @@ class WorkerHandle:
         try:
             if isinstance(reply, BatchFailed):
                 error = BATCH_FAILED.get(reply.kind, ModelExecutionError)
-                outcome = error(f"model {self.model.name!r}: {reply.message}{ADVICE[error]}")
+                advice = OUT_OF_MEMORY_ADVICE if error is ModelOutOfMemoryError else ""
+                outcome = error(f"model {self.model.name!r}: {reply.message}{advice}")
                 if error is not InvalidInputError:  # the client's input is not the worker's fault
                     self._model_failed(reply.message)
             else:

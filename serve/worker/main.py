@@ -265,7 +265,6 @@ class Worker:
         if out_of_memory is not None:
             # Out of the except clause, the exception's frames (and the tensors they held) are
             # gone: what the framework caches of them can be given back now.
-            del arrays
             try:
                 self.backend.release_memory()
             except Exception as exc:  # the next batch tells whether the device is still usable
@@ -301,10 +300,9 @@ class Worker:
         shape = f"{message.rows} rows"
         if self.pad and (bucket := bucket_for(message.rows, self.buckets)) != message.rows:
             shape += f" (run as the {bucket}-row bucket)"
-        log.warning(
-            "batch %d: out of memory computing %s: %s", message.batch_id, shape, _brief(exc)
-        )
-        text = f"out of memory computing a batch of {shape}: {_brief(exc)}"
+        cause = _brief(exc)
+        log.warning("batch %d: out of memory computing %s: %s", message.batch_id, shape, cause)
+        text = f"out of memory computing a batch of {shape}: {cause}"
         return BatchFailed(message.batch_id, "out_of_memory", text)
 
 
