@@ -14,18 +14,20 @@ none unless --peers names them.
 Besides the floor, the "hop floor" (floor_server.py --hop: the same handler, with the model in a
 second process reached over a socketpair, nothing else) shows what the process hop alone costs.
 
-The floor, the hop floor and warmserve stay up side by side and take turns under the closed
-loop, round after round (--rounds, default 3; rounds.py): every closed-loop figure is the median
-over the rounds, and the c=1 ratios are also printed round by round. Peers run one at a time
-afterwards, with the same rounds. The open loop (Poisson arrivals) follows, at rates scaled to
-this machine: 25, 50 and 80 % of the floor's closed-loop throughput at the highest concurrency
-in the same run (OPEN_LOOP_SHARES), the same rates for every server; --rates fixes them. The
-model is the demo MLP (ONNX, 64→256→256→10). For each
-load level it records P50/P95/P99/max, throughput, errors and the server's CPU time per call
-(its whole process tree: warmserve's workers included, and processes that ended meanwhile; read
-where the measured calls start and end). Results go to benchmarks/out/ as JSON,
+The floor, the hop floor and warmserve run side by side and take turns under the closed loop,
+round after round (--rounds, default 3; rounds.py), all three started afresh for each round
+(SideBySide: a server's figures depend on where its life's processes were placed): every
+closed-loop figure is the median over the rounds, and the c=1 ratios are also printed round by
+round. Peers run one at a time afterwards, with the same rounds on one life each. The open
+loop (Poisson arrivals) follows, at rates scaled to this machine: 25, 50 and 80 % of the floor's
+closed-loop throughput at the highest concurrency in the same run (OPEN_LOOP_SHARES), the same
+rates for every server; --rates fixes them. The model is the demo MLP (ONNX, 64→256→256→10).
+For each load level it records P50/P95/P99/max, throughput, errors and the server's CPU time
+per call (its whole process tree: warmserve's workers included, and processes that ended
+meanwhile; read where the measured calls start and end). Results go to benchmarks/out/ as JSON,
 with a latency-vs-throughput plot and latency CDFs; warmserve's own overhead breakdown (from its
-timestamps) is printed beside the totals.
+timestamps, over the last round's server: its closed loop, open loop and perf_analyzer) is
+printed beside the totals.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +178,56 @@ class FloorProcess:
                     self.process.wait(10)
         finally:
             self._log.close()
+
+
+class SideBySide:
+    """The floor, the hop floor and warmserve, up side by side; ``restart()`` stops them and
+    starts them afresh. Each round of the closed loop gets servers of its own: where the kernel
+    places a server's processes and threads (which core its event loop, gRPC's poller and the
+    worker share, or not) holds for the server's life and moves its c=1 figures by up to ~10 %
+    from one life to the next. Rounds on one life measure that life's placement three times;
+    rounds on fresh lives sample it."""
+
+    def __init__(self, folder: Path, logs: Path) -> None:
+        self._folder = folder
+        self._logs = logs
+        self._lives = 0
+        self._running: list[FloorProcess | ServerProcess] = []
+        self.warmserve: ServerProcess | None = None
+        self.servers: dict[str, tuple[str, int]] = {}
+
+    def start(self) -> None:
+        life = self._lives
+        self._lives += 1
+        try:
+            floor = FloorProcess(self._folder, self._logs / f"floor-{life}.log")
+            self._running.append(floor)
+            hop = FloorProcess(self._folder, self._logs / f"floor-hop-{life}.log", hop=True)
+            self._running.append(hop)
+            server = ServerProcess(self._logs / f"warmserve-{life}.log", self._folder.parent)
+            self._running.append(server)
+            server.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.warmserve = server
+        self.servers = {
+            "floor": (floor.url, floor.process.pid),
+            "floor-hop": (hop.url, hop.process.pid),
+            "floor" + STREAMED: (floor.url, floor.process.pid),
+            "warmserve": (server.url, server.process.pid),
+            "warmserve" + STREAMED: (server.url, server.process.pid),
+        }
+
+    def restart(self) -> dict[str, tuple[str, int]]:
+        self.stop()
+        self.start()
+        return self.servers
+
+    def stop(self) -> None:
+        running, self._running = self._running, []
+        for process in reversed(running):
+            process.stop()
 
 
 def _peer_python(peer: str) -> Path:
@@ -388,20 +441,33 @@ def _perf_analyzer_result(
 
 
 def run_servers(
-    servers: dict[str, tuple[str, int]], args: argparse.Namespace
+    servers: dict[str, tuple[str, int]],
+    args: argparse.Namespace,
+    restart: Callable[[], dict[str, tuple[str, int]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Closed loop in alternated rounds over ``servers`` (name → url, pid), then each one's open
     loop and perf_analyzer cross-check. A name ending in STREAMED is the same server driven by
-    streaming clients (ModelStreamInfer; closed loop only)."""
-    for name, (url, _) in servers.items():  # warm both ends before measuring
-        streaming = name.endswith(STREAMED)
-        loadgen.run(
-            url,
-            MODEL,
-            concurrency=WARM_UP_CONCURRENCY,
-            seconds=WARM_UP_SECONDS,
-            streaming=streaming,
-        )
+    streaming clients (ModelStreamInfer; closed loop only). With ``restart``, every round after
+    the first runs on the servers it returns, started afresh (SideBySide); the open loop and
+    perf_analyzer run on the last round's."""
+    servers = dict(servers)
+
+    def warm_up() -> None:
+        for name, (url, _) in servers.items():  # warm both ends before measuring
+            streaming = name.endswith(STREAMED)
+            loadgen.run(
+                url,
+                MODEL,
+                concurrency=WARM_UP_CONCURRENCY,
+                seconds=WARM_UP_SECONDS,
+                streaming=streaming,
+            )
+
+    def before_round(index: int) -> None:
+        if index and restart is not None:
+            servers.update(restart())
+        if index == 0 or restart is not None:
+            warm_up()
 
     def closed_loop(name: str, concurrency: int) -> dict[str, Any]:
         url, pid = servers[name]
@@ -410,7 +476,9 @@ def run_servers(
             url, pid, concurrency=concurrency, seconds=args.seconds, streaming=streaming
         )
 
-    closed = rounds.alternate(list(servers), args.concurrency, args.rounds, closed_loop)
+    closed = rounds.alternate(
+        list(servers), args.concurrency, args.rounds, closed_loop, before_round
+    )
     if args.rates is None:  # the first servers measured, the floor among them, set the rates
         args.rates, args.rates_from = open_loop_rates(closed.get("floor", []))
         print(f"open loop at {', '.join(f'{r:g}' for r in args.rates)} calls/s: {args.rates_from}")
@@ -737,25 +805,20 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_mlp_onnx(Path(tmp) / "repo" / MODEL)
-        with contextlib.ExitStack() as running:
-            floor = FloorProcess(folder, Path(tmp) / "floor.log")
-            running.callback(floor.stop)
-            hop = FloorProcess(folder, Path(tmp) / "floor-hop.log", hop=True)
-            running.callback(hop.stop)
-            server = ServerProcess(Path(tmp) / "warmserve.log", Path(tmp) / "repo")
-            running.callback(server.stop)
-            server.wait_ready()
-            servers = {
-                "floor": (floor.url, floor.process.pid),
-                "floor-hop": (hop.url, hop.process.pid),
-                "floor" + STREAMED: (floor.url, floor.process.pid),
-                "warmserve": (server.url, server.process.pid),
-                "warmserve" + STREAMED: (server.url, server.process.pid),
-            }
-            print(f"closed loop: medians of {args.rounds} alternated rounds of {args.seconds:g} s")
-            results.update(run_servers(servers, args))
+        side_by_side = SideBySide(folder, Path(tmp))
+        try:
+            side_by_side.start()
+            print(
+                f"closed loop: medians of {args.rounds} alternated rounds of {args.seconds:g} s, "
+                "the floor, the hop floor and warmserve started afresh for each round"
+            )
+            results.update(run_servers(side_by_side.servers, args, side_by_side.restart))
+            server = side_by_side.warmserve
+            assert server is not None
             breakdown = server.http_json(f"/warmserve/models/{MODEL}/latency")[1]["breakdown_us"]
             breakdown["rows_per_batch"] = _rows_per_batch(server.http_text("/metrics")[1])
+        finally:
+            side_by_side.stop()
         if not args.quick:
             save_partial()
         versions = {peer: _peer_version(peer) for peer in dict.fromkeys(s.peer for s in peers)}
@@ -777,7 +840,7 @@ def main() -> None:
     ratios = _ratios(results)
     print(
         "\nwarmserve overhead breakdown (µs; codec and queue per request, the rest per batch; "
-        "rows per batch over the whole run):"
+        "rows per batch; over the last round's server and its open loop):"
     )
     print(
         "  "

@@ -54,14 +54,21 @@ def median_row(rows: Sequence[Row]) -> Row:
 
 
 def alternate(
-    names: Sequence[str], levels: Sequence[int], rounds: int, measure: Callable[[str, int], Row]
+    names: Sequence[str],
+    levels: Sequence[int],
+    rounds: int,
+    measure: Callable[[str, int], Row],
+    before_round: Callable[[int], None] | None = None,
 ) -> dict[str, list[Row]]:
     """``measure(name, level)`` for every server and level, ``rounds`` times; who goes first
-    rotates from round to round. Per server, one median row per level."""
+    rotates from round to round. Per server, one median row per level. ``before_round(index)``
+    runs before each round (to start the servers afresh, say)."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, not {rounds}")
     samples: dict[str, dict[int, list[Row]]] = {n: {c: [] for c in levels} for n in names}
     for index in range(rounds):
+        if before_round is not None:
+            before_round(index)
         shift = index % len(names)
         for name in [*names[shift:], *names[:shift]]:
             for level in levels:

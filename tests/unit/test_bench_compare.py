@@ -295,3 +295,44 @@ def test_the_first_servers_closed_loop_sets_the_open_loop_rates_every_server_the
     assert given.rates == [300.0] and [m for m in measured if m[1] == "open"] == [
         ("floor-url", "open", 300.0)
     ]
+
+
+def test_each_round_of_the_closed_loop_runs_on_servers_started_afresh(monkeypatch, capsys):
+    """run_servers with a restart: round 0 on the servers given, every later round on the ones
+    the restart returns, each life warmed up before it is measured; the open loop on the last."""
+    import argparse
+
+    measured: list[tuple[str, str]] = []  # (url, what)
+    warmed: list[str] = []
+    monkeypatch.setattr(compare.loadgen, "run", lambda url, *a, **k: warmed.append(url))
+
+    def measure(url: str, pid: int, *, concurrency: int = 0, rate: float = 0, **_: object) -> dict:
+        measured.append((url, f"c={concurrency}" if concurrency else f"rate={rate:g}"))
+        level = concurrency or rate
+        return {
+            "mode": "closed" if concurrency else "open", "level": level, "count": 10,
+            "errors": 0, "seconds": 1.0, "throughput": 1.0, "p50_ms": 1.0, "p95_ms": 1.0,
+            "p99_ms": 1.0, "max_ms": 1.0, "server_cpu_us_per_call": 1.0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(compare, "_measure", measure)
+    lives = iter(range(1, 10))
+
+    def restart() -> dict[str, tuple[str, int]]:
+        life = next(lives)
+        return {"floor": (f"floor@{life}", life), "warmserve": (f"ws@{life}", life)}
+
+    args = argparse.Namespace(concurrency=[1], rounds=3, seconds=0.1, rates=[50.0], quick=True)
+    first = {"floor": ("floor@0", 0), "warmserve": ("ws@0", 0)}
+    out = compare.run_servers(first, args, restart)
+    closed = [url for url, what in measured if what == "c=1"]
+    assert closed == ["floor@0", "ws@0", "ws@1", "floor@1", "floor@2", "ws@2"]
+    assert warmed == ["floor@0", "ws@0", "floor@1", "ws@1", "floor@2", "ws@2"]
+    assert [url for url, what in measured if what == "rate=50"] == ["floor@2", "ws@2"]
+    assert out["warmserve"]["closed"][0]["rounds"]["p50_ms"] == [1.0, 1.0, 1.0]
+    # without a restart, the same servers for every round, warmed once
+    measured.clear()
+    warmed.clear()
+    compare.run_servers(first, args)
+    assert {url for url, what in measured} == {"floor@0", "ws@0"}
+    assert warmed == ["floor@0", "ws@0"]

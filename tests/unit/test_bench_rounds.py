@@ -41,6 +41,17 @@ def test_rounds_alternate_servers_and_rotate_who_goes_first():
     assert out["a"][0]["rounds"]["p50_ms"] == [1.0, 11.0, 15.0]  # a's c=1 in each round
 
 
+def test_each_round_starts_with_its_hook():
+    events: list[str] = []
+
+    def measure(name: str, level: int) -> dict:
+        events.append(f"{name}{level}")
+        return row(level, 1.0)
+
+    alternate(["a", "b"], [1], 3, measure, before_round=lambda i: events.append(f"round{i}"))
+    assert events == ["round0", "a1", "b1", "round1", "b1", "a1", "round2", "a1", "b1"]
+
+
 def test_ratios_pair_the_same_round_of_two_servers():
     a = median_row([row(1, 2.0), row(1, 6.0)])
     b = median_row([row(1, 1.0), row(1, 4.0)])
