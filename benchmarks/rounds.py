@@ -1,5 +1,5 @@
-"""Alternated rounds: servers that stay up side by side take turns, round after round, and each
-figure is the median over the rounds.
+"""Alternated rounds: servers side by side take turns, round after round, and each figure is the
+median over the rounds (a hook before each round may start them afresh: compare.SideBySide).
 
 One measurement of a few seconds per server, one server after the other, is at the mercy of
 whatever else the machine does at that moment: on the 2-vCPU dev VM the c=1 ratio to the floor
