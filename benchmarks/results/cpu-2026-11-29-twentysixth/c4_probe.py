@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import loadgen, proctree
-from benchmarks.compare import MODEL, FloorProcess
+from benchmarks.compare import MODEL, FloorProcess, batch_rows
 from serve.testing.models import build_mlp_onnx
 from tests.integration.harness import ServerProcess, wait_until
 
@@ -21,14 +21,7 @@ Figures = tuple[float, float, float, float]  # calls/s, p50 ms, µs of CPU per c
 
 
 def rows_counters(server: ServerProcess) -> tuple[float, float]:
-    _, text = server.http_text("/metrics")
-    total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith("warmserve_batch_rows_sum{"):
-            total = float(line.rsplit(" ", 1)[1])
-        if line.startswith("warmserve_batch_rows_count{"):
-            count = float(line.rsplit(" ", 1)[1])
-    return total, count
+    return batch_rows(server.http_text("/metrics")[1])
 
 
 def measure(server: FloorProcess | ServerProcess, concurrency: int, seconds: float) -> Figures:
