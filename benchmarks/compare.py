@@ -184,7 +184,7 @@ class SideBySide:
     """The floor, the hop floor and warmserve, up side by side; ``restart()`` stops them and
     starts them afresh. Each round of the closed loop gets servers of its own: where the kernel
     places a server's processes and threads (which core its event loop, gRPC's poller and the
-    worker share, or not) holds for the server's life and moves its c=1 figures by up to ~10 %
+    worker share, or not) holds for the server's life and moves its c=1 figures by up to ~15 %
     from one life to the next. Rounds on one life measure that life's placement three times;
     rounds on fresh lives sample it."""
 
