@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from serve.frontend.malformed import MALFORMED
 from serve.frontend.relay_wire import (
     FRAME_MARGIN,
     HEALTH_CHECK,
@@ -170,7 +171,7 @@ class RelayHub:
                 raw = ring.parts(call.ring)
         except (DecodeError, ValueError) as exc:
             code = grpc.StatusCode.INVALID_ARGUMENT
-            return RelayReply(call.id, code.value[0], f"malformed request message: {exc}", b"")
+            return RelayReply(call.id, code.value[0], f"{MALFORMED}: {exc}", b"")
         try:
             if raw is None:
                 response = await handler(request, context)

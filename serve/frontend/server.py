@@ -16,6 +16,7 @@ from serve.frontend.admission import InflightBudget
 from serve.frontend.convert import loopback_request
 from serve.frontend.gate import ReadinessGate
 from serve.frontend.health import HealthService
+from serve.frontend.malformed import tolerant_handler
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
 from serve.frontend.servicer import InferenceServicer
 from serve.runtime import Runtime
@@ -39,19 +40,43 @@ REGISTERED_METHODS = {
 
 class _HotMethodsOnly:
     """``server`` as the generated ``add_*_to_server`` functions see it: their generic handlers
-    go through whole, their registered methods only where REGISTERED_METHODS names them."""
+    go through whole, their registered methods only where REGISTERED_METHODS names them; every
+    method's request parser is made tolerant of bytes that do not parse (malformed.py)."""
 
     def __init__(self, server: Any) -> None:
         self._server = server
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        self._server.add_generic_rpc_handlers(handlers)
+        self._server.add_generic_rpc_handlers(tuple(_TolerantMethods(h) for h in handlers))
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         hot = REGISTERED_METHODS.get(service, frozenset())
-        kept = {name: handler for name, handler in handlers.items() if name in hot}
+        kept = {
+            name: tolerant_handler(handler, refuse=False)  # (they meet a MalformedRequest)
+            for name, handler in handlers.items()
+            if name in hot
+        }
         if kept:
             self._server.add_registered_method_handlers(service, kept)
+
+
+class _TolerantMethods(grpc.GenericRpcHandler):
+    """A generic handler's methods, each with a tolerant parser, answering a request that does
+    not parse INVALID_ARGUMENT before it runs (made once per method)."""
+
+    def __init__(self, handler: Any) -> None:
+        self._handler = handler
+        self._made: dict[str, Any] = {}
+
+    def service(self, handler_call_details: Any) -> Any:
+        method = handler_call_details.method
+        made = self._made.get(method)
+        if made is None:
+            handler = self._handler.service(handler_call_details)
+            if handler is None:  # not one of its methods
+                return None
+            made = self._made[method] = tolerant_handler(handler, refuse=True)
+        return made
 
 
 def add_inference_service(servicer: Any, server: Any) -> None:

@@ -38,6 +38,7 @@ from serve.frontend.convert import (
     repository_parameters,
 )
 from serve.frontend.gate import ReadinessGate
+from serve.frontend.malformed import MalformedRequest
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.pb import grpc_service_pb2_grpc as pb_grpc
 from serve.frontend.status import abort_with, translate_errors
@@ -92,6 +93,11 @@ def _flag(params: dict[str, Any], key: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidInputError(f"parameter {key!r} must be true or false, not {value!r}")
     return value
+
+
+def _request_id(request: Any) -> str:
+    """A request's id, to name it in its error; "" for one whose message did not parse."""
+    return "" if isinstance(request, MalformedRequest) else str(request.id)
 
 
 class _RequestFailed(Exception):
@@ -266,7 +272,7 @@ class InferenceServicer(UnservedRpcs, pb_grpc.GRPCInferenceServiceServicer):
             try:
                 response = await self.ModelInfer(request, cast(Context, call))
             except _RequestFailed as failed:  # with the request's id, to say which one failed
-                response = pb.ModelInferResponse(id=request.id)
+                response = pb.ModelInferResponse(id=_request_id(request))
                 response.parameters[FINAL_RESPONSE].bool_param = True
                 message = pb.ModelStreamInferResponse(
                     error_message=failed.message, infer_response=response

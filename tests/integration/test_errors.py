@@ -133,6 +133,17 @@ def test_malformed_bytes_and_unknown_datatype_are_refused(server):
     )
 
 
+def test_bytes_that_are_not_a_request_message_are_invalid_argument_not_an_error_logged(server):
+    """gRPC's own parser would answer UNKNOWN and log a traceback for each such call."""
+    with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\n\x08mlp", timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (
+        "malformed request message: Error parsing message with type 'inference.ModelInferRequest'"
+    )
+    assert "DecodeError" not in server.log()
+
+
 def test_a_missing_input_is_named(client):
     status, message = _status(
         lambda: client.infer("spin", [_input("X", np.zeros((1, 512), np.float32), "FP32")])

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2
 
 from serve.testing.models import build_identity_onnx, mlp_reference
 from tests.integration.harness import ServerProcess, wait_until
@@ -102,12 +102,17 @@ def test_a_stream_through_a_relay_answers_small_and_ring_sized_requests(relayed)
     assert sum(ring_calls) >= 3  # the two large good requests and the large bad one
 
 
-def _raw_stream(url: str, requests: list[Any]) -> list[Any]:
-    """Every ModelStreamInferResponse for ``requests`` (raw protocol messages, one stream)."""
+def _raw_stream(url: str, messages: list[bytes]) -> list[Any]:
+    """Every ModelStreamInferResponse for ``messages`` (serialised requests, or bytes that are
+    not one), sent on one stream."""
     with grpc.insecure_channel(url) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        answers = stub.ModelStreamInfer(iter(requests), timeout=ANSWER_TIMEOUT_S)
-        return list(answers)
+        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        answers = call(iter(messages), timeout=ANSWER_TIMEOUT_S)
+        return [service_pb2.ModelStreamInferResponse.FromString(a) for a in answers]
+
+
+NOT_A_MESSAGE = b"\n\x08mlp"  # field 1 says 8 bytes follow; 3 do
+MALFORMED = "malformed request message: "
 
 
 def _bad_request(model: str, name: str, request_id: str) -> Any:
@@ -118,7 +123,7 @@ def _bad_request(model: str, name: str, request_id: str) -> Any:
 
 
 @pytest.mark.parametrize("frontends", [1, 2], ids=["direct", "relayed"])
-def test_a_failed_request_on_a_stream_is_named_by_its_id_and_every_answer_is_final(
+def test_a_failed_request_on_a_stream_fails_alone_named_by_its_id_even_one_that_does_not_parse(
     tmp_path: Path, frontends: int
 ):
     repository = tmp_path / "repository"
@@ -135,9 +140,17 @@ def test_a_failed_request_on_a_stream_is_named_by_its_id_and_every_answer_is_fin
             _bad_request("nope", "X", ""),
             good,
         ]
-        answers = _raw_stream(server.url, requests)
-        assert len(answers) == 3
-        named = {a.infer_response.id: a.error_message for a in answers}
+        messages = [r.SerializeToString() for r in requests]
+        messages.insert(2, NOT_A_MESSAGE)  # fails alone too: the stream goes on
+        answers = _raw_stream(server.url, messages)
+        assert len(answers) == 4
+        unparsed = [a.error_message for a in answers if a.error_message.startswith(MALFORMED)]
+        assert len(unparsed) == 1 and "inference.ModelInferRequest" in unparsed[0]
+        named = {
+            a.infer_response.id: a.error_message
+            for a in answers
+            if not a.error_message.startswith(MALFORMED)
+        }
         assert "INT32" in named["req-7"] and "unknown model 'nope'" in named[""]
         assert named["good"] == ""
         assert all(not a.infer_response.outputs for a in answers if a.error_message)
