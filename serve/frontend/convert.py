@@ -14,6 +14,7 @@ from serve.config import ModelConfig
 from serve.errors import InvalidInputError, UnsupportedError
 from serve.frontend.admission import expected_answer_bytes
 from serve.frontend.pb import grpc_service_pb2 as pb
+from serve.frontend.typed import typed_array
 from serve.protocol import InferRequest, InferResponse, Tensor
 from serve.protocol.datatypes import (
     Datatype,
@@ -113,7 +114,7 @@ def _decode_input(tensor: Any, raw: bytes | memoryview | None) -> Tensor:
             array: npt.NDArray[Any] = np.empty(count, dtype=np.object_)
             array[:] = list(values)
         else:
-            array = np.asarray(values, dtype=numpy_dtype(datatype))
+            array = typed_array(tensor.contents, field, numpy_dtype(datatype), count)
     except (OverflowError, ValueError) as exc:
         raise InvalidInputError(
             f"input {name!r}: value out of range for {datatype}: {exc}"
