@@ -1,7 +1,7 @@
 """Typed contents as arrays (serve/frontend/typed.py) are exactly what protobuf's own accessor
 gives, for every number field and the datatypes that use it, at sizes on both sides of the plain
 path, with the fields' extreme values; a value the datatype cannot hold is refused; floats,
-doubles and bools past the plain path are read from their packed run, not value by value."""
+doubles, bools and UINT8 past the plain path are read from their packed run, not value by value."""
 
 from __future__ import annotations
 
@@ -115,8 +115,10 @@ class _AccessorForbidden:
         raise AssertionError(f"{name} read through protobuf's accessor")
 
 
-@pytest.mark.parametrize("datatype", [Datatype.FP32, Datatype.FP64, Datatype.BOOL])
-def test_floats_doubles_and_bools_past_the_plain_path_are_read_from_their_run(datatype):
+@pytest.mark.parametrize(
+    "datatype", [Datatype.FP32, Datatype.FP64, Datatype.BOOL, Datatype.UINT8], ids=lambda d: d.value
+)
+def test_floats_doubles_bools_and_uint8_past_the_plain_path_are_read_from_their_run(datatype):
     rng = np.random.default_rng(5)
     field = CONTENTS_FIELD[datatype]
     contents = _contents(field, _values(datatype, 1000, rng))
