@@ -1,8 +1,9 @@
-"""Mutated requests, seeded: good requests of three models with one to three random defects
-each (datatypes, shapes, raw and typed contents, names, parameters, outputs, row counts) or with
-their serialised bytes damaged. Every call must end with a status a client can act on (never
-INTERNAL, UNKNOWN or UNAVAILABLE), a stream must answer each of its requests and go on, good
-calls in between must get their right answers, and the server must log no error meanwhile."""
+"""Mutated requests, seeded: good requests of two models with one to three random defects each
+(datatypes, shapes, raw and typed contents, names, parameters, outputs, row counts) or with their
+serialised bytes damaged, some of them large enough for a relay's ring. Every call must end with
+a status a client can act on (never INTERNAL, UNKNOWN or UNAVAILABLE), a stream must answer each
+of its requests and go on, good calls in between must get their right answers, and the server
+must log no error meanwhile: on a direct connection and through relay processes."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from serve.testing.models import mlp_reference
-from tests.integration.harness import ServerProcess
+from serve.testing.models import build_identity_onnx, build_mlp_onnx, mlp_reference
+from tests.integration.harness import ServerProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +31,21 @@ ACTIONABLE = {
 }
 TYPES = ["BOOL", "UINT8", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES", "BF16", "", "fp32"]
 SIZES = {"BOOL": 1, "UINT8": 1, "INT32": 4, "INT64": 8, "FP16": 2, "FP32": 4}
+RING_SIZED = 5000  # FP32 values: 20 KB, past a relay's RING_MIN_BYTES
+
+
+@pytest.fixture(scope="module")
+def relayed(tmp_path_factory) -> Any:
+    """A server behind 2 relays, with the models the fuzz calls."""
+    folder = tmp_path_factory.mktemp("fuzz_relayed")
+    build_mlp_onnx(folder / "repository" / "mlp_onnx")
+    build_identity_onnx(folder / "repository" / "identity")
+    server = ServerProcess(folder / "server.log", folder / "repository", args=("--frontends", "2"))
+    try:
+        wait_until(server.ready_over_http, 120, "ready through the relays")
+        yield server
+    finally:
+        server.stop()
 
 
 def _good(model: str, rng: random.Random) -> Any:
@@ -41,11 +57,12 @@ def _good(model: str, rng: random.Random) -> Any:
         request.raw_input_contents.append(x.tobytes())
         return request
     for datatype in ("FP32", "FP16", "INT64", "INT32", "UINT8", "BOOL", "BYTES"):
-        request.inputs.add(name=f"IN_{datatype}", datatype=datatype, shape=[rows, 2])
+        n = RING_SIZED if datatype == "FP32" and rng.random() < 0.2 else 2
+        request.inputs.add(name=f"IN_{datatype}", datatype=datatype, shape=[rows, n])
         if datatype == "BYTES":
-            raw = b"".join(b"\x02\x00\x00\x00ab" for _ in range(rows * 2))
+            raw = b"".join(b"\x02\x00\x00\x00ab" for _ in range(rows * n))
         else:
-            raw = bytes(rows * 2 * SIZES[datatype])
+            raw = bytes(rows * n * SIZES[datatype])
         request.raw_input_contents.append(raw)
     return request
 
@@ -126,7 +143,9 @@ def _bad_message(rng: random.Random) -> bytes:
     return bytes(request.SerializeToString())
 
 
-def test_mutated_requests_get_actionable_statuses_and_disturb_nothing(server: ServerProcess):
+@pytest.mark.parametrize("served", ["server", "relayed"], ids=["direct", "relayed"])
+def test_mutated_requests_get_actionable_statuses_and_disturb_nothing(request, served: str):
+    server: ServerProcess = request.getfixturevalue(served)
     rng = random.Random(20261129)
     logged = len(server.log())
     statuses: dict[grpc.StatusCode, int] = {}
@@ -160,3 +179,12 @@ def test_mutated_requests_get_actionable_statuses_and_disturb_nothing(server: Se
     assert not any("internal error" in a.error_message for a in answered)
     written = server.log()[logged:]
     assert " ERROR " not in written and "Traceback" not in written, written[-3000:]
+    if served == "relayed":  # some of them, good and bad, went through the relays' rings
+        status, metrics = server.http_text("/metrics")
+        assert status == 200
+        ring_calls = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("warmserve_relay_ring_calls_total{")
+        ]
+        assert sum(ring_calls) > 10
