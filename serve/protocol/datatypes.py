@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -84,32 +83,42 @@ def element_size(datatype: Datatype) -> int:
 
 def bytes_tensor_to_raw(array: npt.NDArray[np.generic]) -> bytes:
     """Serialise a BYTES tensor (object array of bytes/str) to the length-prefixed wire format."""
+    pack = _LEN.pack
     parts: list[bytes] = []
-    for item in array.reshape(-1):
-        data = item.encode() if isinstance(item, str) else bytes(cast(bytes, item))
-        parts.append(_LEN.pack(len(data)))
-        parts.append(data)
+    append = parts.append
+    for item in array.reshape(-1).tolist():  # (a list: Python's own iteration, not numpy's)
+        if type(item) is not bytes:
+            item = item.encode() if isinstance(item, str) else bytes(item)
+        append(pack(len(item)))
+        append(item)
     return b"".join(parts)
 
 
 def bytes_tensor_from_raw(raw: bytes | memoryview, count: int) -> npt.NDArray[np.object_]:
-    """Parse ``count`` length-prefixed elements; ValueError unless the buffer holds exactly them."""
-    view = memoryview(raw)
-    if len(view) < 4 * count:  # before allocating: the shape is the client's word, not the data
+    """Parse ``count`` length-prefixed elements; ValueError unless the buffer holds exactly them.
+
+    Each element costs a Python step here, on the serving loop (about 0.2 µs on the dev VM),
+    so the loop is kept short: a slice of ``bytes`` makes an element in one step."""
+    size = len(raw)
+    if size < 4 * count:  # before allocating: the shape is the client's word, not the data
         raise ValueError(
-            f"{len(view)} bytes cannot hold {count} elements (each needs a 4-byte length first)"
+            f"{size} bytes cannot hold {count} elements (each needs a 4-byte length first)"
         )
-    out = np.empty(count, dtype=np.object_)
+    data = bytes(raw)  # (no copy when it is bytes already)
+    unpack = _LEN.unpack_from
+    items: list[bytes] = [b""] * count
     pos = 0
     for i in range(count):
-        if pos + 4 > len(view):
+        if pos + 4 > size:
             raise ValueError(f"BYTES data ends after {i} of {count} elements")
-        (length,) = _LEN.unpack_from(view, pos)
-        pos += 4
-        if pos + length > len(view):
+        (length,) = unpack(data, pos)
+        start = pos + 4
+        pos = start + length
+        if pos > size:
             raise ValueError(f"BYTES element {i} claims {length} bytes but the data ends first")
-        out[i] = bytes(view[pos : pos + length])
-        pos += length
-    if pos != len(view):
-        raise ValueError(f"BYTES data has {len(view) - pos} bytes left over after {count} elements")
+        items[i] = data[start:pos]
+    if pos != size:
+        raise ValueError(f"BYTES data has {size - pos} bytes left over after {count} elements")
+    out = np.empty(count, dtype=np.object_)
+    out[:] = items
     return out
