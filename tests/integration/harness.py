@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 POLL_S = 0.05
 
@@ -223,6 +224,18 @@ class ServerProcess:
             return response.status, response.read().decode()
         finally:
             connection.close()
+
+    def metric_total(self, name: str) -> float:
+        """The sum of a metric's samples over every label set, from /metrics (e.g. relay calls
+        through the rings: ``warmserve_relay_ring_calls_total``)."""
+        status, text = self.http_text("/metrics")
+        assert status == 200, status
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        )
 
     def health(self, service: str = "", url: str | None = None) -> str:
         """The gRPC health status name of ``service`` (``NOT_FOUND`` for an unknown one)."""

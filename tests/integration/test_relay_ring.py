@@ -15,7 +15,6 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 
 from serve.frontend.pb import grpc_service_pb2 as pb
 from serve.frontend.relay import HubLink
@@ -42,13 +41,7 @@ FLOATS = 8192  # 32 KiB per request: above the ring's threshold
 
 
 def ring_calls(server: ServerProcess) -> float:
-    families = text_string_to_metric_families(server.http_text("/metrics")[1])
-    return sum(
-        sample.value
-        for family in families
-        for sample in family.samples
-        if sample.name == "warmserve_relay_ring_calls_total"
-    )
+    return server.metric_total("warmserve_relay_ring_calls_total")
 
 
 def echo(client: triton.InferenceServerClient, x: np.ndarray) -> np.ndarray:
