@@ -16,7 +16,7 @@ runs. Relayed calls say the same: the relay hub parses their bytes itself (relay
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -80,24 +80,15 @@ def tolerant_handler(handler: Any, *, refuse: bool) -> Any:
 
 def _refusing(method: Callable[..., Any]) -> Callable[..., Any]:
     """``method`` answering a MalformedRequest INVALID_ARGUMENT instead of running. grpc.aio
-    tells an async generator method (messages yielded) from a coroutine (or plain) one by its
-    function, so the wrapper is of the same kind; a generator function is left as it is."""
-    if inspect.isgeneratorfunction(method):
+    tells a coroutine method from a generator or a plain function by its function, and runs the
+    latter differently (a plain one in its thread pool), so only a coroutine function is wrapped
+    (every method this server serves is one); any other is left as it is."""
+    if not inspect.iscoroutinefunction(method):
         return method
-    if inspect.isasyncgenfunction(method):
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if isinstance(request, MalformedRequest):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-            async for message in method(request, context):
-                yield message
-
-        return stream
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, MalformedRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-        result = method(request, context)  # (the generated base servicer's are plain functions)
-        return await result if inspect.isawaitable(result) else result
+        return await method(request, context)
 
     return call

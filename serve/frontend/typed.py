@@ -43,7 +43,7 @@ def typed_array(contents: Any, field: str, dtype: np.dtype[Any], count: int) -> 
             number, layout = packed
             run = _packed_run(contents.SerializeToString(), number)
             if run is not None and len(run) == count * layout.itemsize:
-                return np.frombuffer(run, dtype=layout).astype(dtype, copy=False)
+                return np.frombuffer(run, dtype=layout).astype(dtype)  # (aligned, its own)
         elif field == "uint_contents" and dtype == np.uint8:
             run = _packed_run(contents.SerializeToString(), UINT_CONTENTS)
             values = None if run is None else _short_varints(run)

@@ -48,13 +48,21 @@ def relayed(tmp_path_factory) -> Any:
         server.stop()
 
 
-def _good(model: str, rng: random.Random) -> Any:
+def _good(model: str, rng: random.Random, typed: bool | None = None) -> Any:
+    """A good request. The MLP's carry typed contents of 256 or 512 values (read from their
+    packed run: serve/frontend/typed.py) if ``typed``, raw ones if not, and either (a quarter
+    typed) by default."""
     request = service_pb2.ModelInferRequest(model_name=model, id=f"r{rng.randrange(1000)}")
     rows = rng.choice([1, 2, 3])
     if model == "mlp_onnx":
+        typed = rng.random() < 0.25 if typed is None else typed
+        rows = rng.choice([4, 8]) if typed else rows
         x = np.arange(rows * 64, dtype=np.float32).reshape(rows, 64) / 100
-        request.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 64])
-        request.raw_input_contents.append(x.tobytes())
+        tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 64])
+        if typed:
+            tensor.contents.fp32_contents.extend(x.ravel().tolist())
+        else:
+            request.raw_input_contents.append(x.tobytes())
         return request
     for datatype in ("FP32", "FP16", "INT64", "INT32", "UINT8", "BOOL", "BYTES"):
         n = RING_SIZED if datatype == "FP32" and rng.random() < 0.2 else 2
@@ -160,11 +168,14 @@ def test_mutated_requests_get_actionable_statuses_and_disturb_nothing(request, s
                 assert code in ACTIONABLE, (code, error.details())
             statuses[code] = statuses.get(code, 0) + 1
             if n % 50 == 0:  # a good call in between gets its right answer
-                good = _good("mlp_onnx", rng)
+                good = _good("mlp_onnx", rng, typed=n % 100 == 0)
                 reply = service_pb2.ModelInferResponse.FromString(
                     call(good.SerializeToString(), timeout=30)
                 )
-                x = np.frombuffer(good.raw_input_contents[0], np.float32).reshape(-1, 64)
+                if good.raw_input_contents:
+                    x = np.frombuffer(good.raw_input_contents[0], np.float32).reshape(-1, 64)
+                else:
+                    x = np.array(good.inputs[0].contents.fp32_contents, np.float32).reshape(-1, 64)
                 y = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(-1, 10)
                 np.testing.assert_allclose(y, mlp_reference(x), rtol=1e-4, atol=1e-5)
         messages = [_bad_message(rng) if k % 2 else _good("mlp_onnx", rng) for k in range(60)]

@@ -120,7 +120,7 @@ def test_bytes_that_do_not_parse_are_refused_invalid_argument_by_every_method_ki
 
     async def main() -> dict[str, tuple[grpc.StatusCode, str]]:
         server = grpc.aio.server()
-        add_inference_service(_Servicer(), server)
+        add_inference_service(_DescribingServicer(), server)
         add_health_service(_WatchingHealth(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -161,6 +161,14 @@ def test_bytes_that_do_not_parse_are_refused_invalid_argument_by_every_method_ki
         code, details = got[method]
         assert code == grpc.StatusCode.INVALID_ARGUMENT, method
         assert details.startswith("malformed request message: Error parsing message"), details
+
+
+class _DescribingServicer(_Servicer):
+    """Its ModelMetadata a coroutine, as every method of the real servicer is (the generated
+    base's plain functions are left as they are)."""
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ModelMetadataResponse(name=request.name)
 
 
 class _WatchingHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
